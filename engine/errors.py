@@ -1,0 +1,51 @@
+"""The engine's exception hierarchy.
+
+Every error a user can cause derives from :class:`DiffusionSatError` and carries a message that
+names the problem and the fix. The CLI maps these to one line and exit code 2 (``engine/cli.py``);
+the server maps them to 4xx JSON responses. Anything else is a bug in the engine.
+"""
+
+from __future__ import annotations
+
+
+class DiffusionSatError(Exception):
+    """Base class: an error the user can act on. ``str(err)`` is the whole message."""
+
+    #: HTTP status the server answers with for this kind of error.
+    http_status = 400
+
+
+class InvalidRequest(DiffusionSatError, ValueError):
+    """A request field is out of range, malformed or inconsistent with another field."""
+
+
+class InvalidMetadata(InvalidRequest):
+    """A metadata value (longitude, latitude, GSD, cloud cover, date) is not usable."""
+
+
+class ModelNotFound(DiffusionSatError, FileNotFoundError):
+    """A model name, folder or hub id does not resolve to loadable weights."""
+
+    http_status = 404
+
+
+class ModelLoadError(DiffusionSatError):
+    """Weights or configuration exist but cannot be loaded (corrupt, incompatible, partial)."""
+
+    http_status = 422
+
+
+class RasterError(DiffusionSatError):
+    """An input raster cannot be read, or an output raster cannot be written."""
+
+    http_status = 422
+
+
+class DeviceError(DiffusionSatError):
+    """The requested device or precision is not available on this machine."""
+
+
+class Cancelled(DiffusionSatError):
+    """The user cancelled a running job. Not a failure: nothing is written."""
+
+    http_status = 409
