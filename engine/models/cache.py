@@ -1,0 +1,70 @@
+"""Models loaded once per process and reused: the explicit cache the CLI and the server share."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional
+
+from ..device import Placement, resolve
+from .loading import ModelBundle, load_model
+
+
+@dataclass(frozen=True)
+class ModelKey:
+    model: str
+    unet: Optional[str]
+    base: Optional[str]
+    device: str
+    dtype: str
+
+
+class ModelCache:
+    """Keeps up to ``max_models`` loaded bundles, least recently used evicted first."""
+
+    def __init__(self, max_models: int = 1) -> None:
+        self.max_models = max(1, int(max_models))
+        self._items: "OrderedDict[ModelKey, ModelBundle]" = OrderedDict()
+        self._lock = threading.RLock()
+
+    def get(
+        self,
+        model: str = "auto",
+        *,
+        unet: Optional[str] = None,
+        base: Optional[str] = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> tuple[ModelBundle, Placement]:
+        placement = resolve(device, dtype)
+        key = ModelKey(model, unet, base, placement.device, placement.dtype)
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key], placement
+            while len(self._items) >= self.max_models:
+                self._items.popitem(last=False)
+                _free_device_memory()
+            bundle = load_model(model, unet=unet, base=base)
+            bundle.to(placement.device, placement.torch_dtype)
+            self._items[key] = bundle
+            return bundle, placement
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            _free_device_memory()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def _free_device_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,0 +1,250 @@
+"""The user-level tasks: typed requests in, georeferenced rasters out.
+
+The CLI parses flags into these request models and the server validates JSON into the same
+models, so both accept exactly the same inputs with the same messages. Each task derives the
+metadata in one place (``engine.metadata``), runs a pipeline and writes a COG atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import __version__
+from .errors import InvalidRequest
+from .progress import CancelToken, ProgressCallback
+
+DEFAULT_PROMPT = "a satellite image"
+MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("auto", description="'auto', 'tiny', a model folder, or hf:owner/name")
+    unet: Optional[str] = Field(None, description="a UNet folder to use with --model's other components")
+    base: Optional[str] = Field(None, description="an SD 2.1 folder supplying missing components")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
+    dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
+
+
+class GenerateRequest(_Request):
+    """Generate an image for a place and a date (the main job)."""
+
+    task: Literal["generate"] = "generate"
+    bbox: tuple[float, float, float, float] = Field(..., description="minx, miny, maxx, maxy in `crs` units")
+    crs: str = Field("EPSG:4326", description="EPSG code, WKT or PROJ string of the bbox and output")
+    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (ISO)")
+    cloud_cover: Optional[float] = Field(None, description="cloud cover fraction 0..1")
+    width: Optional[int] = Field(None, description="output width in px (multiple of 8); default: size")
+    height: Optional[int] = Field(None, description="output height in px (multiple of 8); default: size")
+    size: Optional[int] = Field(None, description="output width and height in px; default: the model's native size")
+    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; default: a fresh one, recorded")
+    scheduler: str = Field("default", description="default (the checkpoint's), ddim, dpm++, unipc, euler, pndm")
+
+    @field_validator("width", "height", "size")
+    @classmethod
+    def _multiple_of_8(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and (v <= 0 or v % 8):
+            raise ValueError(f"{v} px is not a positive multiple of 8 (the model works on 8x8 latent cells)")
+        return v
+
+    @field_validator("cloud_cover")
+    @classmethod
+    def _cloud(cls, v: Optional[float]) -> Optional[float]:
+        if v is not None and not (0.0 <= v <= 1.0):
+            hint = f"; did you mean {v / 100:g}?" if 1.0 < v <= 100.0 else ""
+            raise ValueError(f"cloud cover is a fraction 0..1, got {v}{hint}")
+        return v
+
+    @model_validator(mode="after")
+    def _pixels(self) -> "GenerateRequest":
+        w = self.width or self.size or 512
+        h = self.height or self.size or 512
+        if w * h > MAX_PIXELS:
+            raise ValueError(f"{w}x{h} px is more than {MAX_PIXELS} pixels for one generated image")
+        return self
+
+
+def parse_request(data: dict[str, Any]) -> GenerateRequest:
+    """Validate a request dict (CLI or JSON) into its request model; errors name the field."""
+    task = data.get("task", "generate")
+    models = {"generate": GenerateRequest}
+    if task not in models:
+        raise InvalidRequest(f"unknown task {task!r}; choose one of {', '.join(models)}")
+    try:
+        return models[task].model_validate(data)
+    except ValidationError as err:
+        raise InvalidRequest(format_validation_error(err)) from None
+
+
+def format_validation_error(err: ValidationError) -> str:
+    parts = []
+    for e in err.errors():
+        where = ".".join(str(x) for x in e["loc"]) or "request"
+        msg = e["msg"].removeprefix("Value error, ")
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+@dataclass
+class TaskResult:
+    """What a task produced, for the CLI's ``--json`` and the server's job record."""
+
+    path: Path
+    task: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    crs: str
+    bbox: tuple[float, float, float, float]
+    metadata: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "task": self.task,
+            "seed": self.seed,
+            "model": self.model,
+            "width": self.width,
+            "height": self.height,
+            "crs": self.crs,
+            "bbox": list(self.bbox),
+            "metadata": self.metadata,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def rasterio_crs(crs: Any):
+    """The rasterio CRS of a pyproj CRS (authority codes kept where there is one)."""
+    from rasterio.crs import CRS
+
+    authority = crs.to_authority()
+    if authority is not None:
+        return CRS.from_user_input(":".join(authority))
+    return CRS.from_wkt(crs.to_wkt())
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def generate(
+    request: GenerateRequest,
+    out: str | Path,
+    *,
+    models=None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    on_model_loaded=None,
+) -> TaskResult:
+    """Generate the image for ``request`` and write it as a COG at ``out`` (atomically).
+
+    ``models`` is a :class:`engine.models.cache.ModelCache` (a fresh one if None).
+    """
+    import numpy as np
+    import torch
+
+    from .geo.cog import write_cog
+    from .metadata import derive_from_bbox, grid_transform, parse_crs, validate_bbox
+    from .models.cache import ModelCache
+    from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
+
+    started = time.perf_counter()
+    crs = parse_crs(request.crs)
+    validate_bbox(request.bbox, crs)
+    out = Path(out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
+
+    models = models or ModelCache()
+    bundle, placement = models.get(
+        request.model, unet=request.unet, base=request.base, device=request.device, dtype=request.dtype
+    )
+    if on_model_loaded is not None:
+        on_model_loaded(bundle, placement)
+    width = request.width or request.size or bundle.native_resolution
+    height = request.height or request.size or bundle.native_resolution
+    metadata = derive_from_bbox(
+        request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover
+    )
+    warnings = list(bundle.notices) + metadata.out_of_range_warnings()
+    if max(width, height) > 2 * bundle.native_resolution:
+        warnings.append(
+            f"{width}x{height} px is far above the model's native {bundle.native_resolution} px: "
+            "expect repeated structures; generate at the native size and tile, or lower --size"
+        )
+    seed = request.seed if request.seed is not None else new_seed()
+
+    pipe = DiffusionSatPipeline.from_bundle(bundle)
+    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    result = pipe(
+        request.prompt,
+        metadata if bundle.uses_metadata else None,
+        height=height,
+        width=width,
+        num_inference_steps=request.steps,
+        guidance_scale=request.guidance,
+        generator=generator,
+        callback=progress,
+        cancel=cancel,
+    )
+    image = np.clip(np.rint(result.images[0] * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    tags = {
+        "synthetic": True,
+        "software": f"diffusionsat {__version__}",
+        "task": "generate",
+        "model": bundle.name,
+        "model_source": bundle.source,
+        "seed": seed,
+        "prompt": request.prompt,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "scheduler": request.scheduler if request.scheduler != "default" else type(bundle.scheduler).__name__,
+        "device": placement.device,
+        "dtype": placement.dtype,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "TIFFTAG_IMAGEDESCRIPTION": f"AI-generated (synthetic) image: DiffusionSat {bundle.name}, seed {seed}",
+        "TIFFTAG_SOFTWARE": f"diffusionsat {__version__}",
+        **metadata.to_tags(),
+    }
+    if request.date is not None:
+        tags["TIFFTAG_DATETIME"] = request.date.strftime("%Y:%m:%d 00:00:00")
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    write_cog(
+        out,
+        image,
+        crs=rasterio_crs(crs),
+        transform=grid_transform(request.bbox, width, height),
+        tags=tags,
+        band_descriptions=["red", "green", "blue"],
+        colorinterp=["red", "green", "blue"],
+    )
+    return TaskResult(
+        path=out,
+        task="generate",
+        seed=seed,
+        model=bundle.name,
+        width=width,
+        height=height,
+        crs=request.crs,
+        bbox=tuple(request.bbox),
+        metadata=metadata.as_dict(),
+        warnings=warnings,
+        seconds=time.perf_counter() - started,
+    )
