@@ -98,15 +98,25 @@ class SatUNet(UNet2DConditionModel):
         else:
             self.metadata_embedding = None
 
+    def embed_metadata(self, metadata: Optional[torch.Tensor], batch: int, dtype: torch.dtype) -> torch.Tensor:
+        """The (batch, time_embed_dim) metadata embedding that ``forward`` adds to the time embedding.
+
+        Pipelines call this once per image, since metadata does not change across denoising
+        steps, and pass the result as ``metadata_embeds`` to every step.
+        """
+        device = self.time_embedding.linear_1.weight.device
+        metadata = prepare_metadata(metadata, batch, self.config.num_metadata, device)
+        return embed_metadata(self.time_proj, self.metadata_embedding, metadata, dtype)
+
     def get_aug_embed(self, emb, encoder_hidden_states, added_cond_kwargs):
-        metadata = None
+        md_emb = None
         if added_cond_kwargs is not None and _METADATA_KEY in added_cond_kwargs:
             added_cond_kwargs = dict(added_cond_kwargs)
-            metadata = added_cond_kwargs.pop(_METADATA_KEY)
+            md_emb = added_cond_kwargs.pop(_METADATA_KEY)
         aug_emb = super().get_aug_embed(emb, encoder_hidden_states, added_cond_kwargs)
-        if self.metadata_embedding is None or metadata is None:
+        if md_emb is None:
             return aug_emb
-        md_emb = embed_metadata(self.time_proj, self.metadata_embedding, metadata, emb.dtype)
+        md_emb = md_emb.to(emb.dtype)
         return md_emb if aug_emb is None else aug_emb + md_emb
 
     def forward(
@@ -116,12 +126,16 @@ class SatUNet(UNet2DConditionModel):
         encoder_hidden_states: torch.Tensor,
         metadata: Optional[torch.Tensor] = None,
         added_cond_kwargs: Optional[dict[str, torch.Tensor]] = None,
+        metadata_embeds: Optional[torch.Tensor] = None,
         **kwargs: Any,
     ):
+        """The UNet forward plus ``metadata`` (batch, 7) normalised values, or ``metadata_embeds``
+        precomputed with :meth:`embed_metadata` (which takes precedence)."""
         if self.metadata_embedding is not None:
-            metadata = prepare_metadata(metadata, sample.shape[0], self.config.num_metadata, sample.device)
+            if metadata_embeds is None:
+                metadata_embeds = self.embed_metadata(metadata, sample.shape[0], sample.dtype)
             added_cond_kwargs = dict(added_cond_kwargs or {})
-            added_cond_kwargs[_METADATA_KEY] = metadata
+            added_cond_kwargs[_METADATA_KEY] = metadata_embeds
         return super().forward(
             sample, timestep, encoder_hidden_states, added_cond_kwargs=added_cond_kwargs, **kwargs
         )

@@ -127,6 +127,12 @@ class DiffusionSatPipeline:
             values = values.half().float()
         return values.to(self.device)
 
+    def embed_metadata(self, metadata: torch.Tensor) -> Optional[torch.Tensor]:
+        """Metadata embeddings for all steps of one run (None for a UNet without metadata)."""
+        if getattr(self.unet, "metadata_embedding", None) is None:
+            return None
+        return self.unet.embed_metadata(metadata, metadata.shape[0], self.dtype)
+
     def check_size(self, height: int, width: int) -> None:
         multiple = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
@@ -159,16 +165,20 @@ class DiffusionSatPipeline:
         text: torch.Tensor,
         metadata: torch.Tensor,
         guidance_scale: float,
+        metadata_embeds: Optional[torch.Tensor] = None,
         **unet_kwargs: Any,
     ) -> torch.Tensor:
         """One UNet evaluation with classifier-free guidance.
 
         ``text`` and ``metadata`` hold the unconditional rows first when guidance is on
-        (``[uncond; cond]``, as built by :meth:`__call__`).
+        (``[uncond; cond]``, as built by :meth:`__call__`). ``metadata_embeds`` (from
+        :meth:`embed_metadata`) saves recomputing the metadata MLPs at every step.
         """
         do_cfg = guidance_scale > 1.0
         model_in = torch.cat([latents] * 2) if do_cfg else latents
         model_in = self.scheduler.scale_model_input(model_in, t)
+        if metadata_embeds is not None:
+            unet_kwargs["metadata_embeds"] = metadata_embeds
         out = self.unet(model_in, t, encoder_hidden_states=text, metadata=metadata, **unet_kwargs).sample
         if do_cfg:
             uncond, cond = out.chunk(2)
@@ -227,13 +237,14 @@ class DiffusionSatPipeline:
         if "generator" in _step_params(self.scheduler):
             step_kwargs["generator"] = generator
 
-        # 4. Denoise
+        # 4. Denoise (metadata is constant over the steps: embed it once)
+        md_embeds = self.embed_metadata(md)
         total = len(timesteps)
         report(callback, Progress(step=0, total_steps=total, message="denoising"))
         for i, t in enumerate(timesteps):
             if cancel is not None:
                 cancel.raise_if_cancelled()
-            noise = self.predict_noise(latents, t, text, md, guidance_scale)
+            noise = self.predict_noise(latents, t, text, md, guidance_scale, metadata_embeds=md_embeds)
             latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
             report(callback, Progress(step=i + 1, total_steps=total, message="denoising"))
         if cancel is not None:

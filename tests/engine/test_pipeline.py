@@ -32,9 +32,11 @@ class Recorder:
         self.unet = unet
         self.calls = []
 
-    def __call__(self, sample, t, encoder_hidden_states, metadata=None, **kw):
+    def __call__(self, sample, t, encoder_hidden_states, metadata=None, metadata_embeds=None, **kw):
+        # The metadata the step actually sees: the precomputed embeddings must be those of `metadata`.
+        assert torch.equal(metadata_embeds, self.unet.embed_metadata(metadata, sample.shape[0], sample.dtype))
         self.calls.append({"sample": sample.clone(), "text": encoder_hidden_states.clone(), "metadata": metadata.clone()})
-        return self.unet(sample, t, encoder_hidden_states, metadata=metadata, **kw)
+        return self.unet(sample, t, encoder_hidden_states, metadata_embeds=metadata_embeds, **kw)
 
     def __getattr__(self, name):
         return getattr(self.unet, name)

@@ -1,0 +1,695 @@
+"""Masks: which pixels of an input raster to in-paint (or treat as invalid).
+
+Every function returns a bool array on a *target grid* (the input raster's CRS, transform and
+size, or a window of it) with True = masked (to in-paint / invalid). Sources:
+
+- a QA / classification / probability raster and a rule (:func:`parse_mask_rule`): bit fields
+  (Landsat QA_PIXEL, Sentinel-2 QA60), class values (Sentinel-2 SCL, Fmask), thresholds
+  (cloud probability). The rule is evaluated on the mask raster's own grid and only the boolean
+  result is reprojected (nearest), so bit fields and class values are never interpolated.
+- a vector layer (any OGR format, read with pyogrio), reprojected and rasterized.
+- nodata of a raster or array.
+
+:func:`dilate` grows a mask by a disk; :func:`feather` turns it into 0..1 blending weights with a
+soft edge outside the mask.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.warp import reproject, transform_bounds
+from rasterio.windows import Window
+
+from ..errors import InvalidRequest, RasterError
+
+PathLike = Union[str, Path]
+
+# ---------------------------------------------------------------------------------------------
+# Target grid
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TargetGrid:
+    """The pixel grid a mask is produced on.
+
+    Attributes:
+        crs: coordinate reference system.
+        transform: affine transform (pixel corner -> CRS coordinates, CRS units).
+        width, height: size in pixels.
+    """
+
+    crs: CRS
+    transform: Affine
+    width: int
+    height: int
+
+    @classmethod
+    def from_raster(cls, path: PathLike, window: Any = None) -> "TargetGrid":
+        """The grid of a raster file (or of a window of it, pixels)."""
+        try:
+            with rasterio.open(path) as src:
+                grid = cls(src.crs, src.transform, src.width, src.height)
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
+        return grid.window(window) if window is not None else grid
+
+    @classmethod
+    def of(cls, obj: Any, window: Any = None) -> "TargetGrid":
+        """A grid from a TargetGrid, a raster path, or anything with ``crs``, ``transform`` and
+        ``width``/``height`` (or ``shape``), e.g. an open rasterio dataset or an S2Stack."""
+        if isinstance(obj, (str, Path)):
+            return cls.from_raster(obj, window)
+        if isinstance(obj, TargetGrid):
+            grid = obj
+        else:
+            try:
+                if hasattr(obj, "width") and hasattr(obj, "height"):
+                    width, height = obj.width, obj.height
+                else:
+                    height, width = obj.shape[-2:]
+                crs = obj.crs if obj.crs is None or isinstance(obj.crs, CRS) else \
+                    CRS.from_user_input(obj.crs)
+                grid = cls(crs, obj.transform, int(width), int(height))
+            except AttributeError:
+                raise InvalidRequest(
+                    f"{obj!r} is not a target grid; give a TargetGrid, a raster path, or an "
+                    "object with crs, transform, width and height"
+                ) from None
+        return grid.window(window) if window is not None else grid
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width), pixels."""
+        return self.height, self.width
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        """(left, bottom, right, top), CRS units."""
+        xs, ys = [], []
+        for col, row in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)):
+            x, y = self.transform * (col, row)
+            xs.append(x)
+            ys.append(y)
+        return min(xs), min(ys), max(xs), max(ys)
+
+    def window(self, window: Any) -> "TargetGrid":
+        """The sub-grid of a window (rasterio ``Window`` or ``((r0, r1), (c0, c1))``, pixels)."""
+        if not isinstance(window, Window):
+            try:
+                (r0, r1), (c0, c1) = window
+            except (TypeError, ValueError):
+                raise InvalidRequest(
+                    f"window {window!r} is not understood; give a rasterio Window or "
+                    "((row_start, row_stop), (col_start, col_stop))"
+                ) from None
+            window = Window.from_slices((int(r0), int(r1)), (int(c0), int(c1)))
+        col, row = int(window.col_off), int(window.row_off)
+        width, height = int(window.width), int(window.height)
+        if (col < 0 or row < 0 or width <= 0 or height <= 0 or col + width > self.width
+                or row + height > self.height):
+            raise InvalidRequest(
+                f"window {window} is outside the target raster ({self.width} x {self.height})"
+            )
+        return TargetGrid(self.crs, self.transform * Affine.translation(col, row), width, height)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules
+# ---------------------------------------------------------------------------------------------
+
+MASK_RULE_GRAMMAR = """\
+A mask rule is one or more terms joined by '|' (a pixel is masked when any term matches):
+  bits:LO-HI<op>N  unsigned field of bits LO..HI inclusive (bit 0 = least significant)
+                   compared with N; <op> is one of = != >= <= > <   e.g. bits:14-15=3, bits:8-9>=2
+  bits:B<op>N      the same for a single bit                          e.g. bits:3=0
+  bit:B            bit B is set                                       e.g. bit:3|bit:5
+  values:V,V,...   the pixel value is one of these (class values)     e.g. values:3,8,9,10
+  gt:X ge:X lt:X le:X  threshold on the value (e.g. a probability)    e.g. gt:0.4
+  nonzero          any value other than 0
+  nodata           the raster's nodata value (or NaN)
+  a preset name:   """
+
+#: Named rules: name -> (rule, what it means). Only rules whose product definitions we can cite.
+MASK_PRESETS: dict[str, tuple[str, str]] = {
+    "landsat-cloud": (
+        "bit:1|bit:2|bit:3|bit:4",
+        "Landsat Collection 2 QA_PIXEL: dilated cloud (bit 1), cirrus (2), cloud (3), "
+        "cloud shadow (4)",
+    ),
+    "landsat-fill": ("bit:0", "Landsat Collection 2 QA_PIXEL: fill (bit 0)"),
+    "s2-scl-cloud": (
+        "values:3,8,9,10",
+        "Sentinel-2 L2A scene classification (SCL): cloud shadows (3), cloud medium "
+        "probability (8), cloud high probability (9), thin cirrus (10)",
+    ),
+    "s2-scl-invalid": (
+        "values:0,1",
+        "Sentinel-2 L2A scene classification (SCL): no data (0), saturated or defective (1)",
+    ),
+    "s2-qa60-cloud": (
+        "bit:10|bit:11",
+        "Sentinel-2 L1C QA60 band: opaque clouds (bit 10), cirrus (bit 11)",
+    ),
+    "fmask-cloud": (
+        "values:2,4",
+        "Fmask 4 output classes: cloud shadow (2), cloud (4) "
+        "(0 clear land, 1 clear water, 3 snow, 255 no observation)",
+    ),
+}
+MASK_PRESETS["fmask"] = (MASK_PRESETS["fmask-cloud"][0], "same as fmask-cloud")
+
+
+def _grammar() -> str:
+    return MASK_RULE_GRAMMAR + ", ".join(sorted(MASK_PRESETS)) + "\n"
+
+
+_OPS = {
+    "=": np.equal, "==": np.equal, "!=": np.not_equal, ">=": np.greater_equal,
+    "<=": np.less_equal, ">": np.greater, "<": np.less,
+}
+_BITS_RE = re.compile(r"^bits:(\d+)(?:-(\d+))?\s*(==|=|!=|>=|<=|>|<)\s*(\d+)$")
+_BIT_RE = re.compile(r"^bit:(\d+)$")
+_VALUES_RE = re.compile(r"^values:(.+)$")
+_THRESH_RE = re.compile(r"^(gt|ge|lt|le):(.+)$")
+_THRESH_OPS = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal}
+
+
+def _number(text: str) -> float | int:
+    text = text.strip()
+    try:
+        return int(text)
+    except ValueError:
+        value = float(text)  # ValueError is turned into InvalidRequest by the caller
+        if not math.isfinite(value):
+            raise ValueError(text)
+        return value
+
+
+@dataclass(frozen=True)
+class MaskTerm:
+    """One term of a :class:`MaskRule` (see :data:`MASK_RULE_GRAMMAR`)."""
+
+    kind: str  # "bits", "values", "threshold", "nonzero", "nodata"
+    lo: int = 0
+    hi: int = 0
+    op: str = "="
+    value: Any = None
+    text: str = ""
+
+    def evaluate(self, data: np.ndarray, nodata: Optional[float]) -> np.ndarray:
+        finite = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
+        if self.kind == "nodata":
+            out = ~finite
+            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+                out |= data == nodata
+            return out
+        if self.kind == "nonzero":
+            return finite & (data != 0)
+        if self.kind == "values":
+            return finite & np.isin(data, np.asarray(self.value))
+        if self.kind == "threshold":
+            with np.errstate(invalid="ignore"):
+                return finite & _THRESH_OPS[self.op](data, self.value)
+        # bit fields need integers; float rasters holding whole numbers (e.g. a QA band exported
+        # as float) are accepted, NaN never matches
+        ints = _as_integers(data, self.text, finite)
+        width = self.hi - self.lo + 1
+        field = (ints >> np.int64(self.lo)) & np.int64((1 << width) - 1)
+        return finite & _OPS[self.op](field, self.value)
+
+
+def _as_integers(data: np.ndarray, term: str, finite: np.ndarray) -> np.ndarray:
+    if data.dtype.kind in "iub":
+        return data.astype(np.int64)
+    if data.dtype.kind == "f":
+        values = data[finite]
+        if np.all(values == np.round(values)):
+            return np.where(finite, data, 0).astype(np.int64)
+    raise InvalidRequest(
+        f"the bit rule {term!r} needs a raster of whole numbers (a QA band); this one holds "
+        f"{data.dtype} values with fractions. Use gt:/ge:/values: for such rasters"
+    )
+
+
+@dataclass(frozen=True)
+class MaskRule:
+    """A parsed mask rule: masked where any term matches. Build with :func:`parse_mask_rule`."""
+
+    text: str
+    terms: tuple[MaskTerm, ...]
+
+    def __call__(self, data: np.ndarray, nodata: Optional[float] = None) -> np.ndarray:
+        """Evaluate on an array (any shape); True = masked."""
+        data = np.asarray(data)
+        out = np.zeros(data.shape, bool)
+        for term in self.terms:
+            out |= term.evaluate(data, nodata)
+        return out
+
+
+def _parse_term(term: str, rule_text: str, depth: int = 0) -> list[MaskTerm]:
+    def fail(why: str) -> InvalidRequest:
+        return InvalidRequest(f"mask rule {rule_text!r}: {why}\n{_grammar()}")
+
+    t = re.sub(r"\s+", "", term).lower()
+    if not t:
+        raise fail("empty term (two '|' in a row, or a '|' at an end)")
+    if t in MASK_PRESETS:
+        if depth > 2:
+            raise fail(f"preset {t!r} refers to itself")
+        out: list[MaskTerm] = []
+        for sub in MASK_PRESETS[t][0].split("|"):
+            out.extend(_parse_term(sub, rule_text, depth + 1))
+        return out
+    if t in ("nodata", "nonzero"):
+        return [MaskTerm(kind=t, text=t)]
+    m = _BITS_RE.match(t)
+    if m:
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        value = int(m.group(4))
+        if hi < lo:
+            raise fail(f"in {term!r} the first bit must not exceed the last")
+        if hi > 62:
+            raise fail(f"in {term!r} bit {hi} is beyond the 63 bits a pixel can hold")
+        if value >= 1 << (hi - lo + 1):
+            raise fail(f"in {term!r} {value} does not fit in {hi - lo + 1} bit(s)")
+        return [MaskTerm("bits", lo, hi, m.group(3), value, t)]
+    m = _BIT_RE.match(t)
+    if m:
+        bit = int(m.group(1))
+        if bit > 62:
+            raise fail(f"in {term!r} bit {bit} is beyond the 63 bits a pixel can hold")
+        return [MaskTerm("bits", bit, bit, "=", 1, t)]
+    m = _VALUES_RE.match(t)
+    if m:
+        try:
+            values = tuple(_number(v) for v in m.group(1).split(","))
+        except ValueError:
+            raise fail(f"{term!r} must list numbers separated by commas") from None
+        return [MaskTerm("values", value=values, text=t)]
+    m = _THRESH_RE.match(t)
+    if m:
+        try:
+            value = _number(m.group(2))
+        except ValueError:
+            raise fail(f"{term!r} needs a number after the colon") from None
+        return [MaskTerm("threshold", op=m.group(1), value=value, text=t)]
+    raise fail(f"term {term.strip()!r} is not understood")
+
+
+def parse_mask_rule(text: str) -> MaskRule:
+    """Parse a mask rule (grammar in :data:`MASK_RULE_GRAMMAR`; presets in
+    :data:`MASK_PRESETS`).
+
+    Raises:
+        InvalidRequest: the rule is malformed; the message shows the grammar.
+    """
+    if isinstance(text, MaskRule):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise InvalidRequest(f"mask rule {text!r} is empty\n{_grammar()}")
+    terms: list[MaskTerm] = []
+    for part in text.split("|"):
+        terms.extend(_parse_term(part, text))
+    return MaskRule(text.strip(), tuple(terms))
+
+
+def mask_from_bits(qa_array: np.ndarray, rule: Union[str, MaskRule],
+                   nodata: Optional[float] = None) -> np.ndarray:
+    """Evaluate a mask rule on a QA / class / probability array (any shape).
+
+    Args:
+        qa_array: the raster values (e.g. Landsat QA_PIXEL, Sentinel-2 SCL, a 0..1 probability).
+        rule: a rule string or :class:`MaskRule`.
+        nodata: the value the ``nodata`` term matches (NaN always matches it).
+
+    Returns:
+        bool array of ``qa_array``'s shape, True = masked.
+    """
+    return parse_mask_rule(rule)(qa_array, nodata)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------------
+
+
+def _no_overlap(what: str, path: PathLike, src_bounds: Sequence[float], src_crs: Any,
+                grid: TargetGrid) -> InvalidRequest:
+    return InvalidRequest(
+        f"the mask does not overlap the input raster: {what} {str(path)!r} covers "
+        f"{tuple(round(v, 6) for v in src_bounds)} in {_crs_name(src_crs)}, the input raster "
+        f"covers {tuple(round(v, 6) for v in grid.bounds)} in {_crs_name(grid.crs)}; "
+        "check its CRS/extent"
+    )
+
+
+def _crs_name(crs: Any) -> str:
+    if crs is None:
+        return "no CRS"
+    try:
+        text = CRS.from_user_input(crs).to_string()
+    except Exception:  # noqa: BLE001 -- only used for a message
+        text = str(crs)
+    return text if len(text) < 80 else text[:77] + "..."
+
+
+def _intersect(a: Sequence[float], b: Sequence[float]) -> Optional[tuple[float, ...]]:
+    left, bottom = max(a[0], b[0]), max(a[1], b[1])
+    right, top = min(a[2], b[2]), min(a[3], b[3])
+    if right <= left or top <= bottom:
+        return None
+    return left, bottom, right, top
+
+
+def mask_from_raster(
+    path: PathLike,
+    rule: Union[str, MaskRule, None],
+    target_grid: Any,
+    *,
+    band: int = 1,
+    window: Any = None,
+    resampling: str = "nearest",
+) -> np.ndarray:
+    """A mask from a raster (QA bits, classes, probabilities, a 0/1 mask) in any CRS.
+
+    The rule is evaluated on the mask raster's own pixels (only the part that covers the target),
+    and the boolean result is reprojected onto the target grid, so bit fields and class values are
+    never interpolated. Target pixels beyond the mask raster are not masked.
+
+    Args:
+        path: the mask raster.
+        rule: see :func:`parse_mask_rule`; None means ``nonzero`` (a 0/1 mask raster).
+        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
+        band: band of the mask raster to read (1-based).
+        window: only this window of the target grid (pixels).
+        resampling: ``nearest`` (default), or ``max`` for a target coarser than the mask, which
+            masks any target pixel that a masked mask pixel falls into.
+
+    Returns:
+        bool (height, width) on the target grid, True = masked.
+
+    Raises:
+        InvalidRequest: bad rule, or the mask raster does not overlap the target.
+        RasterError: the file cannot be read.
+    """
+    mask_rule = parse_mask_rule(rule if rule is not None else "nonzero")
+    grid = TargetGrid.of(target_grid, window)
+    if resampling not in ("nearest", "max"):
+        raise InvalidRequest(f"resampling for masks must be nearest or max, not {resampling!r}")
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"cannot open mask raster {str(path)!r}: {exc}") from exc
+    with src:
+        if not 1 <= band <= src.count:
+            raise InvalidRequest(f"{str(path)!r} has {src.count} band(s); band {band} asked")
+        # A mask without a CRS is taken to be on the target's CRS (e.g. derived from it).
+        src_crs = src.crs or grid.crs
+        src_bounds = tuple(src.bounds)
+        target_in_src = transform_bounds(grid.crs, src_crs, *grid.bounds, densify_pts=21)
+        overlap = _intersect(src_bounds, target_in_src)
+        if overlap is None:
+            raise _no_overlap("mask raster", path, src_bounds, src_crs, grid)
+        tf = src.transform
+        if tf.b == 0 and tf.d == 0:
+            # read only what covers the target, plus a pixel of margin for the warper
+            win = rasterio.windows.from_bounds(*overlap, transform=tf)
+            col0 = max(0, math.floor(win.col_off) - 1)
+            row0 = max(0, math.floor(win.row_off) - 1)
+            col1 = min(src.width, math.ceil(win.col_off + win.width) + 1)
+            row1 = min(src.height, math.ceil(win.row_off + win.height) + 1)
+            read_win = Window(col0, row0, col1 - col0, row1 - row0)
+        else:
+            read_win = Window(0, 0, src.width, src.height)
+        data = src.read(band, window=read_win)
+        nodata = src.nodatavals[band - 1]
+        src_tf = src.window_transform(read_win)
+    masked = mask_rule(data, nodata).astype(np.uint8)
+    out = np.zeros(grid.shape, np.uint8)
+    reproject(
+        source=masked,
+        destination=out,
+        src_transform=src_tf,
+        src_crs=src_crs,
+        dst_transform=grid.transform,
+        dst_crs=grid.crs,
+        resampling=Resampling[resampling],
+    )
+    return out.astype(bool)
+
+
+def _import_pyogrio() -> Any:
+    try:
+        import pyogrio  # noqa: PLC0415 -- optional dependency, needed only for vector masks
+    except ImportError:
+        raise RasterError(
+            "reading vector masks needs the pyogrio package; install it with "
+            "'pip install pyogrio'"
+        ) from None
+    return pyogrio
+
+
+def mask_from_vector(
+    path: PathLike,
+    target_grid: Any,
+    layer: Union[str, int, None] = None,
+    *,
+    where: Optional[str] = None,
+    window: Any = None,
+    all_touched: bool = True,
+) -> np.ndarray:
+    """A mask from vector geometries (any OGR format: GeoPackage, Shapefile, GeoJSON, ...).
+
+    Geometries are clipped to the target's extent, densified (so that straight edges follow the
+    curvature of the reprojection), reprojected onto the target CRS and rasterized; with
+    ``all_touched`` every pixel a geometry touches is masked (erring towards in-painting more).
+    A layer without a CRS is taken to be in the target's CRS.
+
+    Args:
+        path: the vector file.
+        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
+        layer: layer name or index (default: the first layer).
+        where: an attribute filter in the format's SQL dialect (e.g. ``"class = 'cloud'"``).
+        window: only this window of the target grid (pixels).
+        all_touched: mask every pixel touched (True) or only those whose centre is inside.
+
+    Returns:
+        bool (height, width) on the target grid, True = masked.
+
+    Raises:
+        InvalidRequest: the layer has no features, or none overlaps the target.
+        RasterError: the file cannot be read, or pyogrio is not installed.
+    """
+    import shapely  # noqa: PLC0415 -- keeps `import engine.geo.masks` light
+    from pyproj import CRS as ProjCRS  # noqa: PLC0415
+    from pyproj import Transformer  # noqa: PLC0415
+    from rasterio.features import rasterize  # noqa: PLC0415
+
+    pyogrio = _import_pyogrio()
+    grid = TargetGrid.of(target_grid, window)
+    try:
+        info = pyogrio.read_info(path, layer=layer, force_total_bounds=True)
+    except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
+        raise RasterError(f"cannot read vector {str(path)!r}: {exc}") from exc
+    if not info.get("features"):
+        raise InvalidRequest(f"the vector layer {str(path)!r} has no features to mask with")
+    layer_crs = info.get("crs")
+    src_crs = CRS.from_user_input(layer_crs) if layer_crs else grid.crs
+    total = info.get("total_bounds")
+    # The target's extent in the layer's CRS, with a margin so that reprojection curvature
+    # never cuts off a geometry at the edge.
+    tb = transform_bounds(grid.crs, src_crs, *grid.bounds, densify_pts=21)
+    mx, my = 0.05 * (tb[2] - tb[0]), 0.05 * (tb[3] - tb[1])
+    clip_box = (tb[0] - mx, tb[1] - my, tb[2] + mx, tb[3] + my)
+    try:
+        _, _, wkb, _ = pyogrio.raw.read(path, layer=layer, where=where, bbox=clip_box,
+                                        columns=[], force_2d=True)
+    except Exception as exc:
+        raise RasterError(f"cannot read vector {str(path)!r}: {exc}") from exc
+    geoms = shapely.from_wkb(wkb) if wkb is not None else np.array([], object)
+    geoms = geoms[~(shapely.is_missing(geoms) | shapely.is_empty(geoms))]
+    if len(geoms):
+        geoms = shapely.clip_by_rect(geoms, *clip_box)
+        geoms = geoms[~shapely.is_empty(geoms)]
+    if not len(geoms):
+        bounds = tuple(total) if total is not None else ("?",) * 4
+        raise _no_overlap("vector layer", path, bounds, src_crs, grid)
+
+    if CRS.from_user_input(src_crs) != grid.crs:
+        # ~2 target pixels per segment, in layer units, so edges bend as they should
+        px_src = (clip_box[2] - clip_box[0]) / max(grid.width, grid.height)
+        geoms = shapely.segmentize(geoms, max(2 * px_src, 1e-12))
+        transformer = Transformer.from_crs(ProjCRS.from_user_input(src_crs.to_wkt()),
+                                           ProjCRS.from_user_input(grid.crs.to_wkt()),
+                                           always_xy=True)
+
+        def to_target(coords: np.ndarray) -> np.ndarray:
+            x, y = transformer.transform(coords[:, 0], coords[:, 1])
+            return np.column_stack([x, y])
+
+        geoms = shapely.transform(geoms, to_target)
+    target_box = shapely.box(*grid.bounds)
+    geoms = geoms[shapely.intersects(geoms, target_box)]
+    if not len(geoms):
+        bounds = tuple(total) if total is not None else ("?",) * 4
+        raise _no_overlap("vector layer", path, bounds, src_crs, grid)
+    out = rasterize(((g, 1) for g in geoms), out_shape=grid.shape, transform=grid.transform,
+                    fill=0, all_touched=all_touched, dtype="uint8")
+    return out.astype(bool)
+
+
+def mask_from_nodata(
+    path_or_array: Union[PathLike, np.ndarray],
+    nodata: Optional[float] = None,
+    *,
+    window: Any = None,
+) -> np.ndarray:
+    """Mask the pixels where any band is nodata.
+
+    Args:
+        path_or_array: a raster path, or an array (H, W) or (bands, H, W).
+        nodata: the nodata value; for a file, None uses the file's own nodata value, alpha band
+            or internal mask. NaN always counts as nodata.
+        window: for a file, only this window (rasterio ``Window`` or ``((r0, r1), (c0, c1))``).
+
+    Returns:
+        bool (H, W), True = nodata in at least one band.
+    """
+    if isinstance(path_or_array, (str, Path)):
+        try:
+            src = rasterio.open(path_or_array)
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterError(f"cannot open {str(path_or_array)!r}: {exc}") from exc
+        with src:
+            win = None
+            if window is not None:
+                grid = TargetGrid(src.crs, src.transform, src.width, src.height).window(window)
+                col, row = (~src.transform) * (grid.transform.c, grid.transform.f)
+                win = Window(round(col), round(row), grid.width, grid.height)
+            data = src.read(window=win)
+            out = np.zeros(data.shape[1:], bool)
+            if nodata is None:
+                # GDAL's per-band masks cover the nodata value, alpha bands and internal masks
+                for i in range(src.count):
+                    out |= src.read_masks(i + 1, window=win) == 0
+    else:
+        data = np.asarray(path_or_array)
+        if data.ndim not in (2, 3):
+            raise InvalidRequest(f"a nodata mask needs an (H, W) or (bands, H, W) array, "
+                                 f"not shape {data.shape}")
+        if data.ndim == 2:
+            data = data[None]
+        out = np.zeros(data.shape[1:], bool)
+    if data.dtype.kind == "f":
+        out |= ~np.isfinite(data).all(axis=0)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        out |= (data == nodata).any(axis=0)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Morphology
+# ---------------------------------------------------------------------------------------------
+
+
+def distance_to_mask(mask: np.ndarray, max_distance: float) -> np.ndarray:
+    """Euclidean distance (pixels, centre to centre) from each pixel to the nearest True pixel.
+
+    Exact up to ``max_distance``; farther pixels get ``ceil(max_distance) + 1``. Pure numpy,
+    O(H * W * max_distance) work: a column pass for vertical distances, then a pass over
+    horizontal offsets up to the cap (the separable exact distance transform, truncated).
+
+    Returns:
+        float32 array of ``mask``'s shape; 0 on the mask.
+    """
+    mask = np.asarray(mask, bool)
+    if mask.ndim != 2:
+        raise InvalidRequest(f"a mask must be 2-D (H, W), not shape {mask.shape}")
+    h, w = mask.shape
+    cap = int(math.ceil(max(0.0, float(max_distance)))) + 1
+    # vertical distance to the nearest True in the same column, capped
+    vert = np.empty((h, w), np.int32)
+    run = np.full(w, cap, np.int32)
+    for r in range(h):
+        run = np.where(mask[r], 0, np.minimum(run + 1, cap))
+        vert[r] = run
+    run = np.full(w, cap, np.int32)
+    for r in range(h - 1, -1, -1):
+        run = np.where(mask[r], 0, np.minimum(run + 1, cap))
+        np.minimum(vert[r], run, out=vert[r])
+    g2 = vert.astype(np.float32) ** 2
+    d2 = g2.copy()
+    # d²(r, c) = min over c' of (c - c')² + vert(r, c')²; offsets beyond the cap cannot give a
+    # distance under the cap, so the loop stops there
+    for dx in range(1, min(cap, w)):
+        dx2 = np.float32(dx * dx)
+        np.minimum(d2[:, dx:], g2[:, :-dx] + dx2, out=d2[:, dx:])
+        np.minimum(d2[:, :-dx], g2[:, dx:] + dx2, out=d2[:, :-dx])
+    return np.sqrt(np.minimum(d2, np.float32(cap * cap)))
+
+
+def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Grow a mask by a disk of ``pixels`` pixels.
+
+    A pixel joins the mask when its centre lies within ``pixels + 0.5`` pixel of a masked pixel's
+    centre: 1 grows by a 3×3 square, 2 by a 5×5 square without its corners, and so on (a digital
+    disk that reaches ``pixels`` whole pixels out in every direction).
+
+    Returns:
+        bool array of ``mask``'s shape.
+    """
+    mask = np.asarray(mask, bool)
+    if pixels < 0:
+        raise InvalidRequest(f"dilation must be 0 or more pixels, not {pixels}")
+    if pixels == 0:
+        return mask.copy()
+    return distance_to_mask(mask, pixels + 0.5) <= pixels + 0.5
+
+
+def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
+    """Blending weights with a soft edge *outside* the mask.
+
+    Weight 1 on the mask (those pixels are fully replaced), falling linearly with the distance d
+    (pixels) from the mask as ``1 - d / (pixels + 1)``, to 0 from ``pixels + 1`` away: with 4,
+    the neighbours at 1, 2, 3, 4 pixels get 0.8, 0.6, 0.4, 0.2.
+
+    Returns:
+        float32 array of ``mask``'s shape in 0..1.
+    """
+    mask = np.asarray(mask, bool)
+    if pixels < 0:
+        raise InvalidRequest(f"feathering must be 0 or more pixels, not {pixels}")
+    if pixels == 0:
+        return mask.astype(np.float32)
+    d = distance_to_mask(mask, pixels + 1)
+    return np.clip(1.0 - d / np.float32(pixels + 1), 0.0, 1.0).astype(np.float32)
+
+
+__all__ = [
+    "MASK_PRESETS",
+    "MASK_RULE_GRAMMAR",
+    "MaskRule",
+    "MaskTerm",
+    "TargetGrid",
+    "dilate",
+    "distance_to_mask",
+    "feather",
+    "mask_from_bits",
+    "mask_from_nodata",
+    "mask_from_raster",
+    "mask_from_vector",
+    "parse_mask_rule",
+]

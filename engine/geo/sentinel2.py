@@ -1,0 +1,1009 @@
+"""Sentinel-2 inputs: band table, readers, and the radiometry the super-resolution model expects.
+
+The fMoW-Sentinel super-resolution checkpoint was trained on 13-band Level-1C digital numbers
+(DN) as fMoW-Sentinel stored them, i.e. *before* processing baseline 04.00 added a +1000 offset
+to every band (reference page §6). This module turns whatever the user has -- a multiband
+GeoTIFF, a ``.SAFE`` product, or loose per-band JP2/GeoTIFF files -- into exactly that:
+
+1. :func:`read_multiband` / :func:`read_band_files` read the bands (only the window asked for)
+   onto one grid, resampling 20 m and 60 m bands onto the 10 m grid, and record the product
+   level (L1C/L2A) and processing baseline found in the product (or stated by the user).
+2. :func:`to_model_input` removes the baseline offset, fills nodata with the band mean (so one
+   bad pixel never blanks a tile), applies the reference per-band stretch
+   (:func:`normalise_bands`) and selects/reorders the 10 model bands
+   ``[B04, B03, B02, B05, B06, B07, B08, B8A, B11, B12]``.
+
+Nodata convention inside this module: an :class:`S2Stack` holds nodata as NaN (whatever the
+file used: the dataset nodata value, DN 0 -- Sentinel-2's own no-data value -- or NaN), and
+``valid`` says which pixels are usable. The caller restores nodata in the output from the
+``valid`` mask :func:`to_model_input` returns.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+
+import numpy as np
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.enums import Resampling
+from rasterio.warp import reproject
+from rasterio.windows import Window
+
+from ..errors import InvalidRequest, RasterError
+
+PathLike = Union[str, Path]
+
+# ---------------------------------------------------------------------------------------------
+# Band table
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class S2Band:
+    """One Sentinel-2 MSI band.
+
+    Attributes:
+        name: canonical name, ``"B01"`` .. ``"B12"`` and ``"B8A"``.
+        wavelength_nm: central wavelength of Sentinel-2A, nanometres.
+        gsd_m: native ground sampling distance, metres (10, 20 or 60).
+        mean: reference mean of the L1C digital numbers (fMoW-Sentinel, reference §6).
+        std: reference standard deviation of the L1C digital numbers.
+    """
+
+    name: str
+    wavelength_nm: float
+    gsd_m: int
+    mean: float
+    std: float
+
+    @property
+    def lo(self) -> float:
+        """Lower end of the reference stretch, DN: ``mean - 2 std``."""
+        return self.mean - 2.0 * self.std
+
+    @property
+    def hi(self) -> float:
+        """Upper end of the reference stretch, DN: ``mean + 2 std``."""
+        return self.mean + 2.0 * self.std
+
+
+# Means and stds are copied digit for digit from the reference (fMoW-Sentinel statistics); the
+# stretch truncates to uint8, so rounding them would move pixels across integer boundaries.
+_BAND_ROWS = (
+    # name, wavelength (nm), GSD (m), mean (DN), std (DN)
+    ("B01", 442.7, 60, 1370.19151926, 633.15169573),
+    ("B02", 492.4, 10, 1184.3824625, 650.2842772),
+    ("B03", 559.8, 10, 1120.77120066, 712.12507725),
+    ("B04", 664.6, 10, 1136.26026392, 965.23119807),
+    ("B05", 704.1, 20, 1263.73947144, 948.9819932),
+    ("B06", 740.5, 20, 1645.40315151, 1108.06650639),
+    ("B07", 782.8, 20, 1846.87040806, 1258.36394548),
+    ("B08", 832.8, 10, 1762.59530783, 1233.1492281),
+    ("B8A", 864.7, 20, 1972.62420416, 1364.38688993),
+    ("B09", 945.1, 60, 582.72633433, 472.37967789),
+    ("B10", 1373.5, 60, 14.77112979, 14.3114637),
+    ("B11", 1613.7, 20, 1732.16362238, 1310.36996126),
+    ("B12", 2202.4, 20, 1247.91870117, 1087.6020813),
+)
+
+#: The 13 bands keyed by canonical name, in the L1C product order.
+BANDS: dict[str, S2Band] = {row[0]: S2Band(*row) for row in _BAND_ROWS}
+
+#: Band order of a 13-band Level-1C stack (also the order of the reference statistics).
+L1C_ORDER: tuple[str, ...] = tuple(BANDS)
+
+#: Band order of a 12-band Level-2A stack (L2A has no cirrus band B10).
+L2A_ORDER: tuple[str, ...] = tuple(b for b in L1C_ORDER if b != "B10")
+
+#: The 10 bands the super-resolution model takes, in the model's channel order (reference §6:
+#: B2/B4 swapped, B1, B9, B10 dropped).
+MODEL_BANDS: tuple[str, ...] = ("B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+
+#: Offset (DN) that processing baseline >= 04.00 adds to every band.
+BASELINE_04_OFFSET_DN = 1000.0
+
+_BAND_RE = re.compile(r"^B?0*(\d{1,2})(A?)$", re.IGNORECASE)
+
+
+def canonical_band_name(name: str) -> str:
+    """Return the canonical name of a Sentinel-2 band given any usual spelling.
+
+    Accepts ``B1``/``B01``/``b01``/``1``, ``B8A``/``B8a``/``b8a``/``B08A``/``8A``.
+
+    Raises:
+        InvalidRequest: the name is not one of the 13 bands.
+    """
+    m = _BAND_RE.match(str(name).strip())
+    if m:
+        number, a_suffix = int(m.group(1)), bool(m.group(2))
+        if a_suffix and number == 8:
+            return "B8A"
+        if not a_suffix and 1 <= number <= 12:
+            return f"B{number:02d}"
+    raise InvalidRequest(
+        f"{name!r} is not a Sentinel-2 band; valid names are {', '.join(L1C_ORDER)} "
+        "(B1 for B01, B8a for B8A and lowercase are accepted too)"
+    )
+
+
+def band_info(name: str) -> S2Band:
+    """Look up a band in the table by any accepted spelling (see :func:`canonical_band_name`)."""
+    return BANDS[canonical_band_name(name)]
+
+
+def _is_band_name(text: Optional[str]) -> bool:
+    if not text:
+        return False
+    try:
+        canonical_band_name(text)
+    except InvalidRequest:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------
+# Product level and processing baseline
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_baseline(value: Any) -> Optional[str]:
+    """Normalise a processing baseline to ``"NN.NN"`` (e.g. ``"04.00"``).
+
+    Accepts ``"04.00"``, ``"4.0"``, ``"N0400"``, ``"0400"``, ``4``, ``4.0``; ``None`` -> ``None``.
+
+    Raises:
+        InvalidRequest: the value is not a baseline.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if text.startswith("N"):
+        text = text[1:]
+    if re.fullmatch(r"\d{4}", text):
+        return f"{text[:2]}.{text[2:]}"
+    try:
+        number = float(text)
+    except ValueError:
+        number = math.nan
+    if math.isfinite(number) and 0 <= number < 100:
+        return f"{number:05.2f}"
+    raise InvalidRequest(
+        f"processing baseline {value!r} is not understood; write it as in the product name "
+        "(N0400) or metadata (04.00)"
+    )
+
+
+def parse_level(value: Any) -> Optional[str]:
+    """Normalise a product level to ``"L1C"`` or ``"L2A"`` (accepts ``"1C"``, ``"Level-2A"``,
+    ``"MSIL2A"``, ``"S2MSI1C"``, any case); ``None`` -> ``None``.
+
+    Raises:
+        InvalidRequest: the value is neither level.
+    """
+    if value is None:
+        return None
+    text = str(value).strip().upper()
+    if text.endswith("1C"):
+        return "L1C"
+    if text.endswith("2A"):
+        return "L2A"
+    raise InvalidRequest(f"product level {value!r} is not understood; use L1C or L2A")
+
+
+def _baseline_value(baseline: Optional[str]) -> Optional[float]:
+    return None if baseline is None else float(baseline)
+
+
+_LEVEL_RE = re.compile(r"MSI_?L(1C|2A)|S2MSI(1C|2A)|LEVEL-(1C|2A)", re.IGNORECASE)
+# Current product names carry ``_N0400_``; granules of old (2015-2016) products end in ``_N02.01``.
+_BASELINE_RE = re.compile(r"_N(\d{2})\.?(\d{2})(?=[_.]|$)", re.IGNORECASE)
+
+
+def _product_info_from_name(text: str) -> dict[str, Any]:
+    info: dict[str, Any] = {}
+    m = _LEVEL_RE.search(text)
+    if m:
+        info["level"] = "L" + next(g for g in m.groups() if g).upper()
+    m = _BASELINE_RE.search(text)
+    if m:
+        info["baseline"] = f"{m.group(1)}.{m.group(2)}"
+    return info
+
+
+def _local_name(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def _product_info_from_mtd(xml_path: Path) -> dict[str, Any]:
+    """Read level, baseline and ADD_OFFSET from a product MTD XML (MTD_MSIL1C.xml, ...)."""
+    info: dict[str, Any] = {}
+    try:
+        root = ET.parse(xml_path).getroot()
+    except (ET.ParseError, OSError):
+        return info
+    offsets: list[float] = []
+    for elem in root.iter():
+        name = _local_name(elem.tag)
+        text = (elem.text or "").strip()
+        if not text:
+            continue
+        if name == "PROCESSING_BASELINE" and "baseline" not in info:
+            try:
+                info["baseline"] = parse_baseline(text)
+            except InvalidRequest:
+                pass
+        elif name in ("PROCESSING_LEVEL", "PRODUCT_TYPE") and "level" not in info:
+            try:
+                info["level"] = parse_level(text)
+            except InvalidRequest:
+                pass
+        elif name in ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET"):
+            try:
+                offsets.append(float(text))
+            except ValueError:
+                pass
+    if offsets:
+        # The offset is the same (-1000) for every band in all baselines so far; keep the first.
+        info["add_offset"] = offsets[0]
+    return info
+
+
+def _product_info_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
+    """Level, baseline and ADD_OFFSET from GeoTIFF tags (SENTINEL2 driver names, or any tag
+    whose value is a product name)."""
+    info: dict[str, Any] = {}
+    for key, value in tags.items():
+        k = key.upper()
+        if "baseline" not in info and "PROCESSING_BASELINE" in k:
+            try:
+                info["baseline"] = parse_baseline(value)
+            except InvalidRequest:
+                pass
+        elif "level" not in info and k in ("PRODUCT_TYPE", "PROCESSING_LEVEL", "LEVEL",
+                                           "PRODUCT_LEVEL"):
+            try:
+                info["level"] = parse_level(value)
+            except InvalidRequest:
+                pass
+        elif "add_offset" not in info and "ADD_OFFSET" in k:
+            try:
+                info["add_offset"] = float(value)
+            except ValueError:
+                pass
+    for value in tags.values():
+        for k, v in _product_info_from_name(str(value)).items():
+            info.setdefault(k, v)
+    return info
+
+
+def _scale_offset_dn(scales: Sequence[float], offsets: Sequence[float]) -> Optional[float]:
+    """DN offset implied by band scale/offset metadata (physical = DN*scale + offset).
+
+    Only the Sentinel-2 +1000 DN offset is recognised (``offset/scale == -1000``, e.g. scale
+    0.0001 with offset -0.1); any other scaling is not ours to interpret.
+    """
+    for scale, offset in zip(scales or (), offsets or ()):
+        if scale and offset and abs(-offset / scale - BASELINE_04_OFFSET_DN) < 0.5:
+            return -BASELINE_04_OFFSET_DN
+    return None
+
+
+def _merge_info(*sources: Mapping[str, Any]) -> dict[str, Any]:
+    """First source that knows a field wins (sources in decreasing order of trust)."""
+    out: dict[str, Any] = {}
+    for src in sources:
+        for k, v in src.items():
+            if v is not None:
+                out.setdefault(k, v)
+    return out
+
+
+def _resolve_offset(user_baseline: Optional[str], info: Mapping[str, Any]) -> tuple[bool, float]:
+    """Decide whether the DNs carry the baseline >= 04.00 offset, and its size (DN).
+
+    A baseline stated by the user decides alone; otherwise a declared ADD_OFFSET wins over the
+    baseline found in the product, because the offset is what the pixels actually carry.
+    """
+    if user_baseline is not None:
+        return float(user_baseline) >= 4.0, BASELINE_04_OFFSET_DN
+    add_offset = info.get("add_offset")
+    if add_offset is not None:
+        return add_offset != 0, abs(float(add_offset)) or BASELINE_04_OFFSET_DN
+    baseline = _baseline_value(info.get("baseline"))
+    if baseline is not None:
+        return baseline >= 4.0, BASELINE_04_OFFSET_DN
+    return False, BASELINE_04_OFFSET_DN
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class S2Stack:
+    """Sentinel-2 bands on one grid, as read from the product (no radiometric change yet).
+
+    Attributes:
+        array: float32 (bands, H, W), digital numbers as stored in the product (including the
+            +1000 offset of baseline >= 04.00 when ``offset_applied``); NaN where nodata.
+        bands: canonical band names of ``array``'s first axis, in order.
+        crs: coordinate reference system of the grid.
+        transform: affine transform of the grid (pixel corner -> CRS coordinates, CRS units).
+        valid: bool (H, W), True where every band in the stack holds data.
+        level: ``"L1C"``, ``"L2A"`` or None when unknown.
+        baseline: processing baseline ``"NN.NN"`` or None when unknown.
+        offset_applied: True when the DNs include the baseline >= 04.00 offset, which
+            :func:`to_model_input` removes.
+        offset_dn: size of that offset, DN (1000 for every baseline so far).
+        source: where the stack came from (for messages and provenance tags).
+    """
+
+    array: np.ndarray
+    bands: tuple[str, ...]
+    crs: Optional[CRS]
+    transform: Affine
+    valid: np.ndarray
+    level: Optional[str] = None
+    baseline: Optional[str] = None
+    offset_applied: bool = False
+    offset_dn: float = BASELINE_04_OFFSET_DN
+    source: str = ""
+
+    @property
+    def height(self) -> int:
+        """Rows, pixels."""
+        return int(self.array.shape[1])
+
+    @property
+    def width(self) -> int:
+        """Columns, pixels."""
+        return int(self.array.shape[2])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(H, W), pixels."""
+        return self.height, self.width
+
+    def band(self, name: str) -> np.ndarray:
+        """The (H, W) DN array of one band, by any accepted spelling of its name."""
+        canon = canonical_band_name(name)
+        if canon not in self.bands:
+            raise InvalidRequest(
+                f"band {canon} is not in this stack; it holds {', '.join(self.bands)}"
+            )
+        return self.array[self.bands.index(canon)]
+
+
+def _to_float_with_nan(
+    data: np.ndarray, nodata: Optional[float], zero_is_nodata: bool
+) -> np.ndarray:
+    """Cast to float32 with every nodata pixel set to NaN (never a real value)."""
+    out = data.astype(np.float32, copy=True)
+    bad = ~np.isfinite(out)
+    if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
+        bad |= data == nodata
+    if zero_is_nodata:
+        bad |= data == 0
+    out[bad] = np.nan
+    return out
+
+
+def _valid_from(array: np.ndarray) -> np.ndarray:
+    return np.isfinite(array).all(axis=0)
+
+
+def _parse_window(window: Any) -> Optional[Window]:
+    if window is None or isinstance(window, Window):
+        return window
+    try:
+        (r0, r1), (c0, c1) = window
+    except (TypeError, ValueError):
+        raise InvalidRequest(
+            f"window {window!r} is not understood; give a rasterio Window or "
+            "((row_start, row_stop), (col_start, col_stop)) in pixels"
+        ) from None
+    return Window.from_slices((int(r0), int(r1)), (int(c0), int(c1)))
+
+
+def _window_for_bounds(transform: Affine, width: int, height: int, bounds: Sequence[float]
+                       ) -> Window:
+    """Smallest whole-pixel window of a north-up grid covering ``bounds`` (CRS units), clipped
+    to the grid."""
+    left, bottom, right, top = map(float, bounds)
+    if transform.b != 0 or transform.d != 0:
+        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
+    inv = ~transform
+    c_a, r_a = inv * (left, top)
+    c_b, r_b = inv * (right, bottom)
+    # A tiny tolerance keeps bounds that sit exactly on pixel edges from growing by a pixel
+    # because of floating-point noise.
+    eps = 1e-6
+    c0 = math.floor(min(c_a, c_b) + eps)
+    c1 = math.ceil(max(c_a, c_b) - eps)
+    r0 = math.floor(min(r_a, r_b) + eps)
+    r1 = math.ceil(max(r_a, r_b) - eps)
+    c0, r0 = max(c0, 0), max(r0, 0)
+    c1, r1 = min(c1, width), min(r1, height)
+    if c1 <= c0 or r1 <= r0:
+        raise InvalidRequest(
+            f"bounds {tuple(bounds)} do not overlap the raster (its bounds are "
+            f"{_grid_bounds(transform, width, height)}); check the CRS of the bounds"
+        )
+    return Window(c0, r0, c1 - c0, r1 - r0)
+
+
+def _grid_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
+    x0, y0 = transform * (0, 0)
+    x1, y1 = transform * (width, height)
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _check_window(window: Window, width: int, height: int) -> Window:
+    if (window.col_off < 0 or window.row_off < 0 or window.width <= 0 or window.height <= 0
+            or window.col_off + window.width > width or window.row_off + window.height > height):
+        raise InvalidRequest(
+            f"window {window} is outside the raster ({width} x {height} pixels)"
+        )
+    return window
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader: one multiband file
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_band_list(bands: Union[str, Sequence[str], None]) -> Optional[list[Optional[str]]]:
+    """Band names for the file's bands in order; ``-`` skips a band (e.g. an alpha band)."""
+    if bands is None:
+        return None
+    items = bands.split(",") if isinstance(bands, str) else list(bands)
+    out: list[Optional[str]] = []
+    for item in items:
+        item = str(item).strip()
+        out.append(None if item in ("-", "_", "") else canonical_band_name(item))
+    named = [b for b in out if b]
+    dupes = sorted({b for b in named if named.count(b) > 1})
+    if dupes:
+        raise InvalidRequest(f"--bands names {', '.join(dupes)} more than once")
+    return out
+
+
+def read_multiband(
+    path: PathLike,
+    bands: Union[str, Sequence[str], None] = None,
+    window: Any = None,
+    *,
+    bounds: Optional[Sequence[float]] = None,
+    level: Optional[str] = None,
+    baseline: Any = None,
+    zero_is_nodata: bool = True,
+) -> S2Stack:
+    """Read a multiband Sentinel-2 raster (all bands already on one grid) into an :class:`S2Stack`.
+
+    Args:
+        path: the raster (GeoTIFF, VRT, anything GDAL reads).
+        bands: the names of the file's bands in order (a list or ``"B01,B02,...,B12"``); ``-``
+            skips a band. If None: the band descriptions when they are all band names, else the
+            standard order when the file has 13 bands (L1C) or 12 bands (L2A without B10).
+        window: only this window is read (rasterio ``Window`` or ``((r0, r1), (c0, c1))``,
+            pixels).
+        bounds: alternatively, only the whole pixels covering (left, bottom, right, top) in the
+            raster's CRS units are read.
+        level: ``"L1C"``/``"L2A"`` when known to the user; overrides what the file says.
+        baseline: processing baseline (``"04.00"``, ``"N0400"``...) when known to the user;
+            overrides what the file says and alone decides whether the +1000 offset is present.
+        zero_is_nodata: DN 0 is Sentinel-2's no-data value; set False for data where 0 is a
+            real value (e.g. products already converted by another tool).
+
+    Raises:
+        InvalidRequest: the band names cannot be determined, or do not match the band count.
+        RasterError: the file cannot be read.
+    """
+    names = _parse_band_list(bands)
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
+    with src:
+        if names is None:
+            names = _names_from_file(src)
+        elif len(names) != src.count:
+            raise InvalidRequest(
+                f"{str(path)!r} has {src.count} bands but --bands names {len(names)}; give one "
+                "name per band in file order (use - to skip a band)"
+            )
+        if bounds is not None:
+            if window is not None:
+                raise InvalidRequest("give either a window or bounds, not both")
+            win = _window_for_bounds(src.transform, src.width, src.height, bounds)
+        else:
+            win = _parse_window(window)
+        if win is not None:
+            win = _check_window(win, src.width, src.height)
+        indexes = [i + 1 for i, n in enumerate(names) if n is not None]
+        planes = []
+        for idx in indexes:
+            data = src.read(idx, window=win)
+            planes.append(_to_float_with_nan(data, src.nodatavals[idx - 1], zero_is_nodata))
+        array = np.stack(planes) if planes else np.empty((0, 0, 0), np.float32)
+        transform = src.window_transform(win) if win is not None else src.transform
+        tag_info = _product_info_from_tags({**src.tags(), **src.tags(1)})
+        scale_dn = _scale_offset_dn(src.scales, src.offsets)
+        if scale_dn is not None:
+            tag_info.setdefault("add_offset", scale_dn)
+        crs = src.crs
+    mtd_info = _find_mtd_near(Path(path))
+    info = _merge_info(mtd_info, tag_info, _product_info_from_name(str(Path(path).resolve())))
+    return _make_stack(array, tuple(n for n in names if n), crs, transform, info, level,
+                       baseline, str(path))
+
+
+_BAND_TOKEN_RE = re.compile(r"^B(0?[1-9]|1[0-2]|0?8A)$", re.IGNORECASE)
+
+
+def _band_from_label(label: Optional[str]) -> Optional[str]:
+    """A band name from a band description or BANDNAME tag: ``"B04"``, ``"b8a"``, or the
+    first B-prefixed token of a longer label (GDAL's SENTINEL2 driver writes
+    ``"B4, central wavelength 665 nm"``)."""
+    if not label:
+        return None
+    if _is_band_name(label):
+        return canonical_band_name(label)
+    for token in re.split(r"[\s,;:()\[\]/]+", label):
+        if _BAND_TOKEN_RE.match(token):
+            return canonical_band_name(token)
+    return None
+
+
+def _names_from_file(src: Any) -> list[Optional[str]]:
+    for labels in (list(src.descriptions or ()),
+                   [src.tags(i).get("BANDNAME") for i in range(1, src.count + 1)]):
+        names = [_band_from_label(d) for d in labels]
+        if names and all(names) and len(set(names)) == len(names):
+            return names
+    if src.count == 13:
+        return list(L1C_ORDER)
+    if src.count == 12:
+        return list(L2A_ORDER)
+    raise InvalidRequest(
+        f"{src.name!r} has {src.count} bands and their descriptions are not band names, so the "
+        "Sentinel-2 band of each cannot be known; pass --bands with one name per band in file "
+        "order, e.g. --bands B02,B03,B04,B08 (use - to skip a band)"
+    )
+
+
+def _find_mtd_near(path: Path) -> dict[str, Any]:
+    """Product MTD XML of the SAFE folder that contains ``path``, if any.
+
+    Ancestors are searched only up to the SAFE root (a ``*.SAFE`` folder or one holding
+    ``GRANULE``), so a loose file never picks up an unrelated product's metadata higher up.
+    """
+    start = path if path.is_dir() else path.parent
+    dirs = [start, *start.resolve().parents][:6]
+    safe_root = next((d for d in dirs
+                      if d.suffix.upper() == ".SAFE" or (d / "GRANULE").is_dir()), None)
+    for folder in [start] + ([safe_root] if safe_root is not None else []):
+        for pattern in ("MTD_MSIL*.xml", "*MTD_SAFL*.xml"):
+            for xml in sorted(folder.glob(pattern)):
+                return _product_info_from_mtd(xml)
+    return {}
+
+
+def _make_stack(
+    array: np.ndarray,
+    names: tuple[str, ...],
+    crs: Optional[CRS],
+    transform: Affine,
+    info: Mapping[str, Any],
+    level: Optional[str],
+    baseline: Any,
+    source: str,
+) -> S2Stack:
+    user_level = parse_level(level)
+    user_baseline = parse_baseline(baseline)
+    offset_applied, offset_dn = _resolve_offset(user_baseline, info)
+    return S2Stack(
+        array=array,
+        bands=names,
+        crs=crs,
+        transform=transform,
+        valid=_valid_from(array),
+        level=user_level or info.get("level"),
+        baseline=user_baseline or info.get("baseline"),
+        offset_applied=offset_applied,
+        offset_dn=offset_dn,
+        source=source,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reader: one file per band (SAFE products, loose JP2/GeoTIFF files)
+# ---------------------------------------------------------------------------------------------
+
+_RASTER_SUFFIXES = (".jp2", ".tif", ".tiff", ".vrt")
+_TOKEN_SPLIT = re.compile(r"[_\-.\s]+")
+_RES_TOKEN = re.compile(r"^(\d+)m$", re.IGNORECASE)
+
+
+def band_from_filename(path: PathLike) -> Optional[str]:
+    """The band a per-band file holds, from its name (``..._B04.jp2``, ``..._B8A_20m.jp2``,
+    ``B04.tif``); None when the name names no band (``_TCI_``, ``_SCL_``, ...)."""
+    tokens = _TOKEN_SPLIT.split(Path(path).stem)
+    found = [t for t in tokens if re.fullmatch(r"B(0?[1-9]|1[0-2]|0?8A)", t, re.IGNORECASE)]
+    return canonical_band_name(found[-1]) if found else None
+
+
+def _list_band_files(paths_or_folder: Union[PathLike, Sequence[PathLike]]) -> tuple[
+        list[Path], dict[str, Any]]:
+    """Candidate band files and what the folder layout says about the product."""
+    hints: dict[str, Any] = {}
+    if isinstance(paths_or_folder, (str, Path)):
+        root = Path(paths_or_folder)
+        if not root.exists():
+            raise RasterError(f"{str(root)!r} does not exist")
+        if root.is_dir():
+            granules = sorted(p for p in (root / "GRANULE").glob("*") if p.is_dir())
+            if len(granules) > 1:
+                raise InvalidRequest(
+                    f"{str(root)!r} holds {len(granules)} granules "
+                    f"({', '.join(g.name for g in granules)}); pass the folder of one of them"
+                )
+            if granules:
+                search_root = granules[0] / "IMG_DATA"
+            elif (root / "IMG_DATA").is_dir():
+                search_root = root / "IMG_DATA"
+            else:
+                search_root = root
+            # Only IMG_DATA is searched recursively: QI_DATA and AUX_DATA hold rasters
+            # (masks, previews) that are not bands.
+            recursive = search_root.name == "IMG_DATA"
+            pattern = "**/*" if recursive else "*"
+            files = sorted(p for p in search_root.glob(pattern)
+                           if p.is_file() and p.suffix.lower() in _RASTER_SUFFIXES)
+            if recursive and (search_root / "R10m").is_dir():
+                hints["level"] = "L2A"  # only L2A splits IMG_DATA by resolution
+        else:
+            files = [root]
+    else:
+        files = [Path(p) for p in paths_or_folder]
+        for p in files:
+            if not p.is_file():
+                raise RasterError(f"{str(p)!r} does not exist or is not a file")
+    return files, hints
+
+
+def _pick_native(band: str, candidates: list[tuple[Path, float]]) -> tuple[Path, float]:
+    """L2A stores most bands at several resolutions; the native one has the true detail."""
+    native = BANDS[band].gsd_m
+    for path, res in candidates:
+        if abs(res - native) < 1e-6 * native:
+            return path, res
+    return min(candidates, key=lambda pr: pr[1])
+
+
+def read_band_files(
+    paths_or_folder: Union[PathLike, Sequence[PathLike]],
+    target_gsd: float = 10,
+    bounds: Optional[Sequence[float]] = None,
+    *,
+    bands: Optional[Sequence[str]] = None,
+    window: Any = None,
+    level: Optional[str] = None,
+    baseline: Any = None,
+    resampling: str = "bilinear",
+    zero_is_nodata: bool = True,
+) -> S2Stack:
+    """Read per-band Sentinel-2 files onto one grid at ``target_gsd``.
+
+    The grid is that of the finest band found (the 10 m bands of a product), at ``target_gsd``
+    CRS units (metres for UTM) per pixel with the same origin; coarser bands (20 m, 60 m) are
+    resampled onto it with ``resampling`` so that pixel centres line up on the ground. Bands
+    already on the grid are read as stored, without resampling.
+
+    Args:
+        paths_or_folder: a ``.SAFE`` folder (L1C: ``GRANULE/*/IMG_DATA/*_B??.jp2``; L2A:
+            ``IMG_DATA/R10m|R20m|R60m``, each band taken at its native resolution), a granule or
+            ``IMG_DATA`` folder, a folder of loose files whose names contain the band name
+            (``T33TTG_20210615T101031_B8A_20m.jp2``, ``B04.tif``), or a list of such files.
+        target_gsd: output pixel size, CRS units (metres).
+        bounds: only the whole output pixels covering (left, bottom, right, top), in the CRS of
+            the finest band, are read.
+        bands: read only these bands (e.g. :data:`MODEL_BANDS`); default every band found.
+        window: alternatively, a window (pixels) of the output grid.
+        level, baseline: stated by the user; override what the product says.
+        resampling: rasterio resampling name for bands not on the grid (bilinear suits
+            reflectance).
+        zero_is_nodata: DN 0 is Sentinel-2's no-data value.
+
+    Raises:
+        InvalidRequest: no band files found, a requested band is missing, bounds/window outside.
+        RasterError: a file cannot be read.
+    """
+    files, hints = _list_band_files(paths_or_folder)
+    candidates: dict[str, list[tuple[Path, float]]] = {}
+    crs_of: dict[Path, Any] = {}
+    for path in files:
+        band = band_from_filename(path)
+        if band is None:
+            continue
+        try:
+            with rasterio.open(path) as src:
+                res = abs(src.transform.a)
+                crs_of[path] = (src.crs, src.transform, src.width, src.height)
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
+        candidates.setdefault(band, []).append((path, res))
+    if not candidates:
+        raise InvalidRequest(
+            f"no Sentinel-2 band files found in {paths_or_folder!s}; file names must contain the "
+            "band name (e.g. T33TTG_20210615T101031_B04.jp2, B8A.tif)"
+        )
+    chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
+    wanted = [canonical_band_name(b) for b in bands] if bands is not None else [
+        b for b in L1C_ORDER if b in chosen]
+    missing = [b for b in wanted if b not in chosen]
+    if missing:
+        raise InvalidRequest(
+            f"band(s) {', '.join(missing)} not found in {paths_or_folder!s}; found "
+            f"{', '.join(b for b in L1C_ORDER if b in chosen)}"
+        )
+
+    # The output grid: the finest band's footprint at target_gsd, same origin.
+    ref_path = min((chosen[b] for b in wanted), key=lambda pr: pr[1])[0]
+    ref_crs, ref_tf, ref_w, ref_h = crs_of[ref_path]
+    if ref_tf.b != 0 or ref_tf.d != 0:
+        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
+    left, bottom, right, top = _grid_bounds(ref_tf, ref_w, ref_h)
+    gsd = float(target_gsd)
+    if not gsd > 0:
+        raise InvalidRequest(f"target_gsd must be a positive pixel size in metres, got {target_gsd}")
+    grid_tf = Affine(gsd, 0.0, left, 0.0, -gsd, top)
+    grid_w = max(1, int(round((right - left) / gsd)))
+    grid_h = max(1, int(round((top - bottom) / gsd)))
+    if bounds is not None:
+        if window is not None:
+            raise InvalidRequest("give either a window or bounds, not both")
+        win = _window_for_bounds(grid_tf, grid_w, grid_h, bounds)
+    else:
+        win = _parse_window(window)
+    if win is not None:
+        win = _check_window(win, grid_w, grid_h)
+        out_tf = grid_tf * Affine.translation(win.col_off, win.row_off)
+        out_w, out_h = int(win.width), int(win.height)
+    else:
+        out_tf, out_w, out_h = grid_tf, grid_w, grid_h
+
+    try:
+        method = Resampling[resampling]
+    except KeyError:
+        raise InvalidRequest(
+            f"resampling {resampling!r} is not known; use e.g. bilinear, cubic, nearest, average"
+        ) from None
+
+    planes = []
+    tag_info: dict[str, Any] = {}
+    for band in wanted:
+        path = chosen[band][0]
+        with rasterio.open(path) as src:
+            planes.append(_read_on_grid(src, ref_crs, out_tf, out_w, out_h, method,
+                                        zero_is_nodata))
+            for k, v in _product_info_from_tags(src.tags()).items():
+                tag_info.setdefault(k, v)
+    array = np.stack(planes)
+
+    first = chosen[wanted[0]][0]
+    mtd_info = _find_mtd_near(Path(paths_or_folder) if isinstance(paths_or_folder, (str, Path))
+                              else first)
+    name_info = _product_info_from_name(str(first.resolve()))
+    info = _merge_info(mtd_info, tag_info, name_info, hints)
+    return _make_stack(array, tuple(wanted), ref_crs, out_tf, info, level, baseline,
+                       str(paths_or_folder))
+
+
+def _read_on_grid(src: Any, crs: Any, transform: Affine, width: int, height: int,
+                  method: Resampling, zero_is_nodata: bool) -> np.ndarray:
+    """One band of ``src`` on the output grid, float32 with NaN for nodata.
+
+    A band already on the grid (same CRS, pixel size and pixel-aligned origin) is read through a
+    window, bit for bit; any other band is warped, GDAL reading only the source blocks the output
+    window needs.
+    """
+    nodata = src.nodata
+    stf = src.transform
+    same_grid = (
+        src.crs == crs
+        and math.isclose(stf.a, transform.a, rel_tol=1e-9)
+        and math.isclose(stf.e, transform.e, rel_tol=1e-9)
+        and stf.b == 0 and stf.d == 0
+    )
+    if same_grid:
+        col = (transform.c - stf.c) / stf.a
+        row = (transform.f - stf.f) / stf.e
+        same_grid = abs(col - round(col)) < 1e-6 and abs(row - round(row)) < 1e-6
+    if same_grid:
+        win = Window(int(round(col)), int(round(row)), width, height)
+        # boundless reading fills pixels beyond the file with the fill value, marked nodata below
+        fill = nodata if nodata is not None else 0
+        data = src.read(1, window=win, boundless=True, fill_value=fill)
+        out = _to_float_with_nan(data, nodata, zero_is_nodata)
+        if nodata is None and not zero_is_nodata:
+            # without any nodata value, mark the pixels beyond the file explicitly
+            inside = np.zeros((height, width), bool)
+            r0, c0 = max(0, -win.row_off), max(0, -win.col_off)
+            r1 = min(height, src.height - win.row_off)
+            c1 = min(width, src.width - win.col_off)
+            if r1 > r0 and c1 > c0:
+                inside[r0:r1, c0:c1] = True
+            out[~inside] = np.nan
+        return out
+
+    src_nodata = nodata if nodata is not None else (0 if zero_is_nodata else None)
+    out = np.full((height, width), np.nan, np.float32)
+    reproject(
+        source=rasterio.band(src, 1),
+        destination=out,
+        src_transform=stf,
+        src_crs=src.crs,
+        src_nodata=src_nodata,
+        dst_transform=transform,
+        dst_crs=crs,
+        dst_nodata=np.nan,
+        resampling=method,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Radiometry
+# ---------------------------------------------------------------------------------------------
+
+
+def normalise_bands(dn: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
+    """The reference per-band stretch of fMoW-Sentinel L1C digital numbers to [0, 1].
+
+    For each band b: ``x' = (x - lo) / (hi - lo) * 255`` with ``lo, hi = mean_b -/+ 2 std_b``,
+    clipped to 0..255, truncated to an integer (as the reference's cast to uint8), then ÷255.
+    Band order is kept (no selection or reordering; see :func:`model_bands`).
+
+    Args:
+        dn: (bands, H, W) or (bands,) digital numbers *without* the baseline >= 04.00 offset.
+            Non-finite values are treated as the band mean (mid-grey) so they cannot spread.
+        band_names: the band of each entry of ``dn``'s first axis.
+
+    Returns:
+        float32 array of ``dn``'s shape, values k/255 for integers k in 0..255.
+    """
+    dn = np.asarray(dn)
+    names = [canonical_band_name(b) for b in band_names]
+    if dn.shape[0] != len(names):
+        raise InvalidRequest(
+            f"{dn.shape[0]} bands given but {len(names)} band names ({', '.join(names)})"
+        )
+    out = np.empty(dn.shape, np.float32)
+    for i, name in enumerate(names):
+        info = BANDS[name]
+        # float64 as in the reference (uint16 DN minus float64 statistics): float32 would move
+        # values that sit near an integer across the truncation boundary.
+        x = dn[i].astype(np.float64)
+        x = np.where(np.isfinite(x), x, info.mean)
+        scaled = np.clip((x - info.lo) / (info.hi - info.lo) * 255.0, 0.0, 255.0)
+        out[i] = np.floor(scaled) / 255.0
+    return out
+
+
+def model_bands(dn: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
+    """Select and normalise the model's 10 bands from offset-free DNs (pure function).
+
+    Equivalent to the reference's normalise-13, swap B2/B4, drop B1/B9/B10, since the stretch
+    is per band. Returns float32 (10, H, W) in :data:`MODEL_BANDS` order.
+
+    Raises:
+        InvalidRequest: a model band is missing (the message names missing and found bands).
+    """
+    names = [canonical_band_name(b) for b in band_names]
+    _require_model_bands(names)
+    idx = [names.index(b) for b in MODEL_BANDS]
+    return normalise_bands(np.asarray(dn)[idx], MODEL_BANDS)
+
+
+def _require_model_bands(names: Sequence[str]) -> None:
+    missing = [b for b in MODEL_BANDS if b not in names]
+    if missing:
+        raise InvalidRequest(
+            "the Sentinel-2 super-resolution model needs bands "
+            f"{', '.join(sorted(MODEL_BANDS, key=L1C_ORDER.index))}; missing: "
+            f"{', '.join(sorted(missing, key=L1C_ORDER.index))}; found: "
+            f"{', '.join(names) if names else 'none'}"
+        )
+
+
+class ModelInput(NamedTuple):
+    """What :func:`to_model_input` returns (unpacks as ``array, valid, warnings``)."""
+
+    #: float32 (10, H, W) in [0, 1], channels in :data:`MODEL_BANDS` order.
+    array: np.ndarray
+    #: bool (H, W): True where all 10 model bands hold data; elsewhere ``array`` is mid-grey
+    #: filler and the caller must write nodata.
+    valid: np.ndarray
+    #: human-readable warnings (radiometry differs from training, unknown baseline, ...).
+    warnings: list[str]
+
+
+def to_model_input(stack: S2Stack) -> ModelInput:
+    """Convert a stack into the fMoW-Sentinel super-resolution checkpoint's input (reference §6).
+
+    Removes the baseline >= 04.00 offset when the stack carries it, fills nodata with the band's
+    reference mean (so nodata never spreads; the pixels are reported in ``valid``), applies
+    :func:`normalise_bands` and selects/reorders to :data:`MODEL_BANDS`.
+
+    Raises:
+        InvalidRequest: a model band is missing from the stack.
+    """
+    names = list(stack.bands)
+    _require_model_bands(names)
+    warnings: list[str] = []
+    if stack.level == "L2A":
+        warnings.append(
+            "the input is Level-2A surface reflectance but the super-resolution checkpoint was "
+            "trained on Level-1C top-of-atmosphere digital numbers; colours and contrast may "
+            "differ from what the model expects (use the L1C product for best results)"
+        )
+    elif stack.level is None:
+        warnings.append(
+            "the product level is unknown; assuming Level-1C top-of-atmosphere digital numbers "
+            "(state level='L2A' if the input is surface reflectance)"
+        )
+    if stack.baseline is None and not stack.offset_applied:
+        warnings.append(
+            "the processing baseline is unknown; assuming digital numbers without the +1000 "
+            "offset (baseline before 04.00, i.e. processed before 25 January 2022); state "
+            "baseline='04.00' if the product is newer, or the image will look too bright"
+        )
+    offset = stack.offset_dn if stack.offset_applied else 0.0
+    idx = [names.index(b) for b in MODEL_BANDS]
+    array = np.empty((len(MODEL_BANDS), stack.height, stack.width), np.float32)
+    valid = np.ones(stack.shape, bool)
+    for out_i, (name, src_i) in enumerate(zip(MODEL_BANDS, idx)):
+        dn = stack.array[src_i]
+        ok = np.isfinite(dn)
+        valid &= ok
+        # offset removed before the fill so that filled pixels land exactly on the band mean
+        x = np.where(ok, dn.astype(np.float64) - offset, BANDS[name].mean)
+        array[out_i] = normalise_bands(x[None], (name,))[0]
+    n_bad = int((~valid).sum())
+    if n_bad:
+        warnings.append(
+            f"{n_bad} of {valid.size} pixels are nodata in at least one band; they are filled "
+            "for the model and written as nodata in the output"
+        )
+    return ModelInput(array, valid, warnings)
+
+
+__all__ = [
+    "BANDS",
+    "BASELINE_04_OFFSET_DN",
+    "L1C_ORDER",
+    "L2A_ORDER",
+    "MODEL_BANDS",
+    "ModelInput",
+    "S2Band",
+    "S2Stack",
+    "band_from_filename",
+    "band_info",
+    "canonical_band_name",
+    "model_bands",
+    "normalise_bands",
+    "parse_baseline",
+    "parse_level",
+    "read_band_files",
+    "read_multiband",
+    "to_model_input",
+]
