@@ -33,6 +33,10 @@ class _Request(BaseModel):
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
 
+    def input_paths(self) -> list[str]:
+        """Paths of input files this request reads (the server confines them to allowed roots)."""
+        return []
+
 
 class GenerateRequest(_Request):
     """Generate an image for a place and a date (the main job)."""
@@ -75,14 +79,15 @@ class GenerateRequest(_Request):
         return self
 
 
-def parse_request(data: dict[str, Any]) -> GenerateRequest:
+def parse_request(data: dict[str, Any]) -> _Request:
     """Validate a request dict (CLI or JSON) into its request model; errors name the field."""
+    if not isinstance(data, dict):
+        raise InvalidRequest("a request is a JSON object with a 'task' field")
     task = data.get("task", "generate")
-    models = {"generate": GenerateRequest}
-    if task not in models:
-        raise InvalidRequest(f"unknown task {task!r}; choose one of {', '.join(models)}")
+    if task not in REQUEST_MODELS:
+        raise InvalidRequest(f"unknown task {task!r}; choose one of {', '.join(REQUEST_MODELS)}")
     try:
-        return models[task].model_validate(data)
+        return REQUEST_MODELS[task].model_validate(data)
     except ValidationError as err:
         raise InvalidRequest(format_validation_error(err)) from None
 
@@ -248,3 +253,22 @@ def generate(
         warnings=warnings,
         seconds=time.perf_counter() - started,
     )
+
+
+#: task name -> request model; the CLI, the server and the plugin's request builders use these names.
+REQUEST_MODELS: dict[str, type[_Request]] = {"generate": GenerateRequest}
+
+#: task name -> function(request, out, *, models, progress, cancel) -> TaskResult
+RUNNERS = {"generate": generate}
+
+
+def run_task(
+    request: _Request,
+    out: str | Path,
+    *,
+    models=None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> TaskResult:
+    """Run any task request, writing its COG at ``out``."""
+    return RUNNERS[request.task](request, out, models=models, progress=progress, cancel=cancel)
