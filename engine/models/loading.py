@@ -36,6 +36,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ModelLoadError, ModelNotFound
+from .controlnet import CONTROLNET_CLASSES, SatControlNet, SatControlNet3D
 from .unet import SatUNet, init_metadata_embedding
 from .weights import read_config, read_state_dict
 
@@ -65,9 +66,29 @@ class ModelBundle:
     is_tiny: bool = False
     root: Optional[Path] = None
     notices: list[str] = field(default_factory=list)
+    #: task name ("superres", "temporal", "control") -> ControlNet trained for it
+    controlnets: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tasks(self) -> list[str]:
+        """The tasks this bundle can run."""
+        tasks = ["generate", "inpaint"]
+        for task in ("superres", "temporal"):
+            if task in self.controlnets:
+                tasks.append(task)
+        return tasks
+
+    def controlnet_for(self, task: str) -> Any:
+        if task not in self.controlnets:
+            have = ", ".join(sorted(self.controlnets)) or "none"
+            raise ModelNotFound(
+                f"the model {self.name!r} has no ControlNet for {task} (it has: {have}); pass --model "
+                f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
+            )
+        return self.controlnets[task]
 
     def to(self, device: str, dtype: torch.dtype) -> "ModelBundle":
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in (self.unet, self.vae, self.text_encoder, *self.controlnets.values()):
             module.to(device=device, dtype=dtype)
             module.eval()
             module.requires_grad_(False)
@@ -298,9 +319,17 @@ def build_tiny(seed: int = TINY_SEED) -> ModelBundle:
         torch.manual_seed(seed + 2)
         text_config = {k: v for k, v in cfg("text_encoder").items() if k not in ("architectures", "model_type")}
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        torch.manual_seed(seed + 3)
+        controlnets = {
+            # Sentinel-2 (10 bands) at half the output resolution, as the released SR checkpoint
+            "superres": _randomise_zero_convs(
+                SatControlNet.from_unet(unet, conditioning_in_channels=10, conditioning_scale=2)),
+            "temporal": _randomise_zero_convs(SatControlNet3D.from_unet(unet, conditioning_in_channels=3)),
+        }
     tokenizer = CLIPTokenizer.from_pretrained(resource_path("tiny", "tokenizer"))
     scheduler = scheduler_from_config(cfg("scheduler"))
     return ModelBundle(
+        controlnets=controlnets,
         name="tiny",
         source="built-in tiny model (random weights: noise-like images, for tests and smoke runs)",
         unet=unet,
@@ -313,14 +342,67 @@ def build_tiny(seed: int = TINY_SEED) -> ModelBundle:
     )
 
 
+def _randomise_zero_convs(controlnet: Any) -> Any:
+    """Give a tiny ControlNet's zero-initialised outputs small random weights.
+
+    A trained ControlNet's output convolutions are not zero; a freshly initialised one's are, and
+    would make the tiny model ignore its conditioning. The tiny preset stands in for trained
+    weights, so its conditioning must reach the output (tests rely on it).
+    """
+    with torch.no_grad():
+        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
+                      controlnet.controlnet_cond_embedding.conv_out]
+        for conv in zero_convs:
+            conv.weight.normal_(0.0, 0.05)
+            conv.bias.zero_()
+        for alpha in getattr(controlnet, "mixing_attns", []):
+            alpha.fill_(0.5)
+    return controlnet
+
+
+def controlnet_task(controlnet: Any) -> str:
+    """The task a ControlNet serves: temporal (3D), superres (10-band Sentinel-2), else control."""
+    if isinstance(controlnet, SatControlNet3D):
+        return "temporal"
+    if controlnet.config.conditioning_in_channels == 10:
+        return "superres"
+    return "control"
+
+
+def load_controlnet(folder: str | os.PathLike) -> Any:
+    """Load a ControlNet folder (official ``ControlNetModel``/``ControlNetModel3D`` or ours)."""
+    from accelerate import init_empty_weights
+
+    folder = Path(folder)
+    config = read_config(folder)
+    class_name = config.get("_class_name", "ControlNetModel")
+    cls = CONTROLNET_CLASSES.get(class_name)
+    if cls is None:
+        raise ModelLoadError(f"{folder} holds a {class_name}, not a DiffusionSat ControlNet")
+    state = read_state_dict(folder)
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = cls.from_config(config)
+    except Exception as err:
+        raise ModelLoadError(f"{folder}/config.json does not describe a valid ControlNet: {err}") from err
+    for key in [k for k in state if k.startswith("mixing_attns.") and state[k].ndim == 0]:
+        state[key] = state[key].reshape(1)
+    _load_into(model, state, folder)
+    return model
+
+
 def vae_scale_factor(vae: Any) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder: str = "unet") -> Path:
+def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder: Optional[str] = "unet",
+                controlnet: Optional[str] = None) -> Path:
     """Write a bundle in the official layout: root components + ``<unet_subfolder>/``.
 
-    ``unet_subfolder="checkpoint-0/unet"`` reproduces the released checkpoints' nesting.
+    ``unet_subfolder="checkpoint-0/unet"`` reproduces the released checkpoints' nesting; None
+    leaves the UNet out (a ControlNet root). ``controlnet`` names the task whose ControlNet is
+    written to ``controlnet/``.
     """
     from .weights import atomic_folder
 
@@ -329,7 +411,10 @@ def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder:
         bundle.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
         bundle.tokenizer.save_pretrained(tmp / "tokenizer")
         bundle.scheduler.save_pretrained(tmp / "scheduler")
-        bundle.unet.save_pretrained(tmp / unet_subfolder, safe_serialization=True)
+        if unet_subfolder:
+            bundle.unet.save_pretrained(tmp / unet_subfolder, safe_serialization=True)
+        if controlnet:
+            bundle.controlnet_for(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
         index = {
             "_class_name": "DiffusionSatPipeline",
             "_diffusers_version": _diffusers_version(),
@@ -369,14 +454,46 @@ class InstalledModel:
     name: str
     path: Path
     resolution: int
-    kind: str  # "single-image" (ControlNet kinds arrive with the conditional tasks)
+    kind: str  # "single-image", "controlnet-superres", "controlnet-temporal", "controlnet-control"
+
+    @property
+    def tasks(self) -> list[str]:
+        return {"single-image": ["generate", "inpaint"], "controlnet-superres": ["superres"],
+                "controlnet-temporal": ["temporal", "inpaint"]}.get(self.kind, [])
+
+    @property
+    def trained_against(self) -> Optional[str]:
+        """Which UNet a ControlNet was trained against (recorded by our training, else the reference's)."""
+        if not self.kind.startswith("controlnet"):
+            return None
+        record = self.path / "diffusionsat.json"
+        if record.is_file():
+            try:
+                return json.loads(record.read_text()).get("trained_against_unet")
+            except ValueError:
+                return None
+        return "DiffusionSat 512 checkpoint-100000/unet (the released ControlNets)"
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "resolution": self.resolution, "kind": self.kind}
+        return {"name": self.name, "path": str(self.path), "resolution": self.resolution, "kind": self.kind,
+                "tasks": self.tasks, "trained_against": self.trained_against}
 
 
 def describe_folder(path: Path) -> Optional[InstalledModel]:
-    """What an installed model folder holds, or None if it is not a loadable single-image model."""
+    """What an installed model folder holds, or None if it is not a loadable model."""
+    cn_folder = _controlnet_folder(path)
+    if cn_folder is not None:
+        try:
+            config = read_config(cn_folder)
+        except (ModelNotFound, ModelLoadError):
+            return None
+        if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
+            kind = "controlnet-temporal"
+        elif config.get("conditioning_in_channels") == 10:
+            kind = "controlnet-superres"
+        else:
+            kind = "controlnet-control"
+        return InstalledModel(name=path.name, path=path, resolution=int(config.get("sample_size") or 64) * 8, kind=kind)
     try:
         unet_folder = find_unet_folder(path)
         config = read_config(unet_folder)
@@ -431,19 +548,41 @@ def resolve_hub_id(spec: str) -> Path:
     return Path(local)
 
 
+def _controlnet_folder(path: Path) -> Optional[Path]:
+    """``path`` itself or ``path/controlnet`` when it is a ControlNet folder, else None."""
+    for folder in (path, path / "controlnet"):
+        config = folder / "config.json"
+        if config.is_file():
+            try:
+                if json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASSES:
+                    return folder
+            except ValueError:
+                continue
+    return None
+
+
 def load_model(
     spec: str = "auto",
     *,
     unet: Optional[str | os.PathLike] = None,
     base: Optional[str | os.PathLike] = None,
+    controlnet: Optional[str | os.PathLike] = None,
     use_metadata: Optional[bool] = None,
 ) -> ModelBundle:
-    """Resolve ``--model`` (+ ``--unet``, ``--base``) into a loaded :class:`ModelBundle` on the CPU, fp32."""
+    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) into a :class:`ModelBundle`.
+
+    ``--model`` may also be a ControlNet checkpoint root (``controlnet/`` beside the pipeline
+    components, as released): its UNet then comes from ``--unet``, a UNet inside the root, or the
+    best installed single-image model (the released ControlNets were trained against the 512
+    model's checkpoint-100000 UNet). The bundle is on the CPU in fp32.
+    """
     spec = (spec or "auto").strip()
     notices: list[str] = []
     if spec == "auto":
-        models = installed_models()
+        models = [m for m in installed_models() if m.kind == "single-image"]
         if not models:
+            if unet is not None or controlnet is not None:
+                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
             bundle = build_tiny()
             bundle.notices.append(
                 "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
@@ -453,20 +592,34 @@ def load_model(
         spec = str(models[0].path)
         notices.append(f"using the installed model {models[0].name} ({models[0].path})")
     if spec == "tiny":
-        if unet is not None:
-            raise ModelNotFound("--unet cannot be combined with --model tiny; use --model <folder>")
+        if unet is not None or controlnet is not None:
+            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
         return build_tiny()
-    if spec.startswith("hf:"):
-        root = resolve_hub_id(spec)
-    else:
-        root = Path(spec).expanduser()
-        if not root.exists():
-            hint = " (hub ids are written hf:owner/name)" if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else ""
-            raise ModelNotFound(f"model folder {spec!r} does not exist{hint}; use --model tiny or a folder path")
-        if not root.is_dir():
-            raise ModelNotFound(f"--model {spec!r} is a file; give the model's folder")
+    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
     base_path = Path(base).expanduser() if base else None
-    unet_folder = find_unet_folder(Path(unet).expanduser()) if unet else find_unet_folder(root)
+    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
+    if controlnet and cn_folder is None:
+        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
+    if cn_folder is None:
+        cn_folder = _controlnet_folder(root)
+    if unet:
+        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
+    else:
+        try:
+            unet_folder = find_unet_folder(root)
+        except ModelNotFound:
+            if cn_folder is None:
+                raise
+            singles = [m for m in installed_models() if m.kind == "single-image"]
+            if not singles:
+                raise ModelNotFound(
+                    f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
+                    "trained against with --unet (the released ControlNets: the 512 model's "
+                    "checkpoint-100000/unet)"
+                ) from None
+            unet_folder = find_unet_folder(singles[0].path)
+            notices.append(f"the ControlNet's UNet comes from the installed model {singles[0].name}; "
+                           "the released ControlNets were trained against the 512 model's checkpoint-100000")
     components = find_components(unet_folder, root, base_path)
     unet_model = load_unet(unet_folder, use_metadata=use_metadata)
     parts = {name: _load_component(name, path) for name, path in components.items()}
@@ -478,12 +631,30 @@ def load_model(
             f"the UNet expects text embeddings of size {unet_model.config.cross_attention_dim} but the "
             f"text encoder in {components['text_encoder']} gives {text_dim}: they belong to different models"
         )
+    controlnets = {}
+    if cn_folder is not None:
+        cn = load_controlnet(cn_folder)
+        if list(cn.config.block_out_channels) != list(unet_model.config.block_out_channels):
+            raise ModelLoadError(f"the ControlNet in {cn_folder} does not match the UNet {unet_folder} (block channels)")
+        controlnets[controlnet_task(cn)] = cn
     return ModelBundle(
         name=root.name,
-        source=f"UNet {unet_folder}; " + ", ".join(f"{k} {v}" for k, v in components.items()),
+        source=f"UNet {unet_folder}; " + ", ".join(f"{k} {v}" for k, v in components.items())
+        + (f"; ControlNet {cn_folder}" if cn_folder else ""),
         unet=unet_model,
         native_resolution=unet_model.config.sample_size * vae_scale_factor(parts["vae"]),
         root=root,
         notices=notices,
+        controlnets=controlnets,
         **parts,
     )
+
+
+def _existing_folder(spec: str, flag: str) -> Path:
+    path = Path(spec).expanduser()
+    if not path.exists():
+        hint = " (hub ids are written hf:owner/name)" if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else ""
+        raise ModelNotFound(f"{flag} folder {spec!r} does not exist{hint}; use --model tiny or a folder path")
+    if not path.is_dir():
+        raise ModelNotFound(f"{flag} {spec!r} is a file; give the model's folder")
+    return path

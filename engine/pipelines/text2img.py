@@ -1,10 +1,21 @@
-"""Text + metadata -> image: the DiffusionSat single-image sampler (reference §4).
+"""The DiffusionSat sampler: text + metadata -> image, optionally with a ControlNet or in-painting.
 
-It is the Stable Diffusion text-to-image loop with one addition: the normalised metadata goes to
-the UNet at every step. Classifier-free guidance pairs the empty prompt with an all-zero metadata
-vector in the unconditional branch (one guidance scale for both). The loop reads top to bottom:
-check inputs, encode the prompt, prepare metadata and latents, denoise (reporting progress and
-honouring cancellation once per step), decode.
+Single image (reference §4): the Stable Diffusion text-to-image loop with one addition, the
+normalised metadata goes to the UNet at every step. Classifier-free guidance pairs the empty
+prompt with an all-zero metadata vector in the unconditional branch (one guidance scale for both).
+
+With a ControlNet (reference §5, :class:`Control`): the unconditional half also zeroes the
+conditioning frames' metadata but keeps the same, un-zeroed control image; the residual scale
+applies to both halves; guess mode runs the ControlNet on the conditional half only and gives
+the unconditional half zero residuals (consistent halves, unlike the reference's crash).
+
+In-painting (:class:`Inpaint`): the known region's latents, re-noised to the current noise level,
+replace the generated ones outside the mask after every step; optional RePaint-style resampling
+passes re-noise and re-denoise each step to harmonise the seam. The caller composites the final
+pixels so that unmasked pixels stay bit-identical to the input.
+
+The loop reads top to bottom: check inputs, encode the prompt, prepare metadata and latents,
+denoise (reporting progress and honouring cancellation once per step), decode.
 """
 
 from __future__ import annotations
@@ -44,6 +55,30 @@ def make_scheduler(name: str, base: Any) -> Any:
 
 
 @dataclass
+class Control:
+    """ControlNet conditioning for one call.
+
+    ``image``: (b, C, H_c, W_c) for the metadata ControlNet or (b, C, T, H, W) for ControlNet3D,
+    in [0, 1] as the checkpoint expects (see ``engine.geo.sentinel2`` for Sentinel-2);
+    ``cond_metadata``: normalised metadata of the conditioning, (b, 7) or (b, 7, T); None = unknown.
+    """
+
+    image: torch.Tensor
+    cond_metadata: Optional[torch.Tensor] = None
+    scale: float = 1.0
+    guess_mode: bool = False
+
+
+@dataclass
+class Inpaint:
+    """In-painting inputs: ``image`` (b, 3, H, W) in [0, 1]; ``mask`` (b, 1, H, W), 1 = generate."""
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    resample: int = 0
+
+
+@dataclass
 class PipelineOutput:
     images: Any  #: (batch, H, W, 3) float32 in [0, 1] for "np"; a tensor for "pt"/"latent"
 
@@ -55,7 +90,9 @@ class DiffusionSatPipeline:
     ``scheduler``) so a diffusers pipeline folder maps onto it one to one.
     """
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *, match_reference_fp16: bool = True):
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, *, controlnet=None,
+                 match_reference_fp16: bool = True):
+        self.controlnet = controlnet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
@@ -67,7 +104,7 @@ class DiffusionSatPipeline:
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
 
     @classmethod
-    def from_bundle(cls, bundle, **kwargs) -> "DiffusionSatPipeline":
+    def from_bundle(cls, bundle, **kwargs: Any) -> "DiffusionSatPipeline":
         return cls(bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet, bundle.scheduler, **kwargs)
 
     @property
@@ -166,17 +203,23 @@ class DiffusionSatPipeline:
         metadata: torch.Tensor,
         guidance_scale: float,
         metadata_embeds: Optional[torch.Tensor] = None,
+        control: Optional[Control] = None,
         **unet_kwargs: Any,
     ) -> torch.Tensor:
-        """One UNet evaluation with classifier-free guidance.
+        """One UNet evaluation with classifier-free guidance (and the ControlNet's residuals).
 
-        ``text`` and ``metadata`` hold the unconditional rows first when guidance is on
-        (``[uncond; cond]``, as built by :meth:`__call__`). ``metadata_embeds`` (from
-        :meth:`embed_metadata`) saves recomputing the metadata MLPs at every step.
+        ``text``, ``metadata`` (and ``control.cond_metadata``) hold the unconditional rows first
+        when guidance is on (``[uncond; cond]``, as built by :meth:`__call__`); ``control.image``
+        holds one row per image and is repeated, un-zeroed, for the unconditional half.
+        ``metadata_embeds`` (from :meth:`embed_metadata`) saves recomputing the metadata MLPs.
         """
         do_cfg = guidance_scale > 1.0
         model_in = torch.cat([latents] * 2) if do_cfg else latents
         model_in = self.scheduler.scale_model_input(model_in, t)
+        if control is not None:
+            down, mid = self.control_residuals(model_in, t, text, metadata, control, do_cfg)
+            unet_kwargs["down_block_additional_residuals"] = down
+            unet_kwargs["mid_block_additional_residual"] = mid
         if metadata_embeds is not None:
             unet_kwargs["metadata_embeds"] = metadata_embeds
         out = self.unet(model_in, t, encoder_hidden_states=text, metadata=metadata, **unet_kwargs).sample
@@ -184,6 +227,48 @@ class DiffusionSatPipeline:
             uncond, cond = out.chunk(2)
             out = uncond + guidance_scale * (cond - uncond)
         return out
+
+    def control_residuals(self, model_in, t, text, metadata, control: Control, do_cfg: bool):
+        """The ControlNet's residuals for a (possibly CFG-doubled) batch."""
+        image = control.image.to(self.device, self.dtype)
+        cond_md = control.cond_metadata
+        if do_cfg and control.guess_mode:
+            # Guess mode: the ControlNet sees only the conditional half; the unconditional half
+            # gets zero residuals. Every input is taken from the same (conditional) half.
+            half = lambda x: None if x is None else x.chunk(2)[1]  # noqa: E731
+            down, mid = self.controlnet(
+                half(model_in), t, half(text), image, conditioning_scale=control.scale,
+                metadata=half(metadata), cond_metadata=half(cond_md), guess_mode=True, return_dict=False,
+            )
+            down = [torch.cat([torch.zeros_like(r), r]) for r in down]
+            mid = torch.cat([torch.zeros_like(mid), mid])
+            return down, mid
+        if do_cfg:
+            image = torch.cat([image, image])
+        return self.controlnet(
+            model_in, t, text, image, conditioning_scale=control.scale, metadata=metadata,
+            cond_metadata=cond_md, guess_mode=control.guess_mode, return_dict=False,
+        )
+
+    @torch.no_grad()
+    def encode_image(self, image: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] (b, 3, H, W) -> scaled latents (the distribution's mode: deterministic)."""
+        image = image.to(self.device, self.vae.dtype) * 2 - 1
+        latents = self.vae.encode(image).latent_dist.mode()
+        return latents.to(self.dtype) * self.vae.config.scaling_factor
+
+    def latent_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """A pixel mask (b, 1, H, W) -> latent cells to generate: any masked pixel marks its cell."""
+        k = self.vae_scale_factor
+        return torch.nn.functional.max_pool2d(mask.float(), kernel_size=k, stride=k).to(self.device, self.dtype)
+
+    def _renoise(self, latents: torch.Tensor, t_from, t_to, generator) -> torch.Tensor:
+        """Take x at noise level ``t_from`` (lower) back up to ``t_to`` (RePaint's resampling jump)."""
+        acp = self.scheduler.alphas_cumprod.to(self.device)
+        a_from = acp[t_from] if t_from is not None and int(t_from) >= 0 else self.scheduler.final_alpha_cumprod.to(self.device)
+        ratio = (acp[t_to] / a_from).to(torch.float32)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(self.device)
+        return (ratio.sqrt() * latents.float() + (1 - ratio).sqrt() * noise).to(latents.dtype)
 
     # ----------------------------------------------------------------------------------------
     # The loop
@@ -206,7 +291,12 @@ class DiffusionSatPipeline:
         output_type: str = "np",
         callback: Optional[ProgressCallback] = None,
         cancel: Optional[CancelToken] = None,
+        control: Optional[Control] = None,
+        inpaint: Optional[Inpaint] = None,
     ) -> PipelineOutput:
+        """Sample images. ``metadata`` is a SatMetadata, a list of them (one per prompt), or
+        normalised values (7 or (b, 7)). ``control`` adds a ControlNet (the pipeline must have
+        one); ``inpaint`` keeps the unmasked region of ``inpaint.image``."""
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -216,16 +306,29 @@ class DiffusionSatPipeline:
         if num_images_per_prompt < 1:
             raise InvalidRequest(f"images per prompt must be at least 1, got {num_images_per_prompt}")
         self.check_size(height, width)
+        if control is not None and self.controlnet is None:
+            raise InvalidRequest("this model has no ControlNet for conditional generation")
         n = num_images_per_prompt
         batch = len(prompts) * n
+        do_cfg = guidance_scale > 1.0
 
         # 2. Encode the prompt; metadata follows its prompt (the reference's n > 1 bug is fixed)
         text = self.encode_prompt(prompts).repeat_interleave(n, dim=0)
         md = self.prepare_metadata(metadata, len(prompts)).repeat_interleave(n, dim=0)
-        if guidance_scale > 1.0:
+        if do_cfg:
             uncond_text = self.encode_prompt([""]).expand(batch, -1, -1)
             text = torch.cat([uncond_text, text])
             md = torch.cat([torch.zeros_like(md), md])
+        if control is not None:
+            control = self._expand_control(control, len(prompts), n, do_cfg)
+        known = mask = None
+        if inpaint is not None:
+            if inpaint.resample and not hasattr(self.scheduler, "alphas_cumprod"):
+                raise InvalidRequest("resampling passes need a DDIM or DDPM scheduler (--scheduler ddim)")
+            if inpaint.resample and type(self.scheduler).__name__ not in ("DDIMScheduler", "DDPMScheduler"):
+                raise InvalidRequest("resampling passes need a stateless scheduler: use --scheduler ddim")
+            known = self.encode_image(_rows(inpaint.image, len(prompts), "image").repeat_interleave(n, 0))
+            mask = self.latent_mask(_rows(inpaint.mask, len(prompts), "mask").repeat_interleave(n, 0))
 
         # 3. Timesteps and latents
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
@@ -237,15 +340,30 @@ class DiffusionSatPipeline:
         if "generator" in _step_params(self.scheduler):
             step_kwargs["generator"] = generator
 
+        if known is not None:
+            # the noise the known region is re-noised with stays fixed over the steps
+            known_noise = torch.randn(known.shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+
         # 4. Denoise (metadata is constant over the steps: embed it once)
         md_embeds = self.embed_metadata(md)
         total = len(timesteps)
         report(callback, Progress(step=0, total_steps=total, message="denoising"))
         for i, t in enumerate(timesteps):
-            if cancel is not None:
-                cancel.raise_if_cancelled()
-            noise = self.predict_noise(latents, t, text, md, guidance_scale, metadata_embeds=md_embeds)
-            latents = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+            t_next = timesteps[i + 1] if i + 1 < total else None
+            passes = 1 + (inpaint.resample if inpaint is not None else 0)
+            for p in range(passes):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                noise = self.predict_noise(latents, t, text, md, guidance_scale, metadata_embeds=md_embeds,
+                                           control=control)
+                stepped = self.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
+                if known is not None:
+                    level = known if t_next is None else self.scheduler.add_noise(known, known_noise, t_next[None])
+                    stepped = mask * stepped + (1 - mask) * level
+                    if p + 1 < passes:  # RePaint: jump back to t and denoise this step again
+                        latents = self._renoise(stepped, t_next, t, generator)
+                        continue
+                latents = stepped
             report(callback, Progress(step=i + 1, total_steps=total, message="denoising"))
         if cancel is not None:
             cancel.raise_if_cancelled()
@@ -257,6 +375,32 @@ class DiffusionSatPipeline:
         if output_type == "pt":
             return PipelineOutput(images=images)
         return PipelineOutput(images=images.permute(0, 2, 3, 1).cpu().numpy())
+
+
+    def _expand_control(self, control: Control, prompts: int, n: int, do_cfg: bool) -> Control:
+        image = _rows(control.image, prompts, "control image").repeat_interleave(n, 0)
+        cond_md = control.cond_metadata
+        if cond_md is None:
+            shape = (image.shape[0], 7) if image.ndim == 4 else (image.shape[0], 7, image.shape[2])
+            cond_md = torch.zeros(shape)
+        cond_md = _rows(torch.as_tensor(cond_md, dtype=torch.float32), prompts, "cond_metadata")
+        cond_md = cond_md.repeat_interleave(n, 0)
+        if self.match_reference_fp16 and self.dtype == torch.float16:
+            cond_md = cond_md.half().float()
+        cond_md = cond_md.to(self.device)
+        if do_cfg:
+            cond_md = torch.cat([torch.zeros_like(cond_md), cond_md])
+        return Control(image=image, cond_metadata=cond_md, scale=control.scale, guess_mode=control.guess_mode)
+
+
+def _rows(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:
+    """``x`` with one row per prompt (a single row is shared by all prompts)."""
+    x = torch.as_tensor(x)
+    if x.shape[0] == 1 and batch > 1:
+        x = x.expand(batch, *x.shape[1:])
+    if x.shape[0] != batch:
+        raise InvalidRequest(f"{x.shape[0]} rows of {what} for {batch} prompts")
+    return x
 
 
 def _step_params(scheduler: Any) -> set[str]:
