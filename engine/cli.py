@@ -58,6 +58,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default="auto", help="auto (default), tiny, a model folder, or hf:owner/name")
     g.add_argument("--unet", help="a UNet folder to combine with --model's other components")
     g.add_argument("--base", help="a Stable Diffusion 2.1 folder for components --model lacks")
+    g.add_argument("--controlnet", help="a ControlNet folder (superres, temporal) to use with --model")
     g.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="precision; auto = fp16 on CUDA, fp32 on the CPU")
@@ -110,11 +111,121 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_args(g)
     g.set_defaults(func=cmd_generate)
 
+    _add_conditional_parsers(sub)
+
     m = sub.add_parser("models", help="list installed models and where they are looked for")
     m.add_argument("--json", action="store_true", help="print as JSON")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     m.set_defaults(func=cmd_models)
+    _add_serve_parser(sub)
     return parser
+
+
+EPILOG_SUPERRES = """\
+examples:
+  diffusionsat superres --input S2_scene.tif --bands B01,B02,B03,B04,B05,B06,B07,B08,B8A,B09,B10,B11,B12 \\
+      --model <sr checkpoint> --out sr.tif
+  diffusionsat superres --input S2B_MSIL2A_20210615T101029_N0300_R022_T33TTG.SAFE --factor 4 --out sr.tif
+
+input radiometry (enforced):
+  L1C and L2A digital numbers are read from the product; the +1000 offset of processing baseline
+  >= 04.00 is removed (detected from the product, or give --baseline); each band is stretched as
+  the fMoW-Sentinel checkpoint was trained (mean +/- 2 std, 8 bit); B1, B9, B10 are dropped and the
+  bands ordered B4,B3,B2,B5,B6,B7,B8,B8A,B11,B12. 20 m and 60 m bands are resampled onto the 10 m
+  grid. Nodata is filled for the model and written back as nodata (0) in the output.
+output: RGB on the input's CRS at input GSD / --factor, tiled with overlap and blended.
+"""
+
+EPILOG_TEMPORAL = """\
+examples:
+  diffusionsat temporal --input 2019.tif --input 2020.tif --input 2021.tif --date 2022-07-01 --out 2022.tif
+  diffusionsat temporal --input a.tif --input b.tif --input-date 2019-05-02 --input-date 2020-06-11 \\
+      --date 2022-07-01 --out c.tif
+
+Every input must show the same place; dates come from each file's tags or name unless given.
+The output is on the first input's grid (or --bbox of it).
+"""
+
+EPILOG_INPAINT = """\
+examples:
+  diffusionsat inpaint --input scene.tif --mask qa.tif --mask-rule "bits:14-15=3" --out filled.tif
+  diffusionsat inpaint --input scene.tif --mask clouds.gpkg --out filled.tif
+  diffusionsat inpaint --input scene.tif --mask nodata --out filled.tif
+  diffusionsat inpaint --input cloudy.tif --mask scl.tif --mask-rule s2-scl-cloud \\
+      --reference clear_2021-05.tif --reference clear_2021-07.tif --out filled.tif
+
+mask rules: bits:LO-HI=N, bit:B, values:3,8,9, gt:0.4, nonzero, nodata, presets (landsat-cloud,
+s2-scl-cloud, fmask ...), combined with |. Pixels outside the (dilated) mask are written back
+bit for bit; only masked pixels are synthetic.
+"""
+
+
+def _add_sampling_args(p: argparse.ArgumentParser, guidance: float) -> None:
+    from .pipelines.text2img import SCHEDULERS
+
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompt", default="a satellite image", help='text prompt (default "a satellite image")')
+    g.add_argument("--steps", type=_int, default=20, help="denoising steps (default 20)")
+    g.add_argument("--guidance", type=_float, default=guidance,
+                   help=f"classifier-free guidance scale (default {guidance:g}; <= 1 turns it off)")
+    g.add_argument("--seed", type=_int, help="random seed (default: a fresh one, recorded)")
+    g.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="sampler (default: the checkpoint's)")
+    g.add_argument("--overlap", type=_int, help="tile overlap in input px (default: an eighth of a tile)")
+    g.add_argument("--cloud-cover", type=_float, metavar="0..1", help="cloud cover fraction to condition on")
+
+
+def _add_conditional_parsers(sub) -> None:
+    fmt = argparse.RawDescriptionHelpFormatter
+    s = sub.add_parser("superres", help="super-resolve a Sentinel-2 product to RGB",
+                       description="Super-resolve Sentinel-2 (L1C/L2A) to RGB with the metadata ControlNet.",
+                       epilog=EPILOG_SUPERRES, formatter_class=fmt)
+    g = s.add_argument_group("input")
+    g.add_argument("--input", required=True, help="a multiband S2 GeoTIFF/JP2, a .SAFE folder, or a folder of band files")
+    g.add_argument("--bands", help="the file's band names in order, e.g. B01,...,B12 (default: from the file)")
+    g.add_argument("--level", choices=["L1C", "L2A"], help="product level (default: detected)")
+    g.add_argument("--baseline", help="processing baseline, e.g. 04.00 (default: detected)")
+    g.add_argument("--factor", type=_int, default=4, help="output GSD = input GSD / factor (default 4)")
+    g.add_argument("--bbox", help="only this part: minx,miny,maxx,maxy in --crs (default: all)")
+    g.add_argument("--crs", help="CRS of --bbox (default: the input's)")
+    g.add_argument("--date", help="acquisition date YYYY-MM-DD (default: from the product)")
+    g.add_argument("--conditioning-scale", type=_float, default=1.0, help="ControlNet residual scale (default 1)")
+    _add_sampling_args(s, 1.0)
+    _add_model_args(s)
+    _add_output_args(s)
+    s.set_defaults(func=cmd_superres)
+
+    t = sub.add_parser("temporal", help="generate a place for a new date from dated images of it",
+                       description="Generate an image for --date from dated images of the same place (ControlNet3D).",
+                       epilog=EPILOG_TEMPORAL, formatter_class=fmt)
+    g = t.add_argument_group("input")
+    g.add_argument("--input", action="append", required=True, help="a dated RGB image (repeat, up to 8)")
+    g.add_argument("--input-date", action="append", help="date of each --input, in order (default: from the files)")
+    g.add_argument("--date", required=True, help="the date to generate, YYYY-MM-DD")
+    g.add_argument("--bbox", help="only this part of the first input: minx,miny,maxx,maxy in --crs")
+    g.add_argument("--crs", help="CRS of --bbox (default: the first input's)")
+    g.add_argument("--conditioning-scale", type=_float, default=1.0, help="ControlNet residual scale (default 1)")
+    _add_sampling_args(t, 1.0)
+    _add_model_args(t)
+    _add_output_args(t)
+    t.set_defaults(func=cmd_temporal)
+
+    i = sub.add_parser("inpaint", help="fill cloud-masked or missing pixels of an image",
+                       description="Fill the masked pixels of an image; all other pixels are kept bit for bit.",
+                       epilog=EPILOG_INPAINT, formatter_class=fmt)
+    g = i.add_argument_group("input")
+    g.add_argument("--input", required=True, help="the image (its RGB bands: --rgb-bands)")
+    g.add_argument("--mask", default="nodata", help="a mask raster, a vector file (any OGR format), or nodata")
+    g.add_argument("--mask-rule", help="how a raster mask selects pixels (default: nonzero)")
+    g.add_argument("--dilate", type=_int, default=2, help="grow the mask by N px, with a soft edge (default 2)")
+    g.add_argument("--rgb-bands", help="input bands used as R,G,B (default 1,2,3)")
+    g.add_argument("--reference", action="append", help="a cloud-free image of the same place (repeat); uses the temporal ControlNet")
+    g.add_argument("--reference-date", action="append", help="date of each --reference, in order")
+    g.add_argument("--date", help="acquisition date of --input (default: from the file)")
+    g.add_argument("--resample", type=_int, default=0, help="RePaint resampling passes per step (needs --scheduler ddim)")
+    _add_sampling_args(i, 7.5)
+    _add_model_args(i)
+    _add_output_args(i)
+    i.set_defaults(func=cmd_inpaint)
 
 
 def _int(text: str) -> int:
@@ -137,6 +248,7 @@ def _float(text: str) -> float:
 
 
 def _progress_bar(enabled: bool) -> tuple[Optional[Callable], Callable[[], None]]:
+    """A tqdm bar on stderr in percent of the whole job (tiles x steps)."""
     if not enabled:
         return None, lambda: None
     from tqdm import tqdm
@@ -145,10 +257,11 @@ def _progress_bar(enabled: bool) -> tuple[Optional[Callable], Callable[[], None]
 
     def update(p) -> None:
         if "bar" not in bar:
-            bar["bar"] = tqdm(total=p.total_steps * p.total_tiles, unit="step", desc="denoising",
-                              file=sys.stderr, dynamic_ncols=True, leave=False)
-        done = p.tile * p.total_steps + p.step
-        bar["bar"].update(done - bar["bar"].n)
+            bar["bar"] = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True, leave=False,
+                              bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
+        label = f"tile {p.tile + 1}/{p.total_tiles}" if p.total_tiles > 1 else "denoising"
+        bar["bar"].set_description_str(label, refresh=False)
+        bar["bar"].update(round(p.fraction * 100, 1) - bar["bar"].n)
 
     def close() -> None:
         if "bar" in bar:
@@ -162,6 +275,78 @@ def _notify(args, lines: Sequence[str]) -> None:
         return
     for line in lines:
         print(f"note: {line}", file=sys.stderr)
+
+
+def _run(args: argparse.Namespace, fields: dict) -> int:
+    """Validate ``fields`` as a task request, run it with a progress bar, report the result."""
+    from .tasks import parse_request, run_task
+
+    for name in ("model", "unet", "base", "controlnet", "device", "dtype"):
+        fields.setdefault(name, getattr(args, name, None))
+    request = parse_request({k: v for k, v in fields.items() if v is not None})
+    update, close = _progress_bar(not args.quiet and sys.stderr.isatty())
+    try:
+        result = run_task(request, args.out, progress=update)
+    finally:
+        close()
+    if result is None:  # a non-zero rank of a split run: rank 0 reports
+        return 0
+    _notify(args, result.warnings)
+    if args.json:
+        print(json.dumps(result.as_dict()))
+    elif not args.quiet:
+        print(f"wrote {result.path} ({result.width}x{result.height} px, {result.crs}, seed {result.seed}) "
+              f"in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _dates(values: Optional[Sequence[str]]):
+    from .metadata import parse_date
+
+    return [parse_date(v) for v in values] if values else None
+
+
+def _bbox(text: Optional[str]):
+    from .metadata import parse_bbox
+
+    return parse_bbox(text) if text else None
+
+
+def cmd_superres(args: argparse.Namespace) -> int:
+    from .metadata import parse_date
+
+    return _run(args, {
+        "task": "superres", "input": args.input, "bands": args.bands, "level": args.level,
+        "baseline": args.baseline, "factor": args.factor, "bbox": _bbox(args.bbox), "crs": args.crs,
+        "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
+        "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "scheduler": args.scheduler, "conditioning_scale": args.conditioning_scale, "overlap": args.overlap,
+    })
+
+
+def cmd_temporal(args: argparse.Namespace) -> int:
+    from .metadata import parse_date
+
+    return _run(args, {
+        "task": "temporal", "inputs": args.input, "input_dates": _dates(args.input_date),
+        "date": parse_date(args.date), "bbox": _bbox(args.bbox), "crs": args.crs,
+        "cloud_cover": args.cloud_cover, "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance,
+        "seed": args.seed, "scheduler": args.scheduler, "conditioning_scale": args.conditioning_scale,
+        "overlap": args.overlap,
+    })
+
+
+def cmd_inpaint(args: argparse.Namespace) -> int:
+    from .metadata import parse_date
+
+    return _run(args, {
+        "task": "inpaint", "input": args.input, "mask": args.mask, "mask_rule": args.mask_rule,
+        "dilate": args.dilate, "rgb_bands": [int(b) for b in args.rgb_bands.split(",")] if args.rgb_bands else None,
+        "references": args.reference or None, "reference_dates": _dates(args.reference_date),
+        "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
+        "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+        "scheduler": args.scheduler, "resample": args.resample, "overlap": args.overlap,
+    })
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -232,6 +417,119 @@ def cmd_models(args: argparse.Namespace) -> int:
     if not models:
         print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}")
     return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# serve: the engine server for the QGIS plugin
+# ------------------------------------------------------------------------------------------------
+
+EPILOG_SERVE = """\
+examples:
+  diffusionsat serve                      # 127.0.0.1, a free port, token in a user-only file
+  diffusionsat serve --port 8765 --token-file tok --model tiny      # tests and CI
+  diffusionsat serve --host 0.0.0.0 --port 8765 --token-file ~/.config/diffusionsat/token
+
+When ready, one JSON line goes to stdout: {"url": ..., "token_file": ..., "pid": ..., "version": ...};
+logs go to stderr. Clients send "Authorization: Bearer <the token file's content>".
+SIGTERM or Ctrl-C stops the server (a running job is cancelled).
+"""
+
+
+def _add_serve_parser(sub) -> None:
+    s = sub.add_parser(
+        "serve",
+        help="run the engine server (jobs over HTTP) for the QGIS plugin",
+        description="Serve generation jobs over HTTP with progress and cancellation; every endpoint "
+        "but /v1/health needs the token stored in --token-file.",
+        epilog=EPILOG_SERVE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    net = s.add_argument_group("network and security")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only)")
+    net.add_argument("--port", type=_int, default=0, help="TCP port (default 0: a free one, printed)")
+    net.add_argument("--token-file", help="file holding the token; created (mode 0600) with a random "
+                     "token if missing (default ~/.config/diffusionsat/token)")
+    net.add_argument("--allowed-root", action="append", default=[], metavar="FOLDER",
+                     help="only read input files and model folders under FOLDER (repeatable; "
+                     "default: any path the server can read)")
+    net.add_argument("--max-upload-mb", type=_float, default=512.0, help="largest upload in MiB (default 512)")
+    net.add_argument("--max-pixels", type=_int, default=4096 * 4096,
+                     help="largest output of one job in pixels (default 4096*4096)")
+    mdl = s.add_argument_group("model and device")
+    mdl.add_argument("--model", default="auto",
+                     help="model for jobs that name none: auto (default), tiny, a folder, hf:owner/name")
+    mdl.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
+    mdl.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
+                     help="precision; auto = fp16 on CUDA, fp32 on the CPU")
+    mdl.add_argument("--max-models", type=_int, default=1,
+                     help="models kept loaded at once (the memory budget; default 1)")
+    st = s.add_argument_group("storage")
+    st.add_argument("--workdir", help="folder for uploads and results (default ~/.cache/diffusionsat/server)")
+    st.add_argument("--retention-hours", type=_float, default=24.0,
+                    help="delete results and uploads older than this (default 24)")
+    s.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    s.add_argument("--debug", action="store_true", help="show tracebacks for start-up errors")
+    s.set_defaults(func=cmd_serve)
+
+
+class _Stop(Exception):
+    """SIGTERM, turned into an exception so the server's shutdown ends in a clean exit."""
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import signal
+
+    from .errors import InvalidRequest
+    from .server.config import ServerConfig, default_token_file, default_workdir
+    from .server.security import ensure_token_file
+
+    if not 0 <= args.port <= 65535:
+        raise InvalidRequest(f"--port {args.port} is not a TCP port; give 0..65535 (0: a free port)")
+    for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-pixels", args.max_pixels),
+                        ("--max-models", args.max_models), ("--retention-hours", args.retention_hours)):
+        if not value > 0:
+            raise InvalidRequest(f"{flag} must be more than 0, got {value}")
+    for root in args.allowed_root:
+        if not os.path.isdir(os.path.expanduser(root)):
+            raise InvalidRequest(f"--allowed-root {root!r} is not a folder")
+    token_file = os.path.abspath(os.path.expanduser(args.token_file)) if args.token_file else str(default_token_file())
+    # Before the heavy imports: a bad token file is refused in a fraction of a second.
+    token = ensure_token_file(token_file)
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        raise InvalidRequest(f"the server needs {err.name}: pip install 'diffusionsat-qgis[server]'") from None
+    from .server.run import main_serve
+
+    config = ServerConfig(
+        token=token,
+        token_file=token_file,
+        host=args.host,
+        port=args.port,
+        workdir=args.workdir or default_workdir(),
+        default_model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        retention_hours=args.retention_hours,
+        allowed_roots=tuple(args.allowed_root),
+        max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
+        max_pixels=args.max_pixels,
+        max_models=args.max_models,
+    )
+
+    def _terminate(signum, frame):
+        raise _Stop()
+
+    # uvicorn handles SIGTERM itself (graceful shutdown) and re-raises it afterwards: this handler
+    # then ends the process with exit code 0 instead of a signal death.
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return main_serve(config, log_level=args.log_level)
+    except (_Stop, KeyboardInterrupt):
+        print("diffusionsat serve: stopped", file=sys.stderr)
+        return 0
 
 
 # ------------------------------------------------------------------------------------------------

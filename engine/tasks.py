@@ -30,6 +30,7 @@ class _Request(BaseModel):
     model: str = Field("auto", description="'auto', 'tiny', a model folder, or hf:owner/name")
     unet: Optional[str] = Field(None, description="a UNet folder to use with --model's other components")
     base: Optional[str] = Field(None, description="an SD 2.1 folder supplying missing components")
+    controlnet: Optional[str] = Field(None, description="a ControlNet folder for the conditional tasks")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
 
@@ -77,6 +78,69 @@ class GenerateRequest(_Request):
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} px is more than {MAX_PIXELS} pixels for one generated image")
         return self
+
+
+class _ConditionalRequest(_Request):
+    """Fields shared by the tasks that tile a model over input rasters."""
+
+    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (default: from the input)")
+    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction 0..1")
+    bbox: Optional[tuple[float, float, float, float]] = Field(
+        None, description="only this part of the input (minx, miny, maxx, maxy in `crs`)")
+    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
+    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(1.0, ge=0.0, le=50.0, description="CFG scale (1 = off, as the reference's ControlNet samples)")
+    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
+    scheduler: str = Field("default")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
+    overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: tile/8)")
+    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs larger than this")
+
+
+class SuperresRequest(_ConditionalRequest):
+    """Super-resolve a Sentinel-2 product (10 m, L1C or L2A) to RGB."""
+
+    task: Literal["superres"] = "superres"
+    input: str = Field(..., description="a multiband Sentinel-2 file, a .SAFE folder, or a folder of band files")
+    bands: Optional[str] = Field(None, description="the input file's band names in order, e.g. B01,B02,...,B12")
+    level: Optional[Literal["L1C", "L2A"]] = None
+    baseline: Optional[str] = Field(None, description="processing baseline, e.g. 04.00 (default: from the product)")
+    factor: int = Field(4, ge=1, le=64, description="output GSD = input GSD / factor")
+
+    def input_paths(self) -> list[str]:
+        return [self.input]
+
+
+class TemporalRequest(_ConditionalRequest):
+    """Generate a place for a new date from dated images of it."""
+
+    task: Literal["temporal"] = "temporal"
+    inputs: list[str] = Field(..., min_length=1, max_length=8, description="dated RGB images of the same place")
+    input_dates: Optional[list[_dt.date]] = Field(None, description="one date per input (default: from each input)")
+    date: _dt.date = Field(..., description="the date to generate")
+
+    def input_paths(self) -> list[str]:
+        return list(self.inputs)
+
+
+class InpaintRequest(_ConditionalRequest):
+    """Fill the masked (cloudy, missing) pixels of an image."""
+
+    task: Literal["inpaint"] = "inpaint"
+    input: str = Field(..., description="the image to fill (RGB bands, see rgb_bands)")
+    mask: str = Field("nodata", description="a mask raster, an OGR vector file, or 'nodata'")
+    mask_rule: Optional[str] = Field(None, description="how a raster mask selects pixels, e.g. bits:14-15=3")
+    dilate: int = Field(2, ge=0, le=256, description="grow the mask by this many px (soft edge inside)")
+    rgb_bands: list[int] = Field([1, 2, 3], min_length=3, max_length=3, description="input bands used as R,G,B")
+    references: list[str] = Field([], max_length=8, description="cloud-free acquisitions of the same place")
+    reference_dates: Optional[list[_dt.date]] = None
+    resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step")
+    guidance: float = Field(7.5, ge=0.0, le=50.0)
+
+    def input_paths(self) -> list[str]:
+        paths = [self.input, *self.references]
+        return paths + ([self.mask] if self.mask != "nodata" else [])
 
 
 def parse_request(data: dict[str, Any]) -> _Request:
@@ -171,13 +235,11 @@ def generate(
     started = time.perf_counter()
     crs = parse_crs(request.crs)
     validate_bbox(request.bbox, crs)
-    out = Path(out)
-    if out.suffix.lower() not in (".tif", ".tiff"):
-        raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
-
+    out = _check_out(out)
     models = models or ModelCache()
     bundle, placement = models.get(
-        request.model, unet=request.unet, base=request.base, device=request.device, dtype=request.dtype
+        request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
+        device=request.device, dtype=request.dtype,
     )
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
@@ -256,10 +318,48 @@ def generate(
 
 
 #: task name -> request model; the CLI, the server and the plugin's request builders use these names.
-REQUEST_MODELS: dict[str, type[_Request]] = {"generate": GenerateRequest}
+REQUEST_MODELS: dict[str, type[_Request]] = {
+    "generate": GenerateRequest,
+    "superres": SuperresRequest,
+    "temporal": TemporalRequest,
+    "inpaint": InpaintRequest,
+}
+
+
+def _conditional(name: str):
+    def run(request, out, *, models=None, progress=None, cancel=None) -> TaskResult:
+        from . import conditional
+        from .models.cache import ModelCache
+
+        started = time.perf_counter()
+        out = _check_out(out)
+        outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
+                                             cancel=cancel)
+        grid = outcome.grid
+        return TaskResult(
+            path=out, task=name, seed=outcome.seed, model=outcome.model, width=grid.width, height=grid.height,
+            crs=grid.crs.to_string(), bbox=tuple(grid.bounds), metadata=outcome.metadata,
+            warnings=outcome.warnings, seconds=time.perf_counter() - started,
+        )
+
+    run.__name__ = name
+    run.__doc__ = f"Run the {name} task (see engine.conditional.{name})."
+    return run
+
+
+def _check_out(out) -> Path:
+    out = Path(out)
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
+    return out
+
+
+superres = _conditional("superres")
+temporal = _conditional("temporal")
+inpaint = _conditional("inpaint")
 
 #: task name -> function(request, out, *, models, progress, cancel) -> TaskResult
-RUNNERS = {"generate": generate}
+RUNNERS = {"generate": generate, "superres": superres, "temporal": temporal, "inpaint": inpaint}
 
 
 def run_task(

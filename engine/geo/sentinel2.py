@@ -756,18 +756,7 @@ def read_band_files(
             f"{', '.join(b for b in L1C_ORDER if b in chosen)}"
         )
 
-    # The output grid: the finest band's footprint at target_gsd, same origin.
-    ref_path = min((chosen[b] for b in wanted), key=lambda pr: pr[1])[0]
-    ref_crs, ref_tf, ref_w, ref_h = crs_of[ref_path]
-    if ref_tf.b != 0 or ref_tf.d != 0:
-        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
-    left, bottom, right, top = _grid_bounds(ref_tf, ref_w, ref_h)
-    gsd = float(target_gsd)
-    if not gsd > 0:
-        raise InvalidRequest(f"target_gsd must be a positive pixel size in metres, got {target_gsd}")
-    grid_tf = Affine(gsd, 0.0, left, 0.0, -gsd, top)
-    grid_w = max(1, int(round((right - left) / gsd)))
-    grid_h = max(1, int(round((top - bottom) / gsd)))
+    ref_crs, grid_tf, grid_w, grid_h = _band_grid(chosen, wanted, crs_of, target_gsd)
     if bounds is not None:
         if window is not None:
             raise InvalidRequest("give either a window or bounds, not both")
@@ -806,6 +795,48 @@ def read_band_files(
     info = _merge_info(mtd_info, tag_info, name_info, hints)
     return _make_stack(array, tuple(wanted), ref_crs, out_tf, info, level, baseline,
                        str(paths_or_folder))
+
+
+def _band_grid(chosen, wanted, crs_of, target_gsd: float) -> tuple[Any, Affine, int, int]:
+    """The output grid: the finest band's footprint at ``target_gsd``, same origin."""
+    ref_path = min((chosen[b] for b in wanted), key=lambda pr: pr[1])[0]
+    ref_crs, ref_tf, ref_w, ref_h = crs_of[ref_path]
+    if ref_tf.b != 0 or ref_tf.d != 0:
+        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
+    left, bottom, right, top = _grid_bounds(ref_tf, ref_w, ref_h)
+    gsd = float(target_gsd)
+    if not gsd > 0:
+        raise InvalidRequest(f"target_gsd must be a positive pixel size in metres, got {target_gsd}")
+    grid_tf = Affine(gsd, 0.0, left, 0.0, -gsd, top)
+    return ref_crs, grid_tf, max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd)))
+
+
+def band_files_grid(
+    paths_or_folder: Union[PathLike, Sequence[PathLike]],
+    target_gsd: float = 10,
+    *,
+    bands: Optional[Sequence[str]] = None,
+) -> tuple[Any, Affine, int, int]:
+    """(crs, transform, width, height) of the grid :func:`read_band_files` reads onto, without
+    reading pixels: lets a caller plan tiles over a whole product and read it window by window."""
+    files, _ = _list_band_files(paths_or_folder)
+    candidates: dict[str, list[tuple[Path, float]]] = {}
+    crs_of: dict[Path, Any] = {}
+    for path in files:
+        band = band_from_filename(path)
+        if band is None:
+            continue
+        try:
+            with rasterio.open(path) as src:
+                crs_of[path] = (src.crs, src.transform, src.width, src.height)
+                candidates.setdefault(band, []).append((path, abs(src.transform.a)))
+        except rasterio.errors.RasterioIOError as exc:
+            raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
+    if not candidates:
+        raise InvalidRequest(f"no Sentinel-2 band files found in {paths_or_folder!s}")
+    chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
+    wanted = [canonical_band_name(b) for b in bands if canonical_band_name(b) in chosen] if bands else list(chosen)
+    return _band_grid(chosen, wanted or list(chosen), crs_of, target_gsd)
 
 
 def _read_on_grid(src: Any, crs: Any, transform: Affine, width: int, height: int,

@@ -16,6 +16,7 @@ class ModelKey:
     model: str
     unet: Optional[str]
     base: Optional[str]
+    controlnet: Optional[str]
     device: str
     dtype: str
 
@@ -34,11 +35,12 @@ class ModelCache:
         *,
         unet: Optional[str] = None,
         base: Optional[str] = None,
+        controlnet: Optional[str] = None,
         device: str = "auto",
         dtype: str = "auto",
     ) -> tuple[ModelBundle, Placement]:
         placement = resolve(device, dtype)
-        key = ModelKey(model, unet, base, placement.device, placement.dtype)
+        key = ModelKey(model, unet, base, controlnet, placement.device, placement.dtype)
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -46,7 +48,7 @@ class ModelCache:
             while len(self._items) >= self.max_models:
                 self._items.popitem(last=False)
                 _free_device_memory()
-            bundle = load_model(model, unet=unet, base=base)
+            bundle = load_model(model, unet=unet, base=base, controlnet=controlnet)
             bundle.to(placement.device, placement.torch_dtype)
             self._items[key] = bundle
             return bundle, placement

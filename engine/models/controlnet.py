@@ -275,8 +275,13 @@ class SatControlNet3D(SatControlNet):
 
     official_class_name = "ControlNetModel3D"
 
-    @extends_config_of(SatControlNet, use_temporal_transformer=True)
-    def __init__(self, *args: Any, use_temporal_transformer: bool = True, **kwargs: Any):
+    @extends_config_of(SatControlNet, use_temporal_transformer=True,
+                       first_temporal_heads=FIRST_TEMPORAL_HEADS, first_temporal_head_dim=FIRST_TEMPORAL_HEAD_DIM)
+    def __init__(self, *args: Any, use_temporal_transformer: bool = True,
+                 first_temporal_heads: int = FIRST_TEMPORAL_HEADS,
+                 first_temporal_head_dim: int = FIRST_TEMPORAL_HEAD_DIM, **kwargs: Any):
+        # first_temporal_*: the reference hard-codes 8 x 64 (absent from official configs, so the
+        # defaults apply to them); the tiny preset uses a narrower block to stay fast on a CPU.
         undecorated_init(SatControlNet)(self, *args, **kwargs)
         channels = self.config.block_out_channels
         # Zero 1x1x1 Conv3d per residual instead of the 2D ones.
@@ -292,7 +297,7 @@ class SatControlNet3D(SatControlNet):
                 heads_cfg = [heads_cfg] * len(channels)
             for index, (c, value) in self._temporal_positions(heads_cfg).items():
                 if index == 0:
-                    heads, head_dim = FIRST_TEMPORAL_HEADS, FIRST_TEMPORAL_HEAD_DIM
+                    heads, head_dim = first_temporal_heads, first_temporal_head_dim
                 else:
                     # the head-split trap: here the config value is the *per-head* width
                     heads, head_dim = c // value, value

@@ -89,7 +89,10 @@ class ModelBundle:
 
     def to(self, device: str, dtype: torch.dtype) -> "ModelBundle":
         for module in (self.unet, self.vae, self.text_encoder, *self.controlnets.values()):
-            module.to(device=device, dtype=dtype)
+            # only cast when needed: diffusers logs a warning on every dtype cast
+            if next(module.parameters()).dtype != dtype:
+                module.to(dtype=dtype)
+            module.to(device=device)
             module.eval()
             module.requires_grad_(False)
         return self
@@ -324,7 +327,8 @@ def build_tiny(seed: int = TINY_SEED) -> ModelBundle:
             # Sentinel-2 (10 bands) at half the output resolution, as the released SR checkpoint
             "superres": _randomise_zero_convs(
                 SatControlNet.from_unet(unet, conditioning_in_channels=10, conditioning_scale=2)),
-            "temporal": _randomise_zero_convs(SatControlNet3D.from_unet(unet, conditioning_in_channels=3)),
+            "temporal": _randomise_zero_convs(SatControlNet3D.from_unet(
+                unet, conditioning_in_channels=3, first_temporal_heads=2, first_temporal_head_dim=16)),
         }
     tokenizer = CLIPTokenizer.from_pretrained(resource_path("tiny", "tokenizer"))
     scheduler = scheduler_from_config(cfg("scheduler"))

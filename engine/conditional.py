@@ -1,0 +1,750 @@
+"""The conditional tasks: super-resolution, temporal generation and in-painting over whole rasters.
+
+Each task plans model-sized tiles over its output grid (``engine.geo.tiling``), feeds every tile
+to the sampler with the conditioning the checkpoint was trained on, and blends the tiles into one
+COG without seams, reading and writing window by window so that memory does not grow with the
+raster. Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``) the tiles
+are split over the processes and rank 0 merges them (no concurrent writes to one file).
+
+The request models live in ``engine.tasks`` (shared with the CLI and the server); this module
+holds the work.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+
+from . import __version__
+from .errors import InvalidRequest, RasterError
+from .progress import CancelToken, ProgressCallback
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Grid:
+    """An output pixel grid: CRS, transform (pixel corners, CRS units), size in pixels."""
+
+    crs: Any
+    transform: Any
+    width: int
+    height: int
+
+    @property
+    def bounds(self) -> tuple[float, float, float, float]:
+        from rasterio.transform import array_bounds
+
+        west, south, east, north = array_bounds(self.height, self.width, self.transform)
+        return west, south, east, north
+
+    def window_bounds(self, window) -> tuple[float, float, float, float]:
+        from rasterio.windows import bounds
+
+        return bounds(window, self.transform)
+
+    def subset(self, bbox: Optional[Sequence[float]], bbox_crs: Optional[str]) -> tuple["Grid", Any]:
+        """The whole pixels of this grid covering ``bbox`` (in ``bbox_crs``, default the grid's CRS)."""
+        from rasterio.windows import Window, from_bounds
+
+        if bbox is None:
+            return self, Window(0, 0, self.width, self.height)
+        from .metadata import parse_crs, validate_bbox
+
+        if bbox_crs:
+            validate_bbox(bbox, parse_crs(bbox_crs))
+            from rasterio.warp import transform_bounds
+
+            bbox = transform_bounds(bbox_crs, self.crs, *bbox, densify_pts=21)
+        win = from_bounds(*bbox, transform=self.transform).round_offsets("floor").round_lengths("ceil")
+        col0, row0 = max(0, int(win.col_off)), max(0, int(win.row_off))
+        col1 = min(self.width, int(win.col_off + win.width))
+        row1 = min(self.height, int(win.row_off + win.height))
+        if col1 <= col0 or row1 <= row0:
+            raise InvalidRequest(
+                f"--bbox {tuple(round(v, 6) for v in bbox)} does not overlap the input raster "
+                f"(bounds {tuple(round(v, 6) for v in self.bounds)} in its CRS); check the bbox and --crs"
+            )
+        win = Window(col0, row0, col1 - col0, row1 - row0)
+        from rasterio.windows import transform as window_transform
+
+        return Grid(self.crs, window_transform(win, self.transform), col1 - col0, row1 - row0), win
+
+
+def _open(path: str):
+    import rasterio
+
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise RasterError(f"input {str(path)!r} does not exist")
+    try:
+        return rasterio.open(p)
+    except rasterio.errors.RasterioIOError as err:
+        raise RasterError(f"cannot read {str(path)!r} as a raster: {str(err).splitlines()[0]}") from err
+
+
+def _date_of(path: str, given: Optional[_dt.date], what: str) -> Optional[_dt.date]:
+    if given is not None:
+        return given
+    from .metadata import _date_from_name, date_from_raster
+
+    p = Path(path)
+    if p.is_dir():
+        return _date_from_name(p.name)
+    found, _ = date_from_raster(p)
+    return found
+
+
+def _tile_metadata(grid: Grid, tile, model_px: int, date, cloud_cover):
+    """Metadata of the model's view of one tile: its footprint's centre and its GSD as generated."""
+    from rasterio.windows import Window
+
+    from .metadata import derive_from_bbox
+
+    window = Window(tile.out_valid.col_off, tile.out_valid.row_off, tile.out_window.width, tile.out_window.height)
+    west, south, east, north = grid.window_bounds(window)
+    return derive_from_bbox((west, south, east, north), grid.crs.to_wkt(), model_px, model_px,
+                            date=date, cloud_cover=cloud_cover)
+
+
+def _tile_generator(seed: int, tile_index: int):
+    import torch
+
+    # Each tile gets its own reproducible noise; a split run draws the same noise per tile.
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + tile_index) % (2**63))
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size) when launched by accelerate/torchrun, else (0, 1)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if world > 1 else (0, 1)
+
+
+def _device_for_rank(device: str) -> str:
+    """Each process of a multi-GPU launch takes its own GPU."""
+    if device == "auto" and _distributed()[1] > 1:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
+@dataclass
+class TiledJob:
+    """Everything :func:`run_job` needs to tile a task over its output grid."""
+
+    out: Path
+    grid: Grid  #: output grid
+    tiles: list
+    bands: int
+    dtype: str
+    read: Callable
+    process: Callable
+    tags: dict
+    scale: Optional[float] = None
+    offset: float = 0.0
+    nodata: Optional[float] = None
+    band_descriptions: Sequence[str] = ("red", "green", "blue")
+    colorinterp: Optional[Sequence[str]] = ("red", "green", "blue")
+    wrap_writer: Optional[Callable] = None
+    fill_nodata: bool = True
+    run_key: str = ""
+
+
+def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+    """Run a tiled job in this process, or this rank's share of a split run."""
+    from .geo.cog import CogWriter
+    from .geo.tiling import run_tiled, run_tiled_distributed
+
+    def open_writer():
+        return CogWriter(
+            job.out, width=job.grid.width, height=job.grid.height, count=job.bands, dtype=job.dtype,
+            crs=job.grid.crs, transform=job.grid.transform, tags=job.tags, nodata=job.nodata,
+            band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
+        )
+
+    rank, world = _distributed()
+    if world == 1:
+        with open_writer() as writer:
+            target = job.wrap_writer(writer) if job.wrap_writer else writer
+            return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
+                             fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
+                             cancel=cancel)
+    run_id = hashlib.sha256(f"{job.out.resolve()}|{job.run_key}".encode()).hexdigest()[:32]
+    folder = job.out.parent / f".diffusionsat-split-{run_id}"
+    folder.mkdir(exist_ok=True)
+
+    class _Wrapped:
+        def __init__(self):
+            self.inner = open_writer()
+
+        def __enter__(self):
+            writer = self.inner.__enter__()
+            return job.wrap_writer(writer) if job.wrap_writer else writer
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+    stats = run_tiled_distributed(
+        job.read, job.process, job.tiles, bands=job.bands, folder=folder, rank=rank, world_size=world,
+        run_id=run_id, open_writer=_Wrapped, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
+        progress=progress, cancel=cancel,
+    )
+    if rank == 0:
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return stats
+
+
+def _common_tags(task: str, bundle, placement, request, seed: int) -> dict:
+    return {
+        "synthetic": True,
+        "software": f"diffusionsat {__version__}",
+        "task": task,
+        "model": bundle.name,
+        "model_source": bundle.source,
+        "seed": seed,
+        "prompt": request.prompt,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "scheduler": request.scheduler if request.scheduler != "default" else type(bundle.scheduler).__name__,
+        "device": placement.device,
+        "dtype": placement.dtype,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "TIFFTAG_SOFTWARE": f"diffusionsat {__version__}",
+    }
+
+
+def _pipeline(bundle, request, controlnet=None):
+    from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
+
+    pipe = DiffusionSatPipeline.from_bundle(bundle, controlnet=controlnet)
+    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+    return pipe
+
+
+@dataclass
+class Outcome:
+    """What a conditional task reports back (turned into a TaskResult by engine.tasks)."""
+
+    grid: Grid
+    seed: int
+    model: str
+    metadata: dict
+    warnings: list[str] = field(default_factory=list)
+    written: bool = True
+
+
+def _resize(array: np.ndarray, size: int):
+    """(C, h, w) float -> (1, C, size, size) tensor, bilinear with antialiasing (the reference's resize)."""
+    import torch
+
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32))[None]
+    if t.shape[-1] == size and t.shape[-2] == size:
+        return t
+    return torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", antialias=True,
+                                           align_corners=False).clamp(0, 1)
+
+
+# --------------------------------------------------------------------------------------------
+# Super-resolution
+# --------------------------------------------------------------------------------------------
+
+
+class _S2Source:
+    """A Sentinel-2 product (one multiband file, or band files / a SAFE folder) read by window."""
+
+    def __init__(self, request) -> None:
+        from .geo import sentinel2 as s2
+
+        self.path = request.input
+        self.request = request
+        p = Path(request.input).expanduser()
+        if not p.exists():
+            raise RasterError(f"input {request.input!r} does not exist")
+        self.is_folder = p.is_dir()
+        if self.is_folder:
+            crs, transform, width, height = s2.band_files_grid(p, 10, bands=s2.MODEL_BANDS)
+        else:
+            with _open(request.input) as src:
+                crs, transform, width, height = src.crs, src.transform, src.width, src.height
+                if src.count < 10 and request.bands is None:
+                    raise InvalidRequest(
+                        f"{request.input!r} has {src.count} band(s); super-resolution needs the Sentinel-2 bands "
+                        f"{', '.join(s2.MODEL_BANDS)} (a 12/13-band file, or name the file's bands with --bands)"
+                    )
+        if crs is None:
+            raise RasterError(f"{request.input!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
+        self.grid = Grid(crs, transform, width, height)
+
+    def read(self, window):
+        from .geo import sentinel2 as s2
+
+        if self.is_folder:
+            return s2.read_band_files(self.path, 10, bands=s2.MODEL_BANDS, window=window,
+                                      level=self.request.level, baseline=self.request.baseline)
+        return s2.read_multiband(self.path, self.request.bands, window=window, level=self.request.level,
+                                 baseline=self.request.baseline)
+
+
+def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+    """Sentinel-2 (10 m, L1C/L2A) -> RGB at ``factor`` times the resolution, tiled over the input."""
+    from rasterio.windows import Window
+
+    from .geo.sentinel2 import to_model_input
+    from .geo.tiling import output_grid, plan_tiles, tile_progress
+    from .pipelines.text2img import Control
+
+    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
+                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
+                                   dtype=request.dtype)
+    controlnet = bundle.controlnet_for("superres")
+    model_px = bundle.native_resolution
+    factor = request.factor
+    if model_px % factor:
+        raise InvalidRequest(f"--factor {factor} must divide the model's {model_px} px output tile (e.g. 2, 4, 8)")
+    cond_px = model_px // int(controlnet.config.conditioning_scale)
+    in_tile = model_px // factor
+    source = _S2Source(request)
+    in_grid, window = source.grid.subset(request.bbox, request.crs)
+    gsd_in = abs(in_grid.transform.a)
+    overlap = request.overlap if request.overlap is not None else max(1, in_tile // 8)
+    if 2 * overlap >= in_tile:
+        raise InvalidRequest(f"--overlap {overlap} px must be less than half the {in_tile} px input tile")
+    tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, overlap, factor)
+    transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
+    out_grid = Grid(in_grid.crs, transform, width, height)
+    _check_pixels(width, height, request.max_pixels)
+    date = _date_of(request.input, request.date, "input")
+    seed = request.seed if request.seed is not None else _new_seed()
+    pipe = _pipeline(bundle, request, controlnet)
+    warnings: list[str] = list(bundle.notices)
+    if date is None:
+        warnings.append("no acquisition date found in the input; the date is left unknown (give --date)")
+    seen = {"nodata": False}
+
+    def read(tile):
+        win = Window(window.col_off + tile.valid.col_off, window.row_off + tile.valid.row_off,
+                     tile.valid.width, tile.valid.height)
+        model_input = to_model_input(source.read(win))
+        for w in model_input.warnings:
+            if w not in warnings and "nodata" not in w:
+                warnings.append(w)
+        if not model_input.valid.all():
+            seen["nodata"] = True
+        return model_input.array, model_input.valid
+
+    def process(tile, array):
+        import torch
+
+        md = _tile_metadata(out_grid, tile, model_px, date, request.cloud_cover)
+        cond_md = md.with_gsd(10.0)  # the conditioning's metadata: the target's, at 10 m
+        control = Control(
+            image=_resize(array, cond_px),
+            cond_metadata=torch.tensor([cond_md.normalised()], dtype=torch.float32),
+            scale=request.conditioning_scale,
+        )
+        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
+                      guidance_scale=request.guidance, generator=_tile_generator(seed, tile.index),
+                      control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
+        return result.images[0].transpose(2, 0, 1)
+
+    tags = _common_tags("superres", bundle, placement, request, seed)
+    tags.update(input=str(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
+                conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
+    job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
+                   tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
+    run_job(job, progress, cancel)
+    centre = _tile_metadata(out_grid, _whole(out_grid), max(width, height), date, request.cloud_cover)
+    return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
+
+
+def _whole(grid: Grid):
+    """A pseudo-tile covering the whole grid (for whole-output metadata)."""
+    from rasterio.windows import Window
+
+    @dataclass
+    class _T:
+        out_valid: Any
+        out_window: Any
+
+    w = Window(0, 0, grid.width, grid.height)
+    return _T(w, w)
+
+
+def _check_pixels(width: int, height: int, limit: Optional[int]) -> None:
+    if limit is not None and width * height > limit:
+        raise InvalidRequest(
+            f"the output would be {width}x{height} px ({width * height / 1e6:.0f} Mpx), over the limit of "
+            f"{limit / 1e6:.0f} Mpx; choose a smaller --bbox or --factor"
+        )
+
+
+def _new_seed() -> int:
+    import secrets
+
+    return secrets.randbelow(2**31)
+
+
+# --------------------------------------------------------------------------------------------
+# RGB inputs (temporal frames, in-painting)
+# --------------------------------------------------------------------------------------------
+
+
+class _RGBSource:
+    """An RGB(-ish) raster read onto a target grid (reprojected when needed), scaled to [0, 1].
+
+    8-bit data is divided by 255; other types are stretched between the 2nd and 98th percentiles
+    of the whole raster (measured once on a decimated read, so every tile uses the same stretch).
+    """
+
+    def __init__(self, path: str, grid: Grid, bands: Sequence[int] = (1, 2, 3)) -> None:
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+
+        self.path = path
+        self.src = _open(path)
+        if self.src.crs is None:
+            raise RasterError(f"{path!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
+        if self.src.count < max(bands):
+            raise InvalidRequest(
+                f"{path!r} has {self.src.count} band(s); an RGB image (bands {', '.join(map(str, bands))}) is needed"
+            )
+        self.bands = list(bands)
+        same = (self.src.crs == grid.crs and self.src.transform == grid.transform
+                and self.src.width == grid.width and self.src.height == grid.height)
+        self.ds = self.src if same else WarpedVRT(self.src, crs=grid.crs, transform=grid.transform,
+                                                  width=grid.width, height=grid.height,
+                                                  resampling=Resampling.bilinear)
+        self.dtype = self.src.dtypes[self.bands[0] - 1]
+        if self.dtype == "uint8":
+            self.lo, self.hi = 0.0, 255.0
+        else:
+            self.lo, self.hi = self._percentiles()
+
+    def _percentiles(self) -> tuple[float, float]:
+        step = max(1, max(self.src.width, self.src.height) // 1024)
+        data = self.src.read(self.bands, out_shape=(len(self.bands), max(1, self.src.height // step),
+                                                    max(1, self.src.width // step)), masked=True)
+        values = data.compressed() if np.ma.is_masked(data) else np.asarray(data).ravel()
+        values = values[np.isfinite(values)]
+        if values.size == 0:
+            raise InvalidRequest(f"{self.path!r} holds no valid pixels")
+        lo, hi = np.percentile(values, [2, 98])
+        return float(lo), float(hi if hi > lo else lo + 1)
+
+    def read(self, window) -> tuple[np.ndarray, np.ndarray]:
+        """(3, h, w) float32 in [0, 1] and a (h, w) validity mask."""
+        data = self.ds.read(self.bands, window=window, out_dtype="float32", boundless=False)
+        valid = (self.ds.read_masks(self.bands, window=window) > 0).all(axis=0) & np.isfinite(data).all(axis=0)
+        return np.clip((data - self.lo) / (self.hi - self.lo), 0, 1), valid
+
+    def close(self) -> None:
+        if self.ds is not self.src:
+            self.ds.close()
+        self.src.close()
+
+
+def _footprint_overlap(path: str, grid: Grid) -> float:
+    """Fraction of ``grid``'s area that ``path``'s footprint covers (both in the grid's CRS)."""
+    from rasterio.warp import transform_bounds
+
+    with _open(path) as src:
+        if src.crs is None:
+            raise RasterError(f"{path!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
+        west, south, east, north = transform_bounds(src.crs, grid.crs, *src.bounds, densify_pts=21)
+    gw, gs, ge, gn = grid.bounds
+    inter = max(0.0, min(east, ge) - max(west, gw)) * max(0.0, min(north, gn) - max(south, gs))
+    area = (ge - gw) * (gn - gs)
+    return inter / area if area > 0 else 0.0
+
+
+def _grid_of(path: str) -> Grid:
+    with _open(path) as src:
+        if src.crs is None:
+            raise RasterError(f"{path!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
+        return Grid(src.crs, src.transform, src.width, src.height)
+
+
+def _dated_frames(paths: Sequence[str], dates: Optional[Sequence[_dt.date]], what: str) -> list[tuple[str, _dt.date]]:
+    if dates is not None and len(dates) != len(paths):
+        raise InvalidRequest(f"{len(dates)} dates given for {len(paths)} {what}; give one date per {what[:-1]}")
+    frames = []
+    for i, path in enumerate(paths):
+        date = _date_of(path, dates[i] if dates is not None else None, what)
+        if date is None:
+            raise InvalidRequest(
+                f"no acquisition date found for {path!r} (tags or file name); give the dates in input order "
+                f"with --input-date"
+            )
+        frames.append((path, date))
+    # The model sees frame order only through its temporal convolutions: keep time order.
+    return sorted(frames, key=lambda f: f[1])
+
+
+def _check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) -> None:
+    for path in paths:
+        cover = _footprint_overlap(path, grid)
+        if cover < minimum:
+            raise InvalidRequest(
+                f"{path!r} covers only {cover:.0%} of the output extent: temporal inputs must show the same "
+                "place (check that every input covers the first one, or give --bbox inside all of them)"
+            )
+
+
+def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+    """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
+    import torch
+
+    from .geo.tiling import plan_tiles, tile_progress
+    from .metadata import SatMetadata
+    from .pipelines.text2img import Control
+
+    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
+                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
+                                   dtype=request.dtype)
+    controlnet = bundle.controlnet_for("temporal")
+    model_px = bundle.native_resolution
+    frames = _dated_frames(request.inputs, request.input_dates, "inputs")
+    base_grid = _grid_of(request.inputs[0])
+    grid, _ = base_grid.subset(request.bbox, request.crs)
+    _check_same_place([p for p, _ in frames], grid)
+    _check_pixels(grid.width, grid.height, request.max_pixels)
+    sources = [_RGBSource(p, grid) for p, _ in frames]
+    overlap = request.overlap if request.overlap is not None else model_px // 8
+    tiles = plan_tiles(grid.width, grid.height, model_px, overlap, 1)
+    seed = request.seed if request.seed is not None else _new_seed()
+    pipe = _pipeline(bundle, request, controlnet)
+
+    def read(tile):
+        arrays, valid = [], None
+        for s in sources:
+            a, v = s.read(tile.valid)
+            arrays.append(a)
+            valid = v if valid is None else valid & v
+        return np.concatenate(arrays), valid
+
+    def process(tile, array):
+        md = _tile_metadata(grid, tile, model_px, request.date, request.cloud_cover)
+        frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for _, d in frames]
+        t = len(frames)
+        image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(t, 3, *array.shape[1:])
+        image = image.permute(1, 0, 2, 3)[None]  # (1, 3, T, H, W), frames in time order
+        control = Control(image=image, cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None],
+                          scale=request.conditioning_scale)
+        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
+                      guidance_scale=request.guidance, generator=_tile_generator(seed, tile.index),
+                      control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
+        return result.images[0].transpose(2, 0, 1)
+
+    tags = _common_tags("temporal", bundle, placement, request, seed)
+    tags.update(inputs=";".join(p for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
+                metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
+                conditioning_scale=request.conditioning_scale)
+    job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
+                   run_key=request.model_dump_json())
+    try:
+        run_job(job, progress, cancel)
+    finally:
+        for s in sources:
+            s.close()
+    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), request.date, request.cloud_cover)
+    return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=list(bundle.notices))
+
+
+# --------------------------------------------------------------------------------------------
+# In-painting
+# --------------------------------------------------------------------------------------------
+
+
+class _MaskSource:
+    """The in-painting mask of any window of the input grid: raster rule, vector, or nodata."""
+
+    def __init__(self, request, grid: Grid) -> None:
+        from .geo.masks import TargetGrid, parse_mask_rule
+
+        self.request = request
+        self.grid = TargetGrid(grid.crs, grid.transform, grid.width, grid.height)
+        self.kind = "nodata" if request.mask == "nodata" else None
+        if self.kind is None:
+            path = Path(request.mask).expanduser()
+            if not path.exists():
+                raise InvalidRequest(f"mask {request.mask!r} does not exist; give a raster, a vector file or 'nodata'")
+            self.kind = "raster" if _is_raster(path) else "vector"
+            if self.kind == "raster":
+                self.rule = parse_mask_rule(request.mask_rule or "nonzero")
+                from .geo.masks import mask_from_raster
+
+                mask_from_raster(path, self.rule, self.grid, window=((0, 1), (0, 1)))  # fail early on non-overlap
+            elif request.mask_rule:
+                raise InvalidRequest("--mask-rule applies to raster masks; a vector mask masks its polygons")
+        self.pad = request.dilate
+
+    def read(self, window) -> np.ndarray:
+        """Bool (h, w): True = in-paint. Dilation looks ``dilate`` px beyond the window."""
+        from rasterio.windows import Window
+
+        from .geo.masks import dilate, mask_from_nodata, mask_from_raster, mask_from_vector
+
+        p = self.pad
+        r0, c0 = int(window.row_off), int(window.col_off)
+        h, w = int(window.height), int(window.width)
+        gr0, gc0 = max(0, r0 - p), max(0, c0 - p)
+        gr1, gc1 = min(self.grid.height, r0 + h + p), min(self.grid.width, c0 + w + p)
+        grown = Window(gc0, gr0, gc1 - gc0, gr1 - gr0)
+        if self.kind == "nodata":
+            m = mask_from_nodata(self.request.input, window=grown)
+        elif self.kind == "raster":
+            m = mask_from_raster(self.request.mask, self.rule, self.grid, window=grown)
+        else:
+            m = mask_from_vector(self.request.mask, self.grid, window=grown)
+        if p:
+            m = dilate(m, p)
+        return m[r0 - gr0:r0 - gr0 + h, c0 - gc0:c0 - gc0 + w]
+
+
+def _is_raster(path: Path) -> bool:
+    import rasterio
+
+    if path.suffix.lower() in (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb", ".sqlite"):
+        return False
+    try:
+        with rasterio.open(path):
+            return True
+    except rasterio.errors.RasterioIOError:
+        return False
+
+
+class _CompositeWriter:
+    """Writes ``where(mask, generated, input)`` so unmasked pixels are the input's, bit for bit."""
+
+    def __init__(self, writer, source, mask: _MaskSource, bands: Sequence[int]) -> None:
+        self.writer = writer
+        self.profile = writer.profile
+        self.source = source
+        self.mask = mask
+        self.bands = list(bands)
+        self.masked_pixels = 0
+
+    def write(self, data: np.ndarray, window=None) -> None:
+        original = self.source.read(self.bands, window=window)
+        if original.dtype != data.dtype:
+            data = data.astype(original.dtype)
+        m = self.mask.read(window)
+        self.masked_pixels += int(m.sum())
+        self.writer.write(np.where(m[None], data, original), window)
+
+
+def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+    """Fill the masked pixels of a raster; every other pixel is written back unchanged."""
+    import torch
+
+    from .geo.masks import feather
+    from .geo.tiling import plan_tiles, tile_progress
+    from .metadata import SatMetadata
+    from .pipelines.text2img import Control, Inpaint
+
+    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
+                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
+                                   dtype=request.dtype)
+    model_px = bundle.native_resolution
+    grid = _grid_of(request.input)
+    mask = _MaskSource(request, grid)
+    bands = request.rgb_bands
+    source = _RGBSource(request.input, grid, bands)
+    refs = []
+    controlnet = None
+    if request.references:
+        controlnet = bundle.controlnet_for("temporal")
+        refs = _dated_frames(request.references, request.reference_dates, "references")
+        _check_same_place([p for p, _ in refs], grid)
+    ref_sources = [_RGBSource(p, grid) for p, _ in refs]
+    date = _date_of(request.input, request.date, "input")
+    overlap = request.overlap if request.overlap is not None else model_px // 8
+    tiles = plan_tiles(grid.width, grid.height, model_px, overlap, 1)
+    seed = request.seed if request.seed is not None else _new_seed()
+    pipe = _pipeline(bundle, request, controlnet)
+    warnings = list(bundle.notices)
+    if request.resample and request.scheduler not in ("ddim", "ddpm") and type(bundle.scheduler).__name__ not in (
+            "DDIMScheduler", "DDPMScheduler"):
+        raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
+
+    def read(tile):
+        image, valid = source.read(tile.valid)
+        m = mask.read(tile.valid)
+        extra = [s.read(tile.valid)[0] for s in ref_sources]
+        # channel 3 carries the mask so process() sees exactly the tile's mask, padded alike
+        return np.concatenate([image, m[None].astype(np.float32), *extra]), valid | m
+
+    def process(tile, array):
+        image, m = array[:3], array[3] > 0.5
+        if not m.any():
+            return image  # nothing to fill in this tile: the input, unchanged
+        soft = feather(m, max(1, request.dilate)) if request.dilate else m.astype(np.float32)
+        md = _tile_metadata(grid, tile, model_px, date, request.cloud_cover)
+        control = None
+        if ref_sources:
+            t = len(ref_sources)
+            frames = torch.from_numpy(np.ascontiguousarray(array[4:], dtype=np.float32)).reshape(t, 3, *array.shape[1:])
+            frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for _, d in refs]
+            control = Control(image=frames.permute(1, 0, 2, 3)[None],
+                              cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None],
+                              scale=request.conditioning_scale)
+        spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(image))[None],
+                       mask=torch.from_numpy(m.astype(np.float32))[None, None], resample=request.resample)
+        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
+                      guidance_scale=request.guidance, generator=_tile_generator(seed, tile.index),
+                      control=control, inpaint=spec, callback=tile_progress(progress, tile, len(tiles)),
+                      cancel=cancel)
+        generated = result.images[0].transpose(2, 0, 1)
+        # soft edge inside the mask: the generated pixels fade into the original ones
+        return soft * generated + (1 - soft) * image
+
+    with _open(request.input) as src:
+        dtype = src.dtypes[bands[0] - 1]
+        nodata = src.nodata
+        descriptions = [src.descriptions[b - 1] or f"band {b}" for b in bands]
+    tags = _common_tags("inpaint", bundle, placement, request, seed)
+    tags.update(input=str(request.input), mask=str(request.mask), mask_rule=request.mask_rule or "",
+                dilate_px=request.dilate, resample=request.resample, synthetic_pixels="masked pixels only",
+                references=";".join(p for p, _ in refs))
+    if date is not None:
+        tags["metadata_date"] = date.isoformat()
+    scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
+    offset = 0.0 if dtype == "uint8" else source.lo
+    holder: dict[str, _CompositeWriter] = {}
+
+    def wrap(writer):
+        holder["w"] = _CompositeWriter(writer, source.src, mask, bands)
+        return holder["w"]
+
+    job = TiledJob(out=out, grid=grid, tiles=tiles, bands=len(bands), dtype=dtype, read=read, process=process,
+                   tags=tags, scale=scale, offset=offset, nodata=nodata, band_descriptions=descriptions,
+                   colorinterp=("red", "green", "blue") if dtype == "uint8" else None, wrap_writer=wrap,
+                   fill_nodata=True, run_key=request.model_dump_json())
+    try:
+        run_job(job, progress, cancel)
+    finally:
+        source.close()
+        for s in ref_sources:
+            s.close()
+    if "w" in holder and holder["w"].masked_pixels == 0:
+        warnings.append("the mask selects no pixel of the input: the output equals the input")
+    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), date, request.cloud_cover)
+    return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)

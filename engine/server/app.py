@@ -1,0 +1,472 @@
+"""The HTTP API over :mod:`engine.tasks`: jobs, progress, cancellation, uploads, results.
+
+``create_app(config)`` builds the FastAPI app; ``engine.server.run.serve`` runs it with uvicorn.
+Every endpoint but ``GET /v1/health`` needs ``Authorization: Bearer <token>``. Every error is
+``{"detail": <a message a person can act on>, "code": <machine code>}``, never a traceback.
+No CORS headers are sent: browsers pages cannot call the engine, only programs that hold the token.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from contextlib import asynccontextmanager
+from typing import Any, Optional
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import HTTPBearer
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import __version__
+from ..errors import DiffusionSatError, InvalidRequest
+from .config import ServerConfig
+from .errors import (
+    Gone,
+    NotFound,
+    NotReady,
+    TooLarge,
+    UnsupportedMediaType,
+    error_body,
+    error_code,
+    error_status,
+)
+from .inputs import UploadStore, resolve_request
+from .jobs import CANCELLED, DONE, FAILED, JobManager
+from .security import check_bearer
+
+log = logging.getLogger("engine.server")
+
+API_PREFIX = "/v1"
+_UPLOAD_TYPES = ("image/tiff", "image/geotiff", "application/octet-stream")
+_CHUNK = 1 << 16
+
+
+# ---- response shapes (published in the OpenAPI document) -----------------------------------
+
+
+class ErrorOut(BaseModel):
+    detail: str = Field(..., description="what went wrong and what to do about it")
+    code: str = Field(..., description="machine code: invalid_request, model_not_found, unauthorized, "
+                                       "forbidden, not_found, not_ready, gone, too_large, ...")
+
+
+class HealthOut(BaseModel):
+    status: str
+    version: str
+    device: str
+    dtype: str
+    cuda: bool
+    free_vram_mb: Optional[int]
+    total_vram_mb: Optional[int]
+    queue: int = Field(..., description="jobs waiting (not counting the running one)")
+    running: bool
+    models_loaded: int
+
+
+class ModelOut(BaseModel):
+    name: str
+    tasks: list[str]
+    resolution: int = Field(..., description="native output size in px")
+    kind: str
+    path: Optional[str]
+
+
+class ModelsOut(BaseModel):
+    models: list[ModelOut]
+    default: str
+
+
+class SubmitOut(BaseModel):
+    id: str
+    state: str
+
+
+class JobResultOut(BaseModel):
+    task: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    crs: str
+    bbox: list[float]
+    metadata: dict[str, Any]
+    warnings: list[str]
+    seconds: float
+    result_url: Optional[str]
+
+
+class JobOut(BaseModel):
+    id: str
+    task: str
+    state: str = Field(..., description="queued, running, done, failed or cancelled")
+    progress: float = Field(..., ge=0.0, le=1.0)
+    step: int
+    total_steps: int
+    tile: int
+    total_tiles: int
+    eta_s: Optional[float]
+    message: str
+    error: Optional[str]
+    error_code: Optional[str]
+    created: Optional[str]
+    started: Optional[str]
+    finished: Optional[str] = Field(..., description="set when the job has stopped for good")
+    result: Optional[JobResultOut]
+    expired: bool
+    warnings: list[str]
+
+
+class JobListOut(BaseModel):
+    jobs: list[JobOut]
+
+
+class UploadOut(BaseModel):
+    upload_id: str
+    path_ref: str = Field(..., description="use this string in a job request's path fields")
+    width: int
+    height: int
+    count: int
+    crs: Optional[str]
+    dtype: str
+    bounds: list[float]
+    size_bytes: int
+
+
+_ERRORS = {status: {"model": ErrorOut} for status in (401, 403, 404, 409, 410, 413, 415, 422)}
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+
+def _json_error(status: int, detail: str, code: str, headers: Optional[dict] = None) -> JSONResponse:
+    return JSONResponse(error_body(detail, code), status_code=status, headers=headers)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _format_request_validation(exc: RequestValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        loc = [str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path", "header")]
+        msg = str(e.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{'.'.join(loc) or 'request'}: {msg}")
+    return "; ".join(parts) or "the request is not valid"
+
+
+async def _read_limited(request: Request, limit: int) -> bytes:
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > limit:
+        raise TooLarge(f"the request body is {int(length)} bytes, more than this endpoint's limit of {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise TooLarge(f"the request body is more than this endpoint's limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _model_tasks(kind: str, model: Any = None) -> list[str]:
+    from ..tasks import REQUEST_MODELS
+
+    declared = getattr(model, "tasks", None)
+    if declared:
+        return list(declared)
+    if kind == "built-in":  # the tiny preset has every component each task needs
+        return list(REQUEST_MODELS)
+    if kind == "single-image":
+        return [t for t in ("generate",) if t in REQUEST_MODELS]
+    return []
+
+
+def _job_request_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The body schema of POST /v1/jobs (one of the task request models) and its components."""
+    from ..tasks import REQUEST_MODELS
+
+    components: dict[str, Any] = {}
+    refs = []
+    for task, model in REQUEST_MODELS.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(schema.pop("$defs", {}))
+        components[model.__name__] = schema
+        refs.append((task, {"$ref": f"#/components/schemas/{model.__name__}"}))
+    if len(refs) == 1:
+        return refs[0][1], components
+    return {
+        "oneOf": [r for _, r in refs],
+        "discriminator": {"propertyName": "task", "mapping": {t: r["$ref"] for t, r in refs}},
+    }, components
+
+
+# ---- the app --------------------------------------------------------------------------------
+
+
+def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, runner=None) -> FastAPI:
+    """Build the app. ``manager``/``runner`` are for tests; by default a :class:`JobManager`
+    over :func:`engine.tasks.run_task` with a model cache of ``config.max_models`` models."""
+    from ..device import resolve
+    from ..models.cache import ModelCache
+
+    placement = resolve(config.device, config.dtype)
+    config.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    uploads = UploadStore(config.uploads_dir, config.max_upload_bytes)
+    models = ModelCache(max_models=config.max_models)
+    if manager is None:
+        manager = JobManager(config.jobs_dir, models=models, runner=runner, retention_s=config.retention_s)
+    stop_sweeping = threading.Event()
+
+    def sweep_forever() -> None:
+        # Often enough that nothing outlives the retention time by much, rarely enough to be free.
+        interval = min(300.0, max(1.0, config.retention_s / 4))
+        while not stop_sweeping.is_set():
+            try:
+                manager.sweep()
+                uploads.sweep(config.retention_s)
+            except Exception:  # noqa: BLE001 - a failing sweep must not take the server down
+                log.exception("retention sweep failed")
+            stop_sweeping.wait(interval)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        manager.start()
+        sweeper = threading.Thread(target=sweep_forever, name="diffusionsat-sweeper", daemon=True)
+        sweeper.start()
+        try:
+            yield
+        finally:
+            stop_sweeping.set()
+            await run_in_threadpool(manager.shutdown)
+
+    app = FastAPI(
+        title="DiffusionSat engine",
+        version=__version__,
+        description=(
+            "Jobs over HTTP for the DiffusionSat QGIS plugin. Every endpoint but /v1/health needs "
+            "`Authorization: Bearer <token>` (the token is in the engine's token file). Errors are "
+            '`{"detail": ..., "code": ...}`.'
+        ),
+        lifespan=lifespan,
+        # The document is served under /v1 behind the token; the browsable docs pages load
+        # scripts from a CDN, which an offline or locked-down engine must not depend on.
+        openapi_url=None,
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.state.config = config
+    app.state.manager = manager
+    app.state.uploads = uploads
+    app.state.models = models
+    bearer = HTTPBearer(auto_error=False, description="the engine's token (see its token file)")
+
+    async def require_token(request: Request, _doc=Depends(bearer)) -> None:
+        check_bearer(request.headers.get("authorization"), config.token)
+
+    auth = [Depends(require_token)]
+
+    # ---- errors ------------------------------------------------------------------------------
+
+    @app.exception_handler(DiffusionSatError)
+    async def _engine_error(request: Request, exc: DiffusionSatError) -> JSONResponse:
+        return _json_error(error_status(exc), str(exc), error_code(exc), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return _json_error(422, _format_request_validation(exc), "invalid_request")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _json_error(404, f"no endpoint {request.method} {_short(request.url.path)}; the API is "
+                                    f"under {API_PREFIX} (see {API_PREFIX}/openapi.json)", "not_found")
+        if exc.status_code == 405:
+            return _json_error(405, f"{request.method} is not allowed on {_short(request.url.path)}",
+                               "method_not_allowed", getattr(exc, "headers", None))
+        return _json_error(exc.status_code, str(exc.detail), "http_error", getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+        return _json_error(500, "internal error in the engine; its log has the details, please report it",
+                           "internal_error")
+
+    # ---- endpoints ---------------------------------------------------------------------------
+
+    @app.get(f"{API_PREFIX}/health", response_model=HealthOut, tags=["engine"])
+    def health() -> dict[str, Any]:
+        """Whether the engine answers, its version and device, free GPU memory and the queue.
+
+        The only endpoint without a token, so that a client can tell "no engine" from "wrong token".
+        """
+        free = total = None
+        cuda = placement.device.startswith("cuda")
+        if cuda:
+            try:
+                import torch
+
+                free_b, total_b = torch.cuda.mem_get_info(torch.device(placement.device))
+                free, total = free_b // (1 << 20), total_b // (1 << 20)
+            except Exception:  # noqa: BLE001 - health must answer even if the driver hiccups
+                log.debug("could not read free GPU memory", exc_info=True)
+        return {
+            "status": "ok",
+            "version": __version__,
+            "device": placement.device if placement.device != "cuda" else "cuda:0",
+            "dtype": placement.dtype,
+            "cuda": cuda,
+            "free_vram_mb": free,
+            "total_vram_mb": total,
+            "queue": manager.queued_count(),
+            "running": manager.running_id() is not None,
+            "models_loaded": len(models),
+        }
+
+    @app.get(f"{API_PREFIX}/openapi.json", dependencies=auth, include_in_schema=False)
+    def openapi_document() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get(f"{API_PREFIX}/models", response_model=ModelsOut, dependencies=auth, responses=_ERRORS,
+             tags=["engine"])
+    def list_models() -> dict[str, Any]:
+        """Models this engine can run: the built-in tiny one and the installed ones, best first."""
+        from ..models.loading import installed_models
+
+        out = [{"name": "tiny", "tasks": _model_tasks("built-in"), "resolution": 256, "kind": "built-in",
+                "path": None}]
+        for m in installed_models():
+            out.append({"name": m.name, "tasks": _model_tasks(m.kind, m), "resolution": m.resolution,
+                        "kind": m.kind, "path": str(m.path)})
+        return {"models": out, "default": config.default_model}
+
+    @app.post(f"{API_PREFIX}/uploads", response_model=UploadOut, status_code=201, dependencies=auth,
+              responses=_ERRORS, tags=["inputs"],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "image/tiff": {"schema": {"type": "string", "format": "binary"}}}}})
+    async def upload(request: Request) -> dict[str, Any]:
+        """Store a GeoTIFF (the raw bytes as the body) for use as a job input.
+
+        Answers with ``path_ref`` (``upload:<id>``) to put into a job request's path fields.
+        Uploads are deleted after the retention time.
+        """
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype not in _UPLOAD_TYPES:
+            raise UnsupportedMediaType(
+                f"upload the raw GeoTIFF bytes with Content-Type image/tiff (got {_short(ctype) or 'none'})"
+            )
+        limit = config.max_upload_bytes
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > limit:
+            raise TooLarge(f"the upload is {int(length) / 2**20:.1f} MiB, more than this engine's limit "
+                           f"of {limit / 2**20:.0f} MiB (--max-upload-mb); upload a smaller window")
+        upload_id, partial = uploads.new_partial()
+        size = 0
+        try:
+            with open(partial, "wb") as fh:
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise TooLarge(f"the upload is more than this engine's limit of {limit / 2**20:.0f} "
+                                       "MiB (--max-upload-mb); upload a smaller window")
+                    fh.write(chunk)
+            if size == 0:
+                raise InvalidRequest("the upload is empty; send the GeoTIFF's bytes as the request body")
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        info = await run_in_threadpool(uploads.finish, upload_id, partial)
+        log.info("upload %s stored (%d bytes, %dx%d px)", upload_id, size, info.width, info.height)
+        return info.as_dict()
+
+    @app.post(f"{API_PREFIX}/jobs", response_model=SubmitOut, status_code=202, dependencies=auth,
+              responses=_ERRORS, tags=["jobs"],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
+    async def submit(request: Request) -> dict[str, Any]:
+        """Queue a task request (the same fields as ``diffusionsat <task>``); answers at once.
+
+        Fields that take input files accept ``upload:<id>`` refs or paths on the engine's machine.
+        A request that names no ``model`` runs with the engine's ``--model``.
+        """
+        body = await _read_limited(request, config.max_json_bytes)
+        try:
+            data = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as err:
+            raise InvalidRequest(f"the body is not valid JSON ({err}); send a JSON object") from None
+        # Validation reads files (model configs, CRS database): keep it off the event loop.
+        job_request = await run_in_threadpool(resolve_request, data, config, uploads)
+        job = manager.submit(job_request)
+        # "queued" is the state at acceptance; the worker may already have started it since.
+        return {"id": job.id, "state": "queued"}
+
+    @app.get(f"{API_PREFIX}/jobs", response_model=JobListOut, dependencies=auth, responses=_ERRORS,
+             tags=["jobs"])
+    def list_jobs() -> dict[str, Any]:
+        """Every job this engine remembers, oldest first."""
+        return {"jobs": manager.list()}
+
+    def _job_or_404(job_id: str) -> dict[str, Any]:
+        job = manager.snapshot(job_id)
+        if job is None:
+            raise NotFound(f"no job {_short(job_id, 40)!r} on this engine (jobs are forgotten when the "
+                           "engine restarts); submit it again")
+        return job
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobOut, dependencies=auth, responses=_ERRORS,
+             tags=["jobs"])
+    def get_job(job_id: str) -> dict[str, Any]:
+        """A job's state, progress (0..1), step/tile, ETA in seconds, error and result."""
+        return _job_or_404(job_id)
+
+    @app.delete(f"{API_PREFIX}/jobs/{{job_id}}", response_model=JobOut, dependencies=auth, responses=_ERRORS,
+                tags=["jobs"])
+    def cancel_job(job_id: str) -> dict[str, Any]:
+        """Cancel a job: a queued one never starts, a running one stops within one denoising step
+        (``finished`` is set once it has stopped). A finished job is left as it is."""
+        job = manager.cancel(job_id)
+        if job is None:
+            _job_or_404(job_id)
+        return job
+
+    @app.get(f"{API_PREFIX}/jobs/{{job_id}}/result", dependencies=auth, tags=["jobs"],
+             response_class=FileResponse,
+             responses={200: {"content": {"image/tiff": {"schema": {"type": "string", "format": "binary"}}},
+                              "description": "the result as a Cloud-Optimized GeoTIFF"}, **_ERRORS})
+    def get_result(job_id: str):
+        """The job's result, a Cloud-Optimized GeoTIFF on the requested grid."""
+        _job_or_404(job_id)
+        job = manager.get(job_id)
+        state = job.state
+        if state == DONE and job.result_path is not None and job.result_path.is_file():
+            return FileResponse(job.result_path, media_type="image/tiff",
+                                filename=f"diffusionsat-{job.task}-{job.id[:8]}.tif")
+        if state == DONE:
+            raise Gone(f"the result of job {job_id} was deleted after the retention time "
+                       f"({config.retention_hours:g} h); submit the job again")
+        if state == FAILED:
+            raise Gone(f"job {job_id} failed, so it has no result: {job.error}")
+        if state == CANCELLED:
+            raise Gone(f"job {job_id} was cancelled, so it has no result")
+        raise NotReady(f"job {job_id} is {state} ({job.as_dict()['progress'] * 100:.0f} %); "
+                       "poll GET /v1/jobs/{id} until its state is done")
+
+    def custom_openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        body, components = _job_request_schemas()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.update(components)
+        schemas["JobRequest"] = body
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = custom_openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,76 @@
+"""The server's settings: one dataclass that ``diffusionsat serve`` fills from its flags."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+#: Bytes of a JSON job request; a real request is a few hundred bytes.
+MAX_JSON_BYTES = 1 << 20
+#: Default output pixel-count limit per job (the engine's own single-image limit).
+DEFAULT_MAX_PIXELS = 4096 * 4096
+
+
+def default_token_file() -> Path:
+    """``$XDG_CONFIG_HOME/diffusionsat/token`` (``~/.config/diffusionsat/token``)."""
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "diffusionsat" / "token"
+
+
+def default_workdir() -> Path:
+    """``$XDG_CACHE_HOME/diffusionsat/server`` (``~/.cache/diffusionsat/server``)."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "diffusionsat" / "server"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass
+class ServerConfig:
+    """Everything the app, the job worker and the runner need to know.
+
+    Sizes are in bytes and pixels, times in seconds unless the name says otherwise.
+    """
+
+    token: str
+    workdir: Path = field(default_factory=default_workdir)
+    host: str = "127.0.0.1"
+    port: int = 0
+    token_file: Optional[Path] = None
+    default_model: str = "auto"
+    device: str = "auto"
+    dtype: str = "auto"
+    retention_hours: float = 24.0
+    allowed_roots: tuple[Path, ...] = ()
+    max_upload_bytes: int = 512 * 1024 * 1024
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_models: int = 1
+    max_json_bytes: int = MAX_JSON_BYTES
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).expanduser().resolve()
+        # Roots are compared after resolving symlinks, so a link inside a root cannot escape it.
+        self.allowed_roots = tuple(Path(p).expanduser().resolve() for p in self.allowed_roots)
+
+    @property
+    def retention_s(self) -> float:
+        return self.retention_hours * 3600.0
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.workdir / "jobs"
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.workdir / "uploads"

@@ -1,0 +1,296 @@
+"""From a JSON body to a validated, runnable request: upload refs, allowed roots, early checks.
+
+Everything a client can get wrong is found here, while the HTTP request is still open, so it is
+answered with a 4xx and a message instead of becoming a failed job later:
+
+* ``"upload:<id>"`` strings anywhere in the request are replaced by the stored upload's path
+  *before* validation, so any request model with path fields (``input``, ``inputs``, ``mask``,
+  ...) accepts uploads without server changes;
+* paths the request reads (``request.input_paths()`` and model folders) must lie under the
+  ``--allowed-root`` folders when any are configured;
+* the CRS, bbox, date, device and model are checked as the task itself would;
+* the output pixel count is held to ``--max-pixels``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Optional
+
+from ..errors import InvalidRequest, ModelNotFound, RasterError
+from .config import ServerConfig
+from .errors import PathNotAllowed, TooLarge
+
+UPLOAD_PREFIX = "upload:"
+_UPLOAD_REF = re.compile(r"^upload:(\S+)$")
+_UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
+#: Request fields naming model folders (read by the server, so confined like inputs).
+MODEL_PATH_FIELDS = ("model", "unet", "base")
+#: ``model`` values that are names, not folders.
+_MODEL_NAMES = ("auto", "tiny")
+
+
+@dataclass(frozen=True)
+class UploadInfo:
+    """A stored upload: its id, file, and what rasterio saw in it."""
+
+    upload_id: str
+    path: Path
+    width: int
+    height: int
+    count: int
+    crs: Optional[str]
+    dtype: str
+    bounds: tuple[float, float, float, float]
+    size_bytes: int
+
+    @property
+    def path_ref(self) -> str:
+        return f"{UPLOAD_PREFIX}{self.upload_id}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "upload_id": self.upload_id,
+            "path_ref": self.path_ref,
+            "width": self.width,
+            "height": self.height,
+            "count": self.count,
+            "crs": self.crs,
+            "dtype": self.dtype,
+            "bounds": list(self.bounds),
+            "size_bytes": self.size_bytes,
+        }
+
+
+class UploadStore:
+    """Uploaded GeoTIFFs in ``<workdir>/uploads/<id>.tif``; the file system is the index.
+
+    Keeping no in-memory index means uploads survive a server restart until the retention sweep
+    removes them, and several requests can reference one upload.
+    """
+
+    def __init__(self, folder: Path, max_bytes: int) -> None:
+        self.folder = Path(folder)
+        self.max_bytes = int(max_bytes)
+        self.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def new_partial(self) -> tuple[str, Path]:
+        """A fresh id and the temporary path its bytes are streamed to."""
+        upload_id = secrets.token_hex(16)
+        return upload_id, self.folder / f"{upload_id}.partial"
+
+    def finish(self, upload_id: str, partial: Path) -> UploadInfo:
+        """Validate a fully received upload with rasterio and move it into place.
+
+        Raises :class:`RasterError` (and deletes the bytes) when it is not a readable GeoTIFF.
+        """
+        import rasterio
+        from rasterio.errors import RasterioError
+
+        final = self.folder / f"{upload_id}.tif"
+        try:
+            with rasterio.open(partial) as src:
+                if src.driver != "GTiff":
+                    raise RasterError(
+                        f"the upload is a {src.driver} raster, not a GeoTIFF; export the layer as "
+                        "GeoTIFF (Content-Type image/tiff) and upload that"
+                    )
+                info = UploadInfo(
+                    upload_id=upload_id,
+                    path=final,
+                    width=src.width,
+                    height=src.height,
+                    count=src.count,
+                    crs=src.crs.to_string() if src.crs else None,
+                    dtype=str(src.dtypes[0]) if src.count else "",
+                    bounds=tuple(float(v) for v in src.bounds),
+                    size_bytes=partial.stat().st_size,
+                )
+        except RasterError:
+            partial.unlink(missing_ok=True)
+            raise
+        except (RasterioError, OSError, ValueError) as err:
+            partial.unlink(missing_ok=True)
+            first = str(err).splitlines()[0][:160] if str(err) else type(err).__name__
+            raise RasterError(
+                f"the upload is not a readable GeoTIFF ({first}); send the raw bytes of a .tif file "
+                "with Content-Type image/tiff"
+            ) from None
+        os.replace(partial, final)
+        return info
+
+    def path(self, upload_id: str) -> Path:
+        """The stored file of ``upload_id``; :class:`InvalidRequest` if there is none."""
+        if not _UPLOAD_ID.match(upload_id):
+            raise InvalidRequest(
+                f"{UPLOAD_PREFIX}{upload_id} is not an upload reference; use the path_ref that "
+                "POST /v1/uploads returned (upload:<32 hex digits>)"
+            )
+        path = self.folder / f"{upload_id}.tif"
+        if not path.is_file():
+            raise InvalidRequest(
+                f"upload {UPLOAD_PREFIX}{upload_id} does not exist on this engine (uploads are "
+                "deleted after the retention time, and by a restart with another workdir); upload "
+                "the file again"
+            )
+        return path
+
+    def sweep(self, max_age_s: float, now: Optional[float] = None) -> int:
+        """Delete uploads (and abandoned partial ones) older than ``max_age_s``; return how many."""
+        now = time.time() if now is None else now
+        removed = 0
+        for entry in list(self.folder.iterdir()) if self.folder.is_dir() else []:
+            try:
+                if now - entry.stat().st_mtime > max_age_s:
+                    if entry.is_dir():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    removed += 1
+            except OSError:
+                continue  # deleted meanwhile by another sweep or server
+        return removed
+
+
+def resolve_upload_refs(value: Any, uploads: UploadStore) -> Any:
+    """``value`` with every ``"upload:<id>"`` string (in dicts and lists, at any depth) replaced by
+    the stored file's path. Other values are returned unchanged."""
+    if isinstance(value, str):
+        m = _UPLOAD_REF.match(value)
+        return str(uploads.path(m.group(1))) if m else value
+    if isinstance(value, dict):
+        return {k: resolve_upload_refs(v, uploads) for k, v in value.items()}
+    if isinstance(value, list):
+        return [resolve_upload_refs(v, uploads) for v in value]
+    return value
+
+
+def _within(path: Path, roots: Iterable[Path]) -> bool:
+    return any(path == root or root in path.parents for root in roots)
+
+
+def confine_path(path: str | os.PathLike, config: ServerConfig, *, what: str = "input") -> Path:
+    """Resolve ``path`` and check it is readable by this server under its rules.
+
+    Uploads are always allowed. With ``--allowed-root`` folders configured, any other path must
+    resolve (symlinks followed) inside one of them, else :class:`PathNotAllowed` (403).
+    """
+    resolved = Path(path).expanduser().resolve()
+    if _within(resolved, [config.uploads_dir]):
+        return resolved
+    if config.allowed_roots and not _within(resolved, config.allowed_roots):
+        roots = ", ".join(str(r) for r in config.allowed_roots)
+        raise PathNotAllowed(
+            f"the {what} path {str(path)!r} is outside the folders this engine may read ({roots}); "
+            "move the file there, upload it with POST /v1/uploads, or start the engine with "
+            "--allowed-root for its folder"
+        )
+    return resolved
+
+
+def output_pixels(request: Any) -> Optional[int]:
+    """Pixels of the requested output when the request states its size, else None."""
+    size = getattr(request, "size", None)
+    width = getattr(request, "width", None) or size
+    height = getattr(request, "height", None) or size
+    if width and height:
+        return int(width) * int(height)
+    return None
+
+
+def _check_model_paths(request: Any, config: ServerConfig) -> None:
+    from ..models.loading import find_unet_folder, models_dirs
+
+    roots_for_models = list(config.allowed_roots) + [p.expanduser().resolve() for p in models_dirs()]
+    for field in MODEL_PATH_FIELDS:
+        spec = getattr(request, field, None)
+        if not isinstance(spec, str) or not spec or spec in _MODEL_NAMES or spec.startswith("hf:"):
+            continue
+        path = Path(spec).expanduser()
+        if config.allowed_roots:
+            resolved = path.resolve()
+            if not _within(resolved, roots_for_models):
+                raise PathNotAllowed(
+                    f"the {field} folder {spec!r} is outside the folders this engine may read; "
+                    "install the model into the engine's models folder or start the engine with "
+                    "--allowed-root for it"
+                )
+        if not path.exists():
+            raise ModelNotFound(
+                f"{field} folder {spec!r} does not exist on the engine's machine; use 'tiny', "
+                "'auto' or a folder listed by GET /v1/models"
+            )
+        if not path.is_dir():
+            raise ModelNotFound(f"{field} {spec!r} is a file; give the model's folder")
+        if field in ("model", "unet") and not (field == "model" and getattr(request, "unet", None)):
+            # Cheap (reads config.json only) and catches "not a model folder" before queueing.
+            find_unet_folder(path)
+
+
+def precheck(request: Any, config: ServerConfig) -> None:
+    """Run the checks a task would run first, so that a bad request fails now, with a 4xx."""
+    from ..device import resolve
+
+    pixels = output_pixels(request)
+    if pixels is not None and pixels > config.max_pixels:
+        raise TooLarge(
+            f"the output would have {pixels} pixels, more than this engine's limit of "
+            f"{config.max_pixels} (--max-pixels); request a smaller width/height or a coarser "
+            "resolution"
+        )
+    bbox = getattr(request, "bbox", None)
+    crs = getattr(request, "crs", None)
+    if bbox is not None and crs is not None:
+        from ..metadata import derive_from_bbox, parse_crs, validate_bbox
+
+        parsed = parse_crs(crs)
+        validate_bbox(bbox, parsed)
+        size = getattr(request, "size", None)
+        # An unstated size defaults to the model's native one (unknown until it is loaded); a
+        # large stand-in keeps the GSD check from refusing what the real size would allow.
+        derive_from_bbox(
+            bbox, parsed,
+            getattr(request, "width", None) or size or 4096,
+            getattr(request, "height", None) or size or 4096,
+            date=getattr(request, "date", None),
+            cloud_cover=getattr(request, "cloud_cover", None),
+        )
+    resolve(getattr(request, "device", "auto"), getattr(request, "dtype", "auto"))
+    _check_model_paths(request, config)
+
+
+def resolve_request(
+    data: Any,
+    config: ServerConfig,
+    uploads: UploadStore,
+    parse: Optional[Callable[[dict], Any]] = None,
+) -> Any:
+    """Turn a job's JSON body into a validated request model the worker can run.
+
+    ``parse`` is :func:`engine.tasks.parse_request` unless given (tests pass their own request
+    models). The server's ``--model``/``--device``/``--dtype`` fill fields the body leaves out.
+    """
+    if parse is None:
+        from ..tasks import parse_request as parse
+    if not isinstance(data, dict):
+        raise InvalidRequest("a job request is a JSON object with a 'task' field, e.g. "
+                             '{"task": "generate", "bbox": [...], "crs": "EPSG:4326"}')
+    data = dict(data)
+    for key, default in (("model", config.default_model), ("device", config.device), ("dtype", config.dtype)):
+        if data.get(key) is None:
+            data[key] = default
+    data = resolve_upload_refs(data, uploads)
+    request = parse(data)
+    for path in request.input_paths():
+        resolved = confine_path(path, config)
+        if not resolved.is_file():
+            raise RasterError(f"input file {str(path)!r} does not exist on the engine's machine; "
+                              "upload it with POST /v1/uploads or give a path the engine can read")
+    precheck(request, config)
+    return request

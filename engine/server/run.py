@@ -1,0 +1,123 @@
+"""Running the app: bind, print the one ready line, serve until SIGTERM/SIGINT.
+
+The ready line is the contract with whoever started the server (the QGIS plugin, the tests,
+a service manager): exactly one JSON object on stdout, flushed, once the socket accepts
+connections::
+
+    {"url": "http://127.0.0.1:8765", "token_file": "/home/me/.config/diffusionsat/token",
+     "pid": 1234, "version": "0.1.0", "host": "127.0.0.1", "port": 8765}
+
+Everything else (logs) goes to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+from typing import Optional
+
+from .. import __version__
+from ..errors import DeviceError
+from .config import ServerConfig, is_loopback
+from .errors import ServerConfigError
+
+log = logging.getLogger("engine.server")
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready TCP socket on ``host:port`` (port 0: a free one chosen by the OS)."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as err:
+        raise ServerConfigError(f"cannot resolve --host {host!r} ({err.strerror}); give an IP address "
+                                "such as 127.0.0.1") from None
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    if os.name != "nt":
+        # Lets a restarted server reuse its port at once; on Windows the flag means something unsafe.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as err:
+        sock.close()
+        raise ServerConfigError(f"cannot listen on {host}:{port} ({err.strerror}); another program may "
+                                "use the port: pick another with --port, or --port 0 for a free one") from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def ready_line(config: ServerConfig, port: int) -> str:
+    # A wildcard bind is reached locally through the loopback address.
+    host = config.host
+    if host in ("0.0.0.0", ""):
+        host = "127.0.0.1"
+    elif host in ("::", "[::]"):
+        host = "::1"
+    shown = f"[{host}]" if ":" in host else host
+    return json.dumps({
+        "url": f"http://{shown}:{port}",
+        "token_file": str(config.token_file) if config.token_file else None,
+        "pid": os.getpid(),
+        "version": __version__,
+        "host": config.host,
+        "port": port,
+    })
+
+
+def serve(config: ServerConfig, *, log_level: str = "info") -> None:
+    """Serve ``config`` until SIGTERM/SIGINT; a running job is cancelled on the way out."""
+    import uvicorn
+
+    from .app import create_app
+
+    if not is_loopback(config.host):
+        print(f"warning: the engine listens on {config.host}, reachable from other machines: anyone "
+              "with the token can run jobs and read files under the allowed roots; traffic is not "
+              "encrypted, so use it on a trusted network or behind a TLS proxy", file=sys.stderr, flush=True)
+    sock = bind_socket(config.host, config.port)
+    port = sock.getsockname()[1]
+    try:
+        app = create_app(config)
+    except DeviceError as err:
+        sock.close()
+        raise ServerConfigError(str(err)) from None
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if not self.should_exit:
+                print(ready_line(config, port), flush=True)
+                log.info("DiffusionSat engine %s ready on port %d (workdir %s)", __version__, port,
+                         config.workdir)
+
+    uv_config = uvicorn.Config(
+        app,
+        log_config=None,  # our logging setup (stderr) stays in charge
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=5,
+        # Requests are small and few; the defaults for HTTP keep-alive are fine for polling.
+    )
+    server = _Server(uv_config)
+    server.run(sockets=[sock])
+
+
+def setup_logging(level: str = "info") -> None:
+    """Logs to stderr, one line each; stdout carries only the ready line."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("engine.server", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [handler]
+        logger.setLevel(level.upper())
+        logger.propagate = False
+
+
+def main_serve(config: ServerConfig, log_level: Optional[str] = None) -> int:
+    setup_logging(log_level or "info")
+    serve(config, log_level=log_level or "info")
+    return 0
