@@ -357,10 +357,17 @@ def _randomise_zero_convs(controlnet: Any) -> Any:
         zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
                       controlnet.controlnet_cond_embedding.conv_out]
         for conv in zero_convs:
-            conv.weight.normal_(0.0, 0.05)
+            conv.weight.normal_(0.0, 0.5)
             conv.bias.zero_()
         for alpha in getattr(controlnet, "mixing_attns", []):
             alpha.fill_(0.5)
+        # He-initialised conditioning convolutions without bias, so that differences between
+        # conditioning images survive the stack (default init lets the biases dominate).
+        embedding = controlnet.controlnet_cond_embedding
+        for conv in [embedding.conv_in, *embedding.blocks]:
+            fan_in = conv.weight[0].numel()
+            conv.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
+            conv.bias.zero_()
     return controlnet
 
 
