@@ -579,7 +579,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except DiffusionSatError as err:
         if debug:
             raise
-        print(f"diffusionsat {args.command}: error: {err}", file=sys.stderr)
+        print(f"diffusionsat {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"diffusionsat {args.command}: interrupted; nothing was written", file=sys.stderr)
@@ -597,6 +597,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"diffusionsat {args.command}: internal error: {type(err).__name__}: {err} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """The first line of a message; longer explanations (e.g. a grammar) are in --help."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[0] + (" (see --help)" if len(lines) > 1 else "")
 
 
 def _is_cuda_oom(err: BaseException) -> bool:

@@ -66,10 +66,12 @@ class Grid:
             from rasterio.warp import transform_bounds
 
             bbox = transform_bounds(bbox_crs, self.crs, *bbox, densify_pts=21)
-        win = from_bounds(*bbox, transform=self.transform).round_offsets("floor").round_lengths("ceil")
-        col0, row0 = max(0, int(win.col_off)), max(0, int(win.row_off))
-        col1 = min(self.width, int(win.col_off + win.width))
-        row1 = min(self.height, int(win.row_off + win.height))
+        win = from_bounds(*bbox, transform=self.transform)
+        eps = 1e-6  # a bbox on pixel edges must not gain a sliver pixel from rounding noise
+        col0 = max(0, math.floor(win.col_off + eps))
+        row0 = max(0, math.floor(win.row_off + eps))
+        col1 = min(self.width, math.ceil(win.col_off + win.width - eps))
+        row1 = min(self.height, math.ceil(win.row_off + win.height - eps))
         if col1 <= col0 or row1 <= row0:
             raise InvalidRequest(
                 f"--bbox {tuple(round(v, 6) for v in bbox)} does not overlap the input raster "

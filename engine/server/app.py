@@ -75,6 +75,7 @@ class ModelOut(BaseModel):
     resolution: int = Field(..., description="native output size in px")
     kind: str
     path: Optional[str]
+    trained_against: Optional[str] = Field(None, description="for a ControlNet: the UNet it was trained against")
 
 
 class ModelsOut(BaseModel):
@@ -183,7 +184,7 @@ def _model_tasks(kind: str, model: Any = None) -> list[str]:
     if kind == "built-in":  # the tiny preset has every component each task needs
         return list(REQUEST_MODELS)
     if kind == "single-image":
-        return [t for t in ("generate",) if t in REQUEST_MODELS]
+        return [t for t in ("generate", "inpaint") if t in REQUEST_MODELS]
     return []
 
 
@@ -342,7 +343,8 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
                 "path": None}]
         for m in installed_models():
             out.append({"name": m.name, "tasks": _model_tasks(m.kind, m), "resolution": m.resolution,
-                        "kind": m.kind, "path": str(m.path)})
+                        "kind": m.kind, "path": str(m.path),
+                        "trained_against": getattr(m, "trained_against", None)})
         return {"models": out, "default": config.default_model}
 
     @app.post(f"{API_PREFIX}/uploads", response_model=UploadOut, status_code=201, dependencies=auth,

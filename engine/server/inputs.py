@@ -31,7 +31,7 @@ UPLOAD_PREFIX = "upload:"
 _UPLOAD_REF = re.compile(r"^upload:(\S+)$")
 _UPLOAD_ID = re.compile(r"^[0-9a-f]{32}$")
 #: Request fields naming model folders (read by the server, so confined like inputs).
-MODEL_PATH_FIELDS = ("model", "unet", "base")
+MODEL_PATH_FIELDS = ("model", "unet", "base", "controlnet")
 #: ``model`` values that are names, not folders.
 _MODEL_NAMES = ("auto", "tiny")
 
@@ -205,7 +205,7 @@ def output_pixels(request: Any) -> Optional[int]:
 
 
 def _check_model_paths(request: Any, config: ServerConfig) -> None:
-    from ..models.loading import find_unet_folder, models_dirs
+    from ..models.loading import describe_folder, models_dirs
 
     roots_for_models = list(config.allowed_roots) + [p.expanduser().resolve() for p in models_dirs()]
     for field in MODEL_PATH_FIELDS:
@@ -228,14 +228,19 @@ def _check_model_paths(request: Any, config: ServerConfig) -> None:
             )
         if not path.is_dir():
             raise ModelNotFound(f"{field} {spec!r} is a file; give the model's folder")
-        if field in ("model", "unet") and not (field == "model" and getattr(request, "unet", None)):
-            # Cheap (reads config.json only) and catches "not a model folder" before queueing.
-            find_unet_folder(path)
+        if field == "model" and not getattr(request, "unet", None) and describe_folder(path) is None:
+            # Cheap (reads config files only) and catches "not a model folder" before queueing.
+            raise ModelNotFound(
+                f"{spec!r} is not a DiffusionSat model folder: no UNet (config.json, unet/ or "
+                "checkpoint-N/unet/) and no ControlNet (controlnet/) inside; use a folder listed by "
+                "GET /v1/models"
+            )
 
 
 def precheck(request: Any, config: ServerConfig) -> None:
     """Run the checks a task would run first, so that a bad request fails now, with a 4xx."""
     from ..device import resolve
+    from ..metadata import SatMetadata, derive_from_bbox, parse_crs, validate_bbox
 
     pixels = output_pixels(request)
     if pixels is not None and pixels > config.max_pixels:
@@ -246,21 +251,22 @@ def precheck(request: Any, config: ServerConfig) -> None:
         )
     bbox = getattr(request, "bbox", None)
     crs = getattr(request, "crs", None)
+    date = getattr(request, "date", None)
+    cloud_cover = getattr(request, "cloud_cover", None)
     if bbox is not None and crs is not None:
-        from ..metadata import derive_from_bbox, parse_crs, validate_bbox
-
         parsed = parse_crs(crs)
         validate_bbox(bbox, parsed)
         size = getattr(request, "size", None)
         # An unstated size defaults to the model's native one (unknown until it is loaded); a
         # large stand-in keeps the GSD check from refusing what the real size would allow.
-        derive_from_bbox(
-            bbox, parsed,
-            getattr(request, "width", None) or size or 4096,
-            getattr(request, "height", None) or size or 4096,
-            date=getattr(request, "date", None),
-            cloud_cover=getattr(request, "cloud_cover", None),
-        )
+        derive_from_bbox(bbox, parsed, getattr(request, "width", None) or size or 4096,
+                         getattr(request, "height", None) or size or 4096, date=date, cloud_cover=cloud_cover)
+    else:
+        # Without a bbox the place comes from the inputs, but the date and cloud cover are known now.
+        SatMetadata(date=date, cloud_cover=cloud_cover)
+    for name in ("input_dates", "reference_dates"):
+        for day in getattr(request, name, None) or ():
+            SatMetadata(date=day)
     resolve(getattr(request, "device", "auto"), getattr(request, "dtype", "auto"))
     _check_model_paths(request, config)
 
@@ -289,8 +295,13 @@ def resolve_request(
     request = parse(data)
     for path in request.input_paths():
         resolved = confine_path(path, config)
-        if not resolved.is_file():
-            raise RasterError(f"input file {str(path)!r} does not exist on the engine's machine; "
+        if not resolved.exists():  # a file, or a folder such as a Sentinel-2 .SAFE product
+            raise RasterError(f"input {str(path)!r} does not exist on the engine's machine; "
                               "upload it with POST /v1/uploads or give a path the engine can read")
     precheck(request, config)
+    limit = getattr(request, "max_pixels", None)
+    if "max_pixels" in getattr(type(request), "model_fields", {}) and (limit is None or limit > config.max_pixels):
+        # Tasks whose output size follows from their inputs check it themselves once they have
+        # read them: hand them the engine's limit.
+        request = request.model_copy(update={"max_pixels": config.max_pixels})
     return request
