@@ -543,6 +543,9 @@ def _quiet_libraries() -> None:
     import warnings
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # GDAL's block cache defaults to 5 % of RAM; tiled jobs stream window by window and gain
+    # nothing from more than this, while a large cache makes peak memory grow with the raster.
+    os.environ.setdefault("GDAL_CACHEMAX", "128")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub", "rasterio"):
