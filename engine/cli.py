@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--seed", type=_int, help="random seed (default: a fresh one, recorded in the output)")
     what.add_argument("--scheduler", default="default", choices=SCHEDULERS,
                       help="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
+    what.add_argument("--spread", type=_int, metavar="N",
+                      help="also sample N seeds and write their per-pixel spread to <out>.spread.tif "
+                      "(where it is high, the model is guessing)")
     _add_model_args(g)
     _add_output_args(g)
     g.set_defaults(func=cmd_generate)
@@ -368,6 +371,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "guidance": args.guidance,
             "seed": args.seed,
             "scheduler": args.scheduler,
+            "spread": args.spread,
             "model": args.model,
             "unet": args.unet,
             "base": args.base,

@@ -55,6 +55,10 @@ class GenerateRequest(_Request):
     guidance: float = Field(7.5, ge=0.0, le=50.0)
     seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; default: a fresh one, recorded")
     scheduler: str = Field("default", description="default (the checkpoint's), ddim, dpm++, unipc, euler, pndm")
+    spread: Optional[int] = Field(
+        None, ge=2, le=16,
+        description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
+        "output as <name>.spread.tif: where it is high the model is guessing")
 
     @field_validator("width", "height", "size")
     @classmethod
@@ -207,6 +211,11 @@ def rasterio_crs(crs: Any):
     return CRS.from_wkt(crs.to_wkt())
 
 
+def spread_path(out: Path) -> Path:
+    """Where ``generate --spread`` writes the spread map: beside the output."""
+    return out.with_name(out.stem + ".spread.tif")
+
+
 def new_seed() -> int:
     return secrets.randbelow(2**31)
 
@@ -259,6 +268,13 @@ def generate(
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     generator = torch.Generator("cpu").manual_seed(seed)
+    samples = request.spread or 1
+    # Each sample has its own seed (seed, seed+1, ...) so sample 0 is exactly the single-seed image.
+    latents = torch.cat([
+        pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
+        / pipe.scheduler.init_noise_sigma
+        for i in range(samples)
+    ])
     result = pipe(
         request.prompt,
         metadata if bundle.uses_metadata else None,
@@ -266,7 +282,9 @@ def generate(
         width=width,
         num_inference_steps=request.steps,
         guidance_scale=request.guidance,
+        num_images_per_prompt=samples,
         generator=generator,
+        latents=latents,
         callback=progress,
         cancel=cancel,
     )
@@ -293,15 +311,31 @@ def generate(
         tags["TIFFTAG_DATETIME"] = request.date.strftime("%Y:%m:%d 00:00:00")
     if cancel is not None:
         cancel.raise_if_cancelled()
-    write_cog(
-        out,
-        image,
-        crs=rasterio_crs(crs),
-        transform=grid_transform(request.bbox, width, height),
-        tags=tags,
-        band_descriptions=["red", "green", "blue"],
-        colorinterp=["red", "green", "blue"],
-    )
+    transform = grid_transform(request.bbox, width, height)
+    if samples > 1:
+        # per-pixel standard deviation over the samples of the mean of R, G, B (0..1)
+        spread = result.images.mean(axis=-1).std(axis=0).astype(np.float32)
+        spread_tags = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION")}
+        spread_tags.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
+                           TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
+                           f"{samples} DiffusionSat samples: high = the model is guessing")
+        tags["spread_file"] = spread_path(out).name
+        write_cog(spread_path(out), spread, crs=rasterio_crs(crs), transform=transform, tags=spread_tags,
+                  band_descriptions=["spread"])
+    try:
+        write_cog(
+            out,
+            image,
+            crs=rasterio_crs(crs),
+            transform=transform,
+            tags=tags,
+            band_descriptions=["red", "green", "blue"],
+            colorinterp=["red", "green", "blue"],
+        )
+    except BaseException:
+        if samples > 1:  # no orphan spread map without its image
+            spread_path(out).unlink(missing_ok=True)
+        raise
     return TaskResult(
         path=out,
         task="generate",

@@ -64,6 +64,13 @@ class PathNotAllowed(ApiError):
     code = "path_not_allowed"
 
 
+class InputNotFound(ApiError):
+    """An input path of the request does not exist on the engine's machine."""
+
+    http_status = 422
+    code = "input_not_found"
+
+
 class NotFound(ApiError):
     http_status = 404
     code = "not_found"

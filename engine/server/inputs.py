@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional
 
 from ..errors import InvalidRequest, ModelNotFound, RasterError
 from .config import ServerConfig
-from .errors import PathNotAllowed, TooLarge
+from .errors import InputNotFound, PathNotAllowed, TooLarge
 
 UPLOAD_PREFIX = "upload:"
 _UPLOAD_REF = re.compile(r"^upload:(\S+)$")
@@ -296,7 +296,7 @@ def resolve_request(
     for path in request.input_paths():
         resolved = confine_path(path, config)
         if not resolved.exists():  # a file, or a folder such as a Sentinel-2 .SAFE product
-            raise RasterError(f"input {str(path)!r} does not exist on the engine's machine; "
+            raise InputNotFound(f"input {str(path)!r} does not exist on the engine's machine; "
                               "upload it with POST /v1/uploads or give a path the engine can read")
     precheck(request, config)
     limit = getattr(request, "max_pixels", None)

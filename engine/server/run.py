@@ -34,8 +34,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     except socket.gaierror as err:
         raise ServerConfigError(f"cannot resolve --host {host!r} ({err.strerror}); give an IP address "
                                 "such as 127.0.0.1") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    family, socktype, proto, _, addr = infos[0]
+    # proto must be IPPROTO_TCP (not 0): asyncio sets TCP_NODELAY on accepted connections only
+    # then, and without it every keep-alive response waits ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(family, socktype, proto or socket.IPPROTO_TCP)
     if os.name != "nt":
         # Lets a restarted server reuse its port at once; on Windows the flag means something unsafe.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -218,3 +218,36 @@ def test_console_script_help_and_error(tmp_path):
     proc = subprocess.run([exe, "generate", "--bbox", "1,2,3", "--out", str(tmp_path / "x.tif")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_spread_over_seeds(tmp_path, capsys):
+    out = tmp_path / "s.tif"
+    assert cli(capsys, "generate", *ROME, *FAST, "--spread", "3", "--out", str(out))[0] == 0
+    single = tmp_path / "one.tif"
+    assert cli(capsys, "generate", *ROME, *FAST, "--out", str(single))[0] == 0
+    with rasterio.open(out) as a, rasterio.open(single) as b, rasterio.open(tmp_path / "s.spread.tif") as s:
+        # sample 0 is the single-seed image (up to rounding: batched CPU kernels sum in another order)
+        diff = np.abs(a.read().astype(int) - b.read().astype(int))
+        assert diff.max() <= 2 and diff.mean() < 0.05
+        spread = s.read(1)
+        assert s.transform == a.transform and s.crs == a.crs and s.dtypes[0] == "float32"
+        assert s.tags()["spread_seeds"] == "1..3" and a.tags()["spread_file"] == "s.spread.tif"
+    assert 0 < spread.mean() < 0.5 and spread.min() >= 0
+
+
+def test_hub_ids_resolve_to_a_local_folder_of_the_same_layout(tmp_path, capsys, monkeypatch, tiny_folder):
+    """hf:owner/name goes through snapshot_download (stubbed at the network edge) to a folder."""
+    import huggingface_hub
+
+    calls = []
+
+    def fake_snapshot_download(repo_id, revision=None, allow_patterns=None, **kw):
+        calls.append((repo_id, revision))
+        return str(tiny_folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    code, stdout, _ = cli(capsys, "generate", *ROME, "--model", "hf:someone/diffusionsat-512@v1", "--size", "64",
+                          "--steps", "1", "--seed", "1", "--quiet", "--json", "--out", str(tmp_path / "h.tif"))
+    assert code == 0 and calls == [("someone/diffusionsat-512", "v1")]
+    code, _, err = cli(capsys, "generate", *ROME, "--model", "hf:not a repo", "--out", str(tmp_path / "x.tif"))
+    assert code == 2 and "hf:owner/name" in err
