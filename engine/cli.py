@@ -408,18 +408,22 @@ def cmd_models(args: argparse.Namespace) -> int:
     from .models.loading import installed_models, models_dirs
 
     models = installed_models()
+    tiny = {"name": "tiny", "path": None, "resolution": 256, "kind": "built-in",
+            "tasks": ["generate", "inpaint", "superres", "temporal"], "trained_against": None}
     if args.json:
-        print(json.dumps({
-            "search_path": [str(p) for p in models_dirs()],
-            "models": [{"name": "tiny", "path": None, "resolution": 256, "kind": "built-in"}]
-            + [m.as_dict() for m in models],
-        }))
+        print(json.dumps({"search_path": [str(p) for p in models_dirs()],
+                          "models": [tiny] + [m.as_dict() for m in models]}))
         return 0
-    print("built-in:  tiny (random weights, 256 px; every task; for tests and smoke runs)")
+    print("tiny (built-in): random weights, 256 px; tasks generate, inpaint, superres, temporal "
+          "(for trying the tool and for tests)")
     for m in models:
-        print(f"installed: {m.name} ({m.kind}, {m.resolution} px) {m.path}")
+        line = f"{m.name} ({m.kind}, {m.resolution} px): tasks {', '.join(m.tasks) or 'none'}; {m.path}"
+        if m.trained_against:
+            line += f"\n    trained against: {m.trained_against} (pass it with --unet)"
+        print(line)
     if not models:
-        print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}")
+        print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}; "
+              "unzip the released checkpoints there (see README)")
     return 0
 
 

@@ -374,6 +374,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
     run_job(job, progress, cancel)
     centre = _tile_metadata(out_grid, _whole(out_grid), max(width, height), date, request.cloud_cover)
+    warnings += centre.out_of_range_warnings()
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
@@ -567,7 +568,8 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         for s in sources:
             s.close()
     centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), request.date, request.cloud_cover)
-    return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=list(bundle.notices))
+    warnings = list(bundle.notices) + centre.out_of_range_warnings()
+    return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
 # --------------------------------------------------------------------------------------------
@@ -749,4 +751,5 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     if "w" in holder and holder["w"].masked_pixels == 0:
         warnings.append("the mask selects no pixel of the input: the output equals the input")
     centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), date, request.cloud_cover)
+    warnings += centre.out_of_range_warnings()
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
