@@ -16,7 +16,6 @@ import datetime as _dt
 import hashlib
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -214,7 +213,8 @@ def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optiona
     return stats
 
 
-def _common_tags(task: str, bundle, placement, request, seed: int) -> dict:
+def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
+    """The tags every output carries: synthetic=true, the model, seed, prompt and sampling settings."""
     return {
         "synthetic": True,
         "software": f"diffusionsat {__version__}",
@@ -367,7 +367,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
                       control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
         return result.images[0].transpose(2, 0, 1)
 
-    tags = _common_tags("superres", bundle, placement, request, seed)
+    tags = provenance_tags("superres", bundle, placement, request, seed)
     tags.update(input=str(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
                 conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
@@ -468,10 +468,8 @@ def _footprint_overlap(path: str, grid: Grid) -> float:
     """Fraction of ``grid``'s area that ``path``'s footprint covers (both in the grid's CRS)."""
     from rasterio.warp import transform_bounds
 
-    with _open(path) as src:
-        if src.crs is None:
-            raise RasterError(f"{path!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
-        west, south, east, north = transform_bounds(src.crs, grid.crs, *src.bounds, densify_pts=21)
+    own = _grid_of(path)
+    west, south, east, north = transform_bounds(own.crs, grid.crs, *own.bounds, densify_pts=21)
     gw, gs, ge, gn = grid.bounds
     inter = max(0.0, min(east, ge) - max(west, gw)) * max(0.0, min(north, gn) - max(south, gs))
     area = (ge - gw) * (gn - gs)
@@ -556,7 +554,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
                       control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
         return result.images[0].transpose(2, 0, 1)
 
-    tags = _common_tags("temporal", bundle, placement, request, seed)
+    tags = provenance_tags("temporal", bundle, placement, request, seed)
     tags.update(inputs=";".join(p for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
                 metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
                 conditioning_scale=request.conditioning_scale)
@@ -724,7 +722,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
         dtype = src.dtypes[bands[0] - 1]
         nodata = src.nodata
         descriptions = [src.descriptions[b - 1] or f"band {b}" for b in bands]
-    tags = _common_tags("inpaint", bundle, placement, request, seed)
+    tags = provenance_tags("inpaint", bundle, placement, request, seed)
     tags.update(input=str(request.input), mask=str(request.mask), mask_rule=request.mask_rule or "",
                 dilate_px=request.dilate, resample=request.resample, synthetic_pixels="masked pixels only",
                 references=";".join(p for p, _ in refs))

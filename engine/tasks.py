@@ -16,7 +16,6 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from . import __version__
 from .errors import InvalidRequest
 from .progress import CancelToken, ProgressCallback
 
@@ -236,6 +235,7 @@ def generate(
     import numpy as np
     import torch
 
+    from .conditional import provenance_tags
     from .geo.cog import write_cog
     from .metadata import derive_from_bbox, grid_transform, parse_crs, validate_bbox
     from .models.cache import ModelCache
@@ -290,21 +290,8 @@ def generate(
     )
     image = np.clip(np.rint(result.images[0] * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
     tags = {
-        "synthetic": True,
-        "software": f"diffusionsat {__version__}",
-        "task": "generate",
-        "model": bundle.name,
-        "model_source": bundle.source,
-        "seed": seed,
-        "prompt": request.prompt,
-        "steps": request.steps,
-        "guidance": request.guidance,
-        "scheduler": request.scheduler if request.scheduler != "default" else type(bundle.scheduler).__name__,
-        "device": placement.device,
-        "dtype": placement.dtype,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **provenance_tags("generate", bundle, placement, request, seed),
         "TIFFTAG_IMAGEDESCRIPTION": f"AI-generated (synthetic) image: DiffusionSat {bundle.name}, seed {seed}",
-        "TIFFTAG_SOFTWARE": f"diffusionsat {__version__}",
         **metadata.to_tags(),
     }
     if request.date is not None:

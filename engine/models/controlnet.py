@@ -23,7 +23,7 @@ from diffusers.models.transformers.transformer_temporal import TransformerTempor
 from torch import nn
 
 from ._config import extends_config_of, undecorated_init
-from .unet import NUM_METADATA, build_metadata_embedding, embed_metadata, prepare_metadata
+from .unet import NUM_METADATA, embed_metadata, metadata_embedding_like, prepare_metadata
 
 #: Heads x head width of the temporal transformer on the first residual (conv_in's output).
 FIRST_TEMPORAL_HEADS, FIRST_TEMPORAL_HEAD_DIM = 8, 64
@@ -125,12 +125,7 @@ class SatControlNet(ControlNetModel):
         kwargs.pop("conditioning_channels", None)
         undecorated_init(ControlNetModel)(self, *args, conditioning_channels=conditioning_in_channels, **kwargs)
         self._build_conditioning(conditioning_in_channels, conditioning_scale)
-        if use_metadata:
-            proj_dim = self.time_embedding.linear_1.in_features
-            embed_dim = self.time_embedding.linear_2.out_features
-            self.metadata_embedding = build_metadata_embedding(num_metadata, proj_dim, embed_dim)
-        else:
-            self.metadata_embedding = None
+        self.metadata_embedding = metadata_embedding_like(self, num_metadata) if use_metadata else None
 
     def _build_conditioning(self, in_channels: int, conditioning_scale: int) -> None:
         self.controlnet_cond_embedding = ConditioningEmbedding2D(

@@ -114,8 +114,6 @@ def load_unet(folder: str | os.PathLike, *, use_metadata: Optional[bool] = None)
     True on a plain SD UNet adds freshly initialised metadata MLPs (to fine-tune from SD 2.1);
     False on a SatUNet drops its metadata MLPs (with a warning).
     """
-    from accelerate import init_empty_weights
-
     folder = Path(folder)
     config = read_config(folder)
     class_name = config.get("_class_name", "UNet2DConditionModel")
@@ -129,12 +127,7 @@ def load_unet(folder: str | os.PathLike, *, use_metadata: Optional[bool] = None)
     config = dict(config, use_metadata=use_metadata, _class_name="SatUNet")
     config.setdefault("num_metadata", 7)
     state = read_state_dict(folder)
-    try:
-        with init_empty_weights(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            unet = SatUNet.from_config(config)
-    except Exception as err:
-        raise ModelLoadError(f"{folder}/config.json does not describe a valid UNet: {err}") from err
+    unet = _empty_model(SatUNet, config, folder, "UNet")
     if not use_metadata:
         dropped = [k for k in state if k.startswith("metadata_embedding.")]
         if dropped:
@@ -144,6 +137,18 @@ def load_unet(folder: str | os.PathLike, *, use_metadata: Optional[bool] = None)
     if use_metadata and not folder_has_metadata:
         init_metadata_embedding(unet.metadata_embedding)
     return unet
+
+
+def _empty_model(cls: type, config: dict, folder: Path, what: str) -> Any:
+    """``cls`` built from ``config`` on the meta device (no memory, no init): weights come next."""
+    from accelerate import init_empty_weights
+
+    try:
+        with init_empty_weights(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return cls.from_config(config)
+    except Exception as err:
+        raise ModelLoadError(f"{folder}/config.json does not describe a valid {what}: {err}") from err
 
 
 def _load_into(
@@ -382,8 +387,6 @@ def controlnet_task(controlnet: Any) -> str:
 
 def load_controlnet(folder: str | os.PathLike) -> Any:
     """Load a ControlNet folder (official ``ControlNetModel``/``ControlNetModel3D`` or ours)."""
-    from accelerate import init_empty_weights
-
     folder = Path(folder)
     config = read_config(folder)
     class_name = config.get("_class_name", "ControlNetModel")
@@ -391,12 +394,7 @@ def load_controlnet(folder: str | os.PathLike) -> Any:
     if cls is None:
         raise ModelLoadError(f"{folder} holds a {class_name}, not a DiffusionSat ControlNet")
     state = read_state_dict(folder)
-    try:
-        with init_empty_weights(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            model = cls.from_config(config)
-    except Exception as err:
-        raise ModelLoadError(f"{folder}/config.json does not describe a valid ControlNet: {err}") from err
+    model = _empty_model(cls, config, folder, "ControlNet")
     for key in [k for k in state if k.startswith("mixing_attns.") and state[k].ndim == 0]:
         state[key] = state[key].reshape(1)
     _load_into(model, state, folder)

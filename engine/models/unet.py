@@ -35,6 +35,13 @@ def build_metadata_embedding(num_metadata: int, proj_dim: int, embed_dim: int) -
     )
 
 
+def metadata_embedding_like(model: nn.Module, num_metadata: int) -> nn.ModuleList:
+    """Metadata MLPs sized like ``model``'s time embedding (projection dim -> embedding dim)."""
+    return build_metadata_embedding(
+        num_metadata, model.time_embedding.linear_1.in_features, model.time_embedding.linear_2.out_features
+    )
+
+
 def init_metadata_embedding(embedding: nn.ModuleList, generator: Optional[torch.Generator] = None):
     """Initialise the metadata MLPs explicitly (PyTorch's default ``nn.Linear`` init).
 
@@ -91,12 +98,7 @@ class SatUNet(UNet2DConditionModel):
     @extends_config_of(UNet2DConditionModel, use_metadata=True, num_metadata=NUM_METADATA)
     def __init__(self, *args: Any, use_metadata: bool = True, num_metadata: int = NUM_METADATA, **kwargs: Any):
         undecorated_init(UNet2DConditionModel)(self, *args, **kwargs)
-        if use_metadata:
-            proj_dim = self.time_embedding.linear_1.in_features
-            embed_dim = self.time_embedding.linear_2.out_features
-            self.metadata_embedding = build_metadata_embedding(num_metadata, proj_dim, embed_dim)
-        else:
-            self.metadata_embedding = None
+        self.metadata_embedding = metadata_embedding_like(self, num_metadata) if use_metadata else None
 
     def embed_metadata(self, metadata: Optional[torch.Tensor], batch: int, dtype: torch.dtype) -> torch.Tensor:
         """The (batch, time_embed_dim) metadata embedding that ``forward`` adds to the time embedding.

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from diffusers import ControlNetModel, UNet2DConditionModel
+from diffusers import ControlNetModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
 from engine.models.controlnet import SatControlNet, SatControlNet3D, conditioning_strides
