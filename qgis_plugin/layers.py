@@ -1,0 +1,235 @@
+"""Results as map layers: where they are written, and how they are added.
+
+Outputs go to ``<project folder>/diffusionsat/`` (or, for an unsaved project, the configured
+folder, default ``~/DiffusionSat``) under names that never overwrite. A result layer is added to
+the "DiffusionSat" group with:
+
+- temporal properties active, fixed to the requested date (the whole day), and the temporal
+  controller's range widened to include it when temporal navigation is on;
+- provenance in its metadata (abstract and keywords: synthetic, task, model, seed, prompt);
+- an RGB style (bands chosen by their descriptions, else 1/2/3; 0..255 for 8-bit data).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import re
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+from qgis.core import (
+    QgsContrastEnhancement,
+    QgsDateTimeRange,
+    QgsLayerMetadata,
+    QgsMultiBandColorRenderer,
+    QgsProject,
+    QgsRasterLayer,
+)
+from qgis.PyQt.QtCore import QDate, QDateTime, QTime
+
+from .compat import RASTER_FIXED_RANGE
+
+GROUP_NAME = "DiffusionSat"
+KEYWORD_VOCABULARY = "DiffusionSat"
+
+
+def output_folder(project: Optional[QgsProject] = None, fallback: Optional[Path] = None) -> Path:
+    """``<project dir>/diffusionsat`` for a saved project, else ``fallback`` (~/DiffusionSat)."""
+    project = project or QgsProject.instance()
+    home = project.absolutePath() if project.fileName() else ""
+    folder = Path(home) / "diffusionsat" if home else (fallback or Path.home() / "DiffusionSat")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def unique_path(folder: Path, stem: str, suffix: str = ".tif") -> Path:
+    """``folder/stem.tif``, or ``stem_2.tif``, ``stem_3.tif``… whichever does not exist yet."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem).strip("_") or "diffusionsat"
+    candidate = folder / f"{stem}{suffix}"
+    n = 2
+    while candidate.exists():
+        candidate = folder / f"{stem}_{n}{suffix}"
+        n += 1
+    # Reserve the name so two jobs started at once cannot pick the same file.
+    candidate.touch()
+    return candidate
+
+
+def output_stem(task: str, date: Optional[_dt.date] = None) -> str:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{task}_{date.isoformat()}_{stamp}" if date else f"{task}_{stamp}"
+
+
+def day_range(date: _dt.date) -> QgsDateTimeRange:
+    """The whole day ``date`` [00:00, next day 00:00)."""
+    begin = QDateTime(QDate(date.year, date.month, date.day), QTime(0, 0, 0))
+    return QgsDateTimeRange(begin, begin.addDays(1), True, False)
+
+
+def set_temporal_range(layer: QgsRasterLayer, date: _dt.date) -> None:
+    props = layer.temporalProperties()
+    props.setMode(RASTER_FIXED_RANGE)
+    props.setFixedTemporalRange(day_range(date))
+    props.setIsActive(True)
+
+
+def extend_temporal_controller(canvas, date: _dt.date, project: Optional[QgsProject] = None) -> bool:
+    """Widen the temporal controller's (and project's) range to include ``date`` when temporal
+    navigation is on; return whether it changed."""
+    if canvas is None:
+        return False
+    controller = canvas.temporalController() if hasattr(canvas, "temporalController") else None
+    if controller is None or not hasattr(controller, "temporalExtents"):
+        return False
+    mode = controller.navigationMode()
+    # NavigationOff (3.22) and Qgis.TemporalNavigationMode.Disabled (3.36+) are both 0.
+    if int(getattr(mode, "value", mode)) == 0:
+        return False
+    rng = day_range(date)
+    current = controller.temporalExtents()
+    begin, end = current.begin(), current.end()
+    new_begin = rng.begin() if not begin.isValid() or rng.begin() < begin else begin
+    new_end = rng.end() if not end.isValid() or rng.end() > end else end
+    if new_begin == begin and new_end == end:
+        return False
+    widened = QgsDateTimeRange(new_begin, new_end)
+    controller.setTemporalExtents(widened)
+    project = project or QgsProject.instance()
+    if hasattr(project, "timeSettings"):
+        project.timeSettings().setTemporalRange(widened)
+    return True
+
+
+def file_tags(path: str) -> dict[str, str]:
+    """The GDAL metadata tags of a raster (the engine writes its provenance there)."""
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return {}
+    ds = gdal.Open(str(path))
+    return dict(ds.GetMetadata() or {}) if ds is not None else {}
+
+
+def provenance(path: str, result: Optional[Mapping[str, Any]] = None,
+               request: Optional[Mapping[str, Any]] = None) -> dict[str, Any]:
+    """Provenance of an output: the file's tags, completed by the engine's result and request."""
+    info: dict[str, Any] = {}
+    tags = file_tags(path)
+    for key in ("synthetic", "task", "model", "seed", "prompt", "steps", "guidance", "scheduler",
+                "software", "created", "device"):
+        if key in tags:
+            info[key] = tags[key]
+    for source in (result or {}), (request or {}):
+        for key in ("task", "model", "seed", "prompt", "date"):
+            if key not in info and source.get(key) not in (None, ""):
+                info[key] = source[key]
+    info.setdefault("synthetic", "true")
+    return info
+
+
+def set_provenance(layer: QgsRasterLayer, info: Mapping[str, Any], warnings=()) -> None:
+    """Write provenance into the layer's metadata (abstract + DiffusionSat keywords)."""
+    md: QgsLayerMetadata = layer.metadata()
+    task = info.get("task", "generate")
+    md.setTitle(layer.name())
+    lines = [
+        "AI-generated (synthetic) image made with DiffusionSat; it is not an observation.",
+        *(f"{k}: {v}" for k, v in info.items()),
+    ]
+    if warnings:
+        lines.append("warnings: " + "; ".join(str(w) for w in warnings))
+    md.setAbstract("\n".join(lines))
+    keywords = ["synthetic", f"task:{task}"]
+    for key in ("model", "seed", "prompt", "date"):
+        if info.get(key) not in (None, ""):
+            keywords.append(f"{key}:{info[key]}")
+    md.addKeywords(KEYWORD_VOCABULARY, keywords)
+    layer.setMetadata(md)
+
+
+def band_descriptions(path: str) -> list[str]:
+    try:
+        from osgeo import gdal
+    except ImportError:
+        return []
+    ds = gdal.Open(str(path))
+    if ds is None:
+        return []
+    return [(ds.GetRasterBand(i + 1).GetDescription() or "").strip().lower() for i in range(ds.RasterCount)]
+
+
+_RGB_NAMES = {
+    "red": ("red", "b04", "b4", "r"),
+    "green": ("green", "b03", "b3", "g"),
+    "blue": ("blue", "b02", "b2", "b"),
+}
+
+
+def rgb_bands(descriptions: list[str], count: int) -> tuple[int, int, int]:
+    """1-based (red, green, blue) band numbers from band descriptions, else 1/2/3."""
+    picked = []
+    for colour in ("red", "green", "blue"):
+        names = _RGB_NAMES[colour]
+        idx = next((i + 1 for i, d in enumerate(descriptions) if d in names), None)
+        picked.append(idx)
+    if all(picked) and len(set(picked)) == 3:
+        return picked[0], picked[1], picked[2]
+    if count >= 3:
+        return 1, 2, 3
+    return 1, 1, 1
+
+
+def apply_rgb_style(layer: QgsRasterLayer) -> None:
+    """An RGB renderer; 8-bit data is stretched 0..255, other types 2–98 % of their values."""
+    provider = layer.dataProvider()
+    count = layer.bandCount()
+    r, g, b = rgb_bands(band_descriptions(layer.source()), count)
+    renderer = QgsMultiBandColorRenderer(provider, r, g, b)
+    from qgis.core import Qgis
+
+    byte_types = {getattr(Qgis.DataType, "Byte", None), getattr(Qgis, "Byte", None)}
+    for band, setter in ((r, renderer.setRedContrastEnhancement), (g, renderer.setGreenContrastEnhancement),
+                         (b, renderer.setBlueContrastEnhancement)):
+        data_type = provider.dataType(band)
+        ce = QgsContrastEnhancement(data_type)
+        ce.setContrastEnhancementAlgorithm(QgsContrastEnhancement.ContrastEnhancementAlgorithm.StretchToMinimumMaximum)
+        if data_type in byte_types:
+            lo, hi = 0.0, 255.0
+        else:
+            lo, hi = provider.cumulativeCut(band, 0.02, 0.98, layer.extent(), 250000)
+        ce.setMinimumValue(lo)
+        ce.setMaximumValue(hi)
+        setter(ce)
+    layer.setRenderer(renderer)
+
+
+def result_group(project: QgsProject, name: str = GROUP_NAME):
+    root = project.layerTreeRoot()
+    group = root.findGroup(name)
+    return group if group is not None else root.insertGroup(0, name)
+
+
+def style_result(layer: QgsRasterLayer, *, date: Optional[_dt.date] = None,
+                 info: Optional[Mapping[str, Any]] = None, warnings=()) -> None:
+    """Style, temporal range and provenance for an output layer (also used by Processing)."""
+    if layer.bandCount() >= 3:
+        apply_rgb_style(layer)
+    if date is not None:
+        set_temporal_range(layer, date)
+    set_provenance(layer, info or provenance(layer.source()), warnings)
+
+
+def add_result_layer(path: str, name: str, *, date: Optional[_dt.date] = None,
+                     info: Optional[Mapping[str, Any]] = None, warnings=(),
+                     project: Optional[QgsProject] = None, canvas=None) -> QgsRasterLayer:
+    """Add ``path`` as a styled, dated layer at the top of the "DiffusionSat" group."""
+    project = project or QgsProject.instance()
+    layer = QgsRasterLayer(str(path), name, "gdal")
+    if not layer.isValid():
+        raise OSError(f"QGIS cannot open the result {path}")
+    style_result(layer, date=date, info=info or provenance(path), warnings=warnings)
+    project.addMapLayer(layer, False)
+    result_group(project).insertLayer(0, layer)
+    if date is not None:
+        extend_temporal_controller(canvas, date, project)
+    return layer

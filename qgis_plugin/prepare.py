@@ -1,0 +1,160 @@
+"""From QGIS objects to a :class:`PreparedJob`: shared by the dock and the Processing algorithms.
+
+Runs on the main thread (or in Processing's ``prepareAlgorithm``): it reads layer sources,
+exports non-file layers, stacks band layers, copies mask polygons. What it returns holds only
+plain values, so the task that runs it never touches a QGIS layer.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any, Optional, Sequence
+
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransform,
+    QgsProject,
+    QgsRectangle,
+)
+
+from . import inputs
+from .requests import (
+    PreparedJob,
+    RequestError,
+    generate_request,
+    inpaint_request,
+    layer_file,
+    superres_request,
+    temporal_request,
+)
+
+MASK_RASTER = "raster"
+MASK_POLYGONS = "polygons"
+MASK_NODATA = "nodata"
+
+
+def raster_source(layer, extent: Optional[QgsRectangle] = None, temps: Optional[list] = None) -> str:
+    """A file the engine can read for ``layer``: its own file, or a GeoTIFF export of it."""
+    if layer is None or not layer.isValid():
+        raise RequestError("choose a valid raster layer")
+    path = layer_file(layer)
+    if path:
+        return path
+    exported = inputs.export_raster_window(layer, extent)
+    if temps is not None:
+        temps.append(exported)
+    return exported
+
+
+def extent_in(extent: Optional[QgsRectangle], extent_crs: Optional[QgsCoordinateReferenceSystem],
+              crs: QgsCoordinateReferenceSystem) -> Optional[QgsRectangle]:
+    """``extent`` reprojected (bounding box) into ``crs``; None stays None."""
+    if extent is None or extent.isNull() or extent.isEmpty():
+        return None
+    if extent_crs is None or not extent_crs.isValid() or extent_crs == crs:
+        return QgsRectangle(extent)
+    ct = QgsCoordinateTransform(extent_crs, crs, QgsProject.instance().transformContext())
+    return ct.transformBoundingBox(extent)
+
+
+def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *, width: int, height: int,
+                     output_path: str, name: str = "", date: Optional[_dt.date] = None,
+                     cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
+                     guidance: Optional[float] = None, seed: Optional[int] = None,
+                     scheduler: str = "default", model: Optional[str] = None) -> PreparedJob:
+    request = generate_request(extent, crs, width=width, height=height, date=date, cloud_cover=cloud_cover,
+                               prompt=prompt, steps=steps, guidance=guidance, seed=seed,
+                               scheduler=scheduler, model=model)
+    label = name or (f"Generated {date.isoformat()}" if date else "Generated")
+    return PreparedJob("generate", request, output_path, label, date=date,
+                       title=f"DiffusionSat: generate {width}×{height} px")
+
+
+def prepare_superres(*, output_path: str, layer=None, band_layers: Sequence = (),
+                     band_names: Optional[Sequence[str]] = None, extent: Optional[QgsRectangle] = None,
+                     extent_crs: Optional[QgsCoordinateReferenceSystem] = None, factor: Optional[int] = None,
+                     model: Optional[str] = None, options: Optional[dict[str, Any]] = None,
+                     name: str = "", date: Optional[_dt.date] = None) -> PreparedJob:
+    """Super-resolve one multiband layer, or several single-band layers (stacked in a VRT)
+    whose band names are given in ``band_names`` (one per layer)."""
+    temps: list[str] = []
+    if layer is not None and band_layers:
+        raise RequestError("give either one multiband layer or single-band layers, not both")
+    if layer is not None:
+        crs = layer.crs()
+        window = extent_in(extent, extent_crs, crs)
+        source = raster_source(layer, window, temps)
+        base = layer.name()
+    elif band_layers:
+        if band_names is None or len(band_names) != len(band_layers):
+            raise RequestError("name the Sentinel-2 band of every band layer (e.g. B04)")
+        crs = band_layers[0].crs()
+        if any(lyr.crs() != crs for lyr in band_layers):
+            raise RequestError("the band layers are in different CRSs; reproject them to one first")
+        window = extent_in(extent, extent_crs, crs)
+        files = [raster_source(lyr, window, temps) for lyr in band_layers]
+        source = inputs.write_band_vrt(files)
+        temps.append(source)
+        base = band_layers[0].name()
+    else:
+        raise RequestError("choose a Sentinel-2 layer (or band layers) to super-resolve")
+    request = superres_request(source, bands=band_names, extent=window, crs=crs if window else None,
+                               factor=factor, model=model, options=options)
+    job = PreparedJob("superres", request, output_path, name or f"{base} (super-resolved)", date=date,
+                      files=("input",), temp_files=temps, title=f"DiffusionSat: super-resolve {base}")
+    # A VRT names other files: for a remote engine, run_job uploads a flattened GeoTIFF of it.
+    return job
+
+
+def prepare_inpaint(layer, *, output_path: str, mask_kind: str, mask_layer=None, mask_rule: Optional[str] = None,
+                    selected_only: bool = False, extent: Optional[QgsRectangle] = None,
+                    extent_crs: Optional[QgsCoordinateReferenceSystem] = None, prompt: str = "",
+                    model: Optional[str] = None, options: Optional[dict[str, Any]] = None,
+                    name: str = "", date: Optional[_dt.date] = None) -> PreparedJob:
+    """In-paint ``layer`` where the mask says: ``raster`` (a layer + rule), ``polygons``
+    (a polygon layer, burnt onto the input grid) or ``nodata`` (the input's own nodata)."""
+    temps: list[str] = []
+    if layer is None or not layer.isValid():
+        raise RequestError("choose the raster layer to in-paint")
+    crs = layer.crs()
+    window = extent_in(extent, extent_crs, crs)
+    source = raster_source(layer, window, temps)
+    rasterize = None
+    if mask_kind == MASK_RASTER:
+        if mask_layer is None:
+            raise RequestError("choose the mask raster layer (e.g. a QA or SCL band)")
+        mask = raster_source(mask_layer, extent_in(extent, extent_crs, mask_layer.crs()), temps)
+        rule = (mask_rule or "").strip() or "nonzero"
+    elif mask_kind == MASK_POLYGONS:
+        vector = inputs.write_mask_vector(mask_layer, crs, selected_only)
+        temps.append(vector)
+        mask, rule = vector, "nonzero"
+        rasterize = {"field": "mask", "vector": vector, "like": source}
+    elif mask_kind == MASK_NODATA:
+        mask, rule = "nodata", None  # the engine's keyword: the input's own nodata / alpha / mask
+    else:
+        raise RequestError(f"unknown mask kind {mask_kind!r}")
+    request = inpaint_request(source, mask, mask_rule=rule, extent=window, crs=crs if window else None,
+                              prompt=prompt, model=model, options=options)
+    return PreparedJob("inpaint", request, output_path, name or f"{layer.name()} (in-painted)", date=date,
+                       files=("input", "mask") if mask != "nodata" else ("input",),
+                       rasterize=rasterize, temp_files=temps,
+                       title=f"DiffusionSat: in-paint {layer.name()}")
+
+
+def prepare_temporal(layers: Sequence, dates: Sequence[Optional[_dt.date]], date: _dt.date, *,
+                     output_path: str, extent: Optional[QgsRectangle] = None,
+                     extent_crs: Optional[QgsCoordinateReferenceSystem] = None,
+                     model: Optional[str] = None, options: Optional[dict[str, Any]] = None,
+                     name: str = "") -> PreparedJob:
+    temps: list[str] = []
+    if not layers:
+        raise RequestError("choose at least one input layer")
+    crs = layers[0].crs()
+    window = extent_in(extent, extent_crs, crs)
+    files = [raster_source(lyr, extent_in(extent, extent_crs, lyr.crs()), temps) for lyr in layers]
+    request = temporal_request(files, list(dates), date, extent=window, crs=crs if window else None,
+                               model=model, options=options)
+    return PreparedJob("temporal", request, output_path, name or f"Temporal {date.isoformat()}", date=date,
+                       files=("inputs",), temp_files=temps,
+                       title=f"DiffusionSat: image for {date.isoformat()} from {len(layers)} layer(s)")

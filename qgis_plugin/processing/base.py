@@ -1,0 +1,190 @@
+"""What every DiffusionSat algorithm shares: engine connection, progress/cancel bridge, outputs.
+
+``prepareAlgorithm`` (main thread) reads layers and builds a :class:`PreparedJob`;
+``processAlgorithm`` (any thread) only talks to the engine through :func:`run_job`, with
+``feedback.isCanceled()`` cancelling the engine job and engine progress driving the progress bar.
+The output layer gets the same style, temporal range and provenance as the dock's results.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+from typing import Any, Optional
+
+from qgis.core import (
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsProcessingOutputNumber,
+    QgsProcessingOutputString,
+    QgsProcessingParameterRasterDestination,
+    QgsProcessingParameterString,
+)
+
+from ..compat import icon, set_advanced
+from ..connection import EngineConfigError, resolve_spec, shared_manager
+from ..layers import provenance, style_result
+from ..requests import PreparedJob, RequestError, parse_date
+from ..tasks import friendly_error, run_job
+
+ENGINE_HELP = (
+    "<p>The engine is the one set in DiffusionSat → Engine settings, or, when set, the one in the "
+    "environment variables <code>DIFFUSIONSAT_URL</code> and <code>DIFFUSIONSAT_TOKEN_FILE</code> "
+    "(for <code>qgis_process</code> and scripts).</p>"
+    "<p>The output is an AI-generated (synthetic) image, labelled as such in its metadata.</p>"
+)
+
+
+class ResultStyler(QgsProcessingLayerPostProcessorInterface):
+    """Styles a loaded output like the dock does (RGB, temporal range, provenance)."""
+
+    # Processing holds post-processors by raw pointer: keep the Python objects alive.
+    _alive: list["ResultStyler"] = []
+
+    def __init__(self, date: Optional[_dt.date], info: dict[str, Any], warnings: list[str]) -> None:
+        super().__init__()
+        self.date = date
+        self.info = info
+        self.warnings = warnings
+
+    @classmethod
+    def create(cls, date, info, warnings) -> "ResultStyler":
+        inst = cls(date, info, warnings)
+        cls._alive.append(inst)
+        del cls._alive[:-32]
+        return inst
+
+    def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
+        if layer is not None and layer.isValid():
+            style_result(layer, date=self.date, info=self.info, warnings=self.warnings)
+
+
+class EngineAlgorithm(QgsProcessingAlgorithm):
+    """Base class: subclasses define TASK, the parameters and :meth:`prepare`."""
+
+    TASK = ""
+    OUTPUT = "OUTPUT"
+    MODEL = "MODEL"
+    OPTIONS = "OPTIONS"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._prepared: Optional[PreparedJob] = None
+
+    def createInstance(self):  # noqa: N802
+        return type(self)()
+
+    def name(self) -> str:
+        return self.TASK
+
+    def icon(self):
+        return icon(self.TASK or "diffusionsat")
+
+    # -- parameters shared by the four tasks --------------------------------------------------
+
+    def add_output(self, description: str) -> None:
+        self.addParameter(QgsProcessingParameterRasterDestination(self.OUTPUT, description))
+        self.addOutput(QgsProcessingOutputNumber("SEED", "Seed used"))
+        self.addOutput(QgsProcessingOutputString("WARNINGS", "Engine warnings"))
+
+    def add_engine_options(self) -> None:
+        self.addParameter(set_advanced(QgsProcessingParameterString(
+            self.MODEL, "Model ('auto', 'tiny', or a model folder on the engine; empty = the plugin setting)",
+            optional=True)))
+        self.addParameter(set_advanced(QgsProcessingParameterString(
+            self.OPTIONS, "More request fields as JSON (e.g. {\"steps\": 30, \"seed\": 7})",
+            optional=True, multiLine=True)))
+
+    def model_value(self, parameters, context) -> Optional[str]:
+        text = (self.parameterAsString(parameters, self.MODEL, context) or "").strip()
+        if text:
+            return text
+        from ..settings import PluginSettings
+
+        return PluginSettings.load().model or None
+
+    def options_value(self, parameters, context) -> dict[str, Any]:
+        text = (self.parameterAsString(parameters, self.OPTIONS, context) or "").strip()
+        if not text:
+            return {}
+        try:
+            value = json.loads(text)
+        except ValueError as err:
+            raise QgsProcessingException(f"OPTIONS is not valid JSON: {err}") from None
+        if not isinstance(value, dict):
+            raise QgsProcessingException("OPTIONS must be a JSON object such as {\"steps\": 30}")
+        return value
+
+    @staticmethod
+    def optional_value(parameters, name) -> Any:
+        value = parameters.get(name)
+        return None if value in (None, "") else value
+
+    def optional_number(self, parameters, name, context, integer: bool = False):
+        if self.optional_value(parameters, name) is None:
+            return None
+        return (self.parameterAsInt if integer else self.parameterAsDouble)(parameters, name, context)
+
+    def date_value(self, parameters, name, context, required: bool = False) -> Optional[_dt.date]:
+        text = (self.parameterAsString(parameters, name, context) or "").strip()
+        if not text:
+            if required:
+                raise QgsProcessingException(f"{name} is required (YYYY-MM-DD)")
+            return None
+        d = parse_date(text)
+        if d is None:
+            raise QgsProcessingException(f"{name} {text!r} is not a date; use YYYY-MM-DD")
+        return d
+
+    # -- running -------------------------------------------------------------------------------
+
+    def prepare(self, parameters, context, feedback) -> PreparedJob:
+        raise NotImplementedError
+
+    def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802 - main thread
+        try:
+            self._prepared = self.prepare(parameters, context, feedback)
+        except RequestError as err:
+            raise QgsProcessingException(str(err)) from None
+        return True
+
+    def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - worker thread
+        from ..engine_client import EngineCancelled, EngineError
+
+        prepared = self._prepared
+        if prepared is None:
+            raise QgsProcessingException("the algorithm was not prepared")
+        try:
+            spec = resolve_spec()
+        except EngineConfigError as err:
+            raise QgsProcessingException(str(err)) from None
+        feedback.pushInfo(f"Engine: {spec.describe()}")
+        feedback.pushInfo("Request: " + json.dumps(prepared.request))
+
+        def progress(fraction: float, text: str) -> None:
+            feedback.setProgress(100.0 * fraction)
+            if text:
+                feedback.setProgressText(text)
+
+        try:
+            client = shared_manager().client(spec)
+            outcome = run_job(client, prepared, upload=spec.upload_inputs, progress=progress,
+                              cancelled=feedback.isCanceled)
+        except EngineCancelled:
+            raise QgsProcessingException("Cancelled: the engine job was stopped.") from None
+        except (EngineError, EngineConfigError, RequestError, OSError) as err:
+            raise QgsProcessingException(friendly_error(err, spec)) from None
+        for warning in outcome.warnings:
+            feedback.pushWarning(warning)
+        info = provenance(outcome.path, outcome.result, prepared.request)
+        if context.willLoadLayerOnCompletion(prepared.output_path):
+            details = context.layerToLoadOnCompletionDetails(prepared.output_path)
+            details.name = prepared.layer_name
+            details.setPostProcessor(ResultStyler.create(prepared.date, info, outcome.warnings))
+        seed = outcome.result.get("seed")
+        return {
+            self.OUTPUT: outcome.path,
+            "SEED": seed if isinstance(seed, (int, float)) else None,
+            "WARNINGS": "\n".join(outcome.warnings),
+        }

@@ -1,0 +1,212 @@
+"""Running a prepared job on the engine: one function for Processing, one QgsTask for the dock.
+
+:func:`run_job` is the whole conversation with the engine (upload inputs if needed, submit, poll
+progress, honour cancel, download the result). It touches no QGIS layer, so it runs in a
+``QgsTask`` thread or a Processing algorithm's thread alike. :class:`EngineTask` wraps it for the
+task manager (progress bar, cancel button) and hands the outcome back on the main thread in
+``finished()``, where the layer is added.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from qgis.core import QgsMessageLog, QgsTask
+
+from .connection import EngineConfigError, EngineManager, EngineSpec
+from .inputs import as_geotiff, rasterize_mask, remove_quietly
+from .requests import PreparedJob, RequestError
+
+LOG_TAG = "DiffusionSat"
+
+ProgressFn = Callable[[float, str], None]
+
+
+@dataclass
+class JobOutcome:
+    """What a finished job left: the downloaded file and the engine's record."""
+
+    path: str
+    job_id: str
+    result: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def warnings(self) -> list[str]:
+        return [str(w) for w in (self.result.get("warnings") or [])]
+
+
+def progress_text(job: dict[str, Any]) -> str:
+    """``step 3/20 · tile 1/4 · about 12 s left`` from a job record."""
+    parts = []
+    if job.get("total_steps"):
+        parts.append(f"step {job.get('step') or 0}/{job['total_steps']}")
+    if (job.get("total_tiles") or 0) > 1:
+        parts.append(f"tile {(job.get('tile') or 0) + 1}/{job['total_tiles']}")
+    eta = job.get("eta_s")
+    if isinstance(eta, (int, float)) and eta > 0:
+        parts.append(f"about {eta:.0f} s left")
+    msg = job.get("message")
+    if msg and not parts:
+        parts.append(str(msg))
+    return " · ".join(parts) or str(job.get("state") or "")
+
+
+def _upload_inputs(client, request: dict[str, Any], prepared: PreparedJob, temps: list[str]) -> dict[str, Any]:
+    request = dict(request)
+
+    def upload(path: str) -> str:
+        if str(path).startswith("upload:"):
+            return path
+        tif, temporary = as_geotiff(str(path))
+        if temporary:
+            temps.append(tif)
+        return client.upload(tif)
+
+    for key in prepared.files:
+        value = request.get(key)
+        if isinstance(value, list):
+            request[key] = [upload(v) for v in value]
+        elif value:
+            request[key] = upload(value)
+    return request
+
+
+def run_job(client, prepared: PreparedJob, *, upload: bool = False,
+            progress: Optional[ProgressFn] = None,
+            cancelled: Callable[[], bool] = lambda: False,
+            poll_s: float = 0.5) -> JobOutcome:
+    """Run ``prepared`` on the engine behind ``client`` and download its result.
+
+    Args:
+        upload: upload the input files first (remote engine); otherwise paths are sent and the
+            files are uploaded only if the engine answers that it may not read them.
+        progress: called with (fraction 0..1, text) as the job advances.
+        cancelled: polled; when it turns true the job is cancelled on the engine and
+            ``EngineCancelled`` is raised.
+    Raises the engine client's exceptions (``EngineError`` carries the engine's message).
+    """
+    from .engine_client import EngineError
+
+    temps: list[str] = []
+    try:
+        request = dict(prepared.request)
+        if prepared.rasterize:
+            spec = prepared.rasterize
+            request[spec["field"]] = rasterize_mask(spec["vector"], spec["like"])
+            temps.append(request[spec["field"]])
+        if upload:
+            request = _upload_inputs(client, request, prepared, temps)
+        try:
+            job_id = client.submit(request)
+        except EngineError as err:
+            if upload or getattr(err, "code", None) != "path_not_allowed" or not prepared.files:
+                raise
+            request = _upload_inputs(client, request, prepared, temps)
+            job_id = client.submit(request)
+
+        def on_progress(job: dict[str, Any]) -> None:
+            if progress is not None:
+                frac = job.get("progress")
+                progress(float(frac) if isinstance(frac, (int, float)) else 0.0, progress_text(job))
+
+        final = client.wait(job_id, poll=poll_s, on_progress=on_progress, cancelled=cancelled)
+        final = final if isinstance(final, dict) else client.job(job_id)
+        state = final.get("state")
+        if state == "failed":
+            raise EngineError(final.get("error") or "the engine job failed", None, "job_failed")
+        Path(prepared.output_path).parent.mkdir(parents=True, exist_ok=True)
+        path = client.download_result(job_id, prepared.output_path)
+        return JobOutcome(path=str(path or prepared.output_path), job_id=job_id,
+                          result=dict(final.get("result") or {}))
+    finally:
+        remove_quietly(temps + list(prepared.temp_files))
+
+
+def friendly_error(err: BaseException, spec: Optional[EngineSpec] = None) -> str:
+    """One or two sentences for the message bar, with the engine's own message when it sent one."""
+    from . import engine_client as ec
+
+    where = spec.describe() if spec else "the engine"
+    if isinstance(err, EngineConfigError):
+        return str(err)
+    if isinstance(err, RequestError):
+        return str(err)
+    if isinstance(err, ec.EngineAuthError):
+        return (f"The {where} refused the token ({_detail(err)}). Check the token file or "
+                "authentication configuration in DiffusionSat → Engine settings.")
+    if isinstance(err, ec.EngineUnavailable):
+        return (f"Cannot reach the {where}: {_detail(err)}. Start the engine or check its URL in "
+                "DiffusionSat → Engine settings.")
+    if isinstance(err, ec.EngineCancelled):
+        return "Cancelled."
+    if isinstance(err, ec.EngineStartError):
+        return f"Could not start the local engine: {_detail(err)}"
+    if isinstance(err, ec.EngineError):
+        return f"The engine could not run the job: {_detail(err)}"
+    return f"{type(err).__name__}: {err}"
+
+
+def _detail(err: BaseException) -> str:
+    for attr in ("message", "detail"):
+        value = getattr(err, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return str(err) or type(err).__name__
+
+
+class EngineTask(QgsTask):
+    """A job in QGIS's task manager: progress, cancel, and ``on_done(task)`` on the main thread.
+
+    After it ends, ``outcome`` holds the :class:`JobOutcome`, or ``error`` the message to show
+    (``None`` with ``was_cancelled`` True when the user cancelled).
+    """
+
+    def __init__(self, prepared: PreparedJob, spec: EngineSpec, manager: EngineManager,
+                 on_done: Optional[Callable[["EngineTask"], None]] = None) -> None:
+        super().__init__(prepared.describe(), QgsTask.Flag.CanCancel)
+        self.prepared = prepared
+        self.spec = spec
+        self.manager = manager
+        self.on_done = on_done
+        self.outcome: Optional[JobOutcome] = None
+        self.error: Optional[str] = None
+        self.was_cancelled = False
+        self.status_text = ""
+
+    def _progress(self, fraction: float, text: str) -> None:
+        self.status_text = text
+        self.setProgress(max(0.0, min(100.0, fraction * 100.0)))
+
+    def run(self) -> bool:  # worker thread: HTTP only
+        from . import engine_client as ec
+
+        try:
+            client = self.manager.client(self.spec)
+            if self.isCanceled():
+                self.was_cancelled = True
+                return False
+            self.outcome = run_job(client, self.prepared, upload=self.spec.upload_inputs,
+                                   progress=self._progress, cancelled=self.isCanceled)
+            return True
+        except ec.EngineCancelled:
+            self.was_cancelled = True
+        except (ec.EngineError, ec.EngineUnavailable, ec.EngineAuthError, EngineConfigError,
+                RequestError, OSError) as err:
+            self.error = friendly_error(err, self.spec)
+        except Exception as err:  # noqa: BLE001 - shown to the user, traceback in the log
+            self.error = f"Unexpected error: {type(err).__name__}: {err} (details in the DiffusionSat log)"
+            QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG)
+        if self.isCanceled():
+            self.was_cancelled = True
+        return False
+
+    def finished(self, result: bool) -> None:  # main thread
+        if not result and self.error is None and not self.was_cancelled:
+            self.was_cancelled = self.isCanceled()
+            if not self.was_cancelled:
+                self.error = "The task stopped without a result."
+        if self.on_done is not None:
+            self.on_done(self)

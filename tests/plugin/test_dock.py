@@ -1,0 +1,341 @@
+"""The dock: drawing an extent, and each workflow end to end against the real engine (tiny model)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import pytest
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsDateTimeRange,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRectangle,
+    QgsTask,
+)
+from qgis.PyQt.QtCore import QDate, QDateTime, QPoint, Qt, QTime, QTimer
+
+from qgis_plugin.compat import MSG_CRITICAL, MSG_INFO
+from qgis_plugin.layers import GROUP_NAME, KEYWORD_VOCABULARY
+
+from .conftest import require_task, wait_for_task
+from .helpers import make_rgb_geotiff, make_s2_geotiff
+
+UTM = QgsCoordinateReferenceSystem("EPSG:32633")
+UTM_EXTENT = QgsRectangle(289000, 4639000, 294000, 4644600)
+#: The bands the Sentinel-2 super-resolution model reads.
+S2_BANDS = ("B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
+
+
+def set_canvas(canvas, crs, extent) -> None:
+    canvas.setDestinationCrs(crs)
+    canvas.setExtent(extent)
+    canvas.refresh()
+
+
+def drag(qtbot, canvas, start: QPoint, end: QPoint) -> None:
+    """A mouse drag on the map canvas, as a user would draw a rectangle."""
+    viewport = canvas.viewport()
+    qtbot.mousePress(viewport, Qt.MouseButton.LeftButton, pos=start)
+    from qgis.PyQt.QtGui import QMouseEvent
+    from qgis.PyQt.QtCore import QEvent, QPointF
+
+    for frac in (0.25, 0.5, 0.75, 1.0):
+        p = start + (end - start) * frac
+        move = QMouseEvent(QEvent.Type.MouseMove, QPointF(p), Qt.MouseButton.NoButton,
+                           Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+        QgsApplication.sendEvent(viewport, move)
+    qtbot.mouseRelease(viewport, Qt.MouseButton.LeftButton, pos=end)
+
+
+def test_draw_extent_with_the_map_tool_fills_the_dock(plugin, qgis_canvas, qtbot):
+    qgis_canvas.resize(600, 600)
+    set_canvas(qgis_canvas, UTM, UTM_EXTENT)
+    plugin.action_extent.trigger()
+    assert qgis_canvas.mapTool() is plugin.extent_tool
+    assert plugin.dock.generate.draw_button.isChecked()
+    drag(qtbot, qgis_canvas, QPoint(100, 100), QPoint(400, 300))
+    tab = plugin.dock.generate
+    assert tab.extent is not None and not tab.extent.isEmpty()
+    assert tab.extent_crs.authid() == "EPSG:32633"
+    # The drawn rectangle is 300 x 200 px of a 600 px canvas: about half / a third of the extent.
+    px = qgis_canvas.mapUnitsPerPixel()
+    assert tab.extent.width() == pytest.approx(300 * px, rel=0.05)
+    assert tab.extent.height() == pytest.approx(200 * px, rel=0.05)
+    width, height = tab.target_size()
+    assert (width, height) == (64, 40) or (width, height) == (64, 48)
+    assert "m/px" in tab.info.text() and "EPSG:32633" in tab.info.text()
+    plugin.dock.generate.draw_button.setChecked(False)
+    assert qgis_canvas.mapTool() is not plugin.extent_tool
+
+
+def test_date_defaults_to_the_temporal_controller(plugin, qgis_canvas):
+    from qgis_plugin.requests import date_from_canvas, default_date
+
+    assert default_date(None) == dt.date.today()
+    begin = QDateTime(QDate(2019, 3, 4), QTime(0, 0))
+    qgis_canvas.setTemporalRange(QgsDateTimeRange(begin, begin.addDays(1)))
+    settings = qgis_canvas.mapSettings()
+    settings.setIsTemporal(True)
+    qgis_canvas.mapSettings().setIsTemporal(True)
+    # The canvas only reports a range when temporal navigation is on.
+    if qgis_canvas.mapSettings().isTemporal():
+        assert date_from_canvas(qgis_canvas) == dt.date(2019, 3, 4)
+    plugin.dock.generate.reset_date()
+
+
+def run_and_wait(qtbot, tab, timeout_ms=120_000):
+    task = tab.run()
+    assert task is not None, "the job did not start"
+    wait_for_task(qtbot, task, timeout_ms)
+    return task
+
+
+def test_generate_end_to_end_adds_a_dated_layer_on_the_drawn_extent(plugin, engine_env, qgis_iface, qtbot):
+    tab = plugin.dock.generate
+    tab.set_extent(UTM_EXTENT, UTM)
+    tab.date.setDate(QDate(2021, 6, 15))
+    tab.cloud_known.setChecked(True)
+    tab.cloud.setValue(5)
+    tab.prompt.setText("a satellite image of a stadium")
+    tab.seed.setValue(7)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    layer = plugin.last_layer
+    assert isinstance(layer, QgsRasterLayer) and layer.isValid()
+    assert layer.crs().authid() == "EPSG:32633"
+    assert layer.bandCount() == 3
+    assert (layer.width(), layer.height()) == tab.target_size()
+    ext = layer.extent()
+    for got, want in zip((ext.xMinimum(), ext.yMinimum(), ext.xMaximum(), ext.yMaximum()),
+                         (289000, 4639000, 294000, 4644600)):
+        assert got == pytest.approx(want, abs=1e-6)
+    props = layer.temporalProperties()
+    assert props.isActive()
+    rng = props.fixedTemporalRange()
+    assert rng.begin() == QDateTime(QDate(2021, 6, 15), QTime(0, 0))
+    assert rng.end() == QDateTime(QDate(2021, 6, 16), QTime(0, 0))
+    group = QgsProject.instance().layerTreeRoot().findGroup(GROUP_NAME)
+    assert group is not None and group.findLayer(layer.id()) is not None
+    md = layer.metadata()
+    keywords = md.keywords().get(KEYWORD_VOCABULARY, [])
+    assert "synthetic" in keywords and "seed:7" in keywords and "model:tiny" in keywords
+    assert any(k.startswith("prompt:a satellite image of a stadium") for k in keywords)
+    assert "AI-generated" in md.abstract()
+    assert layer.renderer().type() == "multibandcolor"
+    assert str(tmp_outputs(plugin)) in layer.source()
+    messages = " ".join(qgis_iface.messageBar().get_messages(MSG_CRITICAL))
+    assert not messages
+
+
+def tmp_outputs(plugin):
+    return plugin.settings().default_output_dir()
+
+
+def test_cancel_from_the_task_manager_cancels_the_engine_job(plugin, engine_env, qgis_iface, qtbot):
+    tab = plugin.dock.generate
+    tab.set_extent(UTM_EXTENT, UTM)
+    tab.size.setValue(128)
+    tab.steps.setValue(400)  # long enough to be cancelled while running
+    before = set(QgsProject.instance().mapLayers())
+    task = tab.run()
+    assert task is not None
+    manager = QgsApplication.taskManager()
+    qtbot.waitUntil(lambda: task.progress() > 0 or task.status() == QgsTask.TaskStatus.Running, timeout=60_000)
+    qtbot.waitUntil(lambda: task.status_text.startswith("step"), timeout=60_000)
+    # What the task manager's cancel button does:
+    manager.cancelAll() if False else task.cancel()
+    wait_for_task(qtbot, task, 60_000)
+    assert task.was_cancelled and task.outcome is None and task.error is None
+    assert set(QgsProject.instance().mapLayers()) == before
+    assert any("cancelled" in m for m in qgis_iface.messageBar().get_messages(MSG_INFO))
+    # The engine stopped the job too.
+    jobs = plugin.manager.client(task.spec).jobs()
+    assert any(j.get("state") == "cancelled" for j in jobs)
+
+
+def _responsive_while(qtbot, task) -> int:
+    """Count timer ticks on the main thread while the task runs: QGIS stays responsive."""
+    ticks = {"n": 0}
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.__setitem__("n", ticks["n"] + 1))
+    timer.start(10)
+    wait_for_task(qtbot, task, 60_000)
+    timer.stop()
+    return ticks["n"]
+
+
+def test_engine_down_gives_a_clear_message(plugin, monkeypatch, qgis_iface, qtbot, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("not-used\n")
+    monkeypatch.setenv("DIFFUSIONSAT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("DIFFUSIONSAT_TOKEN_FILE", str(token))
+    tab = plugin.dock.generate
+    tab.set_extent(UTM_EXTENT, UTM)
+    task = tab.run()
+    assert task is not None
+    assert _responsive_while(qtbot, task) > 0
+    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    assert errors and "Cannot reach" in errors[-1] and "127.0.0.1:9" in errors[-1]
+    assert "Traceback" not in errors[-1]
+    assert plugin.last_layer is None
+
+
+def test_wrong_token_gives_a_clear_message(plugin, engine_server, monkeypatch, qgis_iface, qtbot, tmp_path):
+    token = tmp_path / "token"
+    token.write_text("wrong-token\n")
+    monkeypatch.setenv("DIFFUSIONSAT_URL", engine_server.url)
+    monkeypatch.setenv("DIFFUSIONSAT_TOKEN_FILE", str(token))
+    tab = plugin.dock.generate
+    tab.set_extent(UTM_EXTENT, UTM)
+    task = tab.run()
+    assert _responsive_while(qtbot, task) > 0
+    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    assert errors and "refused the token" in errors[-1]
+
+
+def test_missing_extent_and_missing_engine_settings_are_explained(plugin, qgis_iface, monkeypatch):
+    monkeypatch.delenv("DIFFUSIONSAT_URL", raising=False)
+    assert plugin.dock.generate.run() is None
+    assert "draw the extent" in qgis_iface.messageBar().get_messages(MSG_CRITICAL)[-1]
+    from qgis_plugin.settings import MODE_REMOTE
+
+    plugin.settings().mode = MODE_REMOTE
+    plugin.settings().url = ""
+    plugin.dock.generate.set_extent(UTM_EXTENT, UTM)
+    assert plugin.dock.generate.run() is None
+    assert "no engine URL" in qgis_iface.messageBar().get_messages(MSG_CRITICAL)[-1]
+
+
+# -- the conditional tasks -------------------------------------------------------------------------
+
+
+def add_layer(path, name) -> QgsRasterLayer:
+    layer = QgsRasterLayer(str(path), name, "gdal")
+    assert layer.isValid()
+    QgsProject.instance().addMapLayer(layer)
+    return layer
+
+
+def test_inpaint_end_to_end_with_the_layers_nodata(plugin, engine_env, qtbot, tmp_path):
+    require_task(engine_env, "inpaint")
+    layer = add_layer(make_rgb_geotiff(tmp_path / "rgb.tif", hole=True), "rgb with hole")
+    tab = plugin.dock.inpaint
+    tab.layer.setLayer(layer)
+    tab.kind_nodata.setChecked(True)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    out = plugin.last_layer
+    assert out.crs() == layer.crs() and out.bandCount() >= 3
+    assert out.extent().toString(3) == layer.extent().toString(3)
+
+
+def test_inpaint_end_to_end_with_a_polygon_mask(plugin, engine_env, qtbot, tmp_path):
+    require_task(engine_env, "inpaint")
+    from qgis.core import QgsFeature, QgsGeometry, QgsVectorLayer
+
+    layer = add_layer(make_rgb_geotiff(tmp_path / "rgb.tif"), "rgb")
+    ext = layer.extent()
+    polys = QgsVectorLayer(f"Polygon?crs={layer.crs().authid()}", "clouds", "memory")
+    feat = QgsFeature()
+    feat.setGeometry(QgsGeometry.fromRect(QgsRectangle(ext.xMinimum() + ext.width() / 4, ext.yMinimum() + ext.height() / 4,
+                                                       ext.center().x(), ext.center().y())))
+    polys.dataProvider().addFeatures([feat])
+    QgsProject.instance().addMapLayer(polys)
+    tab = plugin.dock.inpaint
+    tab.layer.setLayer(layer)
+    tab.kind_polygons.setChecked(True)
+    tab.mask_polygons.setLayer(polys)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    assert plugin.last_layer.crs() == layer.crs()
+
+
+def test_superres_end_to_end_multiband_and_band_layers(plugin, engine_env, qtbot, tmp_path):
+    require_task(engine_env, "superres")
+    path = make_s2_geotiff(tmp_path / "s2.tif", bands=S2_BANDS, size=16)
+    layer = add_layer(path, "S2 20210615")
+    tab = plugin.dock.superres
+    tab.layer.setLayer(layer)
+    tab.bands.setText(",".join(S2_BANDS))
+    tab.factor.setValue(4)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    out = plugin.last_layer
+    assert out.crs() == layer.crs()
+    assert out.width() == 4 * layer.width() and out.height() == 4 * layer.height()
+    assert out.extent().toString(2) == layer.extent().toString(2)
+    assert out.temporalProperties().isActive()  # dated from the file name
+
+    # The same from single-band layers mapped to band names.
+    tab.mode_bands.setChecked(True)
+    for name in S2_BANDS:
+        single = add_layer(make_s2_geotiff(tmp_path / f"T33_{name}_10m.tif", bands=(name,), size=16), f"T33_{name}_10m")
+        tab.add_band_row(single)
+    assert [n for _, n in tab.band_rows()] == list(S2_BANDS)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    assert plugin.last_layer.width() == 64
+
+
+def test_temporal_end_to_end_from_dated_layers(plugin, engine_env, qtbot, tmp_path):
+    require_task(engine_env, "temporal")
+    from qgis_plugin.layers import set_temporal_range
+
+    ids = []
+    for i, day in enumerate((dt.date(2020, 5, 1), dt.date(2020, 7, 1))):
+        layer = add_layer(make_rgb_geotiff(tmp_path / f"t{i}.tif", seed=i), f"t{i}")
+        set_temporal_range(layer, day)
+        ids.append(layer.id())
+    tab = plugin.dock.temporal
+    tab.refresh_layers()
+    tab.set_checked(ids)
+    tab.date.setDate(QDate(2020, 6, 1))
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    out = plugin.last_layer
+    rng = out.temporalProperties().fixedTemporalRange()
+    assert rng.begin().date() == QDate(2020, 6, 1)
+    assert out.crs() == QgsProject.instance().mapLayer(ids[0]).crs()
+
+
+def test_start_a_local_engine_from_the_settings(plugin, monkeypatch, qtbot, engine_server):
+    """The default mode: the plugin starts the engine from the configured interpreter, in the task."""
+    from .conftest import engine_python
+
+    monkeypatch.delenv("DIFFUSIONSAT_URL", raising=False)
+    settings = plugin.settings()
+    settings.mode = "local"
+    settings.python = str(engine_python())
+    assert "starts with the first job" in plugin.engine_summary()
+    tab = plugin.dock.generate
+    tab.set_extent(UTM_EXTENT, UTM)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    assert plugin.manager.local_url() and plugin.manager.local_url().startswith("http://127.0.0.1:")
+    assert "running at http://127.0.0.1:" in plugin.engine_summary()
+    assert plugin.last_layer.crs().authid() == "EPSG:32633"
+    plugin.manager.stop()
+    assert plugin.manager.local_url() is None
+
+
+def test_inputs_are_uploaded_to_a_remote_engine(plugin, engine_env, qtbot, tmp_path):
+    """With uploads (a remote engine), band layers are stacked, flattened to GeoTIFF and uploaded."""
+    require_task(engine_env, "superres")
+    plugin.settings().upload = "always"
+    tab = plugin.dock.superres
+    tab.mode_bands.setChecked(True)
+    for name in S2_BANDS:
+        tab.add_band_row(add_layer(make_s2_geotiff(tmp_path / f"T33_{name}_10m.tif", bands=(name,), size=16),
+                                   f"T33_{name}_10m"))
+    tab.factor.setValue(2)
+    prepared = tab.prepare()
+    assert prepared.request["input"].endswith(".vrt") and prepared.files == ("input",)
+    task = plugin.start(prepared)
+    wait_for_task(qtbot, task)
+    assert task.error is None, task.error
+    assert plugin.last_layer.width() == 32
+    uploads = list((engine_env.workdir / "work" / "uploads").glob("*.tif"))
+    assert uploads, "the engine received no upload"
