@@ -54,7 +54,8 @@ def time_once(fn, device: str) -> float:
     return time.perf_counter() - start
 
 
-def run(config_name: str, device: str, dtype_name: str, batch: int, latent: int, rounds: int, warmup: int) -> dict:
+def run(config_name: str, device: str, dtype_name: str, batch: int, latent: int, rounds: int, warmup: int,
+        precomputed: bool = False) -> dict:
     dtype = DTYPES[dtype_name]
     ours, stock, config = build(config_name, device, dtype)
     sample = torch.randn(batch, config["in_channels"], latent, latent, device=device, dtype=dtype)
@@ -63,8 +64,13 @@ def run(config_name: str, device: str, dtype_name: str, batch: int, latent: int,
     md = torch.rand(batch, 7, device=device) * 1000
 
     with torch.no_grad():
+        embeds = ours.embed_metadata(md, batch, dtype)
+
         def step_ours():
-            ours(sample, t, text, metadata=md)
+            if precomputed:  # as the pipeline runs it: metadata embedded once per image
+                ours(sample, t, text, metadata_embeds=embeds)
+            else:
+                ours(sample, t, text, metadata=md)
 
         def step_stock():
             stock(sample, t, encoder_hidden_states=text)
@@ -96,6 +102,7 @@ def run(config_name: str, device: str, dtype_name: str, batch: int, latent: int,
         "ratio": statistics.median(ratios),
         "ratio_iqr": _iqr(ratios),
         "threads": torch.get_num_threads(),
+        "mode": "metadata embedded once per image (pipeline)" if precomputed else "metadata embedded every step",
     }
 
 
@@ -117,14 +124,19 @@ def main() -> None:
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     args = p.parse_args()
     latent = args.latent or json.loads(resource_path(args.config, "unet.json").read_text())["sample_size"]
-    r = run(args.config, args.device, args.dtype, args.batch, latent, args.rounds, args.warmup)
-    verdict = "meets" if r["ratio"] <= 1.03 else "MISSES"
+    rows = [run(args.config, args.device, args.dtype, args.batch, latent, args.rounds, args.warmup, pre)
+            for pre in (False, True)]
     table = (
-        "| config | device | dtype | batch x latent | SatUNet ms/step | stock ms/step | ratio (median, IQR) | target <= 1.03 |\n"
-        "|---|---|---|---|---|---|---|---|\n"
-        f"| {r['config']} | {r['device']} ({r['threads']} threads) | {r['dtype']} | {r['batch']} x {r['latent']}x{r['latent']} "
-        f"| {r['satunet_ms']:.2f} | {r['stock_ms']:.2f} | {r['ratio']:.3f} ({r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f}) | {verdict} |\n"
+        "| config | device | dtype | batch x latent | mode | SatUNet ms/step | stock ms/step | ratio (median, IQR) | target <= 1.03 |\n"
+        "|---|---|---|---|---|---|---|---|---|\n"
     )
+    for r in rows:
+        verdict = "meets" if r["ratio"] <= 1.03 else "MISSES"
+        table += (
+            f"| {r['config']} | {r['device']} ({r['threads']} threads) | {r['dtype']} | {r['batch']} x {r['latent']}x{r['latent']} "
+            f"| {r['mode']} | {r['satunet_ms']:.2f} | {r['stock_ms']:.2f} | {r['ratio']:.3f} "
+            f"({r['ratio_iqr'][0]:.3f}-{r['ratio_iqr'][1]:.3f}) | {verdict} |\n"
+        )
     print(table)
     if args.write:
         body = (

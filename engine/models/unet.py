@@ -82,10 +82,35 @@ def embed_metadata(
             f"metadata has {fields} fields per sample but the model expects {len(embedding)}"
         )
     proj = time_proj(metadata.reshape(-1)).reshape(batch, fields, -1).to(dtype)
-    total = embedding[0](proj[:, 0])
-    for i in range(1, fields):
-        total = total + embedding[i](proj[:, i])
-    return total
+    if torch.is_grad_enabled() and any(p.requires_grad for p in embedding.parameters()):
+        # training: the plain per-field loop, so gradients reach every MLP's own parameters
+        total = embedding[0](proj[:, 0])
+        for i in range(1, fields):
+            total = total + embedding[i](proj[:, i])
+        return total
+    # inference: all fields' MLPs as two batched matrix products (fields x batch x dims)
+    w1, b1, w2, b2 = _stacked_weights(embedding)
+    x = proj.transpose(0, 1)  # (fields, batch, proj_dim)
+    h = torch.nn.functional.silu(torch.baddbmm(b1.to(dtype), x, w1.to(dtype)))
+    return torch.baddbmm(b2.to(dtype), h, w2.to(dtype)).sum(dim=0)
+
+
+def _stacked_weights(embedding: nn.ModuleList) -> tuple[torch.Tensor, ...]:
+    """The MLPs' weights stacked per field, cached until a parameter changes (values or storage)."""
+    params = list(embedding.parameters())
+    key = tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in params)
+    cache = embedding.__dict__.get("_diffusionsat_stacked")
+    if cache is None or cache[0] != key:
+        with torch.no_grad():
+            stacks = (
+                torch.stack([m.linear_1.weight.t() for m in embedding]),
+                torch.stack([m.linear_1.bias for m in embedding])[:, None],
+                torch.stack([m.linear_2.weight.t() for m in embedding]),
+                torch.stack([m.linear_2.bias for m in embedding])[:, None],
+            )
+        cache = (key, stacks)
+        embedding.__dict__["_diffusionsat_stacked"] = cache
+    return cache[1]
 
 
 class SatUNet(UNet2DConditionModel):
