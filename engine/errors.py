@@ -18,6 +18,8 @@ class DiffusionSatError(Exception):
 class InvalidRequest(DiffusionSatError, ValueError):
     """A request field is out of range, malformed or inconsistent with another field."""
 
+    http_status = 422
+
 
 class InvalidMetadata(InvalidRequest):
     """A metadata value (longitude, latitude, GSD, cloud cover, date) is not usable."""

@@ -395,12 +395,12 @@ class LocalEngine:
                     time.sleep(0.2)  # let the drain threads collect the last words
                     raise EngineStartError(
                         f"the engine exited (code {process.returncode}) before it was ready"
-                        + _tail_text(log_lines), code="start_failed")
+                        + _tail_text(log_lines), code="start_failed") from None
                 if time.monotonic() > deadline:
                     _stop_process(process)
                     raise EngineStartError(
                         f"the engine was not ready within {timeout:g} s" + _tail_text(log_lines),
-                        code="start_timeout")
+                        code="start_timeout") from None
         try:
             token = read_token(ready.get("token_file") or token_file or "")
         except EngineAuthError:

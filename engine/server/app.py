@@ -3,7 +3,7 @@
 ``create_app(config)`` builds the FastAPI app; ``engine.server.run.serve`` runs it with uvicorn.
 Every endpoint but ``GET /v1/health`` needs ``Authorization: Bearer <token>``. Every error is
 ``{"detail": <a message a person can act on>, "code": <machine code>}``, never a traceback.
-No CORS headers are sent: browsers pages cannot call the engine, only programs that hold the token.
+No CORS headers are sent: web pages in a browser cannot call the engine, only programs that hold the token.
 """
 
 from __future__ import annotations
@@ -44,7 +44,6 @@ log = logging.getLogger("engine.server")
 
 API_PREFIX = "/v1"
 _UPLOAD_TYPES = ("image/tiff", "image/geotiff", "application/octet-stream")
-_CHUNK = 1 << 16
 
 
 # ---- response shapes (published in the OpenAPI document) -----------------------------------
@@ -267,10 +266,11 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
     app.state.models = models
     bearer = HTTPBearer(auto_error=False, description="the engine's token (see its token file)")
 
-    async def require_token(request: Request, _doc=Depends(bearer)) -> None:
+    async def require_token(request: Request) -> None:
         check_bearer(request.headers.get("authorization"), config.token)
 
-    auth = [Depends(require_token)]
+    # `bearer` only publishes the scheme in the OpenAPI document; require_token decides.
+    auth = [Depends(bearer), Depends(require_token)]
 
     # ---- errors ------------------------------------------------------------------------------
 

@@ -130,13 +130,7 @@ def error_code(err: BaseException) -> str:
 
 
 def error_status(err: BaseException) -> int:
-    """The HTTP status for ``err``: its ``http_status``; an invalid request is 422.
-
-    ``InvalidRequest`` inherits the generic 400 of :class:`DiffusionSatError`; the API answers
-    422 for it, as for every other field that fails validation (the contract the plugin uses).
-    """
-    if isinstance(err, InvalidRequest) and "http_status" not in vars(type(err)):
-        return 422
+    """The HTTP status for ``err``: its ``http_status`` (an invalid request is 422, see engine.errors)."""
     status = int(getattr(err, "http_status", 400) or 400)
     return status if 400 <= status < 600 else 400
 

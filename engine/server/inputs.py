@@ -95,7 +95,9 @@ class UploadStore:
 
         final = self.folder / f"{upload_id}.tif"
         try:
-            with rasterio.open(partial) as src:
+            # Only the GTiff driver may parse the bytes: a VRT or similar would let an upload
+            # point at other files on the server, past the allowed roots.
+            with rasterio.open(partial, driver="GTiff") as src:
                 if src.driver != "GTiff":
                     raise RasterError(
                         f"the upload is a {src.driver} raster, not a GeoTIFF; export the layer as "

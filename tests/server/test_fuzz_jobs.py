@@ -1,0 +1,79 @@
+"""Hypothesis over job requests that are almost valid: no 5xx, and every refusal is JSON.
+
+The schema-driven fuzzer (test_fuzz.py) rarely produces a request that passes validation (a
+random string is not a CRS); these requests reach the checks behind validation and the queue.
+Needs only hypothesis (the dev extra), not schemathesis.
+"""
+
+from __future__ import annotations
+
+import time
+
+from hypothesis import HealthCheck, given, settings
+
+from .conftest import call
+
+
+def _near_valid_job_requests():
+    """Requests that are mostly valid, with values at and past the edges of each field."""
+    from hypothesis import strategies as st
+
+    side = st.sampled_from([8, 16, 64, 120, 128, 136, 0, -8, 4096])
+    optional = {
+        "date": st.sampled_from(["2021-06-15", "1980-01-01", "2100-12-31", "1979-12-31", "2021-02-29", "x"]),
+        "cloud_cover": st.sampled_from([0, 0.5, 1, 1.5, 50, -0.1]),
+        "prompt": st.text(max_size=40),
+        "steps": st.integers(-1, 3),
+        "guidance": st.floats(-1, 60, allow_nan=False),
+        "seed": st.integers(-1, 2**64),
+        "scheduler": st.sampled_from(["default", "ddim", "dpm++", "unipc", "euler", "pndm", "nope"]),
+        "model": st.sampled_from(["tiny", "auto", "hf:owner/name", "/no/such", "", "upload:" + "0" * 32]),
+        "device": st.sampled_from(["auto", "cpu", "cuda", "mps", "tpu"]),
+        "dtype": st.sampled_from(["auto", "fp32", "bf16", "fp16", "int8"]),
+    }
+    grids = st.sampled_from([
+        ("EPSG:32618", [583000, 4507000, 583640, 4507640]),
+        ("EPSG:4326", [12.45, 41.88, 12.52, 41.93]),
+        ("EPSG:4326", [179.9, -10, -179.9, 10]),
+        ("EPSG:32633", [12.45, 41.88, 12.52, 41.93]),
+        ("EPSG:3857", [-20037508.34, -20037508.34, 20037508.34, 20037508.34]),
+        ("4326", [0, 0, 1, 1]),
+        ("not a crs", [0, 0, 1, 1]),
+        ("EPSG:4326", [0, 0, 0, 1]),
+        ("EPSG:4326", [-181, 0, 1, 1]),
+    ])
+
+    @st.composite
+    def build(draw):
+        crs, bbox = draw(grids)
+        req = {"task": "generate", "crs": crs, "bbox": bbox, "width": draw(side), "height": draw(side)}
+        for name, strategy in optional.items():
+            if draw(st.booleans()):
+                req[name] = draw(strategy)
+        return req
+
+    return build()
+
+
+def test_near_valid_job_requests(server):
+    statuses = []
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=_near_valid_job_requests())
+    def check(body):
+        reply = call(server, "POST", "/v1/jobs", json_body=body)
+        statuses.append(reply.status)
+        assert reply.status < 500, (body, reply.body[:500])
+        if reply.status == 202:
+            call(server, "DELETE", f"/v1/jobs/{reply.json['id']}")
+        else:
+            assert set(reply.json) == {"detail", "code"}, reply.body
+
+    check()
+    assert 202 in statuses and any(400 <= s < 500 for s in statuses)
+    # Whatever was accepted and cancelled, the worker is free again.
+    deadline = time.monotonic() + 30
+    while call(server, "GET", "/v1/health", token=None).json["running"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
