@@ -161,9 +161,17 @@ def _format_request_validation(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "the request is not valid"
 
 
+#: Bodies up to this size are read and discarded before a 413, so that the client, still sending,
+#: receives the answer instead of a broken pipe; larger ones are cut off at once.
+DRAIN_LIMIT = 64 * 1024 * 1024
+
+
 async def _read_limited(request: Request, limit: int) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
+        if int(length) <= DRAIN_LIMIT:
+            async for _ in request.stream():
+                pass
         raise TooLarge(f"the request body is {int(length)} bytes, more than this endpoint's limit of {limit}")
     chunks, size = [], 0
     async for chunk in request.stream():
