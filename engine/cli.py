@@ -617,6 +617,7 @@ def _add_training_parsers(sub) -> None:
         r.add_argument("--num-workers", type=_int, default=2, help="data loader processes (default 2)")
         r.add_argument("--log-every", type=_int, default=10, help="a progress line every N steps (default 10)")
         r.add_argument("--report-to", help="tensorboard (default when installed), wandb, all, none")
+        r.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is available")
         r.add_argument("--json", action="store_true", help="print the result as one JSON object")
         r.add_argument("--debug", action="store_true", help="show tracebacks for errors")
         p.set_defaults(func=cmd_train, kind=kind)
@@ -709,10 +710,10 @@ def _quiet_libraries() -> None:
     import logging
     import warnings
 
+    from .runtime import configure_process
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # GDAL's block cache defaults to 5 % of RAM; tiled jobs stream window by window and gain
-    # nothing from more than this, while a large cache makes peak memory grow with the raster.
-    os.environ.setdefault("GDAL_CACHEMAX", "128")
+    configure_process()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub", "rasterio"):

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Set up the engine environment in .venv (torch, diffusers, rasterio, the `diffusionsat` command).
+# Set up the engine environment in .venv (torch, diffusers, rasterio, the `diffusionsat` command,
+# the server, training and test tools).
 #
 #   bash scripts/setup.sh            # engine + server + test tools
 #
@@ -46,7 +47,7 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     else
         torch_req=(-r requirements/cpu.txt)
     fi
-    "$VENV/bin/python" -m pip install -q "${torch_req[@]}" -e ".[server,dev]"
+    "$VENV/bin/python" -m pip install -q "${torch_req[@]}" -e ".[server,train,dev]"
     echo "$want" > "$stamp"
 fi
 "$VENV/bin/diffusionsat" --version >&2

@@ -1,0 +1,12 @@
+"""Training DiffusionSat models: datasets, the accelerate training loops, checkpoints, evaluation.
+
+- :mod:`training.datasets`: webdataset shards in the reference layouts and GeoTIFF folders with
+  metadata derived from georeferencing; deterministic, resumable batch streams; ``prepare``.
+- :mod:`training.config`: :class:`~training.config.TrainConfig`, the options and recipe defaults.
+- :mod:`training.trainer`: :func:`~training.trainer.train`, single-image and ControlNet loops.
+- :mod:`training.checkpoints`: the run folder layout, atomic checkpoints, resuming.
+- :mod:`training.evaluate`: :func:`~training.evaluate.evaluate` (SSIM, PSNR, FID, LPIPS).
+
+This package imports :mod:`engine`; the engine never imports it at import time (the CLI imports
+it lazily in the ``train``, ``evaluate`` and ``prepare`` commands). See ``docs/training.md``.
+"""
