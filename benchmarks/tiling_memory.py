@@ -175,7 +175,7 @@ def table(rows: list[dict]) -> str:
         "| s per Mpx (vs first) | peak RSS, MiB (vs first) |"
     )
     if fixed:
-        head += " peak RSS with fixed malloc mmap threshold, MiB (vs first) |"
+        head += " peak RSS with glibc defaults, MiB (vs first) |"
     lines = [head, "|---" * head.count(" |") + "|"]
 
     def rss(r: dict, key: str) -> str:
@@ -253,7 +253,7 @@ def main() -> None:
                 dest.unlink()
                 fixed = json.loads(child(run, fixed_env).strip().splitlines()[-1])
                 result["fixed_peak_rss_mib"] = fixed["peak_rss_mib"]
-                note = f"; fixed mmap threshold: {fixed['peak_rss_mib']:.0f} MiB"
+                note = f"; glibc defaults: {fixed['peak_rss_mib']:.0f} MiB"
             rows.append(result)
             print(
                 f"{size}²: {result['tiles']} tiles, {result['total_s']:.1f} s, "
