@@ -233,6 +233,27 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
     }
 
 
+def _bundle_for(models, request):
+    """The request's model (cached), on this process's device."""
+    return models.get(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
+                      device=_device_for_rank(request.device), dtype=request.dtype)
+
+
+def _frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: float):
+    """ControlNet3D conditioning: (3*T, H, W) frames in [0, 1], stacked frame-major, each with its
+    own date and the tile's place and GSD -> a Control of (1, 3, T, H, W) and (1, 7, T)."""
+    import torch
+
+    from .metadata import SatMetadata
+    from .pipelines.text2img import Control
+
+    t = len(dates)
+    image = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).reshape(t, 3, *frames.shape[1:])
+    frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for d in dates]
+    return Control(image=image.permute(1, 0, 2, 3)[None],
+                   cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None], scale=scale)
+
+
 def _pipeline(bundle, request, controlnet=None):
     from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
 
@@ -313,9 +334,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     from .geo.tiling import output_grid, plan_tiles, tile_progress
     from .pipelines.text2img import Control
 
-    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
-                                   dtype=request.dtype)
+    bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("superres")
     model_px = bundle.native_resolution
     factor = request.factor
@@ -511,15 +530,10 @@ def _check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) ->
 
 def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
     """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
-    import torch
 
     from .geo.tiling import plan_tiles, tile_progress
-    from .metadata import SatMetadata
-    from .pipelines.text2img import Control
 
-    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
-                                   dtype=request.dtype)
+    bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("temporal")
     model_px = bundle.native_resolution
     frames = _dated_frames(request.inputs, request.input_dates, "inputs")
@@ -543,12 +557,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
 
     def process(tile, array):
         md = _tile_metadata(grid, tile, model_px, request.date, request.cloud_cover)
-        frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for _, d in frames]
-        t = len(frames)
-        image = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(t, 3, *array.shape[1:])
-        image = image.permute(1, 0, 2, 3)[None]  # (1, 3, T, H, W), frames in time order
-        control = Control(image=image, cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None],
-                          scale=request.conditioning_scale)
+        control = _frames_control(array, [d for _, d in frames], md, request.conditioning_scale)
         result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
                       guidance_scale=request.guidance, generator=_tile_generator(seed, tile.index),
                       control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
@@ -659,12 +668,9 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
 
     from .geo.masks import feather
     from .geo.tiling import plan_tiles, tile_progress
-    from .metadata import SatMetadata
-    from .pipelines.text2img import Control, Inpaint
+    from .pipelines.text2img import Inpaint
 
-    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=_device_for_rank(request.device),
-                                   dtype=request.dtype)
+    bundle, placement = _bundle_for(models, request)
     model_px = bundle.native_resolution
     grid = _grid_of(request.input)
     mask = _MaskSource(request, grid)
@@ -702,12 +708,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
         md = _tile_metadata(grid, tile, model_px, date, request.cloud_cover)
         control = None
         if ref_sources:
-            t = len(ref_sources)
-            frames = torch.from_numpy(np.ascontiguousarray(array[4:], dtype=np.float32)).reshape(t, 3, *array.shape[1:])
-            frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for _, d in refs]
-            control = Control(image=frames.permute(1, 0, 2, 3)[None],
-                              cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None],
-                              scale=request.conditioning_scale)
+            control = _frames_control(array[4:], [d for _, d in refs], md, request.conditioning_scale)
         spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(image))[None],
                        mask=torch.from_numpy(m.astype(np.float32))[None, None], resample=request.resample)
         result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,

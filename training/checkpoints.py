@@ -144,7 +144,7 @@ def write_components(bundle: Any, run: Path) -> None:
 
     Skipped when the run already has them (a resumed run). Each component is written atomically.
     """
-    from engine.models.loading import _diffusers_version
+    from engine.models.loading import model_index_json
     from engine.models.weights import atomic_folder
 
     run.mkdir(parents=True, exist_ok=True)
@@ -160,17 +160,8 @@ def write_components(bundle: Any, run: Path) -> None:
             bundle.scheduler.save_pretrained(tmp)
     index = run / "model_index.json"
     if not index.is_file():
-        payload = {
-            "_class_name": "DiffusionSatPipeline",
-            "_diffusers_version": _diffusers_version(),
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", type(bundle.scheduler).__name__],
-            "unet": ["engine.models.unet", "SatUNet"],
-        }
         tmp = index.with_suffix(".json.partial")
-        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        tmp.write_text(model_index_json(bundle.scheduler))
         os.replace(tmp, index)
 
 

@@ -727,25 +727,7 @@ def read_band_files(
         InvalidRequest: no band files found, a requested band is missing, bounds/window outside.
         RasterError: a file cannot be read.
     """
-    files, hints = _list_band_files(paths_or_folder)
-    candidates: dict[str, list[tuple[Path, float]]] = {}
-    crs_of: dict[Path, Any] = {}
-    for path in files:
-        band = band_from_filename(path)
-        if band is None:
-            continue
-        try:
-            with rasterio.open(path) as src:
-                res = abs(src.transform.a)
-                crs_of[path] = (src.crs, src.transform, src.width, src.height)
-        except rasterio.errors.RasterioIOError as exc:
-            raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
-        candidates.setdefault(band, []).append((path, res))
-    if not candidates:
-        raise InvalidRequest(
-            f"no Sentinel-2 band files found in {paths_or_folder!s}; file names must contain the "
-            "band name (e.g. T33TTG_20210615T101031_B04.jp2, B8A.tif)"
-        )
+    hints, candidates, crs_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands] if bands is not None else [
         b for b in L1C_ORDER if b in chosen]
@@ -811,15 +793,9 @@ def _band_grid(chosen, wanted, crs_of, target_gsd: float) -> tuple[Any, Affine, 
     return ref_crs, grid_tf, max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd)))
 
 
-def band_files_grid(
-    paths_or_folder: Union[PathLike, Sequence[PathLike]],
-    target_gsd: float = 10,
-    *,
-    bands: Optional[Sequence[str]] = None,
-) -> tuple[Any, Affine, int, int]:
-    """(crs, transform, width, height) of the grid :func:`read_band_files` reads onto, without
-    reading pixels: lets a caller plan tiles over a whole product and read it window by window."""
-    files, _ = _list_band_files(paths_or_folder)
+def _scan_band_files(paths_or_folder):
+    """(hints, band -> [(path, pixel size)], path -> (crs, transform, width, height)) of band files."""
+    files, hints = _list_band_files(paths_or_folder)
     candidates: dict[str, list[tuple[Path, float]]] = {}
     crs_of: dict[Path, Any] = {}
     for path in files:
@@ -833,7 +809,22 @@ def band_files_grid(
         except rasterio.errors.RasterioIOError as exc:
             raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
     if not candidates:
-        raise InvalidRequest(f"no Sentinel-2 band files found in {paths_or_folder!s}")
+        raise InvalidRequest(
+            f"no Sentinel-2 band files found in {paths_or_folder!s}; file names must contain the "
+            "band name (e.g. T33TTG_20210615T101031_B04.jp2, B8A.tif)"
+        )
+    return hints, candidates, crs_of
+
+
+def band_files_grid(
+    paths_or_folder: Union[PathLike, Sequence[PathLike]],
+    target_gsd: float = 10,
+    *,
+    bands: Optional[Sequence[str]] = None,
+) -> tuple[Any, Affine, int, int]:
+    """(crs, transform, width, height) of the grid :func:`read_band_files` reads onto, without
+    reading pixels: lets a caller plan tiles over a whole product and read it window by window."""
+    _, candidates, crs_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands if canonical_band_name(b) in chosen] if bands else list(chosen)
     return _band_grid(chosen, wanted or list(chosen), crs_of, target_gsd)

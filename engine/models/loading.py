@@ -424,23 +424,24 @@ def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder:
             bundle.unet.save_pretrained(tmp / unet_subfolder, safe_serialization=True)
         if controlnet:
             bundle.controlnet_for(controlnet).save_pretrained(tmp / "controlnet", safe_serialization=True)
-        index = {
-            "_class_name": "DiffusionSatPipeline",
-            "_diffusers_version": _diffusers_version(),
-            "vae": ["diffusers", "AutoencoderKL"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", type(bundle.scheduler).__name__],
-            "unet": ["engine.models.unet", "SatUNet"],
-        }
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "model_index.json").write_text(model_index_json(bundle.scheduler))
     return Path(dest)
 
 
-def _diffusers_version() -> str:
+def model_index_json(scheduler: Any) -> str:
+    """``model_index.json`` of a DiffusionSat root (what diffusers writes for a pipeline folder)."""
     import diffusers
 
-    return diffusers.__version__
+    index = {
+        "_class_name": "DiffusionSatPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", type(scheduler).__name__],
+        "unet": ["engine.models.unet", "SatUNet"],
+    }
+    return json.dumps(index, indent=2) + "\n"
 
 
 # --------------------------------------------------------------------------------------------
