@@ -221,3 +221,35 @@ def test_tiny_is_deterministic_and_leaves_global_rng_alone():
     assert torch.equal(before, after)
     assert torch.equal(a.unet.conv_in.weight, b.unet.conv_in.weight)
     assert a.native_resolution == 256
+
+
+def test_a_diffusers_0_17_era_config_loads(tmp_path):
+    """The released configs carry keys of diffusers 0.17 (some gone or renamed since): all load."""
+    cfg_017 = {
+        "_class_name": "SatUNet", "_diffusers_version": "0.17.0.dev0", "act_fn": "silu",
+        "addition_embed_type": None, "addition_embed_type_num_heads": 64, "attention_head_dim": [2, 4],
+        "block_out_channels": [32, 64], "center_input_sample": False, "class_embed_type": None,
+        "class_embeddings_concat": False, "conv_in_kernel": 3, "conv_out_kernel": 3, "cross_attention_dim": 16,
+        "cross_attention_norm": None, "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "downsample_padding": 1, "dual_cross_attention": False, "encoder_hid_dim": None, "flip_sin_to_cos": True,
+        "freq_shift": 0, "in_channels": 4, "layers_per_block": 1, "mid_block_only_cross_attention": None,
+        "mid_block_scale_factor": 1, "mid_block_type": "UNetMidBlock2DCrossAttn", "norm_eps": 1e-05,
+        "norm_num_groups": 8, "num_class_embeds": None, "num_metadata": 7, "only_cross_attention": False,
+        "out_channels": 4, "projection_class_embeddings_input_dim": None, "resnet_out_scale_factor": 1.0,
+        "resnet_skip_time_act": False, "resnet_time_scale_shift": "default", "sample_size": 8,
+        "time_cond_proj_dim": None, "time_embedding_act_fn": None, "time_embedding_dim": None,
+        "time_embedding_type": "positional", "timestep_post_act": None,
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"], "upcast_attention": False,
+        "use_linear_projection": True, "use_metadata": True,
+    }
+    torch.manual_seed(4)
+    model = SatUNet(**SMALL_UNET)
+    folder = tmp_path / "checkpoint-150000" / "unet"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(cfg_017))
+    torch.save(model.state_dict(), folder / "diffusion_pytorch_model.bin")
+    loaded = load_unet(folder)
+    sample, text, md = torch.randn(1, 4, 8, 8), torch.randn(1, 77, 16), torch.rand(1, 7) * 1000
+    with torch.no_grad():
+        assert torch.allclose(loaded(sample, 9, text, metadata=md).sample, model(sample, 9, text, metadata=md).sample,
+                              atol=1e-6)
