@@ -68,6 +68,9 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output GeoTIFF path (.tif); written atomically")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
+    g.add_argument("--dry-run", action="store_true",
+                   help="only check the request and print the plan (output grid, tiles, model calls); "
+                   "loads no model and writes nothing")
     g.add_argument("--quiet", action="store_true", help="no progress bar or notices")
     g.add_argument("--debug", action="store_true", help="show tracebacks for errors")
 
@@ -288,6 +291,8 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     for name in ("model", "unet", "base", "controlnet", "device", "dtype"):
         fields.setdefault(name, getattr(args, name, None))
     request = parse_request({k: v for k, v in fields.items() if v is not None})
+    if args.dry_run:
+        return _print_plan(args, request)
     update, close = _progress_bar(not args.quiet and sys.stderr.isatty())
     try:
         result = run_task(request, args.out, progress=update)
@@ -301,6 +306,19 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     elif not args.quiet:
         print(f"wrote {result.path} ({result.width}x{result.height} px, {result.crs}, seed {result.seed}) "
               f"in {result.seconds:.1f} s", file=sys.stderr)
+    return 0
+
+
+def _print_plan(args: argparse.Namespace, request) -> int:
+    from .tasks import plan
+
+    p = plan(request)
+    if args.json:
+        print(json.dumps(p))
+    else:
+        print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
+              f"GSD {p['gsd_m']:.2f} m; {p['tiles']} tile(s) of {p['model_px']} px, {p['steps']} steps, "
+              f"{p['unet_evaluations']} UNet evaluations; nothing written (--dry-run)")
     return 0
 
 
@@ -380,6 +398,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "dtype": args.dtype,
         }
     )
+    if args.dry_run:
+        return _print_plan(args, request)
     show_bar = not args.quiet and sys.stderr.isatty()
     update, close = _progress_bar(show_bar)
 

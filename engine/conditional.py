@@ -326,32 +326,89 @@ class _S2Source:
                                  baseline=self.request.baseline)
 
 
+@dataclass
+class Layout:
+    """Where a tiled task reads and writes, known before any model is loaded."""
+
+    out_grid: Grid  #: the output raster's grid
+    tiles: list  #: model windows (engine.geo.tiling.Tile), in input pixels
+    model_px: int  #: output pixels per tile side
+    in_grid: Optional[Grid] = None  #: the input grid (or its --bbox subset)
+    window: Any = None  #: that subset's window in the whole input
+    source: Any = None  #: the opened input (super-resolution)
+    frames: list = field(default_factory=list)  #: (path, date) of conditioning frames, in time order
+
+
+def _overlap(request, tile_px: int) -> int:
+    overlap = request.overlap if request.overlap is not None else max(1, tile_px // 8)
+    if 2 * overlap >= tile_px:
+        raise InvalidRequest(f"--overlap {overlap} px must be less than half the {tile_px} px input tile")
+    return overlap
+
+
+def superres_layout(request, model_px: int) -> Layout:
+    """Input tiles of model_px / factor Sentinel-2 pixels, output at input GSD / factor."""
+    from .geo.tiling import output_grid, plan_tiles
+
+    factor = request.factor
+    if model_px % factor:
+        raise InvalidRequest(f"--factor {factor} must divide the model's {model_px} px output tile (e.g. 2, 4, 8)")
+    in_tile = model_px // factor
+    source = _S2Source(request)
+    in_grid, window = source.grid.subset(request.bbox, request.crs)
+    tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, _overlap(request, in_tile), factor)
+    transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
+    _check_pixels(width, height, request.max_pixels)
+    return Layout(Grid(in_grid.crs, transform, width, height), tiles, model_px, in_grid, window, source)
+
+
+def temporal_layout(request, model_px: int) -> Layout:
+    """The first input's grid (or its --bbox subset); every input must cover it."""
+    from .geo.tiling import plan_tiles
+
+    frames = _dated_frames(request.inputs, request.input_dates, "inputs")
+    grid, window = _grid_of(request.inputs[0]).subset(request.bbox, request.crs)
+    _check_same_place([p for p, _ in frames], grid)
+    _check_pixels(grid.width, grid.height, request.max_pixels)
+    tiles = plan_tiles(grid.width, grid.height, model_px, _overlap(request, model_px), 1)
+    return Layout(grid, tiles, model_px, grid, window, frames=frames)
+
+
+def inpaint_layout(request, model_px: int) -> Layout:
+    """The input's grid; references (if any) must cover it."""
+    from .geo.tiling import plan_tiles
+
+    grid = _grid_of(request.input)
+    frames = []
+    if request.references:
+        frames = _dated_frames(request.references, request.reference_dates, "references")
+        _check_same_place([p for p, _ in frames], grid)
+    _check_pixels(grid.width, grid.height, request.max_pixels)
+    tiles = plan_tiles(grid.width, grid.height, model_px, _overlap(request, model_px), 1)
+    return Layout(grid, tiles, model_px, grid, frames=frames)
+
+
+LAYOUTS = {"superres": superres_layout, "temporal": temporal_layout, "inpaint": inpaint_layout}
+
+
 def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
     """Sentinel-2 (10 m, L1C/L2A) -> RGB at ``factor`` times the resolution, tiled over the input."""
     from rasterio.windows import Window
 
     from .geo.sentinel2 import to_model_input
-    from .geo.tiling import output_grid, plan_tiles, tile_progress
+    from .geo.tiling import tile_progress
     from .pipelines.text2img import Control
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("superres")
     model_px = bundle.native_resolution
     factor = request.factor
-    if model_px % factor:
-        raise InvalidRequest(f"--factor {factor} must divide the model's {model_px} px output tile (e.g. 2, 4, 8)")
     cond_px = model_px // int(controlnet.config.conditioning_scale)
-    in_tile = model_px // factor
-    source = _S2Source(request)
-    in_grid, window = source.grid.subset(request.bbox, request.crs)
+    layout = superres_layout(request, model_px)
+    source, in_grid, window, tiles, out_grid = (layout.source, layout.in_grid, layout.window, layout.tiles,
+                                                layout.out_grid)
+    width, height = out_grid.width, out_grid.height
     gsd_in = abs(in_grid.transform.a)
-    overlap = request.overlap if request.overlap is not None else max(1, in_tile // 8)
-    if 2 * overlap >= in_tile:
-        raise InvalidRequest(f"--overlap {overlap} px must be less than half the {in_tile} px input tile")
-    tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, overlap, factor)
-    transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
-    out_grid = Grid(in_grid.crs, transform, width, height)
-    _check_pixels(width, height, request.max_pixels)
     date = _date_of(request.input, request.date, "input")
     seed = request.seed if request.seed is not None else _new_seed()
     pipe = _pipeline(bundle, request, controlnet)
@@ -530,20 +587,14 @@ def _check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) ->
 
 def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
     """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
-
-    from .geo.tiling import plan_tiles, tile_progress
+    from .geo.tiling import tile_progress
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("temporal")
     model_px = bundle.native_resolution
-    frames = _dated_frames(request.inputs, request.input_dates, "inputs")
-    base_grid = _grid_of(request.inputs[0])
-    grid, _ = base_grid.subset(request.bbox, request.crs)
-    _check_same_place([p for p, _ in frames], grid)
-    _check_pixels(grid.width, grid.height, request.max_pixels)
+    layout = temporal_layout(request, model_px)
+    frames, grid, tiles = layout.frames, layout.out_grid, layout.tiles
     sources = [_RGBSource(p, grid) for p, _ in frames]
-    overlap = request.overlap if request.overlap is not None else model_px // 8
-    tiles = plan_tiles(grid.width, grid.height, model_px, overlap, 1)
     seed = request.seed if request.seed is not None else _new_seed()
     pipe = _pipeline(bundle, request, controlnet)
 
@@ -667,25 +718,19 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     import torch
 
     from .geo.masks import feather
-    from .geo.tiling import plan_tiles, tile_progress
+    from .geo.tiling import tile_progress
     from .pipelines.text2img import Inpaint
 
     bundle, placement = _bundle_for(models, request)
     model_px = bundle.native_resolution
-    grid = _grid_of(request.input)
+    controlnet = bundle.controlnet_for("temporal") if request.references else None
+    layout = inpaint_layout(request, model_px)
+    grid, tiles, refs = layout.out_grid, layout.tiles, layout.frames
     mask = _MaskSource(request, grid)
     bands = request.rgb_bands
     source = _RGBSource(request.input, grid, bands)
-    refs = []
-    controlnet = None
-    if request.references:
-        controlnet = bundle.controlnet_for("temporal")
-        refs = _dated_frames(request.references, request.reference_dates, "references")
-        _check_same_place([p for p, _ in refs], grid)
     ref_sources = [_RGBSource(p, grid) for p, _ in refs]
     date = _date_of(request.input, request.date, "input")
-    overlap = request.overlap if request.overlap is not None else model_px // 8
-    tiles = plan_tiles(grid.width, grid.height, model_px, overlap, 1)
     seed = request.seed if request.seed is not None else _new_seed()
     pipe = _pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)

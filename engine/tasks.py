@@ -383,6 +383,41 @@ inpaint = _conditional("inpaint")
 RUNNERS = {"generate": generate, "superres": superres, "temporal": temporal, "inpaint": inpaint}
 
 
+def plan(request: _Request) -> dict[str, Any]:
+    """What ``request`` would do, without loading a model or writing anything: the output grid,
+    the number of tiles and of UNet evaluations. For ``--dry-run`` and the plugin's pre-flight."""
+    from .models.loading import native_resolution
+
+    model_px = native_resolution(request.model, request.unet)
+    cfg = 2 if request.guidance > 1.0 else 1
+    if request.task == "generate":
+        from .metadata import ground_pixel_size, parse_crs, validate_bbox
+
+        crs = parse_crs(request.crs)
+        validate_bbox(request.bbox, crs)
+        width = request.width or request.size or model_px
+        height = request.height or request.size or model_px
+        gsd = ground_pixel_size(request.bbox, crs, width, height)
+        out = {"width": width, "height": height, "crs": request.crs, "bbox": list(request.bbox), "tiles": 1,
+               "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
+        samples = request.spread or 1
+    else:
+        from .conditional import LAYOUTS
+        from .metadata import ground_pixel_size
+
+        layout = LAYOUTS[request.task](request, model_px)
+        grid = layout.out_grid
+        crs = grid.crs.to_wkt()
+        gsd = ground_pixel_size(grid.bounds, crs, grid.width, grid.height)
+        out = {"width": grid.width, "height": grid.height, "crs": grid.crs.to_string(), "bbox": list(grid.bounds),
+               "tiles": len(layout.tiles), "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
+        samples = 1
+    out.update(task=request.task, model_px=model_px, steps=request.steps,
+               unet_evaluations=out["tiles"] * request.steps * cfg * samples,
+               output_megapixels=round(out["width"] * out["height"] / 1e6, 3))
+    return out
+
+
 def run_task(
     request: _Request,
     out: str | Path,

@@ -204,6 +204,11 @@ class EngineClient:
         """Queue a task request dict; return the job id."""
         return self._json("POST", "/v1/jobs", dict(request))["id"]
 
+    def plan(self, request: Mapping[str, Any]) -> Dict[str, Any]:
+        """The pre-flight of a request without running it: output width/height/crs/bbox, gsd_m,
+        tiles, model_px, steps, unet_evaluations, output_megapixels."""
+        return self._json("POST", "/v1/plan", dict(request))
+
     def job(self, job_id: str) -> Dict[str, Any]:
         """The job's state dict (state, progress 0..1, step, total_steps, eta_s, error, result, ...)."""
         return self._json("GET", self._job_path(job_id))

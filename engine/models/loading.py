@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 UNET_CLASSES = {"SatUNet", "UNet2DConditionModel"}
 TINY_SEED = 20240101
+TINY_RESOLUTION = 256  # tiny's UNet sample_size 32 x the VAE's factor 8
 
 
 def resource_path(*parts: str) -> Path:
@@ -532,6 +533,26 @@ def installed_models() -> list[InstalledModel]:
                 if info is not None:
                     found.append(info)
     return sorted(found, key=lambda m: (-m.resolution, m.name))
+
+
+def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
+    """The output tile size (px) of ``--model`` without loading weights (for plans and estimates)."""
+    spec = (spec or "auto").strip()
+    if spec == "tiny":
+        return TINY_RESOLUTION
+    if spec == "auto" and not unet:
+        singles = [m for m in installed_models() if m.kind == "single-image"]
+        return singles[0].resolution if singles else TINY_RESOLUTION
+    for candidate in (unet, None if spec in ("auto",) or spec.startswith("hf:") else spec):
+        if candidate:
+            info = describe_folder(Path(candidate).expanduser())
+            if info is not None and info.kind == "single-image":
+                return info.resolution
+            try:  # a bare UNet folder or a ControlNet root with a UNet inside
+                return int(read_config(find_unet_folder(Path(candidate).expanduser())).get("sample_size") or 64) * 8
+            except (ModelNotFound, ModelLoadError):
+                continue
+    return 512  # the released models' size: hub ids and ControlNet roots without a UNet
 
 
 def resolve_hub_id(spec: str) -> Path:

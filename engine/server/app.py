@@ -101,6 +101,20 @@ class JobResultOut(BaseModel):
     result_url: Optional[str]
 
 
+class PlanOut(BaseModel):
+    task: str
+    width: int = Field(..., description="output width, px")
+    height: int = Field(..., description="output height, px")
+    crs: str
+    bbox: list[float] = Field(..., description="output bounds in crs units")
+    gsd_m: float = Field(..., description="output ground sample distance, metres per pixel")
+    tiles: int
+    model_px: int = Field(..., description="model window side, output px")
+    steps: int
+    unet_evaluations: int
+    output_megapixels: float
+
+
 class JobOut(BaseModel):
     id: str
     task: str
@@ -404,16 +418,34 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         Fields that take input files accept ``upload:<id>`` refs or paths on the engine's machine.
         A request that names no ``model`` runs with the engine's ``--model``.
         """
+        job_request = await _job_request(request)
+        job = manager.submit(job_request)
+        # "queued" is the state at acceptance; the worker may already have started it since.
+        return {"id": job.id, "state": "queued"}
+
+    async def _job_request(request: Request) -> Any:
+        """The JSON body of a job request, validated (size, JSON, fields, paths, limits)."""
         body = await _read_limited(request, config.max_json_bytes)
         try:
             data = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             raise InvalidRequest(f"the body is not valid JSON ({err}); send a JSON object") from None
         # Validation reads files (model configs, CRS database): keep it off the event loop.
-        job_request = await run_in_threadpool(resolve_request, data, config, uploads)
-        job = manager.submit(job_request)
-        # "queued" is the state at acceptance; the worker may already have started it since.
-        return {"id": job.id, "state": "queued"}
+        return await run_in_threadpool(resolve_request, data, config, uploads)
+
+    @app.post(f"{API_PREFIX}/plan", response_model=PlanOut, dependencies=auth, responses=_ERRORS,
+              tags=["jobs"],
+              openapi_extra={"requestBody": {"required": True, "content": {
+                  "application/json": {"schema": {"$ref": "#/components/schemas/JobRequest"}}}}})
+    async def plan_job(request: Request) -> dict[str, Any]:
+        """The pre-flight of a task request: output grid, tiles and model calls. Runs nothing.
+
+        Checks the request as ``POST /v1/jobs`` does, so a request that plans will also be accepted.
+        """
+        from ..tasks import plan
+
+        job_request = await _job_request(request)
+        return await run_in_threadpool(plan, job_request)
 
     @app.get(f"{API_PREFIX}/jobs", response_model=JobListOut, dependencies=auth, responses=_ERRORS,
              tags=["jobs"])

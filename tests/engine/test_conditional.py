@@ -295,3 +295,19 @@ def test_split_over_two_processes_equals_one(tmp_path, models):
         assert a.transform == b.transform and a.crs == b.crs
         assert np.array_equal(a.read(), b.read())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch cleaned up
+
+
+def test_dry_run_plans_without_a_model_or_output(tmp_path, capsys):
+    src = write(tmp_path / "s2.tif", s2_dn((13, 100, 90)))
+    out = tmp_path / "sr.tif"
+    code = main(["superres", "--input", src, "--factor", "4", "--date", "2021-06-15", "--model", "tiny",
+                 "--dry-run", "--json", "--out", str(out)])
+    plan = json.loads(capsys.readouterr().out)
+    assert code == 0 and not out.exists()
+    # 100 x 90 px at 10 m, factor 4 -> 400 x 360 px at 2.5 m; input tiles of 256/4 = 64 px, overlap 8
+    assert (plan["width"], plan["height"], plan["tiles"]) == (360, 400, 4)
+    assert plan["gsd_m"] == pytest.approx(2.5, rel=0.01) and plan["unet_evaluations"] == 4 * 20
+    code = main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--size", "512", "--model", "tiny", "--dry-run",
+                 "--out", str(tmp_path / "g.tif")])
+    text = capsys.readouterr().out
+    assert code == 0 and "512x512 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()

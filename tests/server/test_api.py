@@ -331,3 +331,17 @@ def test_conditional_task_with_a_missing_input(server):
     body = assert_error(call(server, "POST", "/v1/jobs", json_body={"task": "superres", "input": "/no/such.tif"}),
                         422, "input_not_found")
     assert "does not exist" in body["detail"] and "/v1/uploads" in body["detail"]
+
+
+def test_plan_is_a_dry_run(server):
+    before = len(call(server, "GET", "/v1/jobs").json["jobs"])
+    reply = call(server, "POST", "/v1/plan", json_body=generate_request(width=128, height=64, steps=3, guidance=2.0))
+    assert reply.status == 200, reply.body
+    p = reply.json
+    assert (p["task"], p["width"], p["height"], p["tiles"], p["steps"]) == ("generate", 128, 64, 1, 3)
+    assert p["unet_evaluations"] == 6  # 3 steps x 2 (classifier-free guidance)
+    assert p["gsd_m"] == pytest.approx((640 / 128 * 640 / 64) ** 0.5, rel=0.01)
+    assert len(call(server, "GET", "/v1/jobs").json["jobs"]) == before  # nothing queued
+    assert_error(call(server, "POST", "/v1/plan", json_body=generate_request(bbox=[5, 5, 1, 1])), 422,
+                 "invalid_request")
+    assert call(server, "POST", "/v1/plan", json_body=generate_request(), token=None).status == 401

@@ -30,6 +30,7 @@ def test_end_to_end(server, engine_client, tmp_path):
     client = engine_client.EngineClient(server.url, server.token)
     assert client.health()["status"] == "ok"
     assert client.models()["models"][0]["name"] == "tiny"
+    assert client.plan(generate_request(steps=3))["unet_evaluations"] == 6
     job_id = client.submit(generate_request(steps=3))
     seen = []
     job = client.wait(job_id, poll=0.05, on_progress=lambda j: seen.append(j["progress"]))
