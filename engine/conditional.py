@@ -410,7 +410,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     width, height = out_grid.width, out_grid.height
     gsd_in = abs(in_grid.transform.a)
     date = _date_of(request.input, request.date, "input")
-    seed = request.seed if request.seed is not None else _new_seed()
+    seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
     warnings: list[str] = list(bundle.notices)
     if date is None:
@@ -475,7 +475,13 @@ def _check_pixels(width: int, height: int, limit: Optional[int]) -> None:
         )
 
 
-def _new_seed() -> int:
+def _seed_for(request) -> int:
+    """The request's seed, or a fresh one; in a split run every process must draw the same, so it
+    is derived from the request itself there (all ranks see the same request)."""
+    if request.seed is not None:
+        return request.seed
+    if _distributed()[1] > 1:
+        return int(hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:8], 16) % (2**31)
     import secrets
 
     return secrets.randbelow(2**31)
@@ -595,7 +601,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     layout = temporal_layout(request, model_px)
     frames, grid, tiles = layout.frames, layout.out_grid, layout.tiles
     sources = [_RGBSource(p, grid) for p, _ in frames]
-    seed = request.seed if request.seed is not None else _new_seed()
+    seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
 
     def read(tile):
@@ -731,7 +737,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     source = _RGBSource(request.input, grid, bands)
     ref_sources = [_RGBSource(p, grid) for p, _ in refs]
     date = _date_of(request.input, request.date, "input")
-    seed = request.seed if request.seed is not None else _new_seed()
+    seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)
     if request.resample and request.scheduler not in ("ddim", "ddpm") and type(bundle.scheduler).__name__ not in (

@@ -348,7 +348,7 @@ REQUEST_MODELS: dict[str, type[_Request]] = {
 
 
 def _conditional(name: str):
-    def run(request, out, *, models=None, progress=None, cancel=None) -> TaskResult:
+    def run(request, out, *, models=None, progress=None, cancel=None) -> Optional[TaskResult]:
         from . import conditional
         from .models.cache import ModelCache
 
@@ -356,6 +356,8 @@ def _conditional(name: str):
         out = _check_out(out)
         outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
                                              cancel=cancel)
+        if conditional._distributed()[0] != 0:
+            return None  # a non-zero rank of a split run: rank 0 wrote the COG and reports
         grid = outcome.grid
         return TaskResult(
             path=out, task=name, seed=outcome.seed, model=outcome.model, width=grid.width, height=grid.height,

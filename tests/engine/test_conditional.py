@@ -282,15 +282,19 @@ def test_split_over_two_processes_equals_one(tmp_path, models):
     assert single is not None
     split_out = tmp_path / "split.tif"
     code = ("import json,sys; from engine.tasks import parse_request, run_task; "
-            f"run_task(parse_request(json.loads(sys.argv[1])), {str(split_out)!r})")
+            f"r = run_task(parse_request(json.loads(sys.argv[1])), {str(split_out)!r}); "
+            "print('REPORTS', r is not None)")
     procs = []
     for rank in (0, 1):
         env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)}
         procs.append(subprocess.Popen([sys.executable, "-c", code, json.dumps(request)], env=env,
-                                      stderr=subprocess.PIPE, text=True))
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    reports = []
     for p in procs:
-        _, err = p.communicate(timeout=300)
+        out, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
+        reports.append(out.strip().splitlines()[-1])
+    assert reports == ["REPORTS True", "REPORTS False"]  # only rank 0 reports the result
     with rasterio.open(tmp_path / "single.tif") as a, rasterio.open(split_out) as b:
         assert a.transform == b.transform and a.crs == b.crs
         assert np.array_equal(a.read(), b.read())
