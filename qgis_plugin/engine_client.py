@@ -165,7 +165,8 @@ class EngineClient:
         finally:
             err.close()
         message = detail or f"the engine answered HTTP {err.code} {err.reason}"
-        if err.code in (401, 403):
+        # 403 also answers a path outside the engine's --allowed-root: not a token problem
+        if err.code == 401 or (err.code == 403 and code in (None, "forbidden", "unauthorized")):
             hint = ("no token was sent: set the engine's token in the plugin settings"
                     if err.code == 401 else
                     "the token does not match this engine's: copy it again from the engine's token file")

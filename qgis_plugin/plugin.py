@@ -12,7 +12,7 @@ from typing import Optional
 
 from qgis.core import QgsApplication, QgsMessageLog, QgsProject
 from qgis.PyQt.QtCore import Qt
-from qgis.PyQt.QtWidgets import QApplication
+from qgis.PyQt.QtWidgets import QApplication, QMessageBox
 
 try:  # Qt6 (QGIS 4) moved QAction to QtGui
     from qgis.PyQt.QtGui import QAction
@@ -22,6 +22,7 @@ except ImportError:
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_SUCCESS, MSG_WARNING, icon
 from .connection import EngineConfigError, resolve_spec, shared_manager
 from .layers import add_result_layer, provenance
+from .preflight import Preflight, record_outcome
 from .requests import PreparedJob
 from .settings import PluginSettings
 from .tasks import LOG_TAG, EngineTask
@@ -164,18 +165,52 @@ class DiffusionSatPlugin:
         QgsMessageLog.logMessage(message, LOG_TAG, MSG_CRITICAL)
 
     def start(self, prepared: PreparedJob) -> Optional[EngineTask]:
-        """Run ``prepared`` as a background task; its layer is added when it finishes."""
+        """Run ``prepared`` as a background task; its layer is added when it finishes.
+
+        The task first asks the engine for the job's plan (shown in the dock); a plan over the
+        limits in the settings is submitted only if :meth:`confirm_large` says yes, and a request
+        the engine refuses is never submitted (its message goes to the message bar).
+        """
         try:
             spec = resolve_spec(self.settings())
         except EngineConfigError as err:
             self._discard_output(prepared)
             self.show_error(str(err))
             return None
-        task = EngineTask(prepared, spec, self.manager, on_done=self._task_done)
+        settings = self.settings()
+        task = EngineTask(prepared, spec, self.manager, on_done=self._task_done,
+                          max_megapixels=settings.max_output_mpx, max_minutes=settings.max_minutes, ask=True)
+        task.planned.connect(self._plan_ready)
+        task.confirmation_needed.connect(lambda check, t=task: self._confirm(t, check))
         self._tasks.add(task)
+        self._show_plan(f"{prepared.describe()}: asking the engine for the plan…")
         QgsApplication.taskManager().addTask(task)
         self.iface.messageBar().pushMessage("DiffusionSat", f"{prepared.describe()} started", MSG_INFO, 3)
         return task
+
+    # -- the pre-flight -------------------------------------------------------------------------
+
+    def _show_plan(self, text: str) -> None:
+        if self.dock is not None:
+            self.dock.show_plan(text)
+
+    def _plan_ready(self, check: Preflight) -> None:  # main thread (queued from the task)
+        self._show_plan(check.summary())
+        QgsMessageLog.logMessage(check.summary(), LOG_TAG, MSG_INFO)
+
+    def _confirm(self, task: EngineTask, check: Preflight) -> None:  # main thread (queued from the task)
+        accepted = False
+        try:
+            if not task.isCanceled() and task in self._tasks:
+                accepted = bool(self.confirm_large(check))
+        finally:
+            task.answer(accepted)  # the task waits for this; never leave it waiting
+
+    def confirm_large(self, check: Preflight) -> bool:
+        """Ask whether to run a job that is over the limits (a modal question, main thread)."""
+        parent = self.iface.mainWindow() if self.iface is not None else None
+        yes, no = QMessageBox.StandardButton.Yes, QMessageBox.StandardButton.No
+        return QMessageBox.question(parent, "DiffusionSat: a large job", check.confirm_text(), yes | no, no) == yes
 
     @staticmethod
     def _discard_output(prepared: PreparedJob) -> None:
@@ -190,12 +225,22 @@ class DiffusionSatPlugin:
         bar = self.iface.messageBar()
         if task.outcome is None:
             self._discard_output(task.prepared)
+            if task.declined is not None:
+                self._show_plan(f"Not started: {task.declined}."
+                                + (f" {task.preflight.summary()}" if task.preflight else ""))
+                bar.pushMessage("DiffusionSat", f"{task.prepared.describe()} was not started: {task.declined}",
+                                MSG_WARNING, 10)
+                return
             if task.was_cancelled:
+                self._show_plan(f"{task.prepared.describe()}: cancelled.")
                 bar.pushMessage("DiffusionSat", f"{task.prepared.describe()} was cancelled", MSG_INFO, 5)
             else:
+                error = task.error or "the job failed"
+                self._show_plan(f"Failed: {error}" if task.preflight is not None else error)
                 self.show_error(task.error or "the job failed")
             return
         outcome = task.outcome
+        self._learn_from(task)
         try:
             layer = add_result_layer(
                 outcome.path, task.prepared.layer_name, date=task.prepared.date,
@@ -210,6 +255,18 @@ class DiffusionSatPlugin:
                             MSG_WARNING, 10)
         else:
             bar.pushMessage("DiffusionSat", f"{layer.name()} added ({outcome.path})", MSG_SUCCESS, 5)
+
+    def _learn_from(self, task: EngineTask) -> None:
+        """A finished job's time goes into the engine's seconds-per-evaluation estimate."""
+        check, outcome = task.preflight, task.outcome
+        if check is None or outcome is None:
+            return
+        rate = record_outcome(check, outcome.result)
+        if rate is None:
+            return
+        seconds = float(outcome.result.get("seconds") or 0.0)
+        self._show_plan(f"Done: {check.grid_text()} in {seconds:.1f} s. Time estimates for this engine now use "
+                        f"{rate:.3g} s per UNet evaluation (measured).")
 
     # -- actions -------------------------------------------------------------------------------
 

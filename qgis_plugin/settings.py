@@ -45,6 +45,10 @@ class PluginSettings:
     size: int = 512  # longest side of a generated image, px
     steps: int = 20
     guidance: float = 7.5
+    # Pre-flight limits: a larger job is run only when the user confirms it (dock) or sets
+    # ALLOW_LARGE (Processing); 0 turns a limit off.
+    max_output_mpx: float = 100.0  # output megapixels
+    max_minutes: float = 120.0  # estimated minutes
     extra: dict = field(default_factory=dict)
 
     @classmethod

@@ -1,21 +1,24 @@
 """Running a prepared job on the engine: one function for Processing, one QgsTask for the dock.
 
-:func:`run_job` is the whole conversation with the engine (upload inputs if needed, submit, poll
-progress, honour cancel, download the result). It touches no QGIS layer, so it runs in a
-``QgsTask`` thread or a Processing algorithm's thread alike. :class:`EngineTask` wraps it for the
+:func:`run_job` is the whole conversation with the engine (upload inputs if needed, ask for the
+plan, submit, poll progress, honour cancel, download the result). It touches no QGIS layer, so it
+runs in a ``QgsTask`` thread or a Processing algorithm's thread alike. :class:`EngineTask` wraps it for the
 task manager (progress bar, cancel button) and hands the outcome back on the main thread in
 ``finished()``, where the layer is added.
 """
 
 from __future__ import annotations
 
+import threading
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from qgis.core import QgsMessageLog, QgsTask
+from qgis.PyQt.QtCore import pyqtSignal
 
+from . import preflight as pf
 from .connection import EngineConfigError, EngineManager, EngineSpec
 from .inputs import as_geotiff, rasterize_mask, remove_quietly
 from .requests import PreparedJob, RequestError
@@ -32,6 +35,7 @@ class JobOutcome:
     path: str
     job_id: str
     result: dict[str, Any] = field(default_factory=dict)
+    plan: Optional[dict[str, Any]] = None
 
     @property
     def warnings(self) -> list[str]:
@@ -74,10 +78,39 @@ def _upload_inputs(client, request: dict[str, Any], prepared: PreparedJob, temps
     return request
 
 
+def plan_job(client, request: dict[str, Any], prepared: PreparedJob, *, upload: bool,
+             temps: list[str]) -> tuple[dict[str, Any], Optional[dict[str, Any]]]:
+    """Ask the engine for the plan of ``request`` (quick timeout): ``(request, plan)``.
+
+    The request comes back with its inputs uploaded when the engine answered that it may not read
+    them by path; the plan is None for an engine without ``POST /v1/plan``. Any other error is
+    raised with ``stage = "plan"`` (nothing was submitted).
+    """
+    from .engine_client import EngineError
+
+    quick = pf.with_timeout(client)
+    try:
+        return request, quick.plan(request)
+    except EngineError as err:
+        if not upload and getattr(err, "code", None) == "path_not_allowed" and prepared.files:
+            request = _upload_inputs(client, request, prepared, temps)
+            try:
+                return request, quick.plan(request)
+            except EngineError as again:
+                err = again
+        if pf.no_plan_endpoint(err):
+            QgsMessageLog.logMessage(f"the engine has no plan endpoint ({err}); running without a pre-flight",
+                                     LOG_TAG)
+            return request, None
+        err.stage = "plan"
+        raise err
+
+
 def run_job(client, prepared: PreparedJob, *, upload: bool = False,
             progress: Optional[ProgressFn] = None,
             cancelled: Callable[[], bool] = lambda: False,
-            poll_s: float = 0.5) -> JobOutcome:
+            poll_s: float = 0.5,
+            on_plan: Optional[Callable[[dict[str, Any], Optional[dict[str, Any]]], None]] = None) -> JobOutcome:
     """Run ``prepared`` on the engine behind ``client`` and download its result.
 
     Args:
@@ -86,11 +119,17 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
         progress: called with (fraction 0..1, text) as the job advances.
         cancelled: polled; when it turns true the job is cancelled on the engine and
             ``EngineCancelled`` is raised.
-    Raises the engine client's exceptions (``EngineError`` carries the engine's message).
+        on_plan: when given, the engine's plan is asked for first (``POST /v1/plan``) and
+            ``on_plan(request, plan)`` is called before anything is submitted; it raises to stop
+            (e.g. :class:`~.preflight.PreflightRefused`). ``plan`` is None for an engine without
+            the plan endpoint.
+    Raises the engine client's exceptions (``EngineError`` carries the engine's message; a
+    refused plan has ``stage == "plan"``).
     """
     from .engine_client import EngineError
 
     temps: list[str] = []
+    plan = None
     try:
         request = dict(prepared.request)
         if prepared.rasterize:
@@ -99,6 +138,9 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
             temps.append(request[spec["field"]])
         if upload:
             request = _upload_inputs(client, request, prepared, temps)
+        if on_plan is not None:
+            request, plan = plan_job(client, request, prepared, upload=upload, temps=temps)
+            on_plan(request, plan)
         try:
             job_id = client.submit(request)
         except EngineError as err:
@@ -120,7 +162,7 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
         Path(prepared.output_path).parent.mkdir(parents=True, exist_ok=True)
         path = client.download_result(job_id, prepared.output_path)
         return JobOutcome(path=str(path or prepared.output_path), job_id=job_id,
-                          result=dict(final.get("result") or {}))
+                          result=dict(final.get("result") or {}), plan=plan)
     finally:
         remove_quietly(temps + list(prepared.temp_files))
 
@@ -144,6 +186,12 @@ def friendly_error(err: BaseException, spec: Optional[EngineSpec] = None) -> str
         return "Cancelled."
     if isinstance(err, ec.EngineStartError):
         return f"Could not start the local engine: {_detail(err)}"
+    if isinstance(err, pf.PreflightRefused):
+        return f"Not started: {err}"
+    if isinstance(err, ec.EngineError) and getattr(err, "stage", None) == "plan":
+        if 400 <= (getattr(err, "status", None) or 0) < 500:
+            return f"The engine refused the request (nothing was started): {_detail(err)}"
+        return f"The engine could not plan the job (nothing was started): {_detail(err)}"
     if isinstance(err, ec.EngineError):
         return f"The engine could not run the job: {_detail(err)}"
     return f"{type(err).__name__}: {err}"
@@ -160,12 +208,25 @@ def _detail(err: BaseException) -> str:
 class EngineTask(QgsTask):
     """A job in QGIS's task manager: progress, cancel, and ``on_done(task)`` on the main thread.
 
+    Before submitting, the task asks the engine for the plan of the job and emits ``planned``
+    with the :class:`~.preflight.Preflight` (size, tiles, time estimate). A plan over the limits
+    (``max_megapixels``, ``max_minutes``; 0 = no limit) emits ``confirmation_needed`` and waits,
+    without blocking anything but this task, until :meth:`answer` is called on the main thread
+    (or the task is cancelled); with ``ask=False`` such a plan is refused at once. Both signals
+    are emitted from the task's thread: connections to main-thread code are queued.
+
     After it ends, ``outcome`` holds the :class:`JobOutcome`, or ``error`` the message to show
-    (``None`` with ``was_cancelled`` True when the user cancelled).
+    (``None`` with ``was_cancelled`` True when the user cancelled, ``declined`` set to the reason
+    when the plan was over the limits and not confirmed: nothing was submitted then).
     """
 
+    planned = pyqtSignal(object)  # Preflight
+    confirmation_needed = pyqtSignal(object)  # Preflight; answer with answer(bool)
+
     def __init__(self, prepared: PreparedJob, spec: EngineSpec, manager: EngineManager,
-                 on_done: Optional[Callable[["EngineTask"], None]] = None) -> None:
+                 on_done: Optional[Callable[["EngineTask"], None]] = None, *,
+                 max_megapixels: float = 0.0, max_minutes: float = 0.0, ask: bool = False,
+                 plan_first: bool = True) -> None:
         super().__init__(prepared.describe(), QgsTask.Flag.CanCancel)
         self.prepared = prepared
         self.spec = spec
@@ -174,11 +235,46 @@ class EngineTask(QgsTask):
         self.outcome: Optional[JobOutcome] = None
         self.error: Optional[str] = None
         self.was_cancelled = False
+        self.declined: Optional[str] = None
         self.status_text = ""
+        self.limits = (float(max_megapixels or 0.0), float(max_minutes or 0.0))
+        self.ask = ask
+        self.plan_first = plan_first
+        self.preflight: Optional[pf.Preflight] = None
+        self._answered = threading.Event()
+        self._accepted = False
 
     def _progress(self, fraction: float, text: str) -> None:
         self.status_text = text
         self.setProgress(max(0.0, min(100.0, fraction * 100.0)))
+
+    def answer(self, accepted: bool) -> None:
+        """The user's answer to ``confirmation_needed`` (main thread)."""
+        self._accepted = bool(accepted)
+        self._answered.set()
+
+    def _on_plan(self, client, request: dict[str, Any], plan: Optional[dict[str, Any]]) -> None:
+        """Worker thread, between the plan and the submission."""
+        from . import engine_client as ec
+
+        if plan is None:
+            return
+        check = pf.evaluate(client, request, plan, engine=pf.engine_key(self.spec),
+                            max_megapixels=self.limits[0], max_minutes=self.limits[1])
+        self.preflight = check
+        self.status_text = check.summary()
+        self.planned.emit(check)
+        if not check.reasons():
+            return
+        if not self.ask:
+            raise pf.PreflightRefused(check.refusal_text())
+        self.status_text = "waiting for confirmation"
+        self.confirmation_needed.emit(check)
+        while not self._answered.wait(0.1):
+            if self.isCanceled():
+                raise ec.EngineCancelled("cancelled before the job was submitted", code="cancelled")
+        if not self._accepted:
+            raise pf.PreflightRefused(f"you declined it: {'; and '.join(check.reasons())}")
 
     def run(self) -> bool:  # worker thread: HTTP only
         from . import engine_client as ec
@@ -188,11 +284,15 @@ class EngineTask(QgsTask):
             if self.isCanceled():
                 self.was_cancelled = True
                 return False
+            on_plan = (lambda request, plan: self._on_plan(client, request, plan)) if self.plan_first else None
             self.outcome = run_job(client, self.prepared, upload=self.spec.upload_inputs,
-                                   progress=self._progress, cancelled=self.isCanceled)
+                                   progress=self._progress, cancelled=self.isCanceled, on_plan=on_plan)
             return True
         except ec.EngineCancelled:
             self.was_cancelled = True
+        except pf.PreflightRefused as err:
+            self.declined = str(err)
+            return False
         except (ec.EngineError, ec.EngineUnavailable, ec.EngineAuthError, EngineConfigError,
                 RequestError, OSError) as err:
             self.error = friendly_error(err, self.spec)
@@ -204,7 +304,7 @@ class EngineTask(QgsTask):
         return False
 
     def finished(self, result: bool) -> None:  # main thread
-        if not result and self.error is None and not self.was_cancelled:
+        if not result and self.error is None and not self.was_cancelled and self.declined is None:
             self.was_cancelled = self.isCanceled()
             if not self.was_cancelled:
                 self.error = "The task stopped without a result."

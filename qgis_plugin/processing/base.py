@@ -18,6 +18,7 @@ from qgis.core import (
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
+    QgsProcessingParameterBoolean,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterString,
 )
@@ -25,6 +26,7 @@ from qgis.core import (
 from ..compat import icon, set_advanced
 from ..connection import EngineConfigError, resolve_spec, shared_manager
 from ..layers import provenance, style_result
+from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
 from ..requests import PreparedJob, RequestError, parse_date
 from ..tasks import friendly_error, run_job
 
@@ -33,6 +35,10 @@ ENGINE_HELP = (
     "environment variables <code>DIFFUSIONSAT_URL</code> and <code>DIFFUSIONSAT_TOKEN_FILE</code> "
     "(for <code>qgis_process</code> and scripts).</p>"
     "<p>The output is an AI-generated (synthetic) image, labelled as such in its metadata.</p>"
+    "<p>Before the job is submitted, the engine's plan is logged (output size, ground sample "
+    "distance, tiles, model evaluations, a time estimate). A job over the limits in DiffusionSat → "
+    "Engine settings (output megapixels, estimated minutes) fails with the reason unless "
+    "ALLOW_LARGE (advanced) is set; a request the engine refuses fails before anything runs.</p>"
 )
 
 
@@ -67,10 +73,13 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
     OUTPUT = "OUTPUT"
     MODEL = "MODEL"
     OPTIONS = "OPTIONS"
+    ALLOW_LARGE = "ALLOW_LARGE"
 
     def __init__(self) -> None:
         super().__init__()
         self._prepared: Optional[PreparedJob] = None
+        self._limits: tuple[float, float] = (0.0, 0.0)
+        self._allow_large = False
 
     def createInstance(self):  # noqa: N802
         return type(self)()
@@ -95,6 +104,9 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(set_advanced(QgsProcessingParameterString(
             self.OPTIONS, "More request fields as JSON (e.g. {\"steps\": 30, \"seed\": 7})",
             optional=True, multiLine=True)))
+        self.addParameter(set_advanced(QgsProcessingParameterBoolean(
+            self.ALLOW_LARGE, "Allow a job over the limits (output megapixels, estimated minutes in the "
+            "engine settings)", defaultValue=False, optional=True)))
 
     def model_value(self, parameters, context) -> Optional[str]:
         text = (self.parameterAsString(parameters, self.MODEL, context) or "").strip()
@@ -143,10 +155,15 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         raise NotImplementedError
 
     def prepareAlgorithm(self, parameters, context, feedback) -> bool:  # noqa: N802 - main thread
+        from ..settings import PluginSettings
+
         try:
             self._prepared = self.prepare(parameters, context, feedback)
         except RequestError as err:
             raise QgsProcessingException(str(err)) from None
+        settings = PluginSettings.load()
+        self._limits = (float(settings.max_output_mpx), float(settings.max_minutes))
+        self._allow_large = bool(self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
         return True
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - worker thread
@@ -167,16 +184,39 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             if text:
                 feedback.setProgressText(text)
 
+        checked = {}
+
+        def on_plan(request, plan) -> None:
+            if plan is None:
+                feedback.pushInfo("The engine gives no plan (an older engine): running without a pre-flight.")
+                return
+            check = evaluate(client, request, plan, engine=engine_key(spec),
+                             max_megapixels=self._limits[0], max_minutes=self._limits[1])
+            checked["preflight"] = check
+            feedback.pushInfo(check.summary())
+            if check.reasons():
+                if not self._allow_large:
+                    raise QgsProcessingException(
+                        f"Refused before running: {check.refusal_text()}. Set ALLOW_LARGE (advanced "
+                        "parameter) to run it anyway, or raise the limits in DiffusionSat → Engine settings.")
+                feedback.pushWarning("Over the limits, running because ALLOW_LARGE is set: "
+                                     + "; ".join(check.reasons()))
+
         try:
             client = shared_manager().client(spec)
             outcome = run_job(client, prepared, upload=spec.upload_inputs, progress=progress,
-                              cancelled=feedback.isCanceled)
+                              cancelled=feedback.isCanceled, on_plan=on_plan)
+        except PreflightRefused as err:
+            raise QgsProcessingException(str(err)) from None
         except EngineCancelled:
             raise QgsProcessingException("Cancelled: the engine job was stopped.") from None
         except (EngineError, EngineConfigError, RequestError, OSError) as err:
             raise QgsProcessingException(friendly_error(err, spec)) from None
         for warning in outcome.warnings:
             feedback.pushWarning(warning)
+        rate = record_outcome(checked.get("preflight"), outcome.result)
+        if rate is not None:
+            feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per UNet evaluation.")
         info = provenance(outcome.path, outcome.result, prepared.request)
         if context.willLoadLayerOnCompletion(prepared.output_path):
             details = context.layerToLoadOnCompletionDetails(prepared.output_path)

@@ -515,7 +515,8 @@ class TemporalTab(_Tab):
 
 class DiffusionSatDock(QgsDockWidget):
     """The dock. ``controller`` provides ``settings()``, ``start(prepared)``, ``show_error(msg)``,
-    ``open_settings()`` and ``canvas()``; the plugin is the controller."""
+    ``open_settings()`` and ``canvas()``; the plugin is the controller. The status area shows the
+    engine and the pre-flight of the last job (:meth:`show_plan`)."""
 
     def __init__(self, controller, parent: Optional[QWidget] = None) -> None:
         super().__init__("DiffusionSat", parent)
@@ -533,6 +534,14 @@ class DiffusionSatDock(QgsDockWidget):
         self.tabs.addTab(self.superres, icon("superres"), "Super-resolve")
         self.tabs.addTab(self.temporal, icon("temporal"), "Temporal")
         layout.addWidget(self.tabs)
+        self.plan_label = QLabel("")
+        self.plan_label.setObjectName("plan_status")
+        self.plan_label.setWordWrap(True)
+        self.plan_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.plan_label.setToolTip("The engine's plan of the last job: output size, ground sample distance, "
+                                   "tiles, model evaluations and a time estimate")
+        self.plan_label.hide()
+        layout.addWidget(self.plan_label)
         status_row = QHBoxLayout()
         self.engine_label = QLabel("")
         self.engine_label.setObjectName("engine_status")
@@ -563,6 +572,11 @@ class DiffusionSatDock(QgsDockWidget):
 
     def show_error(self, message: str) -> None:
         self.controller.show_error(message)
+
+    def show_plan(self, text: str) -> None:
+        """The pre-flight line of the last job (plan, estimate, refusal or outcome)."""
+        self.plan_label.setText(text)
+        self.plan_label.setVisible(bool(text))
 
     def refresh_engine_label(self) -> None:
         self.engine_label.setText(self.controller.engine_summary())

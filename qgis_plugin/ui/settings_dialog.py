@@ -10,6 +10,7 @@ from qgis.PyQt.QtWidgets import (
     QComboBox,
     QDialog,
     QDialogButtonBox,
+    QDoubleSpinBox,
     QFormLayout,
     QGroupBox,
     QLabel,
@@ -82,6 +83,27 @@ class EngineSettingsDialog(QDialog):
         cf.addRow("Outputs (unsaved projects)", self.output_dir)
         layout.addWidget(common)
 
+        limits = QGroupBox("Before a job runs")
+        lim = QFormLayout(limits)
+        self.max_mpx = QDoubleSpinBox()
+        self.max_mpx.setRange(0.0, 1e6)
+        self.max_mpx.setDecimals(1)
+        self.max_mpx.setSuffix(" Mpx")
+        self.max_mpx.setSpecialValueText("no limit")
+        self.max_mpx.setValue(float(settings.max_output_mpx))
+        self.max_mpx.setToolTip("Ask before running a job whose output is larger (megapixels)")
+        lim.addRow("Confirm outputs over", self.max_mpx)
+        self.max_minutes = QDoubleSpinBox()
+        self.max_minutes.setRange(0.0, 1e6)
+        self.max_minutes.setDecimals(0)
+        self.max_minutes.setSuffix(" min")
+        self.max_minutes.setSpecialValueText("no limit")
+        self.max_minutes.setValue(float(settings.max_minutes))
+        self.max_minutes.setToolTip("Ask before running a job estimated to take longer (the estimate is "
+                                    "learnt from this engine's finished jobs)")
+        lim.addRow("Confirm jobs longer than", self.max_minutes)
+        layout.addWidget(limits)
+
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
@@ -103,6 +125,8 @@ class EngineSettingsDialog(QDialog):
         s.model = self.model.text().strip() or "auto"
         s.upload = self.upload.currentText()
         s.output_dir = self.output_dir.filePath().strip()
+        s.max_output_mpx = float(self.max_mpx.value())
+        s.max_minutes = float(self.max_minutes.value())
         return s
 
     def test_connection(self) -> None:

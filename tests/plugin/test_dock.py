@@ -90,6 +90,9 @@ def run_and_wait(qtbot, tab, timeout_ms=120_000):
     task = tab.run()
     assert task is not None, "the job did not start"
     wait_for_task(qtbot, task, timeout_ms)
+    if task.outcome is not None:  # every workflow asks the engine for its plan first
+        assert task.preflight is not None and task.preflight.task == tab.task
+        assert task.preflight.plan["width"] == task.outcome.result.get("width", task.preflight.plan["width"])
     return task
 
 

@@ -117,6 +117,31 @@ def test_engine_down_is_a_processing_error_with_the_reason(provider, monkeypatch
         processing.run("diffusionsat:generate", {"EXTENT": UTM_EXTENT, "OUTPUT": str(tmp_path / "x.tif"), **TINY})
 
 
+def test_processing_logs_the_plan_and_refuses_an_over_limit_job_unless_allow_large(provider, engine_env,
+                                                                                  plugin_settings, tmp_path):
+    import processing
+
+    from qgis_plugin.engine_client import EngineClient
+
+    plugin_settings.max_output_mpx = 0.001  # the 56 x 64 px image is 0.0036 Mpx
+    plugin_settings.save()
+    client = EngineClient(engine_env.url, engine_env.token)
+    before = [j["id"] for j in client.jobs()]
+    params = {"EXTENT": UTM_EXTENT, "OUTPUT": str(tmp_path / "big.tif"), **TINY}
+    with pytest.raises(QgsProcessingException, match="ALLOW_LARGE") as refused:
+        processing.run("diffusionsat:generate", params)
+    assert "more than the limit of 0.001 Mpx" in str(refused.value)
+    assert [j["id"] for j in client.jobs()] == before, "a refused job must not reach the engine"
+    assert not (tmp_path / "big.tif").exists()
+
+    feedback = QgsProcessingFeedback()
+    result = processing.run("diffusionsat:generate", {**params, "ALLOW_LARGE": True}, feedback=feedback)
+    assert (tmp_path / "big.tif").exists() and result["OUTPUT"] == str(tmp_path / "big.tif")
+    log = feedback.textLog()
+    assert "Plan: 56 × 64 px" in log and "UNet evaluations" in log and "an estimate" in log
+    assert "ALLOW_LARGE is set" in log
+
+
 def test_engine_status(provider, engine_env):
     import processing
 
