@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 import os
 import subprocess
 import sys
@@ -315,3 +316,29 @@ def test_dry_run_plans_without_a_model_or_output(tmp_path, capsys):
                  "--out", str(tmp_path / "g.tif")])
     text = capsys.readouterr().out
     assert code == 0 and "512x512 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()
+
+
+@pytest.mark.parametrize("task", ["superres", "inpaint"])
+def test_cancel_mid_tiles_leaves_nothing(tmp_path, models, task):
+    from engine.errors import Cancelled
+    from engine.progress import CancelToken
+
+    if task == "superres":
+        fields = {"input": write(tmp_path / "s2.tif", s2_dn((13, 70, 70))), "factor": 4, "date": "2021-06-15"}
+    else:
+        image = np.full((3, 300, 300), 90, "uint8")
+        fields = {"input": write(tmp_path / "img.tif", image), "mask": write(tmp_path / "m.tif", np.ones((300, 300), "uint8"))}
+    token, seen = CancelToken(), []
+
+    def progress(p):
+        seen.append((p.tile, p.step))
+        if p.tile >= 1:  # the second tile has started: stop
+            token.cancel()
+
+    request = parse_request({**FAST, "task": task, "steps": 2, **fields})
+    with pytest.raises(Cancelled):
+        run_task(request, tmp_path / "out.tif", models=models, progress=progress, cancel=token)
+    assert max(t for t, _ in seen) >= 1 and seen[-1][0] < 4  # stopped early, not after every tile
+    assert not (tmp_path / "out.tif").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(Path(v).name for v in fields.values()
+                                                               if str(v).startswith(str(tmp_path)))
