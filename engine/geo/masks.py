@@ -31,6 +31,7 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
+from .windows import parse_window
 
 PathLike = Union[str, Path]
 
@@ -105,15 +106,7 @@ class TargetGrid:
 
     def window(self, window: Any) -> "TargetGrid":
         """The sub-grid of a window (rasterio ``Window`` or ``((r0, r1), (c0, c1))``, pixels)."""
-        if not isinstance(window, Window):
-            try:
-                (r0, r1), (c0, c1) = window
-            except (TypeError, ValueError):
-                raise InvalidRequest(
-                    f"window {window!r} is not understood; give a rasterio Window or "
-                    "((row_start, row_stop), (col_start, col_stop))"
-                ) from None
-            window = Window.from_slices((int(r0), int(r1)), (int(c0), int(c1)))
+        window = parse_window(window)
         col, row = int(window.col_off), int(window.row_off)
         width, height = int(window.width), int(window.height)
         if (col < 0 or row < 0 or width <= 0 or height <= 0 or col + width > self.width

@@ -37,6 +37,7 @@ from rasterio.warp import reproject
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
+from .windows import parse_window
 
 PathLike = Union[str, Path]
 
@@ -400,17 +401,6 @@ def _valid_from(array: np.ndarray) -> np.ndarray:
     return np.isfinite(array).all(axis=0)
 
 
-def _parse_window(window: Any) -> Optional[Window]:
-    if window is None or isinstance(window, Window):
-        return window
-    try:
-        (r0, r1), (c0, c1) = window
-    except (TypeError, ValueError):
-        raise InvalidRequest(
-            f"window {window!r} is not understood; give a rasterio Window or "
-            "((row_start, row_stop), (col_start, col_stop)) in pixels"
-        ) from None
-    return Window.from_slices((int(r0), int(r1)), (int(c0), int(c1)))
 
 
 def _window_for_bounds(transform: Affine, width: int, height: int, bounds: Sequence[float]
@@ -525,7 +515,7 @@ def read_multiband(
                 raise InvalidRequest("give either a window or bounds, not both")
             win = _window_for_bounds(src.transform, src.width, src.height, bounds)
         else:
-            win = _parse_window(window)
+            win = parse_window(window)
         if win is not None:
             win = _check_window(win, src.width, src.height)
         indexes = [i + 1 for i, n in enumerate(names) if n is not None]
@@ -744,7 +734,7 @@ def read_band_files(
             raise InvalidRequest("give either a window or bounds, not both")
         win = _window_for_bounds(grid_tf, grid_w, grid_h, bounds)
     else:
-        win = _parse_window(window)
+        win = parse_window(window)
     if win is not None:
         win = _check_window(win, grid_w, grid_h)
         out_tf = grid_tf * Affine.translation(win.col_off, win.row_off)
