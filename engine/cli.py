@@ -119,6 +119,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     _add_conditional_parsers(sub)
 
+    d = sub.add_parser("download", help="download and install a released DiffusionSat checkpoint",
+                       description="Download a released checkpoint (Zenodo) into the models folder, verified "
+                       "against its checksum and installed in one step (an interrupted download installs nothing).",
+                       epilog=_releases_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("name", help="the release to install (see below)")
+    d.add_argument("--dest", help="models folder to install into (default: the first of DIFFUSIONSAT_MODELS, "
+                   "else ~/.local/share/diffusionsat/models)")
+    d.add_argument("--force", action="store_true", help="replace an installed copy")
+    d.add_argument("--json", action="store_true", help="print the result as JSON")
+    d.add_argument("--quiet", action="store_true", help="no progress output")
+    d.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    d.set_defaults(func=cmd_download)
+
     m = sub.add_parser("models", help="list installed models and where they are looked for")
     m.add_argument("--json", action="store_true", help="print as JSON")
     m.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
@@ -422,6 +435,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
             f"in {result.seconds:.1f} s",
             file=sys.stderr,
         )
+    return 0
+
+
+def _releases_epilog() -> str:
+    from .models.download import RELEASES
+
+    lines = ["releases:"] + [f"  {r.name:<22}{r.what} (Zenodo record {r.record})" for r in RELEASES.values()]
+    return "\n".join(lines) + "\n"
+
+
+def cmd_download(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .models.download import download_release
+
+    last = {"pct": -1}
+
+    def show(done: int, total: Optional[int]) -> None:
+        if args.quiet or not total:
+            return
+        pct = int(done * 100 / total)
+        if pct != last["pct"] and pct % 5 == 0:
+            last["pct"] = pct
+            print(f"\rdownloading {args.name}: {pct}%", end="", file=sys.stderr, flush=True)
+
+    path = download_release(args.name, dest_dir=Path(args.dest).expanduser() if args.dest else None,
+                            force=args.force, progress=show)
+    if not args.quiet:
+        print(file=sys.stderr)
+    if args.json:
+        print(json.dumps({"name": args.name, "path": str(path)}))
+    elif not args.quiet:
+        print(f"installed {args.name} in {path}", file=sys.stderr)
     return 0
 
 
