@@ -12,6 +12,7 @@ holds the work.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import math
@@ -94,7 +95,8 @@ def _open(path: str):
         raise RasterError(f"cannot read {str(path)!r} as a raster: {str(err).splitlines()[0]}") from err
 
 
-def _date_of(path: str, given: Optional[_dt.date], what: str) -> Optional[_dt.date]:
+def _date_of(path: str, given: Optional[_dt.date]) -> Optional[_dt.date]:
+    """``given``, else the acquisition date in the raster's tags or name (a folder: its name)."""
     if given is not None:
         return given
     from .metadata import _date_from_name, date_from_raster
@@ -172,38 +174,28 @@ def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optiona
     from .geo.cog import CogWriter
     from .geo.tiling import run_tiled, run_tiled_distributed
 
-    def open_writer():
-        return CogWriter(
+    @contextlib.contextmanager
+    def open_target():
+        """The COG writer (wrapped, e.g. for in-painting's compositing), published on success."""
+        with CogWriter(
             job.out, width=job.grid.width, height=job.grid.height, count=job.bands, dtype=job.dtype,
             crs=job.grid.crs, transform=job.grid.transform, tags=job.tags, nodata=job.nodata,
             band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
-        )
+        ) as writer:
+            yield job.wrap_writer(writer) if job.wrap_writer else writer
 
     rank, world = _distributed()
     if world == 1:
-        with open_writer() as writer:
-            target = job.wrap_writer(writer) if job.wrap_writer else writer
+        with open_target() as target:
             return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
                              fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
                              cancel=cancel)
     run_id = hashlib.sha256(f"{job.out.resolve()}|{job.run_key}".encode()).hexdigest()[:32]
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
-
-    class _Wrapped:
-        def __init__(self):
-            self.inner = open_writer()
-
-        def __enter__(self):
-            writer = self.inner.__enter__()
-            return job.wrap_writer(writer) if job.wrap_writer else writer
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
     stats = run_tiled_distributed(
         job.read, job.process, job.tiles, bands=job.bands, folder=folder, rank=rank, world_size=world,
-        run_id=run_id, open_writer=_Wrapped, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
+        run_id=run_id, open_writer=open_target, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
         progress=progress, cancel=cancel,
     )
     if rank == 0:
@@ -271,7 +263,6 @@ class Outcome:
     model: str
     metadata: dict
     warnings: list[str] = field(default_factory=list)
-    written: bool = True
 
 
 def _resize(array: np.ndarray, size: int):
@@ -409,13 +400,12 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
                                                 layout.out_grid)
     width, height = out_grid.width, out_grid.height
     gsd_in = abs(in_grid.transform.a)
-    date = _date_of(request.input, request.date, "input")
+    date = _date_of(request.input, request.date)
     seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
     warnings: list[str] = list(bundle.notices)
     if date is None:
         warnings.append("no acquisition date found in the input; the date is left unknown (give --date)")
-    seen = {"nodata": False}
 
     def read(tile):
         win = Window(window.col_off + tile.valid.col_off, window.row_off + tile.valid.row_off,
@@ -424,8 +414,6 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         for w in model_input.warnings:
             if w not in warnings and "nodata" not in w:
                 warnings.append(w)
-        if not model_input.valid.all():
-            seen["nodata"] = True
         return model_input.array, model_input.valid
 
     def process(tile, array):
@@ -570,7 +558,7 @@ def _dated_frames(paths: Sequence[str], dates: Optional[Sequence[_dt.date]], wha
         raise InvalidRequest(f"{len(dates)} dates given for {len(paths)} {what}; give one date per {what[:-1]}")
     frames = []
     for i, path in enumerate(paths):
-        date = _date_of(path, dates[i] if dates is not None else None, what)
+        date = _date_of(path, dates[i] if dates is not None else None)
         if date is None:
             raise InvalidRequest(
                 f"no acquisition date found for {path!r} (tags or file name); give the dates in input order "
@@ -736,7 +724,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     bands = request.rgb_bands
     source = _RGBSource(request.input, grid, bands)
     ref_sources = [_RGBSource(p, grid) for p, _ in refs]
-    date = _date_of(request.input, request.date, "input")
+    date = _date_of(request.input, request.date)
     seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)
@@ -791,7 +779,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=len(bands), dtype=dtype, read=read, process=process,
                    tags=tags, scale=scale, offset=offset, nodata=nodata, band_descriptions=descriptions,
                    colorinterp=("red", "green", "blue") if dtype == "uint8" else None, wrap_writer=wrap,
-                   fill_nodata=True, run_key=request.model_dump_json())
+                   run_key=request.model_dump_json())
     try:
         run_job(job, progress, cancel)
     finally:

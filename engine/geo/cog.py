@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
@@ -19,10 +20,6 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import RasterError
-
-#: Tag namespace-free keys every synthetic output carries (see :func:`provenance_tags`).
-SYNTHETIC_TAG = "synthetic"
-
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]:
@@ -160,22 +157,13 @@ class CogWriter:
             data = data[None]
         self._ds.write(data.astype(self.profile["dtype"], copy=False), window=window)
 
-    def write_mask(self, valid: np.ndarray, window: Any = None) -> None:
-        """Record which pixels are valid (True) when the output uses nodata."""
-        nodata = self.profile["nodata"]
-        if nodata is None:
-            return
-        block = self._ds.read(window=window)
-        block[:, ~valid] = nodata
-        self._ds.write(block, window=window)
-
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._stack is not None
         try:
             if exc_type is None:
                 self._finish()
         except BaseException:
-            self._stack.__exit__(*_exc_info())
+            self._stack.__exit__(*sys.exc_info())
             raise
         return bool(self._stack.__exit__(exc_type, exc, tb))
 
@@ -196,12 +184,6 @@ class CogWriter:
             rio_copy(self._scratch, self._final_tmp, **_cog_options(self.blocksize, self.overviews))
         except rasterio.errors.RasterioError as err:
             raise RasterError(f"could not write the COG {str(self.dest)!r}: {err}") from err
-
-
-def _exc_info():
-    import sys
-
-    return sys.exc_info()
 
 
 def write_cog(

@@ -334,11 +334,8 @@ class DiffusionSatPipeline:
         self.scheduler.set_timesteps(num_inference_steps, device=self.device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(batch, height, width, generator, latents)
-        step_kwargs = {}
-        if "eta" in _step_params(self.scheduler):
-            step_kwargs["eta"] = eta
-        if "generator" in _step_params(self.scheduler):
-            step_kwargs["generator"] = generator
+        accepted = _step_params(self.scheduler)
+        step_kwargs = {k: v for k, v in (("eta", eta), ("generator", generator)) if k in accepted}
 
         if known is not None:
             # the noise the known region is re-noised with stays fixed over the steps
