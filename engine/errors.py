@@ -43,6 +43,13 @@ class RasterError(DiffusionSatError):
     http_status = 422
 
 
+class DiskFull(RasterError):
+    """No space left where an output, a scratch file or an upload is written. The message names the
+    folder and the space needed. Nothing half-written is left behind."""
+
+    http_status = 507
+
+
 class DeviceError(DiffusionSatError):
     """The requested device or precision is not available on this machine."""
 
