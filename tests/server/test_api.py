@@ -80,7 +80,8 @@ def test_models(server):
 
     tiny = models["models"][0]
     assert tiny == {"name": "tiny", "tasks": list(REQUEST_MODELS), "resolution": 256, "kind": "built-in",
-                    "path": None, "trained_against": None}
+                    "path": None, "trained_against": None, "resolution_source": "built-in",
+                    "conditioning_resolution": None, "release": None, "unet_checkpoint": None, "warning": None}
     assert {"generate", "superres", "temporal", "inpaint"} <= set(tiny["tasks"])
 
 
