@@ -750,8 +750,9 @@ def model_facts(spec: str = "auto", *, unet: Optional[str | os.PathLike] = None,
         cn_res, rel = folder_resolution(cn_folder, cn_config, _controlnet_kind(cn_config))
         task = {"controlnet-superres": "superres", "controlnet-temporal": "temporal"}.get(
             _controlnet_kind(cn_config), "control")
-        if cn_res.px != unet_res.px or cn_res.conditioning_px:
-            cond = f" with {cn_res.conditioning_px} px conditioning" if cn_res.conditioning_px else ""
+        cond_px = cn_res.conditioning_px if cn_res.conditioning_px not in (None, cn_res.px) else None
+        if cn_res.px != unet_res.px or cond_px:
+            cond = f" with {cond_px} px conditioning" if cond_px else ""
             notices.append(f"{task} tiles at {cn_res.px} px{cond}, the resolution its ControlNet was trained at "
                            f"({cn_res.source}); pass --resolution to change it")
     for res in (unet_res, cn_res):
