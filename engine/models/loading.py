@@ -28,7 +28,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -618,7 +618,7 @@ def describe_folder(path: Path) -> Optional[InstalledModel]:
         model = InstalledModel(name=path.name, path=path, resolution=res.px, kind=kind,
                                resolution_source=res.source, conditioning_resolution=res.conditioning_px,
                                release=rel.name if rel else None, warning=res.warning)
-        return InstalledModel(**{**model.__dict__, "unet_checkpoint": model.trained_against})
+        return replace(model, unet_checkpoint=model.trained_against)  # the UNet it pairs with
     try:
         unet_folder = find_unet_folder(path)
         config = read_config(unet_folder)

@@ -212,11 +212,12 @@ def test_an_old_scheduler_in_a_release_folder_is_normalised_on_load(parts, tmp_p
     assert any("normalised to steps_offset=1" in n for n in bundle.notices)
 
 
-def test_a_bgr_controlnet_flips_its_conditioning(parts):
+@pytest.mark.parametrize("which", ["controlnet-superres", "controlnet-texas"])
+def test_a_bgr_controlnet_flips_its_conditioning(parts, which):
     from engine.models.loading import load_controlnet
 
-    rgb = load_controlnet(parts / "controlnet-superres").eval()
-    bgr = load_controlnet(parts / "controlnet-superres").eval()
+    rgb = load_controlnet(parts / which).eval()
+    bgr = load_controlnet(parts / which).eval()
     bgr.register_to_config(controlnet_conditioning_channel_order="bgr")
     with torch.no_grad():  # non-zero output convs, so that the conditioning reaches the residuals
         for model in (rgb, bgr):
@@ -226,7 +227,9 @@ def test_a_bgr_controlnet_flips_its_conditioning(parts):
                 block.weight.normal_(0, 0.05)
         g = torch.Generator().manual_seed(1)
         sample, text = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 1024, generator=g)
-        cond = torch.rand(1, 10, 32, 32, generator=g)
+        # 2D: 10 bands at half the tile (conditioning_scale 2); 3D: 3 RGB frames at the tile size
+        cond = torch.rand(1, 10, 32, 32, generator=g) if which == "controlnet-superres" else \
+            torch.rand(1, 3, 2, 64, 64, generator=g)
         t = torch.tensor([500])
         got = bgr(sample, t, text, cond, return_dict=False)[0]
         same_as_flipped = rgb(sample, t, text, cond.flip(1), return_dict=False)[0]
@@ -234,3 +237,15 @@ def test_a_bgr_controlnet_flips_its_conditioning(parts):
     for a, b in zip(got, same_as_flipped):
         assert torch.allclose(a, b, atol=1e-6)
     assert not torch.allclose(got[0], unflipped[0], atol=1e-4)
+
+
+def test_resolution_flag_on_a_conditional_command(tmp_path, capsys):
+    src = write(tmp_path / "s2.tif", s2_dn((13, 100, 90)))
+    argv = ["superres", "--input", src, "--factor", "4", "--date", "2021-06-15", "--model", "tiny", "--dry-run",
+            "--json", "--out", str(tmp_path / "sr.tif")]
+    assert main(argv) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert main([*argv, "--resolution", "128"]) == 0
+    forced = json.loads(capsys.readouterr().out)
+    assert (default["model_px"], forced["model_px"]) == (256, 128)
+    assert forced["tiles"] > default["tiles"]  # smaller tiles over the same 400 x 360 px output
