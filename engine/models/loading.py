@@ -19,6 +19,12 @@ a folder
 
 Missing root components of an official folder (the released zips can be incomplete) are taken
 from ``base`` (an SD 2.1 folder), or the ``DIFFUSIONSAT_BASE`` environment variable.
+
+What a folder is (native resolution, tasks, the UNet a ControlNet pairs with) comes from
+:func:`model_facts` without loading weights: the ``diffusionsat.json`` record beside the weights,
+else the manifest of releases (:mod:`engine.models.releases`), else ``sample_size`` as a last
+resort. :func:`load_model` loads exactly those folders, and :func:`request_resolution` gives the
+run and the ``--dry-run`` plan the same tile size.
 """
 
 from __future__ import annotations
