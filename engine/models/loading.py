@@ -753,7 +753,7 @@ def model_facts(spec: str = "auto", *, unet: Optional[str | os.PathLike] = None,
     cn_res = None
     if cn_folder is not None:
         cn_config = read_config(cn_folder)
-        cn_res, rel = folder_resolution(cn_folder, cn_config, _controlnet_kind(cn_config))
+        cn_res, _ = folder_resolution(cn_folder, cn_config, _controlnet_kind(cn_config))
         task = {"controlnet-superres": "superres", "controlnet-temporal": "temporal"}.get(
             _controlnet_kind(cn_config), "control")
         cond_px = cn_res.conditioning_px if cn_res.conditioning_px not in (None, cn_res.px) else None
