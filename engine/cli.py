@@ -62,6 +62,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
     g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
                    help="precision; auto = fp16 on CUDA, fp32 on the CPU")
+    g.add_argument("--resolution", type=_int, help="px the model runs at (tile size; generate's default size), "
+                   "a multiple of 8 (default: what the model was trained at for the task, see `diffusionsat models`)")
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -301,7 +303,7 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     """Validate ``fields`` as a task request, run it with a progress bar, report the result."""
     from .tasks import parse_request, run_task
 
-    for name in ("model", "unet", "base", "controlnet", "device", "dtype"):
+    for name in ("model", "unet", "base", "controlnet", "device", "dtype", "resolution"):
         fields.setdefault(name, getattr(args, name, None))
     request = parse_request({k: v for k, v in fields.items() if v is not None})
     if args.dry_run:
@@ -409,6 +411,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             "base": args.base,
             "device": args.device,
             "dtype": args.dtype,
+            "resolution": args.resolution,
         }
     )
     if args.dry_run:
@@ -472,25 +475,28 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.loading import installed_models, models_dirs
+    from .models.loading import installed_models, models_dirs, tiny_entry
 
     models = installed_models()
-    tiny = {"name": "tiny", "path": None, "resolution": 256, "kind": "built-in",
-            "tasks": ["generate", "inpaint", "superres", "temporal"], "trained_against": None}
     if args.json:
         print(json.dumps({"search_path": [str(p) for p in models_dirs()],
-                          "models": [tiny] + [m.as_dict() for m in models]}))
+                          "models": [tiny_entry()] + [m.as_dict() for m in models]}))
         return 0
     print("tiny (built-in): random weights, 256 px; tasks generate, inpaint, superres, temporal "
           "(for trying the tool and for tests)")
     for m in models:
-        line = f"{m.name} ({m.kind}, {m.resolution} px): tasks {', '.join(m.tasks) or 'none'}; {m.path}"
+        print(f"{m.name} ({m.kind}{', release ' + m.release if m.release else ''}): {m.resolution} px"
+              + (f", conditioning {m.conditioning_resolution} px" if m.conditioning_resolution else "")
+              + f" (from the {m.resolution_source}); tasks {', '.join(m.tasks) or 'none'}; {m.path}")
+        if m.kind == "single-image" and m.unet_checkpoint:
+            print(f"    UNet: {m.unet_checkpoint}/unet")
         if m.trained_against:
-            line += f"\n    trained against: {m.trained_against} (pass it with --unet)"
-        print(line)
+            print(f"    pairs with UNet {m.trained_against} (trained against it; --unet overrides)")
+        if m.warning:
+            print(f"    warning: {m.warning}")
     if not models:
         print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}; "
-              "unzip the released checkpoints there (see README)")
+              "install one with `diffusionsat download NAME` (see README)")
     return 0
 
 

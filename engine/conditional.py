@@ -225,6 +225,13 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
     }
 
 
+def request_resolution(bundle, request) -> int:
+    """The tile size: --resolution, else what the task's model was trained at (engine.models.loading)."""
+    from .models.loading import request_resolution as resolution
+
+    return resolution(bundle, request)
+
+
 def _bundle_for(models, request):
     """The request's model (cached), on this process's device."""
     return models.get(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
@@ -392,7 +399,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("superres")
-    model_px = bundle.native_resolution
+    model_px = request_resolution(bundle, request)
     factor = request.factor
     cond_px = model_px // int(controlnet.config.conditioning_scale)
     layout = superres_layout(request, model_px)
@@ -585,7 +592,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("temporal")
-    model_px = bundle.native_resolution
+    model_px = request_resolution(bundle, request)
     layout = temporal_layout(request, model_px)
     frames, grid, tiles = layout.frames, layout.out_grid, layout.tiles
     sources = [_RGBSource(p, grid) for p, _ in frames]
@@ -716,7 +723,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     from .pipelines.text2img import Inpaint
 
     bundle, placement = _bundle_for(models, request)
-    model_px = bundle.native_resolution
+    model_px = request_resolution(bundle, request)
     controlnet = bundle.controlnet_for("temporal") if request.references else None
     layout = inpaint_layout(request, model_px)
     grid, tiles, refs = layout.out_grid, layout.tiles, layout.frames

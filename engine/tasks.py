@@ -32,6 +32,16 @@ class _Request(BaseModel):
     controlnet: Optional[str] = Field(None, description="a ControlNet folder for the conditional tasks")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
     dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
+    resolution: Optional[int] = Field(
+        None, description="px the model runs at (tile size; generate's default size), a multiple of 8; "
+        "default: what the model was trained at for this task (see `diffusionsat models`)")
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution_multiple_of_8(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and (v < 64 or v % 8):
+            raise ValueError(f"{v} px is not a multiple of 8 of at least 64 (the model works on 8x8 latent cells)")
+        return v
 
     def input_paths(self) -> list[str]:
         """Paths of input files this request reads (the server confines them to allowed roots)."""
@@ -252,15 +262,18 @@ def generate(
     )
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
-    width = request.width or request.size or bundle.native_resolution
-    height = request.height or request.size or bundle.native_resolution
+    from .models.loading import request_resolution
+
+    model_px = request_resolution(bundle, request)
+    width = request.width or request.size or model_px
+    height = request.height or request.size or model_px
     metadata = derive_from_bbox(
         request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover
     )
     warnings = list(bundle.notices) + metadata.out_of_range_warnings()
-    if max(width, height) > 2 * bundle.native_resolution:
+    if max(width, height) > 2 * model_px:
         warnings.append(
-            f"{width}x{height} px is far above the model's native {bundle.native_resolution} px: "
+            f"{width}x{height} px is far above the model's native {model_px} px: "
             "expect repeated structures; generate at the native size and tile, or lower --size"
         )
     seed = request.seed if request.seed is not None else new_seed()
@@ -388,9 +401,9 @@ RUNNERS = {"generate": generate, "superres": superres, "temporal": temporal, "in
 def plan(request: _Request) -> dict[str, Any]:
     """What ``request`` would do, without loading a model or writing anything: the output grid,
     the number of tiles and of UNet evaluations. For ``--dry-run`` and the plugin's pre-flight."""
-    from .models.loading import native_resolution
+    from .models.loading import plan_resolution
 
-    model_px = native_resolution(request.model, request.unet)
+    model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
     cfg = 2 if request.guidance > 1.0 else 1
     if request.task == "generate":
         from .metadata import ground_pixel_size, parse_crs, validate_bbox

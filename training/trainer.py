@@ -246,9 +246,16 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = _stderr, bundle: 
                 with atomic_folder(unet_dir) as tmp:
                     export_model(frozen_unet, frozen_unet.state_dict(), tmp)
             write_json_atomic(run / "diffusionsat.json", {
+                "source": "training",
                 "trained_against_unet": "tiny" if c.unet == "tiny" else str(Path(c.unet).expanduser().resolve()),
                 "task": c.task, "kind": "controlnet", "resolution": c.resolution,
                 "conditioning_resolution": c.conditioning_resolution,
+            })
+        else:
+            # the resolution this run trains at, which its UNet config alone does not prove
+            # (the released models kept SD 2.1's sample_size): see engine.models.releases
+            write_json_atomic(run / "diffusionsat.json", {
+                "source": "training", "kind": "single-image", "task": "generate", "resolution": c.resolution,
             })
     accelerator.wait_for_everyone()
 

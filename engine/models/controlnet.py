@@ -219,6 +219,16 @@ class SatControlNet(ControlNetModel):
                 sample = self.mid_block(sample, emb)
         return residuals, sample
 
+    def _channel_order(self, cond: torch.Tensor) -> torch.Tensor:
+        """``controlnet_conditioning_channel_order: "bgr"`` flips the channel axis (dim 1), as the
+        official ControlNet does; "rgb" (the default) leaves it."""
+        order = self.config.get("controlnet_conditioning_channel_order", "rgb")
+        if order == "bgr":
+            return torch.flip(cond, dims=[1])
+        if order != "rgb":
+            raise ValueError(f"unknown controlnet_conditioning_channel_order {order!r} (rgb or bgr)")
+        return cond
+
     @staticmethod
     def _scale(down, mid, conditioning_scale: float, guess_mode: bool, device):
         if guess_mode:
@@ -245,6 +255,7 @@ class SatControlNet(ControlNetModel):
         """``controlnet_cond`` (b, C, H_c, W_c) in [0, 1]; ``metadata`` (b, 7) of the target and
         ``cond_metadata`` (b, 7) or (b, 7, T) of the conditioning, normalised; None = unknown."""
         batch = sample.shape[0]
+        controlnet_cond = self._channel_order(controlnet_cond)
         extra = self._metadata_emb(metadata, cond_metadata, batch, sample.dtype, sample.device)
         emb = self._time_emb(sample, timestep, extra, class_labels)
         sample = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))
@@ -292,13 +303,15 @@ class SatControlNet3D(SatControlNet):
                 heads_cfg = [heads_cfg] * len(channels)
             for index, (c, value) in self._temporal_positions(heads_cfg).items():
                 if index == 0:
-                    heads, head_dim = first_temporal_heads, first_temporal_head_dim
+                    # the first block keeps TransformerTemporalModel's default 32 groups
+                    heads, head_dim, groups = first_temporal_heads, first_temporal_head_dim, 32
                 else:
-                    # the head-split trap: here the config value is the *per-head* width
-                    heads, head_dim = c // value, value
+                    # the head-split trap: here the config value is the *per-head* width; these
+                    # blocks take the model's norm_num_groups (the official code passes it on)
+                    heads, head_dim, groups = c // value, value, self.config.norm_num_groups
                 self.temporal_blocks[index] = TransformerTemporalModel(
                     num_attention_heads=heads, attention_head_dim=head_dim, in_channels=c,
-                    norm_num_groups=32, double_self_attention=True,
+                    norm_num_groups=groups, double_self_attention=True,
                 )
         self.mixing_attns = nn.ParameterList([nn.Parameter(torch.zeros(1)) for _ in range(n)])
 
@@ -363,6 +376,7 @@ class SatControlNet3D(SatControlNet):
         if controlnet_cond.ndim != 5:
             raise ValueError(f"ControlNet3D needs (batch, channels, frames, H, W) conditioning, got {tuple(controlnet_cond.shape)}")
         b, _, frames = controlnet_cond.shape[:3]
+        controlnet_cond = self._channel_order(controlnet_cond)
         n = self.config.num_metadata
         cond = self.controlnet_cond_embedding(controlnet_cond.to(sample.dtype))  # (b, 320, T, h, w)
         cond = cond.permute(0, 2, 1, 3, 4).reshape(b * frames, *cond.shape[1:2], *cond.shape[3:])

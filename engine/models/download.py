@@ -4,6 +4,8 @@
 streams each one to a temporary file, checks its MD5 against the record, unpacks zips (refusing
 entries that would land outside the target), and moves the finished folder into
 ``models_dirs()[0]/<name>`` in one rename: an interrupted download leaves nothing half-installed.
+The installed folder gets ``diffusionsat.json`` naming the manifest entry it came from
+(:mod:`engine.models.releases`), which fixes its resolution, tasks and ControlNet pairing.
 ``DIFFUSIONSAT_ZENODO_API`` points at a mirror (or, in tests, a local server with the same layout).
 """
 
@@ -17,34 +19,18 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 from ..errors import DiffusionSatError, InvalidRequest, ModelNotFound
+from . import releases
 from .loading import describe_folder, models_dirs
 
 ZENODO_API = "https://zenodo.org/api/records"
 
 
-@dataclass(frozen=True)
-class Release:
-    name: str
-    record: str
-    what: str
-
-
-RELEASES = {
-    r.name: r
-    for r in (
-        Release("diffusionsat-512", "13751498", "single-image model, 512 px (generate, inpaint)"),
-        Release("diffusionsat-256", "13756199", "single-image model, 256 px (generate, inpaint)"),
-        Release("controlnet-superres", "13756246",
-                "fMoW Sentinel-2 -> RGB ControlNet (superres; use with diffusionsat-512's checkpoint-100000)"),
-        Release("controlnet-texas", "13756211",
-                "Texas housing ControlNet3D (temporal; use with diffusionsat-512's checkpoint-100000)"),
-    )
-}
+#: name -> Release: the manifest's entries (engine/resources/releases.json), the one list of releases
+RELEASES = releases.releases()
 
 
 class DownloadError(DiffusionSatError):
@@ -148,6 +134,8 @@ def download_release(
             else:
                 shutil.move(str(target), unpacked / key)
         root = _single_root(unpacked)
+        # what was installed, so that the folder is known by its entry, not by guesses from its configs
+        releases.write_record(root, releases.download_record(release))
         if describe_folder(root) is None:
             raise ModelNotFound(f"release {name} was downloaded but holds no model the engine recognises; "
                                 "nothing was installed (report this)")

@@ -19,6 +19,12 @@ a folder
 
 Missing root components of an official folder (the released zips can be incomplete) are taken
 from ``base`` (an SD 2.1 folder), or the ``DIFFUSIONSAT_BASE`` environment variable.
+
+What a folder is (native resolution, tasks, the UNet a ControlNet pairs with) comes from
+:func:`model_facts` without loading weights: the ``diffusionsat.json`` record beside the weights,
+else the manifest of releases (:mod:`engine.models.releases`), else ``sample_size`` as a last
+resort. :func:`load_model` loads exactly those folders, and :func:`request_resolution` gives the
+run and the ``--dry-run`` plan the same tile size.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import logging
 import os
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
@@ -36,6 +42,7 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ModelLoadError, ModelNotFound
+from . import releases
 from .controlnet import CONTROLNET_CLASSES, SatControlNet, SatControlNet3D
 from .unet import SatUNet, init_metadata_embedding
 from .weights import read_config, read_state_dict
@@ -69,6 +76,13 @@ class ModelBundle:
     notices: list[str] = field(default_factory=list)
     #: task name ("superres", "temporal", "control") -> ControlNet trained for it
     controlnets: dict[str, Any] = field(default_factory=dict)
+    #: where ``native_resolution`` came from, and the ControlNet's own (see :func:`task_resolution`)
+    unet_resolution: Optional["Resolution"] = None
+    controlnet_resolution: Optional["Resolution"] = None
+
+    def __post_init__(self) -> None:
+        if self.unet_resolution is None:
+            self.unet_resolution = Resolution(self.native_resolution, "built-in" if self.is_tiny else "config")
 
     @property
     def tasks(self) -> list[str]:
@@ -461,33 +475,140 @@ def models_dirs() -> list[Path]:
 
 
 @dataclass(frozen=True)
+class Resolution:
+    """A model's native resolution (px) and where the engine got it from."""
+
+    px: int
+    #: "manifest", "recorded by training", "config", "built-in", "--resolution" or "default"
+    source: str
+    conditioning_px: Optional[int] = None
+    #: set when the value is a guess the user should know about (one line)
+    warning: Optional[str] = None
+
+    def as_dict(self) -> dict:
+        return {"px": self.px, "source": self.source, "conditioning_px": self.conditioning_px}
+
+
+#: SD 2.1's UNet sample_size (768 px), copied unchanged into every released DiffusionSat config.
+SD21_SAMPLE_SIZE = 96
+#: What a DiffusionSat folder with SD 2.1's sample_size most likely is (the 512 release).
+SD21_DERIVED_DEFAULT_PX = 512
+BUILT_IN = Resolution(TINY_RESOLUTION, "built-in")
+
+
+def _vae_factor_near(folder: Path) -> int:
+    """The VAE downsampling factor from the nearest ``vae/config.json`` (8 when there is none)."""
+    for candidate in [folder, *list(folder.parents)[:2]]:
+        cfg = candidate / "vae" / "config.json"
+        if cfg.is_file():
+            try:
+                return 2 ** (len(json.loads(cfg.read_text()).get("block_out_channels", [0] * 4)) - 1)
+            except (OSError, ValueError):
+                break
+    return 8
+
+
+def _record_resolution(record: dict, kind: str) -> Optional[Resolution]:
+    """The resolution a ``diffusionsat.json`` states for a model of ``kind``, if it applies."""
+    rec_kind = str(record.get("kind") or "")
+    if (kind == "single-image") == rec_kind.startswith("controlnet"):
+        return None  # a ControlNet run's record says nothing about its frozen UNet, and vice versa
+    if record.get("source") == "download" and releases.release(str(record.get("release"))):
+        rel = releases.release(str(record["release"]))
+        return Resolution(rel.resolution, "manifest", rel.conditioning_resolution)
+    if isinstance(record.get("resolution"), int) and record["resolution"] > 0:
+        cond = record.get("conditioning_resolution")
+        return Resolution(int(record["resolution"]), "recorded by training", cond if isinstance(cond, int) else None)
+    return None
+
+
+def _layout_release(config: dict, kind: str) -> Optional[releases.Release]:
+    """A ControlNet folder unzipped by hand under another name: recognised by its layout (the
+    only release of its kind, with SD 2.1's text width and the release's conditioning bands)."""
+    if not kind.startswith("controlnet") or config.get("cross_attention_dim") != 1024:
+        return None
+    channels = {"controlnet-superres": 10, "controlnet-temporal": 3}.get(kind)
+    if config.get("conditioning_in_channels", 3) != channels:
+        return None
+    matches = [r for r in releases.releases().values() if r.kind == kind]
+    return matches[0] if len(matches) == 1 else None
+
+
+def folder_resolution(folder: Path, config: dict, kind: str) -> tuple[Resolution, Optional[releases.Release]]:
+    """The native resolution of the model in ``folder`` (a UNet or ControlNet folder with
+    ``config``): the record next to the weights, else the manifest (folder name or layout), else
+    the config's ``sample_size`` (with a warning for SD 2.1's 96, which is never taken as 768)."""
+    record, _ = releases.find_record(folder)
+    if record is not None:
+        found = _record_resolution(record, kind)
+        if found is not None:
+            return found, releases.release(str(record.get("release"))) if record.get("release") else None
+    rel = releases.match_release(folder, kind) or _layout_release(config, kind)
+    if rel is not None:
+        return Resolution(rel.resolution, "manifest", rel.conditioning_resolution), rel
+    sample = config.get("sample_size")
+    factor = _vae_factor_near(folder)
+    if isinstance(sample, int) and sample == SD21_SAMPLE_SIZE and config.get("cross_attention_dim") == 1024:
+        px = SD21_DERIVED_DEFAULT_PX
+        return Resolution(px, "config", warning=(
+            f"{folder} says sample_size {sample} ({sample * factor} px), Stable Diffusion 2.1's value that "
+            f"DiffusionSat copied unchanged; assuming {px} px (the 512 release): install it with "
+            "`diffusionsat download` or pass --resolution")), None
+    if isinstance(sample, int) and sample > 0:
+        cond = None
+        if kind == "controlnet-superres" and int(config.get("conditioning_scale") or 1) > 1:
+            cond = sample * factor // int(config["conditioning_scale"])
+        return Resolution(sample * factor, "config", cond), None
+    return Resolution(512, "default", warning=f"{folder} does not tell its resolution; assuming 512 px "
+                      "(pass --resolution)"), None
+
+
+@dataclass(frozen=True)
 class InstalledModel:
     name: str
     path: Path
     resolution: int
     kind: str  # "single-image", "controlnet-superres", "controlnet-temporal", "controlnet-control"
+    resolution_source: str = "config"
+    conditioning_resolution: Optional[int] = None
+    release: Optional[str] = None
+    #: single-image: the checkpoint a run uses; ControlNet: the UNet it pairs with
+    unet_checkpoint: Optional[str] = None
+    warning: Optional[str] = None
 
     @property
     def tasks(self) -> list[str]:
+        rel = releases.release(self.release) if self.release else None
+        if rel is not None:
+            return list(rel.tasks)
         return {"single-image": ["generate", "inpaint"], "controlnet-superres": ["superres"],
                 "controlnet-temporal": ["temporal", "inpaint"]}.get(self.kind, [])
 
     @property
     def trained_against(self) -> Optional[str]:
-        """Which UNet a ControlNet was trained against (recorded by our training, else the reference's)."""
+        """Which UNet a ControlNet was trained against (recorded by our training, else the manifest's)."""
         if not self.kind.startswith("controlnet"):
             return None
-        record = self.path / "diffusionsat.json"
-        if record.is_file():
-            try:
-                return json.loads(record.read_text()).get("trained_against_unet")
-            except ValueError:
-                return None
-        return "DiffusionSat 512 checkpoint-100000/unet (the released ControlNets)"
+        record = releases.read_record(self.path)
+        if record and record.get("trained_against_unet"):
+            return str(record["trained_against_unet"])
+        rel = releases.release(self.release) if self.release else None
+        pair = rel.paired_unet if rel else "diffusionsat-512/checkpoint-100000"
+        return f"{pair}/unet" if pair else None
 
     def as_dict(self) -> dict:
         return {"name": self.name, "path": str(self.path), "resolution": self.resolution, "kind": self.kind,
-                "tasks": self.tasks, "trained_against": self.trained_against}
+                "resolution_source": self.resolution_source, "conditioning_resolution": self.conditioning_resolution,
+                "release": self.release, "tasks": self.tasks, "unet_checkpoint": self.unet_checkpoint,
+                "trained_against": self.trained_against, "warning": self.warning}
+
+
+def _controlnet_kind(config: dict) -> str:
+    if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
+        return "controlnet-temporal"
+    if config.get("conditioning_in_channels") == 10:
+        return "controlnet-superres"
+    return "controlnet-control"
 
 
 def describe_folder(path: Path) -> Optional[InstalledModel]:
@@ -498,61 +619,188 @@ def describe_folder(path: Path) -> Optional[InstalledModel]:
             config = read_config(cn_folder)
         except (ModelNotFound, ModelLoadError):
             return None
-        if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
-            kind = "controlnet-temporal"
-        elif config.get("conditioning_in_channels") == 10:
-            kind = "controlnet-superres"
-        else:
-            kind = "controlnet-control"
-        return InstalledModel(name=path.name, path=path, resolution=int(config.get("sample_size") or 64) * 8, kind=kind)
+        kind = _controlnet_kind(config)
+        res, rel = folder_resolution(cn_folder, config, kind)
+        model = InstalledModel(name=path.name, path=path, resolution=res.px, kind=kind,
+                               resolution_source=res.source, conditioning_resolution=res.conditioning_px,
+                               release=rel.name if rel else None, warning=res.warning)
+        return replace(model, unet_checkpoint=model.trained_against)  # the UNet it pairs with
     try:
         unet_folder = find_unet_folder(path)
         config = read_config(unet_folder)
     except (ModelNotFound, ModelLoadError):
         return None
-    sample = int(config.get("sample_size") or 64)
-    vae_cfg = path / "vae" / "config.json"
-    factor = 8
-    if vae_cfg.is_file():
-        try:
-            factor = 2 ** (len(json.loads(vae_cfg.read_text()).get("block_out_channels", [0] * 4)) - 1)
-        except ValueError:
-            pass
-    return InstalledModel(name=path.name, path=path, resolution=sample * factor, kind="single-image")
+    res, rel = folder_resolution(unet_folder, config, "single-image")
+    checkpoint = unet_folder.parent.name if unet_folder.parent.name.startswith("checkpoint-") else None
+    return InstalledModel(name=path.name, path=path, resolution=res.px, kind="single-image",
+                          resolution_source=res.source, release=rel.name if rel else None,
+                          unet_checkpoint=checkpoint, warning=res.warning)
 
 
 def installed_models() -> list[InstalledModel]:
-    """Installed single-image models, best first (highest native resolution, then name)."""
+    """Installed models, best first (highest native resolution, then name)."""
     found = []
     for folder in models_dirs():
         if not folder.is_dir():
             continue
         for child in sorted(folder.iterdir()):
-            if child.is_dir():
+            if child.is_dir() and not child.name.startswith("."):
                 info = describe_folder(child)
                 if info is not None:
                     found.append(info)
     return sorted(found, key=lambda m: (-m.resolution, m.name))
 
 
-def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
-    """The output tile size (px) of ``--model`` without loading weights (for plans and estimates)."""
+def tiny_entry() -> dict:
+    """The built-in tiny model as ``diffusionsat models --json`` and ``GET /v1/models`` list it."""
+    return {"name": "tiny", "path": None, "resolution": TINY_RESOLUTION, "kind": "built-in",
+            "resolution_source": "built-in", "conditioning_resolution": None, "release": None,
+            "tasks": ["generate", "superres", "temporal", "inpaint"], "unet_checkpoint": None,
+            "trained_against": None, "warning": None}
+
+
+def _installed_singles() -> list[InstalledModel]:
+    return [m for m in installed_models() if m.kind == "single-image"]
+
+
+@dataclass
+class ModelFacts:
+    """What ``--model`` (+ ``--unet``, ``--controlnet``) designates, found on disk without loading
+    weights: the folders, their resolutions and the notices for rules the user did not ask for.
+    :func:`load_model` loads exactly these folders and :func:`plan_resolution` reads the same facts."""
+
+    root: Optional[Path]
+    unet_folder: Optional[Path]
+    cn_folder: Optional[Path]
+    unet_resolution: Resolution
+    controlnet_resolution: Optional[Resolution] = None
+    notices: list[str] = field(default_factory=list)
+
+
+def _paired_unet(cn_folder: Path, root: Path, notices: list[str]) -> Path:
+    """The UNet a ControlNet without ``--unet`` runs with: the one its training recorded, else the
+    one the manifest names (the released ControlNets: the 512 model's checkpoint-100000)."""
+    record = releases.read_record(root) or releases.read_record(cn_folder) or {}
+    recorded = record.get("trained_against_unet")
+    if recorded and recorded != "tiny" and Path(recorded).is_dir():
+        notices.append(f"the ControlNet runs with the UNet it was trained against, {recorded} (pass --unet to change)")
+        return find_unet_folder(Path(recorded))
+    config = read_config(cn_folder)
+    kind = _controlnet_kind(config)
+    _, rel = folder_resolution(cn_folder, config, kind)
+    pair = (rel.pairs_with if rel else None) or {"release": "diffusionsat-512", "checkpoint": "checkpoint-100000"}
+    singles = _installed_singles()
+    if not singles:
+        raise ModelNotFound(
+            f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
+            f"trained against with --unet ({pair['release']}'s {pair['checkpoint']}/unet; "
+            f"`diffusionsat download {pair['release']}` installs it)"
+        )
+    wanted = [m for m in singles if m.release == pair["release"]]
+    for model in wanted:
+        folder = model.path / pair["checkpoint"] / "unet"
+        if (folder / "config.json").is_file():
+            notices.append(f"the ControlNet runs with {model.name}/{pair['checkpoint']}/unet, the UNet it was "
+                           "trained against (pass --unet to change)")
+            return folder
+    fallback = (wanted or singles)[0]
+    folder = find_unet_folder(fallback.path)
+    notices.append(f"the ControlNet was trained against {pair['release']}'s {pair['checkpoint']}, which is not "
+                   f"installed; using {folder} instead (outputs will differ; pass --unet)")
+    return folder
+
+
+def model_facts(spec: str = "auto", *, unet: Optional[str | os.PathLike] = None,
+                controlnet: Optional[str | os.PathLike] = None, resolve_hub: bool = True) -> ModelFacts:
+    """Resolve ``--model``/``--unet``/``--controlnet`` to folders and resolutions (no weights).
+
+    ``spec`` "tiny" gives the built-in facts; "auto" the best installed single-image model (None
+    folders and tiny's facts when nothing is installed); ``resolve_hub=False`` answers the
+    default 512 px for an ``hf:`` id instead of downloading it (plans)."""
     spec = (spec or "auto").strip()
+    notices: list[str] = []
+    if spec == "auto":
+        singles = _installed_singles()
+        if not singles:
+            if unet is not None or controlnet is not None:
+                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
+            return ModelFacts(None, None, None, BUILT_IN, BUILT_IN)
+        spec = str(singles[0].path)
+        notices.append(f"using the installed model {singles[0].name} ({singles[0].path})")
     if spec == "tiny":
-        return TINY_RESOLUTION
-    if spec == "auto" and not unet:
-        singles = [m for m in installed_models() if m.kind == "single-image"]
-        return singles[0].resolution if singles else TINY_RESOLUTION
-    for candidate in (unet, None if spec in ("auto",) or spec.startswith("hf:") else spec):
-        if candidate:
-            info = describe_folder(Path(candidate).expanduser())
-            if info is not None and info.kind == "single-image":
-                return info.resolution
-            try:  # a bare UNet folder or a ControlNet root with a UNet inside
-                return int(read_config(find_unet_folder(Path(candidate).expanduser())).get("sample_size") or 64) * 8
-            except (ModelNotFound, ModelLoadError):
-                continue
-    return 512  # the released models' size: hub ids and ControlNet roots without a UNet
+        if unet is not None or controlnet is not None:
+            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
+        return ModelFacts(None, None, None, BUILT_IN, BUILT_IN)
+    if spec.startswith("hf:") and not resolve_hub:
+        default = Resolution(512, "default")
+        return ModelFacts(None, None, None, default, default)
+    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
+    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
+    if controlnet and cn_folder is None:
+        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
+    if cn_folder is None:
+        cn_folder = _controlnet_folder(root)
+    if unet:
+        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
+    else:
+        try:
+            unet_folder = find_unet_folder(root)
+        except ModelNotFound:
+            if cn_folder is None:
+                raise
+            unet_folder = _paired_unet(cn_folder, root, notices)
+    unet_res, _ = folder_resolution(unet_folder, read_config(unet_folder), "single-image")
+    cn_res = None
+    if cn_folder is not None:
+        cn_config = read_config(cn_folder)
+        cn_res, _ = folder_resolution(cn_folder, cn_config, _controlnet_kind(cn_config))
+        task = {"controlnet-superres": "superres", "controlnet-temporal": "temporal"}.get(
+            _controlnet_kind(cn_config), "control")
+        cond_px = cn_res.conditioning_px if cn_res.conditioning_px not in (None, cn_res.px) else None
+        if cn_res.px != unet_res.px or cond_px:
+            cond = f" with {cond_px} px conditioning" if cond_px else ""
+            notices.append(f"{task} tiles at {cn_res.px} px{cond}, the resolution its ControlNet was trained at "
+                           f"({cn_res.source}); pass --resolution to change it")
+    for res in (unet_res, cn_res):
+        if res is not None and res.warning and res.warning not in notices:
+            notices.append(res.warning)
+    return ModelFacts(root, unet_folder, cn_folder, unet_res, cn_res, notices)
+
+
+def task_resolution(facts: Any, task: str, references: bool = False) -> Resolution:
+    """The resolution ``task`` runs at for a bundle or :class:`ModelFacts`: a ControlNet task at
+    its ControlNet's (superres, temporal, in-painting with references), else the UNet's."""
+    uses_controlnet = task in ("superres", "temporal") or (task == "inpaint" and references)
+    cn = getattr(facts, "controlnet_resolution", None)
+    if uses_controlnet and cn is not None:
+        return cn
+    return facts.unet_resolution
+
+
+def request_resolution(facts: Any, request: Any) -> int:
+    """The tile (generate: default image) size in px for ``request``: its ``resolution`` when given,
+    else :func:`task_resolution`. The real run and :func:`plan_resolution` both call this."""
+    override = getattr(request, "resolution", None)
+    if override:
+        return int(override)
+    return task_resolution(facts, request.task, bool(getattr(request, "references", None))).px
+
+
+def plan_resolution(request: Any) -> int:
+    """:func:`request_resolution` for ``request`` without loading weights or downloading."""
+    if getattr(request, "resolution", None):
+        return int(request.resolution)
+    facts = model_facts(request.model, unet=request.unet, controlnet=getattr(request, "controlnet", None),
+                        resolve_hub=False)
+    return request_resolution(facts, request)
+
+
+def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
+    """The generate resolution (px) of ``--model`` without loading weights (for plans and estimates)."""
+    try:
+        return model_facts(spec, unet=unet, resolve_hub=False).unet_resolution.px
+    except (ModelNotFound, ModelLoadError):
+        return 512
 
 
 def resolve_hub_id(spec: str) -> Path:
@@ -603,57 +851,28 @@ def load_model(
     """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) into a :class:`ModelBundle`.
 
     ``--model`` may also be a ControlNet checkpoint root (``controlnet/`` beside the pipeline
-    components, as released): its UNet then comes from ``--unet``, a UNet inside the root, or the
-    best installed single-image model (the released ControlNets were trained against the 512
-    model's checkpoint-100000 UNet). The bundle is on the CPU in fp32.
+    components, as released): its UNet then comes from ``--unet``, a UNet inside the root, the
+    UNet its training recorded, or the one the manifest names (the released ControlNets: the 512
+    model's checkpoint-100000). The bundle is on the CPU in fp32.
     """
     spec = (spec or "auto").strip()
-    notices: list[str] = []
-    if spec == "auto":
-        models = [m for m in installed_models() if m.kind == "single-image"]
-        if not models:
-            if unet is not None or controlnet is not None:
-                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
-            bundle = build_tiny()
+    facts = model_facts(spec, unet=unet, controlnet=controlnet)
+    if facts.root is None:
+        bundle = build_tiny()
+        if spec == "auto":
             bundle.notices.append(
                 "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
                 f"is used: install a model into {models_dirs()[0]} or pass --model <folder>"
             )
-            return bundle
-        spec = str(models[0].path)
-        notices.append(f"using the installed model {models[0].name} ({models[0].path})")
-    if spec == "tiny":
-        if unet is not None or controlnet is not None:
-            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
-        return build_tiny()
-    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
+        return bundle
+    root, unet_folder, cn_folder, notices = facts.root, facts.unet_folder, facts.cn_folder, list(facts.notices)
     base_path = Path(base).expanduser() if base else None
-    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
-    if controlnet and cn_folder is None:
-        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
-    if cn_folder is None:
-        cn_folder = _controlnet_folder(root)
-    if unet:
-        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
-    else:
-        try:
-            unet_folder = find_unet_folder(root)
-        except ModelNotFound:
-            if cn_folder is None:
-                raise
-            singles = [m for m in installed_models() if m.kind == "single-image"]
-            if not singles:
-                raise ModelNotFound(
-                    f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
-                    "trained against with --unet (the released ControlNets: the 512 model's "
-                    "checkpoint-100000/unet)"
-                ) from None
-            unet_folder = find_unet_folder(singles[0].path)
-            notices.append(f"the ControlNet's UNet comes from the installed model {singles[0].name}; "
-                           "the released ControlNets were trained against the 512 model's checkpoint-100000")
     components = find_components(unet_folder, root, base_path)
     unet_model = load_unet(unet_folder, use_metadata=use_metadata)
     parts = {name: _load_component(name, path) for name, path in components.items()}
+    note = normalise_scheduler(parts["scheduler"])
+    if note:
+        notices.append(f"{components['scheduler']}: {note}")
     if not unet_model.config.get("use_metadata"):
         notices.append(f"{unet_folder} has no metadata embeddings: metadata is ignored (SD baseline)")
     text_dim = parts["text_encoder"].config.hidden_size
@@ -667,18 +886,39 @@ def load_model(
         cn = load_controlnet(cn_folder)
         if list(cn.config.block_out_channels) != list(unet_model.config.block_out_channels):
             raise ModelLoadError(f"the ControlNet in {cn_folder} does not match the UNet {unet_folder} (block channels)")
+        if cn.config.get("controlnet_conditioning_channel_order") == "bgr":
+            notices.append(f"{cn_folder} expects BGR conditioning: its channels are flipped, as the official code does")
         controlnets[controlnet_task(cn)] = cn
     return ModelBundle(
         name=root.name,
         source=f"UNet {unet_folder}; " + ", ".join(f"{k} {v}" for k, v in components.items())
         + (f"; ControlNet {cn_folder}" if cn_folder else ""),
         unet=unet_model,
-        native_resolution=unet_model.config.sample_size * vae_scale_factor(parts["vae"]),
+        native_resolution=facts.unet_resolution.px,
         root=root,
         notices=notices,
         controlnets=controlnets,
+        unet_resolution=facts.unet_resolution,
+        controlnet_resolution=facts.controlnet_resolution,
         **parts,
     )
+
+
+def normalise_scheduler(scheduler: Any) -> Optional[str]:
+    """Rewrite an old scheduler config as the official pipelines do before sampling
+    (``steps_offset`` -> 1, ``clip_sample`` -> False); returns a one-line notice or None."""
+    changes = {}
+    config = scheduler.config
+    if "steps_offset" in config and config["steps_offset"] != 1:
+        changes["steps_offset"] = 1
+    if config.get("clip_sample") is True:
+        changes["clip_sample"] = False
+    if not changes:
+        return None
+    before = ", ".join(f"{k}={config[k]}" for k in changes)
+    scheduler.register_to_config(**changes)
+    after = ", ".join(f"{k}={v}" for k, v in changes.items())
+    return f"old scheduler config ({before}) normalised to {after}, as the official pipelines do (deprecated values)"
 
 
 def _existing_folder(spec: str, flag: str) -> Path:

@@ -75,6 +75,13 @@ class ModelOut(BaseModel):
     kind: str
     path: Optional[str]
     trained_against: Optional[str] = Field(None, description="for a ControlNet: the UNet it was trained against")
+    resolution_source: Optional[str] = Field(
+        None, description="where `resolution` comes from: manifest, recorded by training, config, default, built-in")
+    conditioning_resolution: Optional[int] = Field(None, description="for a ControlNet: px of its conditioning")
+    release: Optional[str] = Field(None, description="the released checkpoint this is (see `diffusionsat download`)")
+    unet_checkpoint: Optional[str] = Field(
+        None, description="single-image: the checkpoint-N used; ControlNet: the UNet it pairs with")
+    warning: Optional[str] = Field(None, description="a guess the engine had to make about this model")
 
 
 class ModelsOut(BaseModel):
@@ -359,14 +366,11 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
              tags=["engine"])
     def list_models() -> dict[str, Any]:
         """Models this engine can run: the built-in tiny one and the installed ones, best first."""
-        from ..models.loading import installed_models
+        from ..models.loading import installed_models, tiny_entry
 
-        out = [{"name": "tiny", "tasks": _model_tasks("built-in"), "resolution": 256, "kind": "built-in",
-                "path": None}]
+        out = [{**tiny_entry(), "tasks": _model_tasks("built-in")}]
         for m in installed_models():
-            out.append({"name": m.name, "tasks": _model_tasks(m.kind, m), "resolution": m.resolution,
-                        "kind": m.kind, "path": str(m.path),
-                        "trained_against": getattr(m, "trained_against", None)})
+            out.append({**m.as_dict(), "tasks": _model_tasks(m.kind, m)})
         return {"models": out, "default": config.default_model}
 
     @app.post(f"{API_PREFIX}/uploads", response_model=UploadOut, status_code=201, dependencies=auth,

@@ -149,8 +149,11 @@ def reference_controlnet3d(cn: SatControlNet3D, sample, t, text, cond, md, cond_
         r = F.conv3d(r, state[f"controlnet_down_blocks.{n}.weight"], state[f"controlnet_down_blocks.{n}.bias"])
         if n in positions:
             heads, head_dim = positions[n]
+            # the official code passes the model's norm_num_groups to every temporal block after
+            # the first; the first keeps TransformerTemporalModel's default 32
+            groups = 32 if n == 0 else SMALL_UNET["norm_num_groups"]
             tt = TransformerTemporalModel(num_attention_heads=heads, attention_head_dim=head_dim,
-                                          in_channels=r.shape[1], norm_num_groups=32).eval()
+                                          in_channels=r.shape[1], norm_num_groups=groups).eval()
             tt.load_state_dict({k[len(f"temporal_blocks.{n}."):]: v for k, v in state.items()
                                 if k.startswith(f"temporal_blocks.{n}.")})
             c, h, w = r.shape[1], r.shape[3], r.shape[4]
@@ -180,6 +183,10 @@ def test_controlnet3d_equals_reference(tmp_path):
     # the head-split trap: index 0 has 8 heads of 64; the downsampler block has channels/value heads
     assert reloaded.temporal_blocks[0].transformer_blocks[0].attn1.heads == 8
     assert reloaded.temporal_blocks[2].transformer_blocks[0].attn1.heads == 32 // 2
+    # norm_num_groups (8 here, not SD's 32) reaches the temporal blocks after the first
+    assert SMALL_UNET["norm_num_groups"] != 32
+    assert reloaded.temporal_blocks[0].norm.num_groups == 32
+    assert reloaded.temporal_blocks[2].norm.num_groups == SMALL_UNET["norm_num_groups"]
 
     b, frames = 2, 3
     sample, text = torch.randn(b, 4, 8, 8), torch.randn(b, 77, 16)

@@ -70,6 +70,10 @@ def test_download_installs_and_the_engine_uses_it(zenodo, tmp_path, capsys):
     assert main(["models", "--json"]) == 0
     listed = json.loads(capsys.readouterr().out)["models"]
     assert [m["name"] for m in listed] == ["tiny", "diffusionsat-512"]
+    # download recorded which manifest entry it installed: its resolution comes from there
+    record = json.loads((models / "diffusionsat-512" / "diffusionsat.json").read_text())
+    assert (record["source"], record["release"], record["record"]) == ("download", "diffusionsat-512", RECORD)
+    assert (listed[1]["resolution"], listed[1]["resolution_source"]) == (512, "manifest")
     out = tmp_path / "g.tif"
     assert main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--size", "64", "--steps", "1", "--quiet",
                  "--json", "--out", str(out)]) == 0

@@ -80,7 +80,8 @@ def test_models(server):
 
     tiny = models["models"][0]
     assert tiny == {"name": "tiny", "tasks": list(REQUEST_MODELS), "resolution": 256, "kind": "built-in",
-                    "path": None, "trained_against": None}
+                    "path": None, "trained_against": None, "resolution_source": "built-in",
+                    "conditioning_resolution": None, "release": None, "unet_checkpoint": None, "warning": None}
     assert {"generate", "superres", "temporal", "inpaint"} <= set(tiny["tasks"])
 
 
@@ -345,3 +346,44 @@ def test_plan_is_a_dry_run(server):
     assert_error(call(server, "POST", "/v1/plan", json_body=generate_request(bbox=[5, 5, 1, 1])), 422,
                  "invalid_request")
     assert call(server, "POST", "/v1/plan", json_body=generate_request(), token=None).status == 401
+
+
+def test_models_lists_the_releases_with_their_trained_resolution(tmp_path):
+    """GET /v1/models on the installed release layouts (official-shaped configs): resolution and its
+    source, conditioning size, tasks and the paired UNet, from the manifest, not from sample_size."""
+    import os
+
+    from tests.official_layouts import ZIP_FOLDERS, build_parts, write_release
+
+    from .conftest import start_server, stop_server
+
+    parts = build_parts(tmp_path / "parts")
+    models = tmp_path / "models"
+    for name in ZIP_FOLDERS:
+        write_release(parts, models, name, "download" if name == "controlnet-texas" else "zip")
+    (tmp_path / "srv").mkdir()
+    srv = start_server(tmp_path / "srv", env={**os.environ, "DIFFUSIONSAT_MODELS": str(models)})
+    try:
+        listed = {m["name"]: m for m in call(srv, "GET", "/v1/models").json["models"]}
+    finally:
+        stop_server(srv)
+    single = listed[ZIP_FOLDERS["diffusionsat-512"]]
+    assert (single["resolution"], single["resolution_source"], single["release"]) == (512, "manifest",
+                                                                                     "diffusionsat-512")
+    assert single["tasks"] == ["generate", "inpaint"] and single["unet_checkpoint"] == "checkpoint-150000"
+    assert listed[ZIP_FOLDERS["diffusionsat-256"]]["resolution"] == 256
+    sr = listed[ZIP_FOLDERS["controlnet-superres"]]
+    assert (sr["resolution"], sr["conditioning_resolution"], sr["tasks"]) == (512, 256, ["superres"])
+    texas = listed["controlnet-texas"]  # installed by download: named after its release
+    assert (texas["resolution"], texas["resolution_source"], texas["tasks"]) == (256, "manifest",
+                                                                              ["temporal", "inpaint"])
+    assert texas["unet_checkpoint"] == "diffusionsat-512/checkpoint-100000/unet"
+
+
+def test_resolution_field_sets_the_generated_size(server):
+    request = generate_request(resolution=72)
+    del request["width"], request["height"]
+    job = wait_for(server, call(server, "POST", "/v1/jobs", json_body=request).json["id"])
+    assert job["state"] == "done" and (job["result"]["width"], job["result"]["height"]) == (72, 72)
+    bad = call(server, "POST", "/v1/jobs", json_body=generate_request(resolution=70))
+    assert bad.status == 422 and "multiple of 8" in bad.json["detail"]

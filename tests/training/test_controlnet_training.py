@@ -59,6 +59,8 @@ def test_controlnet_training_smoke_and_loading(tmp_path, tiny_run, task):
     assert record["task"] == task and record["trained_against_unet"] == str(tiny_run.resolve())
     info = describe_folder(run)
     assert info.kind == f"controlnet-{task}" and info.trained_against == str(tiny_run.resolve())
+    assert record["source"] == "training"
+    assert (info.resolution, info.resolution_source) == (record["resolution"], "recorded by training")
     assert len(list((run / "validation").glob("*.png"))) == 2  # one sample at each of the 2 steps
 
     # the frozen UNet is untouched; the ControlNet moved away from its initialisation

@@ -56,6 +56,11 @@ def test_run_folder_loads_in_the_engine(tiny_run, tmp_path, capsys):
                                                       num_inference_steps=1).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
     assert describe_folder(tiny_run).kind == "single-image"
+    # the run records the resolution it trained at, which is what the engine then runs it at
+    record = json.loads((tiny_run / "diffusionsat.json").read_text())
+    assert record["source"] == "training" and record["kind"] == "single-image" and record["resolution"] == 32
+    info = describe_folder(tiny_run)
+    assert (info.resolution, info.resolution_source) == (32, "recorded by training")
     out = tmp_path / "gen.tif"
     code = main(["generate", "--model", str(tiny_run), "--bbox", "12.45,41.88,12.52,41.93", "--size", "64",
                  "--steps", "1", "--seed", "1", "--quiet", "--out", str(out)])
