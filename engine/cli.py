@@ -376,7 +376,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
     return _run(args, {
         "task": "inpaint", "input": args.input, "mask": args.mask, "mask_rule": args.mask_rule,
-        "dilate": args.dilate, "rgb_bands": [int(b) for b in args.rgb_bands.split(",")] if args.rgb_bands else None,
+        "dilate": args.dilate, "rgb_bands": args.rgb_bands,
         "references": args.reference or None, "reference_dates": _dates(args.reference_date),
         "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
         "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
