@@ -490,7 +490,8 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(line)
     if not models:
         print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}; "
-              "unzip the released checkpoints there (see README)")
+              "install the released checkpoints with 'diffusionsat download NAME' ('diffusionsat download --help' "
+              "lists them)")
     return 0
 
 

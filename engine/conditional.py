@@ -454,7 +454,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
     run_job(job, progress, cancel)
-    warnings += centre.out_of_range_warnings()
+    warnings += centre.out_of_range_warnings("superres")
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
@@ -641,7 +641,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     finally:
         for s in sources:
             s.close()
-    warnings = list(bundle.notices) + centre.out_of_range_warnings()
+    warnings = list(bundle.notices) + centre.out_of_range_warnings("temporal")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
@@ -933,5 +933,5 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
             s.close()
     if "w" in holder and holder["w"].masked_pixels == 0:
         warnings.append("the mask selects no pixel of the input: the output equals the input")
-    warnings += centre.out_of_range_warnings()
+    warnings += centre.out_of_range_warnings("inpaint")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
