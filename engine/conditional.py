@@ -451,6 +451,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
                 conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
     centre = _whole_metadata(out_grid, date, request.cloud_cover)
     tags.update(_metadata_tags(centre))
+    tags["conditioning_gsd_m"] = 10.0  # the ControlNet's metadata: the target's, with the Sentinel-2 GSD
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
     run_job(job, progress, cancel)
@@ -901,6 +902,8 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     dtype, nodata, count = src.dtypes[0], src.nodata, src.count
     descriptions = list(src.descriptions)
     colorinterp = [c.name for c in src.colorinterp]
+    if "palette" in colorinterp:
+        colorinterp = None  # the colour table is not copied, so neither is its interpretation
     others = _OtherBands(src, bands, mask)
     warnings += others.warnings(descriptions, nodata)
     tags = provenance_tags("inpaint", bundle, placement, request, seed)
