@@ -378,7 +378,7 @@ def cmd_inpaint(args: argparse.Namespace) -> int:
 
     return _run(args, {
         "task": "inpaint", "input": args.input, "mask": args.mask, "mask_rule": args.mask_rule,
-        "dilate": args.dilate, "rgb_bands": [int(b) for b in args.rgb_bands.split(",")] if args.rgb_bands else None,
+        "dilate": args.dilate, "rgb_bands": args.rgb_bands,
         "references": args.reference or None, "reference_dates": _dates(args.reference_date),
         "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
         "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
@@ -496,7 +496,8 @@ def cmd_models(args: argparse.Namespace) -> int:
             print(f"    warning: {m.warning}")
     if not models:
         print(f"no installed models in {os.pathsep.join(str(p) for p in models_dirs())}; "
-              "install one with `diffusionsat download NAME` (see README)")
+              "install the released checkpoints with 'diffusionsat download NAME' ('diffusionsat download --help' "
+              "lists them)")
     return 0
 
 

@@ -167,6 +167,7 @@ class TiledJob:
     wrap_writer: Optional[Callable] = None
     fill_nodata: bool = True
     run_key: str = ""
+    out_bands: Optional[int] = None  #: bands of the written file, when wrap_writer widens the tiles' ``bands``
 
 
 def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
@@ -178,7 +179,7 @@ def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optiona
     def open_target():
         """The COG writer (wrapped, e.g. for in-painting's compositing), published on success."""
         with CogWriter(
-            job.out, width=job.grid.width, height=job.grid.height, count=job.bands, dtype=job.dtype,
+            job.out, width=job.grid.width, height=job.grid.height, count=job.out_bands or job.bands, dtype=job.dtype,
             crs=job.grid.crs, transform=job.grid.transform, tags=job.tags, nodata=job.nodata,
             band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
         ) as writer:
@@ -335,6 +336,7 @@ class Layout:
     window: Any = None  #: that subset's window in the whole input
     source: Any = None  #: the opened input (super-resolution)
     frames: list = field(default_factory=list)  #: (path, date) of conditioning frames, in time order
+    mask: Any = None  #: in-painting: the mask source, already checked against the whole input
 
 
 def _overlap(request, tile_px: int) -> int:
@@ -377,13 +379,26 @@ def inpaint_layout(request, model_px: int) -> Layout:
     from .geo.tiling import plan_tiles
 
     grid = _grid_of(request.input)
+    _check_rgb_bands(request.input, request.rgb_bands)
     frames = []
     if request.references:
         frames = _dated_frames(request.references, request.reference_dates, "references")
         _check_same_place([p for p, _ in frames], grid)
     _check_pixels(grid.width, grid.height, request.max_pixels)
     tiles = plan_tiles(grid.width, grid.height, model_px, _overlap(request, model_px), 1)
-    return Layout(grid, tiles, model_px, grid, frames=frames)
+    mask = _MaskSource(request, grid)  # a mask that misses the whole input fails here, before any model call
+    return Layout(grid, tiles, model_px, grid, frames=frames, mask=mask)
+
+
+def _check_rgb_bands(path: str, bands: Sequence[int]) -> None:
+    with _open(path) as src:
+        count = src.count
+    if any(not 1 <= b <= count for b in bands):
+        raise InvalidRequest(
+            f"--rgb-bands {','.join(map(str, bands))}: {path!r} has {count} band(s), numbered 1..{count}; "
+            f"name three of them as R,G,B (e.g. {','.join(map(str, range(1, min(count, 3) + 1)))}"
+            f"{',1' * max(0, 3 - count)})"
+        )
 
 
 LAYOUTS = {"superres": superres_layout, "temporal": temporal_layout, "inpaint": inpaint_layout}
@@ -441,25 +456,31 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     tags = provenance_tags("superres", bundle, placement, request, seed)
     tags.update(input=str(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
                 conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
+    centre = _whole_metadata(out_grid, date, request.cloud_cover)
+    tags.update(_metadata_tags(centre))
+    tags["conditioning_gsd_m"] = 10.0  # the ControlNet's metadata: the target's, with the Sentinel-2 GSD
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
     run_job(job, progress, cancel)
-    centre = _tile_metadata(out_grid, _whole(out_grid), max(width, height), date, request.cloud_cover)
-    warnings += centre.out_of_range_warnings()
+    warnings += centre.out_of_range_warnings("superres")
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
-def _whole(grid: Grid):
-    """A pseudo-tile covering the whole grid (for whole-output metadata)."""
-    from rasterio.windows import Window
+def _whole_metadata(grid: Grid, date, cloud_cover):
+    """The metadata of the whole output: its centre, its pixel size, the date and cloud cover the tiles
+    were conditioned on (each tile's own longitude and latitude are those of its footprint)."""
+    from .metadata import derive_from_bbox
 
-    @dataclass
-    class _T:
-        out_valid: Any
-        out_window: Any
+    return derive_from_bbox(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height, date=date,
+                            cloud_cover=cloud_cover)
 
-    w = Window(0, 0, grid.width, grid.height)
-    return _T(w, w)
+
+def _metadata_tags(md) -> dict:
+    """The 7 metadata values as tags (as ``generate`` writes them), plus TIFFTAG_DATETIME for a known date."""
+    tags = {**md.to_tags(), "metadata_note": "the whole output's centre; each tile was conditioned on its own centre"}
+    if md.date is not None:
+        tags["TIFFTAG_DATETIME"] = md.date.strftime("%Y:%m:%d 00:00:00")
+    return tags
 
 
 def _check_pixels(width: int, height: int, limit: Optional[int]) -> None:
@@ -502,7 +523,7 @@ class _RGBSource:
         self.src = _open(path)
         if self.src.crs is None:
             raise RasterError(f"{path!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
-        if self.src.count < max(bands):
+        if self.src.count < max(bands) or min(bands) < 1:
             raise InvalidRequest(
                 f"{path!r} has {self.src.count} band(s); an RGB image (bands {', '.join(map(str, bands))}) is needed"
             )
@@ -619,6 +640,8 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     tags.update(inputs=";".join(p for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
                 metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
                 conditioning_scale=request.conditioning_scale)
+    centre = _whole_metadata(grid, request.date, request.cloud_cover)
+    tags.update(_metadata_tags(centre))
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
                    run_key=request.model_dump_json())
     try:
@@ -626,8 +649,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     finally:
         for s in sources:
             s.close()
-    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), request.date, request.cloud_cover)
-    warnings = list(bundle.notices) + centre.out_of_range_warnings()
+    warnings = list(bundle.notices) + centre.out_of_range_warnings("temporal")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
@@ -637,14 +659,19 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
 
 
 class _MaskSource:
-    """The in-painting mask of any window of the input grid: raster rule, vector, or nodata."""
+    """The in-painting mask of any window of the input grid: raster rule, vector, or nodata.
+
+    Whether the mask meets the input at all is checked once, here, for the whole raster (before
+    any model is loaded); windows the mask does not reach are simply unmasked.
+    """
 
     def __init__(self, request, grid: Grid) -> None:
-        from .geo.masks import TargetGrid, parse_mask_rule
+        from .geo.masks import TargetGrid, check_raster_overlap, parse_mask_rule, vector_geometries, vector_no_overlap
 
         self.request = request
         self.grid = TargetGrid(grid.crs, grid.transform, grid.width, grid.height)
         self.kind = "nodata" if request.mask == "nodata" else None
+        self.geoms = None
         if self.kind is None:
             path = Path(request.mask).expanduser()
             if not path.exists():
@@ -652,18 +679,33 @@ class _MaskSource:
             self.kind = "raster" if _is_raster(path) else "vector"
             if self.kind == "raster":
                 self.rule = parse_mask_rule(request.mask_rule or "nonzero")
-                from .geo.masks import mask_from_raster
-
-                mask_from_raster(path, self.rule, self.grid, window=((0, 1), (0, 1)))  # fail early on non-overlap
-            elif request.mask_rule:
-                raise InvalidRequest("--mask-rule applies to raster masks; a vector mask masks its polygons")
+                check_raster_overlap(path, self.grid)
+            else:
+                if request.mask_rule:
+                    raise InvalidRequest("--mask-rule applies to raster masks; a vector mask masks its polygons")
+                # read once, in the input's CRS; every window is rasterized from these
+                self.geoms = vector_geometries(path, self.grid)
+                if not len(self.geoms):
+                    raise vector_no_overlap(path, self.grid)
         self.pad = request.dilate
+
+    def on(self, target) -> np.ndarray:
+        """Bool mask on any target grid (e.g. a decimated view of the input), without dilation."""
+        from .geo.masks import mask_from_nodata, mask_from_raster, rasterize_geometries
+
+        if self.kind == "nodata":
+            if target.shape == self.grid.shape:
+                return mask_from_nodata(self.request.input)
+            return np.zeros(target.shape, bool)  # callers read nodata themselves on other grids
+        if self.kind == "raster":
+            return mask_from_raster(self.request.mask, self.rule, target, outside_ok=True)
+        return rasterize_geometries(self.geoms, target)
 
     def read(self, window) -> np.ndarray:
         """Bool (h, w): True = in-paint. Dilation looks ``dilate`` px beyond the window."""
         from rasterio.windows import Window
 
-        from .geo.masks import dilate, mask_from_nodata, mask_from_raster, mask_from_vector
+        from .geo.masks import dilate, mask_from_nodata, mask_from_raster, rasterize_geometries
 
         p = self.pad
         r0, c0 = int(window.row_off), int(window.col_off)
@@ -674,9 +716,9 @@ class _MaskSource:
         if self.kind == "nodata":
             m = mask_from_nodata(self.request.input, window=grown)
         elif self.kind == "raster":
-            m = mask_from_raster(self.request.mask, self.rule, self.grid, window=grown)
+            m = mask_from_raster(self.request.mask, self.rule, self.grid, window=grown, outside_ok=True)
         else:
-            m = mask_from_vector(self.request.mask, self.grid, window=grown)
+            m = rasterize_geometries(self.geoms, self.grid, window=grown)
         if p:
             m = dilate(m, p)
         return m[r0 - gr0:r0 - gr0 + h, c0 - gc0:c0 - gc0 + w]
@@ -694,24 +736,123 @@ def _is_raster(path: Path) -> bool:
         return False
 
 
-class _CompositeWriter:
-    """Writes ``where(mask, generated, input)`` so unmasked pixels are the input's, bit for bit."""
+#: How in-painting fills the masked pixels of the bands the model does not generate (documented in
+#: the README's In-painting section and written into the output's tags).
+OTHER_BANDS_RULE = ("each band the model does not generate is fitted, once for the whole raster, as a linear "
+                    "function of the R,G,B bands over the unmasked pixels (least squares on a decimated read); "
+                    "its masked pixels get that function of the generated R,G,B; alpha bands become opaque")
 
-    def __init__(self, writer, source, mask: _MaskSource, bands: Sequence[int]) -> None:
+
+class _OtherBands:
+    """The bands of the input beyond ``rgb_bands``: their masked pixels, from the generated R,G,B.
+
+    The model only knows R,G,B. For every other band ``k`` a linear fit
+    ``band_k ~ c0 + c1 R + c2 G + c3 B`` is made once, over the input's unmasked, valid pixels (a
+    decimated read of at most ~512 px a side, so the fit is the same for every window: no seams),
+    and applied to the generated R,G,B of the masked pixels. Its R² is reported, so users see how
+    much of a band (e.g. near-infrared) the visible bands explain. Alpha bands become opaque.
+    """
+
+    def __init__(self, src, rgb_bands: Sequence[int], mask: "_MaskSource") -> None:
+        from rasterio.enums import ColorInterp
+
+        self.rgb = list(rgb_bands)
+        self.bands = [b for b in range(1, src.count + 1) if b not in self.rgb]
+        self.dtype = np.dtype(src.dtypes[0])
+        self.coef: dict[int, Optional[np.ndarray]] = {}
+        self.r2: dict[int, Optional[float]] = {}
+        self.alpha = {b for b in self.bands if src.colorinterp[b - 1] == ColorInterp.alpha}
+        fitted = [b for b in self.bands if b not in self.alpha]
+        if not fitted:
+            return
+        from affine import Affine
+
+        from .geo.masks import TargetGrid
+
+        step = max(1, math.ceil(max(src.width, src.height) / 512))
+        h, w = max(1, src.height // step), max(1, src.width // step)
+        data = src.read(self.rgb + fitted, out_shape=(len(self.rgb) + len(fitted), h, w), masked=True)
+        valid = ~np.ma.getmaskarray(data).any(axis=0)
+        values = np.ma.getdata(data).astype(np.float64)
+        valid &= np.isfinite(values).all(axis=0)
+        coarse = TargetGrid(src.crs, src.transform * Affine.scale(src.width / w, src.height / h), w, h)
+        valid &= ~mask.on(coarse)
+        x = values[:3, valid].T
+        design = np.column_stack([np.ones(len(x)), x])
+        for i, b in enumerate(fitted):
+            y = values[3 + i, valid]
+            if len(y) < 16:
+                self.coef[b], self.r2[b] = None, None
+                continue
+            coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+            resid = y - design @ coef
+            var = float(np.var(y))
+            self.coef[b] = coef
+            self.r2[b] = 1.0 - float(np.mean(resid ** 2)) / var if var > 0 else 1.0
+
+    def warnings(self, descriptions: Sequence[Optional[str]], nodata) -> list[str]:
+        out = []
+        for b in self.bands:
+            name = f"band {b}" + (f" ({descriptions[b - 1]})" if descriptions[b - 1] else "")
+            if b in self.alpha:
+                out.append(f"{name} is an alpha band: its in-painted pixels are set opaque")
+            elif self.coef.get(b) is None:
+                left = f"left as nodata ({nodata:g})" if nodata is not None else "set to 0 (the input has no nodata value)"
+                out.append(f"{name} is not generated by the model and too few unmasked pixels were found to "
+                           f"estimate it: its masked pixels are {left}")
+            else:
+                out.append(f"{name} is not generated by the model (it makes R,G,B from --rgb-bands): its masked "
+                           f"pixels are estimated from the generated R,G,B by a linear fit over the unmasked pixels "
+                           f"(R² {self.r2[b]:.2f}; see the README, In-painting)")
+        return out
+
+    def fill(self, out: np.ndarray, rgb: np.ndarray, m: np.ndarray, nodata) -> None:
+        """Set the masked pixels of the other bands in ``out`` (all bands, in place)."""
+        if not m.any():
+            return
+        info = np.iinfo(self.dtype) if self.dtype.kind in "iu" else None
+        x = rgb[:, m].astype(np.float64)
+        for b in self.bands:
+            if b in self.alpha:
+                value: Any = info.max if info is not None else 1.0
+            elif self.coef.get(b) is None:
+                value = nodata if nodata is not None else 0
+            else:
+                c = self.coef[b]
+                value = c[0] + c[1:] @ x
+                if info is not None:
+                    value = np.clip(np.rint(value), info.min, info.max)
+            out[b - 1][m] = value
+
+
+class _CompositeWriter:
+    """Writes ``where(mask, generated, input)`` over all the input's bands, so unmasked pixels are the
+    input's, bit for bit; the tiles give R,G,B (3 bands), the other bands are filled by ``others``."""
+
+    def __init__(self, writer, source, mask: _MaskSource, bands: Sequence[int], others: _OtherBands) -> None:
         self.writer = writer
-        self.profile = writer.profile
+        self.profile = {**writer.profile, "count": 3}  # what the tiling writes: R, G, B
         self.source = source
         self.mask = mask
         self.bands = list(bands)
+        self.others = others
         self.masked_pixels = 0
 
     def write(self, data: np.ndarray, window=None) -> None:
-        original = self.source.read(self.bands, window=window)
-        if original.dtype != data.dtype:
-            data = data.astype(original.dtype)
+        original = self.source.read(window=window)
         m = self.mask.read(window)
         self.masked_pixels += int(m.sum())
-        self.writer.write(np.where(m[None], data, original), window)
+        out = original.copy()
+        if m.any():
+            data = data.astype(np.float64)
+            for b in set(self.bands):  # a band named twice (e.g. 1,1,1 for grey) gets the channels' mean
+                channels = [i for i, x in enumerate(self.bands) if x == b]
+                value = data[channels].mean(axis=0)
+                if original.dtype.kind in "iu":
+                    value = np.rint(value)
+                out[b - 1][m] = value[m].astype(original.dtype)
+            self.others.fill(out, data, m, self.writer.profile.get("nodata"))
+        self.writer.write(out, window)
 
 
 def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
@@ -726,8 +867,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     model_px = request_resolution(bundle, request)
     controlnet = bundle.controlnet_for("temporal") if request.references else None
     layout = inpaint_layout(request, model_px)
-    grid, tiles, refs = layout.out_grid, layout.tiles, layout.frames
-    mask = _MaskSource(request, grid)
+    grid, tiles, refs, mask = layout.out_grid, layout.tiles, layout.frames, layout.mask
     bands = request.rgb_bands
     source = _RGBSource(request.input, grid, bands)
     ref_sources = [_RGBSource(p, grid) for p, _ in refs]
@@ -765,28 +905,36 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
         # soft edge inside the mask: the generated pixels fade into the original ones
         return soft * generated + (1 - soft) * image
 
-    with _open(request.input) as src:
-        dtype = src.dtypes[bands[0] - 1]
-        nodata = src.nodata
-        descriptions = [src.descriptions[b - 1] or f"band {b}" for b in bands]
+    src = source.src
+    dtype, nodata, count = src.dtypes[0], src.nodata, src.count
+    descriptions = list(src.descriptions)
+    colorinterp = [c.name for c in src.colorinterp]
+    if "palette" in colorinterp:
+        colorinterp = None  # the colour table is not copied, so neither is its interpretation
+    others = _OtherBands(src, bands, mask)
+    warnings += others.warnings(descriptions, nodata)
     tags = provenance_tags("inpaint", bundle, placement, request, seed)
     tags.update(input=str(request.input), mask=str(request.mask), mask_rule=request.mask_rule or "",
                 dilate_px=request.dilate, resample=request.resample, synthetic_pixels="masked pixels only",
                 references=";".join(p for p, _ in refs))
-    if date is not None:
-        tags["metadata_date"] = date.isoformat()
+    if others.bands:
+        tags.update(generated_bands=",".join(map(str, bands)), other_bands=",".join(map(str, others.bands)),
+                    other_bands_rule=OTHER_BANDS_RULE,
+                    other_bands_r2=",".join("" if others.r2.get(b) is None else f"{others.r2[b]:.3f}"
+                                            for b in others.bands))
+    centre = _whole_metadata(grid, date, request.cloud_cover)
+    tags.update(_metadata_tags(centre))
     scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
     offset = 0.0 if dtype == "uint8" else source.lo
     holder: dict[str, _CompositeWriter] = {}
 
     def wrap(writer):
-        holder["w"] = _CompositeWriter(writer, source.src, mask, bands)
+        holder["w"] = _CompositeWriter(writer, source.src, mask, bands, others)
         return holder["w"]
 
-    job = TiledJob(out=out, grid=grid, tiles=tiles, bands=len(bands), dtype=dtype, read=read, process=process,
-                   tags=tags, scale=scale, offset=offset, nodata=nodata, band_descriptions=descriptions,
-                   colorinterp=("red", "green", "blue") if dtype == "uint8" else None, wrap_writer=wrap,
-                   run_key=request.model_dump_json())
+    job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype=dtype, read=read, process=process,
+                   tags=tags, scale=scale, offset=offset, nodata=nodata, band_descriptions=[d or "" for d in descriptions],
+                   colorinterp=colorinterp, wrap_writer=wrap, run_key=request.model_dump_json(), out_bands=count)
     try:
         run_job(job, progress, cancel)
     finally:
@@ -795,6 +943,5 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
             s.close()
     if "w" in holder and holder["w"].masked_pixels == 0:
         warnings.append("the mask selects no pixel of the input: the output equals the input")
-    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), date, request.cloud_cover)
-    warnings += centre.out_of_range_warnings()
+    warnings += centre.out_of_range_warnings("inpaint")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)

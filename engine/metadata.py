@@ -70,8 +70,18 @@ MAX_DATE = dt.date(2100, 12, 31)
 #: Largest GSD accepted (m/px). Beyond this an "image" is bigger than a continent per pixel.
 MAX_GSD_M = 100_000.0
 
-#: GSD (m/px) and years beyond which we warn: far outside what the released models saw.
+#: GSD (m/px) and years beyond which we warn: far outside what the released models saw. The one
+#: place this range is written; every message quotes it from here.
 TRAINING_GSD_RANGE_M: tuple[float, float] = (0.2, 20.0)
+#: What a user can do about an out-of-range GSD, per task (the GSD is set differently in each).
+_GSD_ADVICE = {
+    "generate": "change --size (or --width/--height) or the bbox so that the GSD falls within the range",
+    "superres": "choose a --factor that puts the output GSD (input GSD / factor) within the range",
+    "temporal": "the GSD is the first input's pixel size: resample the inputs (e.g. gdalwarp -tr) into the range "
+                "for more realistic output",
+    "inpaint": "the GSD is the input's pixel size, which in-painting keeps: expect the filled pixels to look "
+               "less realistic",
+}
 TRAINING_YEAR_RANGE: tuple[int, int] = (2000, 2024)
 MAX_TRAINING_CLOUD_COVER = 0.5
 
@@ -273,19 +283,19 @@ class SatMetadata:
 
     # ---- user-facing checks and serialisation ------------------------------------------------
 
-    def out_of_range_warnings(self) -> list[str]:
+    def out_of_range_warnings(self, task: str = "generate") -> list[str]:
         """Plain-text warnings for values far outside the released models' training data.
 
         Empty when everything looks in-distribution. The caller decides how to show them (CLI
-        stderr, server response, QGIS message bar).
+        stderr, server response, QGIS message bar). ``task`` picks advice the user can follow
+        (``generate``, ``superres``, ``temporal``, ``inpaint``).
         """
         warnings: list[str] = []
         lo, hi = TRAINING_GSD_RANGE_M
         if self.gsd_m is not None and not lo <= self.gsd_m <= hi:
             warnings.append(
-                f"GSD {self.gsd_m:.3g} m/px is far outside the training data (the released "
-                f"models were trained on 0.3-10 m imagery); expect unrealistic output, or change "
-                f"the output size so that the GSD falls within {lo:g}-{hi:g} m/px"
+                f"GSD {self.gsd_m:.3g} m/px is outside {lo:g}-{hi:g} m/px, the range of the released "
+                f"models' training data; {_GSD_ADVICE.get(task, _GSD_ADVICE['generate'])}"
             )
         y_lo, y_hi = TRAINING_YEAR_RANGE
         if self.date is not None and not y_lo <= self.date.year <= y_hi:

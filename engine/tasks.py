@@ -151,6 +151,23 @@ class InpaintRequest(_ConditionalRequest):
     resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step")
     guidance: float = Field(7.5, ge=0.0, le=50.0)
 
+    @field_validator("rgb_bands", mode="before")
+    @classmethod
+    def _bands_text(cls, v: Any) -> Any:
+        if isinstance(v, str):  # the CLI's "4,3,2"
+            try:
+                return [int(b) for b in v.split(",")]
+            except ValueError:
+                raise ValueError(f"{v!r} must be three band numbers like 4,3,2 (the first band is 1)") from None
+        return v
+
+    @field_validator("rgb_bands")
+    @classmethod
+    def _bands_from_1(cls, v: list[int]) -> list[int]:
+        if any(b < 1 for b in v):
+            raise ValueError(f"{','.join(map(str, v))}: band numbers start at 1 (e.g. 1,2,3 or 4,3,2)")
+        return v
+
     def input_paths(self) -> list[str]:
         paths = [self.input, *self.references]
         return paths + ([self.mask] if self.mask != "nodata" else [])
@@ -385,6 +402,8 @@ def _conditional(name: str):
 
 def _check_out(out) -> Path:
     out = Path(out)
+    if out.is_dir():
+        raise InvalidRequest(f"output {str(out)!r} is a folder; name a file in it, e.g. {str(out / 'out.tif')!r}")
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
     return out

@@ -28,6 +28,16 @@ CONTROLNET_RECIPE = {
 }
 
 
+_RANGES = {"--lr": "give a learning rate above 0, e.g. 1e-5", "--validation-every": "give 0 (off) or more",
+           "--max-grad-norm": "give 0 (no clipping) or more", "--num-workers": "give 0 or more",
+           "--snr-gamma": "give a value above 0 (the reference: 5)", "--lr-warmup-steps": "give 0 or more"}
+
+
+def _default(value: Any, default: Any) -> Any:
+    """``default`` only when the option was not given: an explicit 0 stays 0 (and is then refused)."""
+    return default if value is None else value
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. ``None`` means "the recipe's default" (see resolved())."""
@@ -93,28 +103,29 @@ class TrainConfig:
             if c.task not in CONTROLNET_TASKS:
                 raise InvalidRequest(f"unknown --task {c.task!r}; choose one of {', '.join(CONTROLNET_TASKS)}")
             recipe = CONTROLNET_RECIPE[c.task]
-            c.resolution = c.resolution or recipe["resolution"]
+            c.resolution = _default(c.resolution, recipe["resolution"])
             c.lr = c.lr if c.lr is not None else recipe["lr"]
-            c.max_steps = c.max_steps or recipe["max_steps"]
-            c.snr_weighting = c.snr_weighting or "none"
+            c.max_steps = _default(c.max_steps, recipe["max_steps"])
+            c.snr_weighting = _default(c.snr_weighting, "none")
             c.ema = bool(c.ema)
-            c.checkpoint_every = c.checkpoint_every or 5000
+            c.checkpoint_every = _default(c.checkpoint_every, 5000)
             c.validation_guidance = 1.0 if c.validation_guidance is None else c.validation_guidance
             if c.task == "superres":
-                c.conditioning_resolution = c.conditioning_resolution or c.resolution // 2
+                c.conditioning_resolution = _default(c.conditioning_resolution, c.resolution // 2)
             else:
                 c.conditioning_resolution = c.resolution
         else:
             c.task = "image"
-            c.resolution = c.resolution or 512
+            c.resolution = _default(c.resolution, 512)
             # the reference: 2e-6 for the 512 model, 4e-6 for the 256 model
             c.lr = c.lr if c.lr is not None else (2e-6 if c.resolution >= 512 else 4e-6)
-            c.max_steps = c.max_steps or 150_000
-            c.snr_weighting = c.snr_weighting or "reference"
+            c.max_steps = _default(c.max_steps, 150_000)
+            c.snr_weighting = _default(c.snr_weighting, "reference")
             c.ema = True if c.ema is None else c.ema
-            c.checkpoint_every = c.checkpoint_every or 10_000
+            c.checkpoint_every = _default(c.checkpoint_every, 10_000)
             c.validation_guidance = 7.5 if c.validation_guidance is None else c.validation_guidance
         for name in ("resolution", "conditioning_resolution"):
+            # each checked before anything divides by it (0 is refused, never replaced by a default)
             value = getattr(c, name)
             if value is not None and (value < 8 or value % 8):
                 raise InvalidRequest(f"--{name.replace('_', '-')} {value} must be a positive multiple of 8 "
@@ -122,7 +133,7 @@ class TrainConfig:
         if c.task == "superres" and c.resolution % c.conditioning_resolution:
             raise InvalidRequest(f"--resolution {c.resolution} must be a multiple of --conditioning-resolution "
                                  f"{c.conditioning_resolution}")
-        c.crop_size = c.crop_size or c.resolution
+        c.crop_size = _default(c.crop_size, c.resolution)
         if c.validation_every is None:
             c.validation_every = c.checkpoint_every
         checks = [
@@ -130,11 +141,15 @@ class TrainConfig:
             ("--max-steps", c.max_steps >= 1), ("--lr", c.lr > 0), ("--checkpoint-every", c.checkpoint_every >= 1),
             ("--validation-every", c.validation_every >= 0), ("--max-grad-norm", c.max_grad_norm >= 0),
             ("--num-workers", c.num_workers >= 0), ("--log-every", c.log_every >= 1),
-            ("--frames", c.frames >= 1), ("--snr-gamma", c.snr_gamma > 0),
+            ("--frames", c.frames >= 1), ("--snr-gamma", c.snr_gamma > 0), ("--crop-size", c.crop_size >= 1),
+            ("--crops-per-image", c.crops_per_image >= 1), ("--lr-warmup-steps", c.lr_warmup_steps >= 0),
+            ("--validation-samples", c.validation_samples >= 1), ("--validation-steps", c.validation_steps >= 1),
+            ("--shuffle-buffer", c.shuffle_buffer >= 1),
         ]
         for flag, ok in checks:
             if not ok:
-                raise InvalidRequest(f"{flag} is out of range: {getattr(c, flag[2:].replace('-', '_'))}")
+                raise InvalidRequest(f"{flag} {getattr(c, flag[2:].replace('-', '_'))} is out of range: "
+                                     f"{_RANGES.get(flag, 'give at least 1')}")
         for flag, p in (("--metadata-dropout", c.metadata_dropout), ("--caption-dropout", c.caption_dropout)):
             if not 0.0 <= p <= 1.0:
                 raise InvalidRequest(f"{flag} {p} must be a probability 0..1")

@@ -375,6 +375,7 @@ def mask_from_raster(
     band: int = 1,
     window: Any = None,
     resampling: str = "nearest",
+    outside_ok: bool = False,
 ) -> np.ndarray:
     """A mask from a raster (QA bits, classes, probabilities, a 0/1 mask) in any CRS.
 
@@ -390,6 +391,9 @@ def mask_from_raster(
         window: only this window of the target grid (pixels).
         resampling: ``nearest`` (default), or ``max`` for a target coarser than the mask, which
             masks any target pixel that a masked mask pixel falls into.
+        outside_ok: a target (window) the mask raster does not reach is all False instead of an
+            error (for reading a mask window by window once :func:`check_raster_overlap` has
+            checked the whole target).
 
     Returns:
         bool (height, width) on the target grid, True = masked.
@@ -415,6 +419,8 @@ def mask_from_raster(
         target_in_src = transform_bounds(grid.crs, src_crs, *grid.bounds, densify_pts=21)
         overlap = _intersect(src_bounds, target_in_src)
         if overlap is None:
+            if outside_ok:
+                return np.zeros(grid.shape, bool)
             raise _no_overlap("mask raster", path, src_bounds, src_crs, grid)
         tf = src.transform
         if tf.b == 0 and tf.d == 0:
@@ -444,6 +450,25 @@ def mask_from_raster(
     return out.astype(bool)
 
 
+def check_raster_overlap(path: PathLike, target_grid: Any) -> None:
+    """Raise the "does not overlap" error unless the mask raster's extent meets the target's.
+
+    Reads only the raster's header: the check for a whole target before it is masked window by
+    window (``mask_from_raster(..., outside_ok=True)``).
+    """
+    grid = TargetGrid.of(target_grid)
+    try:
+        src = rasterio.open(path)
+    except rasterio.errors.RasterioIOError as exc:
+        raise RasterError(f"cannot open mask raster {str(path)!r}: {exc}") from exc
+    with src:
+        src_crs = src.crs or grid.crs
+        src_bounds = tuple(src.bounds)
+    target_in_src = transform_bounds(grid.crs, src_crs, *grid.bounds, densify_pts=21)
+    if _intersect(src_bounds, target_in_src) is None:
+        raise _no_overlap("mask raster", path, src_bounds, src_crs, grid)
+
+
 def _import_pyogrio() -> Any:
     try:
         import pyogrio  # noqa: PLC0415 -- optional dependency, needed only for vector masks
@@ -455,53 +480,36 @@ def _import_pyogrio() -> Any:
     return pyogrio
 
 
-def mask_from_vector(
+def vector_geometries(
     path: PathLike,
     target_grid: Any,
     layer: Union[str, int, None] = None,
     *,
     where: Optional[str] = None,
-    window: Any = None,
-    all_touched: bool = True,
 ) -> np.ndarray:
-    """A mask from vector geometries (any OGR format: GeoPackage, Shapefile, GeoJSON, ...).
+    """The geometries of a vector layer that meet the target, in the target's CRS.
 
-    Geometries are clipped to the target's extent, densified (so that straight edges follow the
-    curvature of the reprojection), reprojected onto the target CRS and rasterized; with
-    ``all_touched`` every pixel a geometry touches is masked (erring towards in-painting more).
-    A layer without a CRS is taken to be in the target's CRS.
-
-    Args:
-        path: the vector file.
-        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
-        layer: layer name or index (default: the first layer).
-        where: an attribute filter in the format's SQL dialect (e.g. ``"class = 'cloud'"``).
-        window: only this window of the target grid (pixels).
-        all_touched: mask every pixel touched (True) or only those whose centre is inside.
+    Geometries are clipped to the target's extent (with a margin), densified (so that straight
+    edges follow the curvature of the reprojection) and reprojected onto the target CRS. A layer
+    without a CRS is taken to be in the target's CRS. Read once, they can be rasterized on any
+    window of the target with :func:`rasterize_geometries`.
 
     Returns:
-        bool (height, width) on the target grid, True = masked.
+        a numpy array of shapely geometries (empty when none meets the target).
 
     Raises:
-        InvalidRequest: the layer has no features, or none overlaps the target.
+        InvalidRequest: the layer has no features.
         RasterError: the file cannot be read, or pyogrio is not installed.
     """
     import shapely  # noqa: PLC0415 -- keeps `import engine.geo.masks` light
     from pyproj import CRS as ProjCRS  # noqa: PLC0415
     from pyproj import Transformer  # noqa: PLC0415
-    from rasterio.features import rasterize  # noqa: PLC0415
 
     pyogrio = _import_pyogrio()
-    grid = TargetGrid.of(target_grid, window)
-    try:
-        info = pyogrio.read_info(path, layer=layer, force_total_bounds=True)
-    except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
-        raise RasterError(f"cannot read vector {str(path)!r}: {exc}") from exc
-    if not info.get("features"):
-        raise InvalidRequest(f"the vector layer {str(path)!r} has no features to mask with")
+    grid = TargetGrid.of(target_grid)
+    info = _vector_info(path, layer)
     layer_crs = info.get("crs")
     src_crs = CRS.from_user_input(layer_crs) if layer_crs else grid.crs
-    total = info.get("total_bounds")
     # The target's extent in the layer's CRS, with a margin so that reprojection curvature
     # never cuts off a geometry at the edge.
     tb = transform_bounds(grid.crs, src_crs, *grid.bounds, densify_pts=21)
@@ -518,9 +526,7 @@ def mask_from_vector(
         geoms = shapely.clip_by_rect(geoms, *clip_box)
         geoms = geoms[~shapely.is_empty(geoms)]
     if not len(geoms):
-        bounds = tuple(total) if total is not None else ("?",) * 4
-        raise _no_overlap("vector layer", path, bounds, src_crs, grid)
-
+        return geoms
     if CRS.from_user_input(src_crs) != grid.crs:
         # ~2 target pixels per segment, in layer units, so edges bend as they should
         px_src = (clip_box[2] - clip_box[0]) / max(grid.width, grid.height)
@@ -534,14 +540,90 @@ def mask_from_vector(
             return np.column_stack([x, y])
 
         geoms = shapely.transform(geoms, to_target)
-    target_box = shapely.box(*grid.bounds)
-    geoms = geoms[shapely.intersects(geoms, target_box)]
+    return geoms[shapely.intersects(geoms, shapely.box(*grid.bounds))]
+
+
+def _vector_info(path: PathLike, layer: Union[str, int, None]) -> dict:
+    pyogrio = _import_pyogrio()
+    try:
+        info = pyogrio.read_info(path, layer=layer, force_total_bounds=True)
+    except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
+        raise RasterError(f"cannot read vector {str(path)!r}: {exc}") from exc
+    if not info.get("features"):
+        raise InvalidRequest(f"the vector layer {str(path)!r} has no features to mask with")
+    return info
+
+
+def vector_no_overlap(path: PathLike, target_grid: Any,
+                      layer: Union[str, int, None] = None) -> InvalidRequest:
+    """The "does not overlap" error for a vector layer and a target (to raise)."""
+    grid = TargetGrid.of(target_grid)
+    info = _vector_info(path, layer)
+    layer_crs = info.get("crs")
+    total = info.get("total_bounds")
+    bounds = tuple(total) if total is not None else ("?",) * 4
+    return _no_overlap("vector layer", path, bounds,
+                       CRS.from_user_input(layer_crs) if layer_crs else grid.crs, grid)
+
+
+def rasterize_geometries(geoms: np.ndarray, target_grid: Any, *, window: Any = None,
+                         all_touched: bool = True) -> np.ndarray:
+    """Rasterize geometries (in the target's CRS) on the target grid or a window of it.
+
+    Returns:
+        bool (height, width), True where a geometry covers (or, with ``all_touched``, touches)
+        the pixel; all False when none meets the window.
+    """
+    import shapely  # noqa: PLC0415
+    from rasterio.features import rasterize  # noqa: PLC0415
+
+    grid = TargetGrid.of(target_grid, window)
+    if len(geoms):
+        geoms = geoms[shapely.intersects(geoms, shapely.box(*grid.bounds))]
     if not len(geoms):
-        bounds = tuple(total) if total is not None else ("?",) * 4
-        raise _no_overlap("vector layer", path, bounds, src_crs, grid)
+        return np.zeros(grid.shape, bool)
     out = rasterize(((g, 1) for g in geoms), out_shape=grid.shape, transform=grid.transform,
                     fill=0, all_touched=all_touched, dtype="uint8")
     return out.astype(bool)
+
+
+def mask_from_vector(
+    path: PathLike,
+    target_grid: Any,
+    layer: Union[str, int, None] = None,
+    *,
+    where: Optional[str] = None,
+    window: Any = None,
+    all_touched: bool = True,
+) -> np.ndarray:
+    """A mask from vector geometries (any OGR format: GeoPackage, Shapefile, GeoJSON, ...).
+
+    Geometries are clipped to the target's extent, densified, reprojected onto the target CRS
+    (:func:`vector_geometries`) and rasterized (:func:`rasterize_geometries`); with
+    ``all_touched`` every pixel a geometry touches is masked (erring towards in-painting more).
+    A layer without a CRS is taken to be in the target's CRS. To mask a large raster window by
+    window, read the geometries once with :func:`vector_geometries` and rasterize each window.
+
+    Args:
+        path: the vector file.
+        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
+        layer: layer name or index (default: the first layer).
+        where: an attribute filter in the format's SQL dialect (e.g. ``"class = 'cloud'"``).
+        window: only this window of the target grid (pixels).
+        all_touched: mask every pixel touched (True) or only those whose centre is inside.
+
+    Returns:
+        bool (height, width) on the target grid, True = masked.
+
+    Raises:
+        InvalidRequest: the layer has no features, or none overlaps the target (window).
+        RasterError: the file cannot be read, or pyogrio is not installed.
+    """
+    grid = TargetGrid.of(target_grid, window)
+    geoms = vector_geometries(path, grid, layer, where=where)
+    if not len(geoms):
+        raise vector_no_overlap(path, grid, layer)
+    return rasterize_geometries(geoms, grid, all_touched=all_touched)
 
 
 def mask_from_nodata(
@@ -677,6 +759,7 @@ __all__ = [
     "MaskRule",
     "MaskTerm",
     "TargetGrid",
+    "check_raster_overlap",
     "dilate",
     "distance_to_mask",
     "feather",
@@ -685,4 +768,7 @@ __all__ = [
     "mask_from_raster",
     "mask_from_vector",
     "parse_mask_rule",
+    "rasterize_geometries",
+    "vector_geometries",
+    "vector_no_overlap",
 ]

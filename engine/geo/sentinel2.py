@@ -971,13 +971,13 @@ def to_model_input(stack: S2Stack) -> ModelInput:
     elif stack.level is None:
         warnings.append(
             "the product level is unknown; assuming Level-1C top-of-atmosphere digital numbers "
-            "(state level='L2A' if the input is surface reflectance)"
+            "(give --level L2A if the input is surface reflectance)"
         )
     if stack.baseline is None and not stack.offset_applied:
         warnings.append(
             "the processing baseline is unknown; assuming digital numbers without the +1000 "
-            "offset (baseline before 04.00, i.e. processed before 25 January 2022); state "
-            "baseline='04.00' if the product is newer, or the image will look too bright"
+            "offset (baseline before 04.00, i.e. processed before 25 January 2022); give "
+            "--baseline 04.00 if the product is newer, or the image will look too bright"
         )
     offset = stack.offset_dn if stack.offset_applied else 0.0
     idx = [names.index(b) for b in MODEL_BANDS]

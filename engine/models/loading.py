@@ -862,7 +862,8 @@ def load_model(
         if spec == "auto":
             bundle.notices.append(
                 "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
-                f"is used: install a model into {models_dirs()[0]} or pass --model <folder>"
+                f"is used: install one with 'diffusionsat download diffusionsat-512' (into {models_dirs()[0]}; "
+                "'diffusionsat download --help' lists the releases) or pass --model <folder>"
             )
         return bundle
     root, unet_folder, cn_folder, notices = facts.root, facts.unet_folder, facts.cn_folder, list(facts.notices)

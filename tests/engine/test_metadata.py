@@ -169,10 +169,15 @@ def test_out_of_range_warnings():
     odd = SatMetadata(gsd_m=50.0, cloud_cover=0.8, date=dt.date(1990, 1, 1))
     warnings = odd.out_of_range_warnings()
     assert len(warnings) == 3
-    assert "0.3-10 m" in warnings[0] and "50" in warnings[0]
+    assert "outside 0.2-20 m/px" in warnings[0] and "50" in warnings[0] and "--size" in warnings[0]
+    assert warnings[0].count("m/px") == 2  # one range, written once (TRAINING_GSD_RANGE_M)
     assert "1990" in warnings[1]
     assert "0.80" in warnings[2]
     assert len(SatMetadata(gsd_m=0.1).out_of_range_warnings()) == 1
+    # advice each task's user can follow: in-painting keeps the input's grid, so no size to change
+    inpaint = SatMetadata(gsd_m=50.0).out_of_range_warnings("inpaint")[0]
+    assert "--size" not in inpaint and "keeps" in inpaint
+    assert "--factor" in SatMetadata(gsd_m=50.0).out_of_range_warnings("superres")[0]
     assert len(SatMetadata(date=dt.date(2030, 1, 1)).out_of_range_warnings()) == 1
 
 

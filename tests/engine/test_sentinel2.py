@@ -496,8 +496,8 @@ def test_missing_model_band_names_missing_and_found():
 def test_unknown_level_and_baseline_warn():
     stack = make_stack({b: np.full((2, 2), 1500.0) for b in s2.MODEL_BANDS})
     _, _, warnings = s2.to_model_input(stack)
-    assert any("product level is unknown" in w for w in warnings)
-    assert any("baseline is unknown" in w for w in warnings)
+    assert any("product level is unknown" in w and "--level L2A" in w for w in warnings)  # the CLI's own flags
+    assert any("baseline is unknown" in w and "--baseline 04.00" in w for w in warnings)
     l2a = make_stack({b: np.full((2, 2), 1500.0) for b in s2.MODEL_BANDS}, level="L2A",
                      baseline="03.00")
     _, _, warnings = s2.to_model_input(l2a)

@@ -98,6 +98,11 @@ def test_snr_weightings():
     (["--resolution", "30"], "multiple of 8"),
     (["--resume", "/nonexistent/checkpoint"], "--resume"),
     (["--lr", "-1"], "--lr"),
+    # 0 is refused, never replaced by the recipe's default (150,000 steps, 512 px, every 10,000 steps)
+    (["--max-steps", "0"], "--max-steps 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every 0"),
+    (["--resolution", "0"], "--resolution 0"),
+    (["--crop-size", "0"], "--crop-size 0"),
 ])
 def test_cli_errors_are_one_line(tmp_path, geotiffs, capsys, extra, message):
     args = ["train", "image", "--data", str(geotiffs), "--out", str(tmp_path / "r"), *FAST, "--max-steps", "1"]
@@ -107,6 +112,18 @@ def test_cli_errors_are_one_line(tmp_path, geotiffs, capsys, extra, message):
     code = main([*args, *extra])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+@pytest.mark.parametrize("field", ["max_steps", "checkpoint_every", "resolution", "conditioning_resolution"])
+def test_controlnet_zero_is_refused_not_defaulted(tmp_path, field):
+    from engine.errors import InvalidRequest
+    from training.config import TrainConfig
+
+    config = TrainConfig(kind="controlnet", task="superres", unet="tiny", data=["x"], out=tmp_path, **{field: 0})
+    with pytest.raises(InvalidRequest, match=f"--{field.replace('_', '-')} 0"):
+        config.resolved()
+    assert TrainConfig(kind="controlnet", task="superres", unet="tiny", data=["x"], out=tmp_path).resolved().max_steps \
+        == 50_000  # not given: the recipe's default
 
 
 def test_cli_errors_for_empty_folders_and_tasks(tmp_path, capsys):
