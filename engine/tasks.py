@@ -8,6 +8,7 @@ metadata in one place (``engine.metadata``), runs a pipeline and writes a COG at
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidRequest
+from .errors import InvalidRequest, RasterError
 from .progress import CancelToken, ProgressCallback
 
 DEFAULT_PROMPT = "a satellite image"
@@ -237,14 +238,13 @@ def generate(
 
     from .conditional import provenance_tags
     from .geo.cog import write_cog
-    from .metadata import derive_from_bbox, grid_transform, parse_crs, validate_bbox
+    from .metadata import derive_from_bbox, grid_transform, parse_crs
     from .models.cache import ModelCache
     from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
 
     started = time.perf_counter()
+    out = check(request, out).out  # everything refusable is refused before the model is loaded
     crs = parse_crs(request.crs)
-    validate_bbox(request.bbox, crs)
-    out = _check_out(out)
     models = models or ModelCache()
     bundle, placement = models.get(
         request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
@@ -353,7 +353,7 @@ def _conditional(name: str):
         from .models.cache import ModelCache
 
         started = time.perf_counter()
-        out = _check_out(out)
+        out = check(request, out).out  # everything refusable is refused before the model is loaded
         outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
                                              cancel=cancel)
         if conditional._distributed()[0] != 0:
@@ -371,9 +371,15 @@ def _conditional(name: str):
 
 
 def _check_out(out) -> Path:
+    """The output path: a .tif in an existing, writable folder (the writer's own conditions)."""
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise RasterError(f"output folder {str(folder)!r} does not exist; create it or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
     return out
 
 
@@ -385,39 +391,68 @@ inpaint = _conditional("inpaint")
 RUNNERS = {"generate": generate, "superres": superres, "temporal": temporal, "inpaint": inpaint}
 
 
-def plan(request: _Request) -> dict[str, Any]:
-    """What ``request`` would do, without loading a model or writing anything: the output grid,
-    the number of tiles and of UNet evaluations. For ``--dry-run`` and the plugin's pre-flight."""
-    from .models.loading import native_resolution
+@dataclass
+class Checked:
+    """A request that passed every check its run makes before the first model call."""
 
-    model_px = native_resolution(request.model, request.unet)
-    cfg = 2 if request.guidance > 1.0 else 1
-    if request.task == "generate":
-        from .metadata import ground_pixel_size, parse_crs, validate_bbox
+    request: _Request
+    out: Optional[Path]  #: the output path (None: chosen later, e.g. by the server)
+    model_px: int  #: the model's output tile size, from its config files
+    width: int
+    height: int
+    crs: str
+    bbox: tuple[float, float, float, float]
+    tiles: int
+    gsd_m: float
 
+
+def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
+    """Refuse now whatever the run of ``request`` would refuse before producing anything.
+
+    The one validation of a request after its fields: the run calls it before loading the model,
+    and ``--dry-run``, ``POST /v1/plan`` and the server's check before accepting a job (202) call it
+    too, so they refuse exactly the same requests with the same messages. It reads headers, config
+    files and one pixel of each input; it loads no model and writes nothing. ``out`` is checked
+    when given (the server picks its own).
+    """
+    from .device import resolve
+    from .metadata import derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
+    from .models.loading import locate_model, native_resolution
+
+    if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
         validate_bbox(request.bbox, crs)
+    path = _check_out(out) if out is not None else None
+    resolve(request.device, request.dtype)
+    located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
+    model_px = native_resolution(request.model, request.unet)
+    if request.task == "generate":
         width = request.width or request.size or model_px
         height = request.height or request.size or model_px
+        derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
-        out = {"width": width, "height": height, "crs": request.crs, "bbox": list(request.bbox), "tiles": 1,
-               "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
-        samples = request.spread or 1
-    else:
-        from .conditional import LAYOUTS
-        from .metadata import ground_pixel_size
+        return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,
+                       (gsd[0] * gsd[1]) ** 0.5)
+    from .conditional import check_inputs
 
-        layout = LAYOUTS[request.task](request, model_px)
-        grid = layout.out_grid
-        crs = grid.crs.to_wkt()
-        gsd = ground_pixel_size(grid.bounds, crs, grid.width, grid.height)
-        out = {"width": grid.width, "height": grid.height, "crs": grid.crs.to_string(), "bbox": list(grid.bounds),
-               "tiles": len(layout.tiles), "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
-        samples = 1
-    out.update(task=request.task, model_px=model_px, steps=request.steps,
-               unet_evaluations=out["tiles"] * request.steps * cfg * samples,
-               output_megapixels=round(out["width"] * out["height"] / 1e6, 3))
-    return out
+    layout = check_inputs(request, model_px, located)
+    grid = layout.out_grid
+    gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
+    return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
+                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5)
+
+
+def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
+    """What ``request`` would do, after :func:`check`: the output grid, the number of tiles and of
+    UNet evaluations. Loads no model and writes nothing. For ``--dry-run``, ``POST /v1/plan`` and the
+    plugin's pre-flight."""
+    c = check(request, out)
+    cfg = 2 if request.guidance > 1.0 else 1
+    samples = (getattr(request, "spread", None) or 1) if request.task == "generate" else 1
+    return {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
+            "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
+            "unet_evaluations": c.tiles * request.steps * cfg * samples,
+            "output_megapixels": round(c.width * c.height / 1e6, 3)}
 
 
 def run_task(

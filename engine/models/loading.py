@@ -555,11 +555,17 @@ def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
     return 512  # the released models' size: hub ids and ControlNet roots without a UNet
 
 
+def _hub_repo(spec: str) -> str:
+    repo = spec[3:].partition("@")[0]
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ModelNotFound(f"{spec!r} is not a hub id; write hf:owner/name or hf:owner/name@revision")
+    return repo
+
+
 def resolve_hub_id(spec: str) -> Path:
     """Download ``hf:owner/name[@revision]`` (weights, configs, tokenizer) and return the local folder."""
     repo, _, revision = spec[3:].partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise ModelNotFound(f"{spec!r} is not a hub id; write hf:owner/name or hf:owner/name@revision")
+    _hub_repo(spec)
     try:
         from huggingface_hub import snapshot_download
 
@@ -607,51 +613,13 @@ def load_model(
     best installed single-image model (the released ControlNets were trained against the 512
     model's checkpoint-100000 UNet). The bundle is on the CPU in fp32.
     """
-    spec = (spec or "auto").strip()
-    notices: list[str] = []
-    if spec == "auto":
-        models = [m for m in installed_models() if m.kind == "single-image"]
-        if not models:
-            if unet is not None or controlnet is not None:
-                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
-            bundle = build_tiny()
-            bundle.notices.append(
-                "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
-                f"is used: install a model into {models_dirs()[0]} or pass --model <folder>"
-            )
-            return bundle
-        spec = str(models[0].path)
-        notices.append(f"using the installed model {models[0].name} ({models[0].path})")
-    if spec == "tiny":
-        if unet is not None or controlnet is not None:
-            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
-        return build_tiny()
-    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
-    base_path = Path(base).expanduser() if base else None
-    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
-    if controlnet and cn_folder is None:
-        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
-    if cn_folder is None:
-        cn_folder = _controlnet_folder(root)
-    if unet:
-        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
-    else:
-        try:
-            unet_folder = find_unet_folder(root)
-        except ModelNotFound:
-            if cn_folder is None:
-                raise
-            singles = [m for m in installed_models() if m.kind == "single-image"]
-            if not singles:
-                raise ModelNotFound(
-                    f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
-                    "trained against with --unet (the released ControlNets: the 512 model's "
-                    "checkpoint-100000/unet)"
-                ) from None
-            unet_folder = find_unet_folder(singles[0].path)
-            notices.append(f"the ControlNet's UNet comes from the installed model {singles[0].name}; "
-                           "the released ControlNets were trained against the 512 model's checkpoint-100000")
-    components = find_components(unet_folder, root, base_path)
+    located = locate_model(spec, unet=unet, base=base, controlnet=controlnet, download=True)
+    notices = list(located.notices)
+    if located.tiny:
+        bundle = build_tiny()
+        bundle.notices.extend(notices)
+        return bundle
+    root, unet_folder, cn_folder, components = located.root, located.unet_folder, located.cn_folder, located.components
     unet_model = load_unet(unet_folder, use_metadata=use_metadata)
     parts = {name: _load_component(name, path) for name, path in components.items()}
     if not unet_model.config.get("use_metadata"):
@@ -679,6 +647,93 @@ def load_model(
         controlnets=controlnets,
         **parts,
     )
+
+
+@dataclass
+class LocatedModel:
+    """Where a model's parts are, found without reading any weights (see :func:`locate_model`)."""
+
+    tiny: bool = False
+    hub: Optional[str] = None  #: an hf: id not yet downloaded
+    root: Optional[Path] = None
+    unet_folder: Optional[Path] = None
+    cn_folder: Optional[Path] = None
+    components: dict[str, Path] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+
+    def scheduler_class(self) -> Optional[str]:
+        """The checkpoint's own scheduler class name (``--scheduler default``), if known."""
+        if self.tiny:
+            config = resource_path("tiny", "scheduler.json")
+        elif "scheduler" in self.components:
+            config = self.components["scheduler"] / "scheduler_config.json"
+        else:
+            return None
+        try:
+            return json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError):
+            return None
+
+
+def locate_model(
+    spec: str = "auto",
+    *,
+    unet: Optional[str | os.PathLike] = None,
+    base: Optional[str | os.PathLike] = None,
+    controlnet: Optional[str | os.PathLike] = None,
+    download: bool = False,
+) -> LocatedModel:
+    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) to folders, refusing what
+    :func:`load_model` would refuse before it reads weights. Reads config files only; an ``hf:``
+    id is downloaded only with ``download=True``."""
+    spec = (spec or "auto").strip()
+    notices: list[str] = []
+    if spec == "auto":
+        models = [m for m in installed_models() if m.kind == "single-image"]
+        if not models:
+            if unet is not None or controlnet is not None:
+                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
+            return LocatedModel(tiny=True, notices=[
+                "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
+                f"is used: install a model into {models_dirs()[0]} or pass --model <folder>"
+            ])
+        spec = str(models[0].path)
+        notices.append(f"using the installed model {models[0].name} ({models[0].path})")
+    if spec == "tiny":
+        if unet is not None or controlnet is not None:
+            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
+        return LocatedModel(tiny=True)
+    if spec.startswith("hf:") and not download:
+        _hub_repo(spec)  # the id's form is checked; the download waits for the real run
+        return LocatedModel(hub=spec)
+    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
+    base_path = Path(base).expanduser() if base else None
+    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
+    if controlnet and cn_folder is None:
+        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
+    if cn_folder is None:
+        cn_folder = _controlnet_folder(root)
+    if unet:
+        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
+    else:
+        try:
+            unet_folder = find_unet_folder(root)
+        except ModelNotFound:
+            if cn_folder is None:
+                raise
+            singles = [m for m in installed_models() if m.kind == "single-image"]
+            if not singles:
+                raise ModelNotFound(
+                    f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
+                    "trained against with --unet (the released ControlNets: the 512 model's "
+                    "checkpoint-100000/unet)"
+                ) from None
+            unet_folder = find_unet_folder(singles[0].path)
+            notices.append(f"the ControlNet's UNet comes from the installed model {singles[0].name}; "
+                           "the released ControlNets were trained against the 512 model's checkpoint-100000")
+    components = find_components(unet_folder, root, base_path)
+    return LocatedModel(root=root, unet_folder=unet_folder, cn_folder=cn_folder, components=components,
+                        notices=notices)
 
 
 def _existing_folder(spec: str, flag: str) -> Path:
