@@ -17,22 +17,32 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .device import DTYPE_NAMES
 from .errors import InvalidRequest, RasterError
 from .progress import CancelToken, ProgressCallback
 
 DEFAULT_PROMPT = "a satellite image"
+#: the samplers: default = the checkpoint's own (engine.pipelines.text2img.make_scheduler builds them)
+SCHEDULER_NAMES = ("default", "ddim", "dpm++", "unipc", "euler", "pndm", "ddpm")
+Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
+PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")
+SEED = Field(None, ge=0, le=2**63 - 1, description="random seed (default: a fresh one, recorded in the output)")
+SCHEDULER = Field("default", description="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
+STEPS = Field(20, ge=1, le=1000, description="denoising steps")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("auto", description="'auto', 'tiny', a model folder, or hf:owner/name")
-    unet: Optional[str] = Field(None, description="a UNet folder to use with --model's other components")
-    base: Optional[str] = Field(None, description="an SD 2.1 folder supplying missing components")
-    controlnet: Optional[str] = Field(None, description="a ControlNet folder for the conditional tasks")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
+    model: str = Field("auto", description="auto (the best installed model, else tiny), tiny, a model folder, "
+                       "or hf:owner/name")
+    unet: Optional[str] = Field(None, description="a UNet folder to combine with the model's other components")
+    base: Optional[str] = Field(None, description="a Stable Diffusion 2.1 folder for components the model lacks")
+    controlnet: Optional[str] = Field(None, description="a ControlNet folder (superres, temporal) to use with the model")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
+    dtype: Dtype = Field("auto", description="precision; auto = fp16 on CUDA, fp32 on the CPU")
 
     def input_paths(self) -> list[str]:
         """Paths of input files this request reads (the server confines them to allowed roots)."""
@@ -43,18 +53,21 @@ class GenerateRequest(_Request):
     """Generate an image for a place and a date (the main job)."""
 
     task: Literal["generate"] = "generate"
-    bbox: tuple[float, float, float, float] = Field(..., description="minx, miny, maxx, maxy in `crs` units")
-    crs: str = Field("EPSG:4326", description="EPSG code, WKT or PROJ string of the bbox and output")
-    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (ISO)")
-    cloud_cover: Optional[float] = Field(None, description="cloud cover fraction 0..1")
-    width: Optional[int] = Field(None, description="output width in px (multiple of 8); default: size")
-    height: Optional[int] = Field(None, description="output height in px (multiple of 8); default: size")
-    size: Optional[int] = Field(None, description="output width and height in px; default: the model's native size")
-    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; default: a fresh one, recorded")
-    scheduler: str = Field("default", description="default (the checkpoint's), ddim, dpm++, unipc, euler, pndm")
+    bbox: tuple[float, float, float, float] = Field(
+        ..., description="extent minx,miny,maxx,maxy in the units of crs (degrees for EPSG:4326, metres for UTM)")
+    crs: str = Field("EPSG:4326", description="CRS of the bbox and of the output: EPSG code, WKT or PROJ string")
+    date: Optional[_dt.date] = Field(None, description="acquisition date YYYY-MM-DD to condition on (default: unknown)")
+    cloud_cover: Optional[float] = Field(
+        None, description="cloud cover fraction 0..1 to condition on (default: unknown, as training's dropped value)")
+    width: Optional[int] = Field(None, description="output width in px, a multiple of 8 (overrides size)")
+    height: Optional[int] = Field(None, description="output height in px, a multiple of 8 (overrides size)")
+    size: Optional[int] = Field(None, description="output width and height in px, a multiple of 8 "
+                                "(default: the model's native size)")
+    prompt: str = PROMPT
+    steps: int = STEPS
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    seed: Optional[int] = SEED
+    scheduler: Scheduler = SCHEDULER
     spread: Optional[int] = Field(
         None, ge=2, le=16,
         description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
@@ -87,42 +100,51 @@ class GenerateRequest(_Request):
 class _ConditionalRequest(_Request):
     """Fields shared by the tasks that tile a model over input rasters."""
 
-    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (default: from the input)")
-    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction 0..1")
-    bbox: Optional[tuple[float, float, float, float]] = Field(
-        None, description="only this part of the input (minx, miny, maxx, maxy in `crs`)")
-    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
-    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(1.0, ge=0.0, le=50.0, description="CFG scale (1 = off, as the reference's ControlNet samples)")
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
-    scheduler: str = Field("default")
+    date: Optional[_dt.date] = Field(None, description="acquisition date YYYY-MM-DD (default: from the input)")
+    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction to condition on")
+    prompt: str = PROMPT
+    steps: int = STEPS
+    guidance: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off, "
+                            "as the reference's ControlNet samples)")
+    seed: Optional[int] = SEED
+    scheduler: Scheduler = SCHEDULER
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
-    overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: tile/8)")
-    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs larger than this")
+    overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
+    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
 
 
-class SuperresRequest(_ConditionalRequest):
+class _SubsetRequest(_ConditionalRequest):
+    """Conditional tasks that can work on a part of their input."""
+
+    bbox: Optional[tuple[float, float, float, float]] = Field(
+        None, description="only this part of the input: minx,miny,maxx,maxy in crs (default: all of it)")
+    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
+
+
+class SuperresRequest(_SubsetRequest):
     """Super-resolve a Sentinel-2 product (10 m, L1C or L2A) to RGB."""
 
     task: Literal["superres"] = "superres"
-    input: str = Field(..., description="a multiband Sentinel-2 file, a .SAFE folder, or a folder of band files")
-    bands: Optional[str] = Field(None, description="the input file's band names in order, e.g. B01,B02,...,B12")
-    level: Optional[Literal["L1C", "L2A"]] = None
-    baseline: Optional[str] = Field(None, description="processing baseline, e.g. 04.00 (default: from the product)")
+    input: str = Field(..., description="a multiband Sentinel-2 GeoTIFF/JP2, a .SAFE folder, or a folder of band files")
+    bands: Optional[str] = Field(None, description="the file's band names in order, e.g. B01,...,B12 "
+                                 "(default: from the file)")
+    level: Optional[Literal["L1C", "L2A"]] = Field(None, description="product level (default: detected)")
+    baseline: Optional[str] = Field(None, description="processing baseline, e.g. 04.00 (default: detected)")
     factor: int = Field(4, ge=1, le=64, description="output GSD = input GSD / factor")
 
     def input_paths(self) -> list[str]:
         return [self.input]
 
 
-class TemporalRequest(_ConditionalRequest):
+class TemporalRequest(_SubsetRequest):
     """Generate a place for a new date from dated images of it."""
 
     task: Literal["temporal"] = "temporal"
-    inputs: list[str] = Field(..., min_length=1, max_length=8, description="dated RGB images of the same place")
-    input_dates: Optional[list[_dt.date]] = Field(None, description="one date per input (default: from each input)")
-    date: _dt.date = Field(..., description="the date to generate")
+    inputs: list[str] = Field(..., min_length=1, max_length=8, description="a dated RGB image of the place "
+                              "(one per input)")
+    input_dates: Optional[list[_dt.date]] = Field(None, description="the date of each input, in order "
+                                                  "(default: from the files' tags or names)")
+    date: _dt.date = Field(..., description="the date to generate, YYYY-MM-DD")
 
     def input_paths(self) -> list[str]:
         return list(self.inputs)
@@ -132,15 +154,21 @@ class InpaintRequest(_ConditionalRequest):
     """Fill the masked (cloudy, missing) pixels of an image."""
 
     task: Literal["inpaint"] = "inpaint"
-    input: str = Field(..., description="the image to fill (RGB bands, see rgb_bands)")
-    mask: str = Field("nodata", description="a mask raster, an OGR vector file, or 'nodata'")
-    mask_rule: Optional[str] = Field(None, description="how a raster mask selects pixels, e.g. bits:14-15=3")
-    dilate: int = Field(2, ge=0, le=256, description="grow the mask by this many px (soft edge inside)")
+    input: str = Field(..., description="the image to fill (its RGB bands: rgb_bands)")
+    mask: str = Field("nodata", description="a mask raster, a vector file (any OGR format), or nodata")
+    mask_rule: Optional[str] = Field(None, description="how a raster mask selects pixels, e.g. bits:14-15=3 "
+                                     "(default: nonzero)")
+    dilate: int = Field(2, ge=0, le=256, description="grow the mask by this many px, with a soft edge")
     rgb_bands: list[int] = Field([1, 2, 3], min_length=3, max_length=3, description="input bands used as R,G,B")
-    references: list[str] = Field([], max_length=8, description="cloud-free acquisitions of the same place")
-    reference_dates: Optional[list[_dt.date]] = None
-    resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step")
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    references: list[str] = Field([], max_length=8, description="a cloud-free image of the same place (one per "
+                                  "reference); uses the temporal ControlNet")
+    reference_dates: Optional[list[_dt.date]] = Field(None, description="the date of each reference, in order")
+    resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step (needs scheduler ddim)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    # Accepted (the plugin sends its extent) but not used: in-painting fills the whole input.
+    bbox: Optional[tuple[float, float, float, float]] = Field(
+        None, description="ignored: in-painting fills the whole input", json_schema_extra={"cli": False})
+    crs: Optional[str] = Field(None, description="ignored (see bbox)", json_schema_extra={"cli": False})
 
     def input_paths(self) -> list[str]:
         paths = [self.input, *self.references]
