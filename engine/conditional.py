@@ -799,8 +799,11 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
 
 def _check_resample(request, scheduler_class: Optional[str]) -> None:
     """RePaint resampling re-noises latents, which only the stateless schedulers allow."""
-    if (request.resample and request.scheduler not in ("ddim", "ddpm") and scheduler_class is not None
-            and scheduler_class not in ("DDIMScheduler", "DDPMScheduler")):
+    if not request.resample:
+        return
+    if request.scheduler != "default":  # the sampler asked for, else the checkpoint's own
+        scheduler_class = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(request.scheduler, request.scheduler)
+    if scheduler_class is not None and scheduler_class not in ("DDIMScheduler", "DDPMScheduler"):
         raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
 
 
