@@ -152,3 +152,19 @@ def test_a_valid_request_passes_all_of_them(files, capsys, server, tmp_path):
     reply = call(server, "POST", "/v1/plan", json_body=body)
     assert reply.status == 200, reply.body
     assert reply.json["tiles"] == plan(request, out)["tiles"]
+
+
+def test_the_served_openapi_document_carries_the_models_defaults_and_limits(server):
+    from engine.tasks import REQUEST_MODELS
+
+    doc = call(server, "GET", "/v1/openapi.json").json
+    schemas = doc["components"]["schemas"]
+    gen = schemas["GenerateRequest"]["properties"]
+    assert gen["steps"]["default"] == 20 and gen["steps"]["maximum"] == 1000 and gen["guidance"]["default"] == 7.5
+    for task, model in REQUEST_MODELS.items():  # every default and bound of the models, as served
+        served = schemas[model.__name__]["properties"]
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            if not info.is_required() and default is not None and name != "task":
+                assert served[name].get("default") == (list(default) if isinstance(default, tuple) else default), \
+                    (task, name)
