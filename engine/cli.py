@@ -552,8 +552,10 @@ def _add_serve_parser(sub) -> None:
                      help="only read input files and model folders under FOLDER (repeatable; "
                      "default: any path the server can read)")
     net.add_argument("--max-upload-mb", type=_float, default=512.0, help="largest upload in MiB (default 512)")
-    net.add_argument("--max-pixels", type=_int, default=4096 * 4096,
-                     help="largest output of one job in pixels (default 4096*4096)")
+    from .tasks import MAX_PIXELS
+
+    net.add_argument("--max-pixels", type=_int, default=MAX_PIXELS,
+                     help=f"largest output of one job in pixels (default {MAX_PIXELS}, 4096 x 4096)")
     mdl = s.add_argument_group("model and device")
     mdl.add_argument("--model", default="auto",
                      help="model for jobs that name none: auto (default), tiny, a folder, hf:owner/name")
@@ -717,8 +719,13 @@ def _add_training_parsers(sub) -> None:
     e.add_argument("--metrics", default="ssim,psnr", help="comma-separated: ssim,psnr,fid,lpips (default ssim,psnr)")
     e.add_argument("--fid-weights", help="Inception weights file for FID (never downloaded)")
     e.add_argument("--lpips-weights", help="LPIPS network weights file (never downloaded)")
-    e.add_argument("--steps", type=_int, default=20)
-    e.add_argument("--guidance", type=_float, default=7.5)
+    from .tasks import GenerateRequest
+
+    sampling = GenerateRequest.model_fields  # evaluation samples as generate does
+    e.add_argument("--steps", type=_int, default=sampling["steps"].default,
+                   help=f"denoising steps (default {sampling['steps'].default}, as generate)")
+    e.add_argument("--guidance", type=_float, default=sampling["guidance"].default,
+                   help=f"guidance scale (default {sampling['guidance'].default:g}, as generate)")
     e.add_argument("--seed", type=_int, default=0)
     e.add_argument("--limit", type=_int, default=100, help="at most N samples (default 100)")
     e.add_argument("--batch-size", type=_int, default=4)
