@@ -813,9 +813,16 @@ def check_inputs(request, model_px: int, located=None) -> Layout:
     :class:`engine.models.loading.LocatedModel` of the request's model (for its scheduler)."""
     from rasterio.windows import Window
 
+    from .metadata import SatMetadata
+
     layout = LAYOUTS[request.task](request, model_px)
     grid = layout.out_grid
     first = Window(0, 0, 1, 1)
+    # the metadata values the tiles will be conditioned on (dates 1980..2100, cloud cover 0..1)
+    own = request.date if request.task == "temporal" else _date_of(request.input, request.date)
+    SatMetadata(date=own, cloud_cover=request.cloud_cover)
+    for _, day in layout.frames:
+        SatMetadata(date=day)
     if request.task == "superres":
         from .geo.sentinel2 import to_model_input
 

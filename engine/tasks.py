@@ -444,12 +444,16 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     when given (the server picks its own).
     """
     from .device import resolve
-    from .metadata import derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
+    from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
     from .models.loading import locate_model, native_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
         validate_bbox(request.bbox, crs)
+    else:
+        SatMetadata(date=request.date, cloud_cover=request.cloud_cover)
+        for day in (getattr(request, "input_dates", None) or []) + (getattr(request, "reference_dates", None) or []):
+            SatMetadata(date=day)
     path = _check_out(out) if out is not None else None
     resolve(request.device, request.dtype)
     located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
