@@ -445,7 +445,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     """
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
-    from .models.loading import locate_model, native_resolution
+    from .models.loading import locate_model, missing_controlnet, native_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
@@ -458,6 +458,12 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     resolve(request.device, request.dtype)
     located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
     model_px = native_resolution(request.model, request.unet)
+    needs = request.task if request.task in ("superres", "temporal") else None
+    if request.task == "inpaint" and request.references:
+        needs = "temporal"  # references condition through the temporal ControlNet
+    have = located.controlnet_tasks()
+    if needs is not None and have is not None and needs not in have:
+        raise missing_controlnet(located.root.name, needs, have)
     if request.task == "generate":
         width = request.width or request.size or model_px
         height = request.height or request.size or model_px

@@ -81,11 +81,7 @@ class ModelBundle:
 
     def controlnet_for(self, task: str) -> Any:
         if task not in self.controlnets:
-            have = ", ".join(sorted(self.controlnets)) or "none"
-            raise ModelNotFound(
-                f"the model {self.name!r} has no ControlNet for {task} (it has: {have}); pass --model "
-                f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
-            )
+            raise missing_controlnet(self.name, task, self.controlnets)
         return self.controlnets[task]
 
     def to(self, device: str, dtype: torch.dtype) -> "ModelBundle":
@@ -101,6 +97,15 @@ class ModelBundle:
     @property
     def uses_metadata(self) -> bool:
         return bool(self.unet.config.get("use_metadata", False)) and self.unet.metadata_embedding is not None
+
+
+def missing_controlnet(name: str, task: str, have) -> ModelNotFound:
+    """The refusal of a task whose ControlNet the model lacks (``have``: the tasks it has)."""
+    listed = ", ".join(sorted(have)) or "none"
+    return ModelNotFound(
+        f"the model {name!r} has no ControlNet for {task} (it has: {listed}); pass --model "
+        f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -660,6 +665,22 @@ class LocatedModel:
     cn_folder: Optional[Path] = None
     components: dict[str, Path] = field(default_factory=dict)
     notices: list[str] = field(default_factory=list)
+
+    def controlnet_tasks(self) -> Optional[list[str]]:
+        """The tasks of the model's ControlNet (as :func:`controlnet_task` names them); None: unknown."""
+        if self.tiny:
+            return ["superres", "temporal"]
+        if self.hub is not None:
+            return None
+        if self.cn_folder is None:
+            return []
+        try:
+            config = read_config(self.cn_folder)
+        except (ModelNotFound, ModelLoadError):
+            return None  # the load reports it
+        if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
+            return ["temporal"]
+        return ["superres" if config.get("conditioning_in_channels") == 10 else "control"]
 
     def scheduler_class(self) -> Optional[str]:
         """The checkpoint's own scheduler class name (``--scheduler default``), if known."""

@@ -45,7 +45,7 @@ def _cuda() -> bool:
 
 
 @pytest.fixture(scope="module")
-def files(tmp_path_factory) -> dict[str, str]:
+def files(tmp_path_factory, tiny_folder) -> dict[str, str]:
     d = tmp_path_factory.mktemp("inputs")
     rng = np.random.default_rng(0)
     rgb = (rng.random((3, 64, 64)) * 255).astype("uint8")
@@ -65,6 +65,7 @@ def files(tmp_path_factory) -> dict[str, str]:
         "broken": str(garbage),
         "far_mask": write(d / "far_mask.tif", np.ones((16, 16), "uint8"), origin=(500000.0, 4000000.0)),
         "out_dir": str(d),
+        "single_image_model": str(tiny_folder),  # a UNet and no ControlNet
     }
 
 
@@ -80,6 +81,8 @@ def cases(f: dict[str, str]) -> list[tuple[str, list[str], str, bool]]:
         ("missing model folder", ["generate", *ROME, "--model", str(Path(f["out_dir"]) / "no-model"),
                                   "--steps", "1", "--quiet"], "does not exist", False),
         ("cuda without a GPU", ["generate", *ROME, *FAST, "--device", "cuda"], "no CUDA GPU", True),
+        ("model without the task's ControlNet", [*s2, f["s2_stack"], "--model", f["single_image_model"],
+                                                 "--steps", "1", "--quiet"], "has no ControlNet for superres", True),
         ("S2 folder missing bands", [*s2, f["s2"], *FAST], "B05", True),
         ("bad mask rule", ["inpaint", "--input", f["rgb"], "--mask", f["rgb"], "--mask-rule", "bits:9-2=1",
                            *FAST], "first bit", True),
