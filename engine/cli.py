@@ -260,6 +260,8 @@ def _add_request_args(p: argparse.ArgumentParser, task: str) -> None:
         elif kind is dt.date:
             kw["metavar"] = "YYYY-MM-DD"
             convert = _date
+        elif kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction  # --x / --no-x
         elif kind is int:
             kw["type"] = _int
         elif kind is float:
@@ -274,6 +276,8 @@ def _add_request_args(p: argparse.ArgumentParser, task: str) -> None:
             notes.append(f"{lo:g}..{hi:g}")
         elif lo is not None and kind in (int, float):
             notes.append(f">= {lo:g}")
+        elif _constraint(info, "gt") is not None and kind in (int, float):
+            notes.append(f"> {_constraint(info, 'gt'):g}")
         upto = _constraint(info, "max_length")
         if kw.get("action") == "append" and upto:
             notes.append(f"repeat, up to {upto}")

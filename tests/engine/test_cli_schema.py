@@ -151,3 +151,25 @@ def test_cli_prints_progress_lines_when_stderr_is_a_pipe(tmp_path):
     progress = [line for line in proc.stderr.splitlines() if line.startswith("diffusionsat generate: step")]
     assert progress and progress[-1].startswith("diffusionsat generate: step 3/3, 100%")
     assert "\r" not in proc.stderr  # no bar redraws in a log
+
+
+def test_a_field_added_to_a_model_becomes_an_option(monkeypatch):
+    """What another change adds to a request model (e.g. a resolution) is a CLI option at once."""
+    from typing import Optional
+
+    from pydantic import Field
+
+    from engine import tasks
+    from engine.cli import _request_fields
+
+    class WithResolution(tasks.GenerateRequest):
+        resolution: Optional[float] = Field(None, gt=0, description="output GSD in m/px")
+        preview: bool = Field(False, description="a quick look")
+
+    monkeypatch.setitem(tasks.REQUEST_MODELS, "generate", WithResolution)
+    help_text = _subparser("generate").format_help()
+    assert "--resolution" in help_text and "output GSD in m/px (> 0)" in help_text and "--no-preview" in help_text
+    ns = build_parser().parse_args(["generate", "--bbox", "1,2,3,4", "--resolution", "0.5", "--preview",
+                                    "--out", "x.tif"])
+    assert _request_fields(ns) == {"task": "generate", "bbox": (1.0, 2.0, 3.0, 4.0), "resolution": 0.5,
+                                   "preview": True}
