@@ -72,23 +72,17 @@ class ProgressLines:
         self.clock = clock
         self.started: Optional[float] = None
         self.last_line: Optional[float] = None
-        self.last: Optional[Progress] = None
+        self.written: Optional[Progress] = None  #: the state of the last line
         self.lines = 0
 
     def __call__(self, progress: Progress) -> None:
         now = self.clock()
         if self.started is None:
             self.started = now
-        self.last = progress
-        done = progress.fraction >= 1.0
-        if self.last_line is None or now - self.last_line >= self.interval or (done and self.lines_pending()):
+        due = self.last_line is None or now - self.last_line >= self.interval
+        finished = progress.fraction >= 1.0 and self.written != progress  # the end is always written, once
+        if due or finished:
             self._write(progress, now)
-
-    def lines_pending(self) -> bool:
-        """Whether the newest state is not yet written (the end is always written once)."""
-        return self._written is not self.last
-
-    _written: Optional[Progress] = None
 
     def _write(self, progress: Progress, now: float) -> None:
         elapsed = now - (self.started if self.started is not None else now)
@@ -102,7 +96,7 @@ class ProgressLines:
             parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
         print(f"{self.label}: " + ", ".join(parts), file=self.stream, flush=True)
         self.last_line = now
-        self._written = progress
+        self.written = progress
         self.lines += 1
 
     def close(self) -> None:
