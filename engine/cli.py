@@ -10,7 +10,9 @@ import argparse
 import json
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence
+import types
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
 
 from . import __version__
 from .errors import Cancelled, DiffusionSatError
@@ -52,18 +54,10 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
-
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("model and device")
-    g.add_argument("--model", default="auto", help="auto (default), tiny, a model folder, or hf:owner/name")
-    g.add_argument("--unet", help="a UNet folder to combine with --model's other components")
-    g.add_argument("--base", help="a Stable Diffusion 2.1 folder for components --model lacks")
-    g.add_argument("--controlnet", help="a ControlNet folder (superres, temporal) to use with --model")
-    g.add_argument("--device", default="auto", help="auto (default: CUDA if available), cpu, cuda, cuda:N")
-    g.add_argument("--dtype", default="auto", choices=["auto", "fp32", "fp16", "bf16"],
-                   help="precision; auto = fp16 on CUDA, fp32 on the CPU")
-    g.add_argument("--resolution", type=_int, help="px the model runs at (tile size; generate's default size), "
-                   "a multiple of 8 (default: what the model was trained at for the task, see `diffusionsat models`)")
+    def format_help(self) -> str:
+        if callable(self.epilog):  # an epilog that costs imports is built when help is shown
+            self.epilog = self.epilog()
+        return super().format_help()
 
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
@@ -78,8 +72,7 @@ def _add_output_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .pipelines.text2img import SCHEDULERS
-
+    """The whole command line. Cheap: no torch, diffusers or rasterio import happens here."""
     parser = _Parser(
         prog="diffusionsat",
         description="Generate and transform satellite imagery with DiffusionSat, a diffusion model "
@@ -95,27 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EPILOG_GENERATE,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    where = g.add_argument_group("where and when")
-    where.add_argument("--bbox", required=True, metavar="MINX,MINY,MAXX,MAXY",
-                       help="extent in --crs units (degrees for EPSG:4326, metres for UTM)")
-    where.add_argument("--crs", default="EPSG:4326", help="CRS of --bbox and of the output (default EPSG:4326)")
-    where.add_argument("--date", help="acquisition date YYYY-MM-DD to condition on (default: unknown)")
-    where.add_argument("--cloud-cover", type=_float, metavar="0..1",
-                       help="cloud cover fraction 0..1 (default: unknown, as training's dropped value)")
-    what = g.add_argument_group("image")
-    what.add_argument("--prompt", default="a satellite image", help='text prompt (default "a satellite image")')
-    what.add_argument("--size", type=_int, help="width and height in px, a multiple of 8 (default: the model's native size)")
-    what.add_argument("--width", type=_int, help="width in px (overrides --size)")
-    what.add_argument("--height", type=_int, help="height in px (overrides --size)")
-    what.add_argument("--steps", type=_int, default=20, help="denoising steps (default 20)")
-    what.add_argument("--guidance", type=_float, default=7.5, help="classifier-free guidance scale (default 7.5; <= 1 turns it off)")
-    what.add_argument("--seed", type=_int, help="random seed (default: a fresh one, recorded in the output)")
-    what.add_argument("--scheduler", default="default", choices=SCHEDULERS,
-                      help="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
-    what.add_argument("--spread", type=_int, metavar="N",
-                      help="also sample N seeds and write their per-pixel spread to <out>.spread.tif "
-                      "(where it is high, the model is guessing)")
-    _add_model_args(g)
+    _add_request_args(g, "generate")
     _add_output_args(g)
     g.set_defaults(func=cmd_generate)
 
@@ -124,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("download", help="download and install a released DiffusionSat checkpoint",
                        description="Download a released checkpoint (Zenodo) into the models folder, verified "
                        "against its checksum and installed in one step (an interrupted download installs nothing).",
-                       epilog=_releases_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=_releases_epilog,  # called by --help only (it imports torch)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("name", help="the release to install (see below)")
     d.add_argument("--dest", help="models folder to install into (default: the first of DIFFUSIONSAT_MODELS, "
                    "else ~/.local/share/diffusionsat/models)")
@@ -182,72 +156,165 @@ bit for bit; only masked pixels are synthetic.
 """
 
 
-def _add_sampling_args(p: argparse.ArgumentParser, guidance: float) -> None:
-    from .pipelines.text2img import SCHEDULERS
-
-    g = p.add_argument_group("sampling")
-    g.add_argument("--prompt", default="a satellite image", help='text prompt (default "a satellite image")')
-    g.add_argument("--steps", type=_int, default=20, help="denoising steps (default 20)")
-    g.add_argument("--guidance", type=_float, default=guidance,
-                   help=f"classifier-free guidance scale (default {guidance:g}; <= 1 turns it off)")
-    g.add_argument("--seed", type=_int, help="random seed (default: a fresh one, recorded)")
-    g.add_argument("--scheduler", default="default", choices=SCHEDULERS, help="sampler (default: the checkpoint's)")
-    g.add_argument("--overlap", type=_int, help="tile overlap in input px (default: an eighth of a tile)")
-    g.add_argument("--cloud-cover", type=_float, metavar="0..1", help="cloud cover fraction to condition on")
+_CONDITIONAL = {
+    "superres": ("super-resolve a Sentinel-2 product to RGB",
+                 "Super-resolve Sentinel-2 (L1C/L2A) to RGB with the metadata ControlNet.", EPILOG_SUPERRES),
+    "temporal": ("generate a place for a new date from dated images of it",
+                 "Generate an image for --date from dated images of the same place (ControlNet3D).", EPILOG_TEMPORAL),
+    "inpaint": ("fill cloud-masked or missing pixels of an image",
+                "Fill the masked pixels of an image; all other pixels are kept bit for bit.", EPILOG_INPAINT),
+}
 
 
 def _add_conditional_parsers(sub) -> None:
-    fmt = argparse.RawDescriptionHelpFormatter
-    s = sub.add_parser("superres", help="super-resolve a Sentinel-2 product to RGB",
-                       description="Super-resolve Sentinel-2 (L1C/L2A) to RGB with the metadata ControlNet.",
-                       epilog=EPILOG_SUPERRES, formatter_class=fmt)
-    g = s.add_argument_group("input")
-    g.add_argument("--input", required=True, help="a multiband S2 GeoTIFF/JP2, a .SAFE folder, or a folder of band files")
-    g.add_argument("--bands", help="the file's band names in order, e.g. B01,...,B12 (default: from the file)")
-    g.add_argument("--level", choices=["L1C", "L2A"], help="product level (default: detected)")
-    g.add_argument("--baseline", help="processing baseline, e.g. 04.00 (default: detected)")
-    g.add_argument("--factor", type=_int, default=4, help="output GSD = input GSD / factor (default 4)")
-    g.add_argument("--bbox", help="only this part: minx,miny,maxx,maxy in --crs (default: all)")
-    g.add_argument("--crs", help="CRS of --bbox (default: the input's)")
-    g.add_argument("--date", help="acquisition date YYYY-MM-DD (default: from the product)")
-    g.add_argument("--conditioning-scale", type=_float, default=1.0, help="ControlNet residual scale (default 1)")
-    _add_sampling_args(s, 1.0)
-    _add_model_args(s)
-    _add_output_args(s)
-    s.set_defaults(func=cmd_superres)
+    for task, (help_, description, epilog) in _CONDITIONAL.items():
+        p = sub.add_parser(task, help=help_, description=description, epilog=epilog,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        _add_request_args(p, task)
+        _add_output_args(p)
+        p.set_defaults(func=cmd_task)
 
-    t = sub.add_parser("temporal", help="generate a place for a new date from dated images of it",
-                       description="Generate an image for --date from dated images of the same place (ControlNet3D).",
-                       epilog=EPILOG_TEMPORAL, formatter_class=fmt)
-    g = t.add_argument_group("input")
-    g.add_argument("--input", action="append", required=True, help="a dated RGB image (repeat, up to 8)")
-    g.add_argument("--input-date", action="append", help="date of each --input, in order (default: from the files)")
-    g.add_argument("--date", required=True, help="the date to generate, YYYY-MM-DD")
-    g.add_argument("--bbox", help="only this part of the first input: minx,miny,maxx,maxy in --crs")
-    g.add_argument("--crs", help="CRS of --bbox (default: the first input's)")
-    g.add_argument("--conditioning-scale", type=_float, default=1.0, help="ControlNet residual scale (default 1)")
-    _add_sampling_args(t, 1.0)
-    _add_model_args(t)
-    _add_output_args(t)
-    t.set_defaults(func=cmd_temporal)
 
-    i = sub.add_parser("inpaint", help="fill cloud-masked or missing pixels of an image",
-                       description="Fill the masked pixels of an image; all other pixels are kept bit for bit.",
-                       epilog=EPILOG_INPAINT, formatter_class=fmt)
-    g = i.add_argument_group("input")
-    g.add_argument("--input", required=True, help="the image (its RGB bands: --rgb-bands)")
-    g.add_argument("--mask", default="nodata", help="a mask raster, a vector file (any OGR format), or nodata")
-    g.add_argument("--mask-rule", help="how a raster mask selects pixels (default: nonzero)")
-    g.add_argument("--dilate", type=_int, default=2, help="grow the mask by N px, with a soft edge (default 2)")
-    g.add_argument("--rgb-bands", help="input bands used as R,G,B (default 1,2,3)")
-    g.add_argument("--reference", action="append", help="a cloud-free image of the same place (repeat); uses the temporal ControlNet")
-    g.add_argument("--reference-date", action="append", help="date of each --reference, in order")
-    g.add_argument("--date", help="acquisition date of --input (default: from the file)")
-    g.add_argument("--resample", type=_int, default=0, help="RePaint resampling passes per step (needs --scheduler ddim)")
-    _add_sampling_args(i, 7.5)
-    _add_model_args(i)
-    _add_output_args(i)
-    i.set_defaults(func=cmd_inpaint)
+# ------------------------------------------------------------------------------------------------
+# Task options, derived from the request models (engine.tasks): one source for names, defaults,
+# help, ranges and choices, shared with the server's JSON and its OpenAPI document.
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Option:
+    """How one request field is spelled on the command line and turned back into a value."""
+
+    field: str
+    flag: str
+    convert: Callable[[Any], Any]
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``Optional[X]`` -> ``X``."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) in (Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return annotation
+
+
+def _constraint(info: Any, name: str) -> Any:
+    for item in info.metadata:
+        value = getattr(item, name, None)
+        if value is not None:
+            return value
+    return None
+
+
+def _default_text(value: Any) -> Optional[str]:
+    if value is None or value == []:
+        return None
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and value >= 1 << 20 and value & (value - 1) == 0:
+        return f"{value} = 2^{value.bit_length() - 1}"
+    if isinstance(value, str) and " " in value:
+        return f'"{value}"'
+    return str(value)
+
+
+def _add_request_args(p: argparse.ArgumentParser, task: str) -> None:
+    """One option per field of the task's request model (``task`` excepted)."""
+    import datetime as dt
+
+    from .tasks import REQUEST_MODELS, _Request
+
+    model = REQUEST_MODELS[task]
+    groups = {"request": p.add_argument_group(f"{task} request (the same fields as the server's JSON)"),
+              "model": p.add_argument_group("model and device")}
+    options = []
+    own = set(vars(model).get("__annotations__", {}))
+    # the task's own fields first (required ones leading), then the shared sampling and model fields
+    order = sorted(model.model_fields.items(),
+                   key=lambda item: (not item[1].is_required(), item[0] not in own, item[0] in _Request.model_fields))
+    for name, info in order:
+        if name == "task" or (info.json_schema_extra or {}).get("cli") is False:
+            continue
+        kind = _unwrap(info.annotation)
+        origin, args = get_origin(kind), get_args(kind)
+        kw: dict[str, Any] = {"dest": name}
+        flag = "--" + name.replace("_", "-")
+        convert: Callable[[Any], Any] = lambda v: v  # noqa: E731
+        if origin is list and args and args[0] is int:
+            kw["metavar"] = "N,N,N" if _constraint(info, "max_length") == 3 else "N,..."
+            convert = _int_list(flag)
+        elif origin is list:  # repeatable: --input a --input b
+            flag = "--" + name.removesuffix("s").replace("_", "-") if name.endswith("s") else flag
+            kw["action"] = "append"
+            kw["metavar"] = flag[2:].upper().replace("-", "_")
+            if args and args[0] is dt.date:
+                kw["metavar"] = "YYYY-MM-DD"
+                convert = _dates
+        elif origin is tuple:
+            kw["metavar"] = "MINX,MINY,MAXX,MAXY"
+            convert = _bbox
+        elif origin is Literal:
+            kw["choices"] = list(args)
+        elif kind is dt.date:
+            kw["metavar"] = "YYYY-MM-DD"
+            convert = _date
+        elif kind is bool:
+            kw["action"] = argparse.BooleanOptionalAction  # --x / --no-x
+        elif kind is int:
+            kw["type"] = _int
+        elif kind is float:
+            kw["type"] = _float
+        lo, hi = _constraint(info, "ge"), _constraint(info, "le")
+        if kind is float and lo is not None and hi is not None:
+            kw["metavar"] = f"{lo:g}..{hi:g}"
+        notes = []
+        if hi is not None and hi >= 2**62:  # "any non-negative number"
+            hi = None
+        if lo is not None and hi is not None and kind in (int, float):
+            notes.append(f"{lo:g}..{hi:g}")
+        elif lo is not None and kind in (int, float):
+            notes.append(f">= {lo:g}")
+        elif _constraint(info, "gt") is not None and kind in (int, float):
+            notes.append(f"> {_constraint(info, 'gt'):g}")
+        upto = _constraint(info, "max_length")
+        if kw.get("action") == "append" and upto:
+            notes.append(f"repeat, up to {upto}")
+        if info.is_required():
+            kw["required"] = True
+        else:
+            default = _default_text(info.get_default(call_default_factory=True))
+            if default is not None:
+                notes.append(f"default {default}")
+        text = (info.description or name.replace("_", " ")).replace("%", "%%")
+        kw["help"] = text + (f" ({'; '.join(notes)})" if notes else "")
+        where = "model" if name in _Request.model_fields else "request"
+        groups[where].add_argument(flag, **kw)
+        options.append(_Option(name, flag, convert))
+    p.set_defaults(task=task, request_options=tuple(options))
+
+
+def _request_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The request of a task command: the options given, converted; the model supplies the rest."""
+    fields: dict[str, Any] = {"task": args.task}
+    for option in args.request_options:
+        value = getattr(args, option.field, None)
+        if value is not None:
+            fields[option.field] = option.convert(value)
+    return fields
+
+
+def _int_list(flag: str) -> Callable[[str], list[int]]:
+    def convert(text: str) -> list[int]:
+        from .errors import InvalidRequest
+
+        try:
+            return [int(b) for b in text.split(",")]
+        except ValueError:
+            raise InvalidRequest(f"{flag} {text!r} must be band numbers like 4,3,2") from None
+
+    return convert
 
 
 def _int(text: str) -> int:
@@ -269,10 +336,20 @@ def _float(text: str) -> float:
 # ------------------------------------------------------------------------------------------------
 
 
-def _progress_bar(enabled: bool) -> tuple[Optional[Callable], Callable[[], None]]:
-    """A tqdm bar on stderr in percent of the whole job (tiles x steps)."""
-    if not enabled:
+def _progress(args: argparse.Namespace) -> tuple[Optional[Callable], Callable[[], None]]:
+    """A progress bar on a terminal; plain lines at a bounded rate when stderr is a log or a pipe."""
+    if args.quiet:
         return None, lambda: None
+    if sys.stderr.isatty():
+        return _progress_bar()
+    from .progress import ProgressLines
+
+    lines = ProgressLines(sys.stderr, label=f"diffusionsat {args.command}")
+    return lines, lines.close
+
+
+def _progress_bar() -> tuple[Optional[Callable], Callable[[], None]]:
+    """A tqdm bar on stderr in percent of the whole job (tiles x steps)."""
     from tqdm import tqdm
 
     bar: dict[str, Any] = {}
@@ -303,12 +380,10 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     """Validate ``fields`` as a task request, run it with a progress bar, report the result."""
     from .tasks import parse_request, run_task
 
-    for name in ("model", "unet", "base", "controlnet", "device", "dtype", "resolution"):
-        fields.setdefault(name, getattr(args, name, None))
-    request = parse_request({k: v for k, v in fields.items() if v is not None})
+    request = parse_request(fields)
     if args.dry_run:
         return _print_plan(args, request)
-    update, close = _progress_bar(not args.quiet and sys.stderr.isatty())
+    update, close = _progress(args)
     try:
         result = run_task(request, args.out, progress=update)
     finally:
@@ -327,7 +402,7 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
 def _print_plan(args: argparse.Namespace, request) -> int:
     from .tasks import plan
 
-    p = plan(request)
+    p = plan(request, args.out)  # the run's own checks, the output path included
     if args.json:
         print(json.dumps(p))
     else:
@@ -343,81 +418,30 @@ def _dates(values: Optional[Sequence[str]]):
     return [parse_date(v) for v in values] if values else None
 
 
+def _date(text: str):
+    from .metadata import parse_date
+
+    return parse_date(text)
+
+
 def _bbox(text: Optional[str]):
     from .metadata import parse_bbox
 
     return parse_bbox(text) if text else None
 
 
-def cmd_superres(args: argparse.Namespace) -> int:
-    from .metadata import parse_date
-
-    return _run(args, {
-        "task": "superres", "input": args.input, "bands": args.bands, "level": args.level,
-        "baseline": args.baseline, "factor": args.factor, "bbox": _bbox(args.bbox), "crs": args.crs,
-        "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
-        "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "scheduler": args.scheduler, "conditioning_scale": args.conditioning_scale, "overlap": args.overlap,
-    })
-
-
-def cmd_temporal(args: argparse.Namespace) -> int:
-    from .metadata import parse_date
-
-    return _run(args, {
-        "task": "temporal", "inputs": args.input, "input_dates": _dates(args.input_date),
-        "date": parse_date(args.date), "bbox": _bbox(args.bbox), "crs": args.crs,
-        "cloud_cover": args.cloud_cover, "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance,
-        "seed": args.seed, "scheduler": args.scheduler, "conditioning_scale": args.conditioning_scale,
-        "overlap": args.overlap,
-    })
-
-
-def cmd_inpaint(args: argparse.Namespace) -> int:
-    from .metadata import parse_date
-
-    return _run(args, {
-        "task": "inpaint", "input": args.input, "mask": args.mask, "mask_rule": args.mask_rule,
-        "dilate": args.dilate, "rgb_bands": args.rgb_bands,
-        "references": args.reference or None, "reference_dates": _dates(args.reference_date),
-        "date": parse_date(args.date) if args.date else None, "cloud_cover": args.cloud_cover,
-        "prompt": args.prompt, "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
-        "scheduler": args.scheduler, "resample": args.resample, "overlap": args.overlap,
-    })
+def cmd_task(args: argparse.Namespace) -> int:
+    """superres, temporal, inpaint: the request from the options, run with progress."""
+    return _run(args, _request_fields(args))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .metadata import parse_bbox, parse_date
     from .tasks import generate, parse_request
 
-    request = parse_request(
-        {
-            "task": "generate",
-            "bbox": parse_bbox(args.bbox),
-            "crs": args.crs,
-            "date": parse_date(args.date) if args.date else None,
-            "cloud_cover": args.cloud_cover,
-            "size": args.size,
-            "width": args.width,
-            "height": args.height,
-            "prompt": args.prompt,
-            "steps": args.steps,
-            "guidance": args.guidance,
-            "seed": args.seed,
-            "scheduler": args.scheduler,
-            "spread": args.spread,
-            "model": args.model,
-            "unet": args.unet,
-            "base": args.base,
-            "device": args.device,
-            "dtype": args.dtype,
-            "resolution": args.resolution,
-        }
-    )
+    request = parse_request(_request_fields(args))
     if args.dry_run:
         return _print_plan(args, request)
-    show_bar = not args.quiet and sys.stderr.isatty()
-    update, close = _progress_bar(show_bar)
+    update, close = _progress(args)
 
     def loaded(bundle, placement) -> None:
         if not args.quiet:
@@ -536,8 +560,10 @@ def _add_serve_parser(sub) -> None:
                      help="only read input files and model folders under FOLDER (repeatable; "
                      "default: any path the server can read)")
     net.add_argument("--max-upload-mb", type=_float, default=512.0, help="largest upload in MiB (default 512)")
-    net.add_argument("--max-pixels", type=_int, default=4096 * 4096,
-                     help="largest output of one job in pixels (default 4096*4096)")
+    from .tasks import MAX_PIXELS
+
+    net.add_argument("--max-pixels", type=_int, default=MAX_PIXELS,
+                     help=f"largest output of one job in pixels (default {MAX_PIXELS}, 4096 x 4096)")
     mdl = s.add_argument_group("model and device")
     mdl.add_argument("--model", default="auto",
                      help="model for jobs that name none: auto (default), tiny, a folder, hf:owner/name")
@@ -701,8 +727,13 @@ def _add_training_parsers(sub) -> None:
     e.add_argument("--metrics", default="ssim,psnr", help="comma-separated: ssim,psnr,fid,lpips (default ssim,psnr)")
     e.add_argument("--fid-weights", help="Inception weights file for FID (never downloaded)")
     e.add_argument("--lpips-weights", help="LPIPS network weights file (never downloaded)")
-    e.add_argument("--steps", type=_int, default=20)
-    e.add_argument("--guidance", type=_float, default=7.5)
+    from .tasks import GenerateRequest
+
+    sampling = GenerateRequest.model_fields  # evaluation samples as generate does
+    e.add_argument("--steps", type=_int, default=sampling["steps"].default,
+                   help=f"denoising steps (default {sampling['steps'].default}, as generate)")
+    e.add_argument("--guidance", type=_float, default=sampling["guidance"].default,
+                   help=f"guidance scale (default {sampling['guidance'].default:g}, as generate)")
     e.add_argument("--seed", type=_int, default=0)
     e.add_argument("--limit", type=_int, default=100, help="at most N samples (default 100)")
     e.add_argument("--batch-size", type=_int, default=4)

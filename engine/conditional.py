@@ -358,7 +358,7 @@ def superres_layout(request, model_px: int) -> Layout:
     in_grid, window = source.grid.subset(request.bbox, request.crs)
     tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, _overlap(request, in_tile), factor)
     transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
-    _check_pixels(width, height, request.max_pixels)
+    _check_pixels(width, height, request.max_pixels, "a smaller --bbox or --factor")
     return Layout(Grid(in_grid.crs, transform, width, height), tiles, model_px, in_grid, window, source)
 
 
@@ -384,7 +384,8 @@ def inpaint_layout(request, model_px: int) -> Layout:
     if request.references:
         frames = _dated_frames(request.references, request.reference_dates, "references")
         _check_same_place([p for p, _ in frames], grid)
-    _check_pixels(grid.width, grid.height, request.max_pixels)
+    _check_pixels(grid.width, grid.height, request.max_pixels,
+                  "a smaller input (crop it first, e.g. gdal_translate -projwin)")
     tiles = plan_tiles(grid.width, grid.height, model_px, _overlap(request, model_px), 1)
     mask = _MaskSource(request, grid)  # a mask that misses the whole input fails here, before any model call
     return Layout(grid, tiles, model_px, grid, frames=frames, mask=mask)
@@ -483,11 +484,11 @@ def _metadata_tags(md) -> dict:
     return tags
 
 
-def _check_pixels(width: int, height: int, limit: Optional[int]) -> None:
+def _check_pixels(width: int, height: int, limit: Optional[int], fix: str = "a smaller --bbox") -> None:
     if limit is not None and width * height > limit:
         raise InvalidRequest(
-            f"the output would be {width}x{height} px ({width * height / 1e6:.0f} Mpx), over the limit of "
-            f"{limit / 1e6:.0f} Mpx; choose a smaller --bbox or --factor"
+            f"the output would be {width}x{height} px ({width * height / 1e6:.3g} Mpx), over the limit of "
+            f"{limit} px ({limit / 1e6:.3g} Mpx); choose {fix}"
         )
 
 
@@ -875,9 +876,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     seed = _seed_for(request)
     pipe = _pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)
-    if request.resample and request.scheduler not in ("ddim", "ddpm") and type(bundle.scheduler).__name__ not in (
-            "DDIMScheduler", "DDPMScheduler"):
-        raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
+    _check_resample(request, type(bundle.scheduler).__name__)
 
     def read(tile):
         image, valid = source.read(tile.valid)
@@ -945,3 +944,55 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
         warnings.append("the mask selects no pixel of the input: the output equals the input")
     warnings += centre.out_of_range_warnings("inpaint")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
+
+
+# --------------------------------------------------------------------------------------------
+# Checks before the first model call (engine.tasks.check: the run, --dry-run and the server)
+# --------------------------------------------------------------------------------------------
+
+
+def _check_resample(request, scheduler_class: Optional[str]) -> None:
+    """RePaint resampling re-noises latents, which only the stateless schedulers allow."""
+    if not request.resample:
+        return
+    if request.scheduler != "default":  # the sampler asked for, else the checkpoint's own
+        scheduler_class = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(request.scheduler, request.scheduler)
+    if scheduler_class is not None and scheduler_class not in ("DDIMScheduler", "DDPMScheduler"):
+        raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
+
+
+def check_inputs(request, model_px: int, located=None) -> Layout:
+    """Open every input of a conditional request as its run will, and read one pixel of each:
+    what would fail on the first tile fails here, before any model is loaded. ``located`` is the
+    :class:`engine.models.loading.LocatedModel` of the request's model (for its scheduler)."""
+    from rasterio.windows import Window
+
+    from .metadata import SatMetadata
+
+    layout = LAYOUTS[request.task](request, model_px)
+    grid = layout.out_grid
+    first = Window(0, 0, 1, 1)
+    # the metadata values the tiles will be conditioned on (dates 1980..2100, cloud cover 0..1)
+    own = request.date if request.task == "temporal" else _date_of(request.input, request.date)
+    SatMetadata(date=own, cloud_cover=request.cloud_cover)
+    for _, day in layout.frames:
+        SatMetadata(date=day)
+    if request.task == "superres":
+        from .geo.sentinel2 import to_model_input
+
+        win = layout.window
+        to_model_input(layout.source.read(Window(win.col_off, win.row_off, 1, 1)))
+        return layout
+    sources = []
+    try:
+        if request.task == "inpaint":
+            _check_resample(request, located.scheduler_class() if located is not None else None)
+            _MaskSource(request, grid)
+            sources.append(_RGBSource(request.input, grid, request.rgb_bands))
+        sources += [_RGBSource(p, grid) for p, _ in layout.frames]
+        for source in sources:
+            source.read(first)
+    finally:
+        for source in sources:
+            source.close()
+    return layout

@@ -9,6 +9,7 @@ stops within one step.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -56,3 +57,58 @@ def report(callback: Optional[ProgressCallback], progress: Progress) -> None:
     """Call ``callback`` if there is one (keeps the loops free of ``if callback`` noise)."""
     if callback is not None:
         callback(progress)
+
+
+class ProgressLines:
+    """Progress as plain lines (step, tile, percent, ETA) for a log file or a pipe, where a bar
+    would be noise: the first update, then at most one line every ``interval`` seconds, and the
+    end. Call it with :class:`Progress` updates; ``close()`` ends it."""
+
+    def __init__(self, stream, *, label: str = "progress", interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream = stream
+        self.label = label
+        self.interval = interval
+        self.clock = clock
+        self.started: Optional[float] = None
+        self.last_line: Optional[float] = None
+        self.written: Optional[Progress] = None  #: the state of the last line
+        self.lines = 0
+
+    def __call__(self, progress: Progress) -> None:
+        now = self.clock()
+        if self.started is None:
+            self.started = now
+        due = self.last_line is None or now - self.last_line >= self.interval
+        finished = progress.fraction >= 1.0 and self.written != progress  # the end is always written, once
+        if due or finished:
+            self._write(progress, now)
+
+    def _write(self, progress: Progress, now: float) -> None:
+        elapsed = now - (self.started if self.started is not None else now)
+        fraction = progress.fraction
+        parts = [f"step {progress.step}/{progress.total_steps}"]
+        if progress.total_tiles > 1:
+            parts.insert(0, f"tile {min(progress.tile + 1, progress.total_tiles)}/{progress.total_tiles}")
+        parts.append(f"{fraction:.0%}")
+        parts.append(f"elapsed {_duration(elapsed)}")
+        if 0 < fraction < 1:
+            parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
+        print(f"{self.label}: " + ", ".join(parts), file=self.stream, flush=True)
+        self.last_line = now
+        self.written = progress
+        self.lines += 1
+
+    def close(self) -> None:
+        """Nothing to undo (lines are complete); kept for symmetry with the bar."""
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes} min {seconds:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"

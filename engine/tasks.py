@@ -8,6 +8,7 @@ metadata in one place (``engine.metadata``), runs a pipeline and writes a COG at
 from __future__ import annotations
 
 import datetime as _dt
+import os
 import secrets
 import time
 from dataclasses import dataclass, field
@@ -16,22 +17,32 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import InvalidRequest
+from .device import DTYPE_NAMES
+from .errors import InvalidRequest, RasterError
 from .progress import CancelToken, ProgressCallback
 
 DEFAULT_PROMPT = "a satellite image"
+#: the samplers: default = the checkpoint's own (engine.pipelines.text2img.make_scheduler builds them)
+SCHEDULER_NAMES = ("default", "ddim", "dpm++", "unipc", "euler", "pndm", "ddpm")
+Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
+Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
+PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")
+SEED = Field(None, ge=0, le=2**63 - 1, description="random seed (default: a fresh one, recorded in the output)")
+SCHEDULER = Field("default", description="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
+STEPS = Field(20, ge=1, le=1000, description="denoising steps")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    model: str = Field("auto", description="'auto', 'tiny', a model folder, or hf:owner/name")
-    unet: Optional[str] = Field(None, description="a UNet folder to use with --model's other components")
-    base: Optional[str] = Field(None, description="an SD 2.1 folder supplying missing components")
-    controlnet: Optional[str] = Field(None, description="a ControlNet folder for the conditional tasks")
-    device: str = Field("auto", description="auto, cpu, cuda or cuda:N")
-    dtype: str = Field("auto", description="auto, fp32, fp16 or bf16")
+    model: str = Field("auto", description="auto (the best installed model, else tiny), tiny, a model folder, "
+                       "or hf:owner/name")
+    unet: Optional[str] = Field(None, description="a UNet folder to combine with the model's other components")
+    base: Optional[str] = Field(None, description="a Stable Diffusion 2.1 folder for components the model lacks")
+    controlnet: Optional[str] = Field(None, description="a ControlNet folder (superres, temporal) to use with the model")
+    device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
+    dtype: Dtype = Field("auto", description="precision; auto = fp16 on CUDA, fp32 on the CPU")
     resolution: Optional[int] = Field(
         None, description="px the model runs at (tile size; generate's default size), a multiple of 8; "
         "default: what the model was trained at for this task (see `diffusionsat models`)")
@@ -52,18 +63,21 @@ class GenerateRequest(_Request):
     """Generate an image for a place and a date (the main job)."""
 
     task: Literal["generate"] = "generate"
-    bbox: tuple[float, float, float, float] = Field(..., description="minx, miny, maxx, maxy in `crs` units")
-    crs: str = Field("EPSG:4326", description="EPSG code, WKT or PROJ string of the bbox and output")
-    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (ISO)")
-    cloud_cover: Optional[float] = Field(None, description="cloud cover fraction 0..1")
-    width: Optional[int] = Field(None, description="output width in px (multiple of 8); default: size")
-    height: Optional[int] = Field(None, description="output height in px (multiple of 8); default: size")
-    size: Optional[int] = Field(None, description="output width and height in px; default: the model's native size")
-    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1, description="random seed; default: a fresh one, recorded")
-    scheduler: str = Field("default", description="default (the checkpoint's), ddim, dpm++, unipc, euler, pndm")
+    bbox: tuple[float, float, float, float] = Field(
+        ..., description="extent minx,miny,maxx,maxy in the units of crs (degrees for EPSG:4326, metres for UTM)")
+    crs: str = Field("EPSG:4326", description="CRS of the bbox and of the output: EPSG code, WKT or PROJ string")
+    date: Optional[_dt.date] = Field(None, description="acquisition date YYYY-MM-DD to condition on (default: unknown)")
+    cloud_cover: Optional[float] = Field(
+        None, description="cloud cover fraction 0..1 to condition on (default: unknown, as training's dropped value)")
+    width: Optional[int] = Field(None, description="output width in px, a multiple of 8 (overrides size)")
+    height: Optional[int] = Field(None, description="output height in px, a multiple of 8 (overrides size)")
+    size: Optional[int] = Field(None, description="output width and height in px, a multiple of 8 "
+                                "(default: the model's native size)")
+    prompt: str = PROMPT
+    steps: int = STEPS
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    seed: Optional[int] = SEED
+    scheduler: Scheduler = SCHEDULER
     spread: Optional[int] = Field(
         None, ge=2, le=16,
         description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
@@ -96,42 +110,51 @@ class GenerateRequest(_Request):
 class _ConditionalRequest(_Request):
     """Fields shared by the tasks that tile a model over input rasters."""
 
-    date: Optional[_dt.date] = Field(None, description="acquisition date to condition on (default: from the input)")
-    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction 0..1")
-    bbox: Optional[tuple[float, float, float, float]] = Field(
-        None, description="only this part of the input (minx, miny, maxx, maxy in `crs`)")
-    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
-    prompt: str = Field(DEFAULT_PROMPT, max_length=1000)
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(1.0, ge=0.0, le=50.0, description="CFG scale (1 = off, as the reference's ControlNet samples)")
-    seed: Optional[int] = Field(None, ge=0, le=2**63 - 1)
-    scheduler: str = Field("default")
+    date: Optional[_dt.date] = Field(None, description="acquisition date YYYY-MM-DD (default: from the input)")
+    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction to condition on")
+    prompt: str = PROMPT
+    steps: int = STEPS
+    guidance: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off, "
+                            "as the reference's ControlNet samples)")
+    seed: Optional[int] = SEED
+    scheduler: Scheduler = SCHEDULER
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
-    overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: tile/8)")
-    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs larger than this")
+    overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
+    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
 
 
-class SuperresRequest(_ConditionalRequest):
+class _SubsetRequest(_ConditionalRequest):
+    """Conditional tasks that can work on a part of their input."""
+
+    bbox: Optional[tuple[float, float, float, float]] = Field(
+        None, description="only this part of the input: minx,miny,maxx,maxy in crs (default: all of it)")
+    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
+
+
+class SuperresRequest(_SubsetRequest):
     """Super-resolve a Sentinel-2 product (10 m, L1C or L2A) to RGB."""
 
     task: Literal["superres"] = "superres"
-    input: str = Field(..., description="a multiband Sentinel-2 file, a .SAFE folder, or a folder of band files")
-    bands: Optional[str] = Field(None, description="the input file's band names in order, e.g. B01,B02,...,B12")
-    level: Optional[Literal["L1C", "L2A"]] = None
-    baseline: Optional[str] = Field(None, description="processing baseline, e.g. 04.00 (default: from the product)")
+    input: str = Field(..., description="a multiband Sentinel-2 GeoTIFF/JP2, a .SAFE folder, or a folder of band files")
+    bands: Optional[str] = Field(None, description="the file's band names in order, e.g. B01,...,B12 "
+                                 "(default: from the file)")
+    level: Optional[Literal["L1C", "L2A"]] = Field(None, description="product level (default: detected)")
+    baseline: Optional[str] = Field(None, description="processing baseline, e.g. 04.00 (default: detected)")
     factor: int = Field(4, ge=1, le=64, description="output GSD = input GSD / factor")
 
     def input_paths(self) -> list[str]:
         return [self.input]
 
 
-class TemporalRequest(_ConditionalRequest):
+class TemporalRequest(_SubsetRequest):
     """Generate a place for a new date from dated images of it."""
 
     task: Literal["temporal"] = "temporal"
-    inputs: list[str] = Field(..., min_length=1, max_length=8, description="dated RGB images of the same place")
-    input_dates: Optional[list[_dt.date]] = Field(None, description="one date per input (default: from each input)")
-    date: _dt.date = Field(..., description="the date to generate")
+    inputs: list[str] = Field(..., min_length=1, max_length=8, description="a dated RGB image of the place "
+                              "(one per input)")
+    input_dates: Optional[list[_dt.date]] = Field(None, description="the date of each input, in order "
+                                                  "(default: from the files' tags or names)")
+    date: _dt.date = Field(..., description="the date to generate, YYYY-MM-DD")
 
     def input_paths(self) -> list[str]:
         return list(self.inputs)
@@ -141,15 +164,21 @@ class InpaintRequest(_ConditionalRequest):
     """Fill the masked (cloudy, missing) pixels of an image."""
 
     task: Literal["inpaint"] = "inpaint"
-    input: str = Field(..., description="the image to fill (RGB bands, see rgb_bands)")
-    mask: str = Field("nodata", description="a mask raster, an OGR vector file, or 'nodata'")
-    mask_rule: Optional[str] = Field(None, description="how a raster mask selects pixels, e.g. bits:14-15=3")
-    dilate: int = Field(2, ge=0, le=256, description="grow the mask by this many px (soft edge inside)")
+    input: str = Field(..., description="the image to fill (its RGB bands: rgb_bands)")
+    mask: str = Field("nodata", description="a mask raster, a vector file (any OGR format), or nodata")
+    mask_rule: Optional[str] = Field(None, description="how a raster mask selects pixels, e.g. bits:14-15=3 "
+                                     "(default: nonzero)")
+    dilate: int = Field(2, ge=0, le=256, description="grow the mask by this many px, with a soft edge")
     rgb_bands: list[int] = Field([1, 2, 3], min_length=3, max_length=3, description="input bands used as R,G,B")
-    references: list[str] = Field([], max_length=8, description="cloud-free acquisitions of the same place")
-    reference_dates: Optional[list[_dt.date]] = None
-    resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step")
-    guidance: float = Field(7.5, ge=0.0, le=50.0)
+    references: list[str] = Field([], max_length=8, description="a cloud-free image of the same place (one per "
+                                  "reference); uses the temporal ControlNet")
+    reference_dates: Optional[list[_dt.date]] = Field(None, description="the date of each reference, in order")
+    resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step (needs scheduler ddim)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    # Accepted (the plugin sends its extent) but not used: in-painting fills the whole input.
+    bbox: Optional[tuple[float, float, float, float]] = Field(
+        None, description="ignored: in-painting fills the whole input", json_schema_extra={"cli": False})
+    crs: Optional[str] = Field(None, description="ignored (see bbox)", json_schema_extra={"cli": False})
 
     @field_validator("rgb_bands", mode="before")
     @classmethod
@@ -264,14 +293,13 @@ def generate(
 
     from .conditional import provenance_tags
     from .geo.cog import write_cog
-    from .metadata import derive_from_bbox, grid_transform, parse_crs, validate_bbox
+    from .metadata import derive_from_bbox, grid_transform, parse_crs
     from .models.cache import ModelCache
     from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
 
     started = time.perf_counter()
+    out = check(request, out).out  # everything refusable is refused before the model is loaded
     crs = parse_crs(request.crs)
-    validate_bbox(request.bbox, crs)
-    out = _check_out(out)
     models = models or ModelCache()
     bundle, placement = models.get(
         request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
@@ -383,7 +411,7 @@ def _conditional(name: str):
         from .models.cache import ModelCache
 
         started = time.perf_counter()
-        out = _check_out(out)
+        out = check(request, out).out  # everything refusable is refused before the model is loaded
         outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
                                              cancel=cancel)
         if conditional._distributed()[0] != 0:
@@ -401,11 +429,17 @@ def _conditional(name: str):
 
 
 def _check_out(out) -> Path:
+    """The output path: a .tif in an existing, writable folder (the writer's own conditions)."""
     out = Path(out)
     if out.is_dir():
         raise InvalidRequest(f"output {str(out)!r} is a folder; name a file in it, e.g. {str(out / 'out.tif')!r}")
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise RasterError(f"output folder {str(folder)!r} does not exist; create it or choose another --out")
+    if not os.access(folder, os.W_OK):
+        raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
     return out
 
 
@@ -417,39 +451,78 @@ inpaint = _conditional("inpaint")
 RUNNERS = {"generate": generate, "superres": superres, "temporal": temporal, "inpaint": inpaint}
 
 
-def plan(request: _Request) -> dict[str, Any]:
-    """What ``request`` would do, without loading a model or writing anything: the output grid,
-    the number of tiles and of UNet evaluations. For ``--dry-run`` and the plugin's pre-flight."""
-    from .models.loading import plan_resolution
+@dataclass
+class Checked:
+    """A request that passed every check its run makes before the first model call."""
 
-    model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
-    cfg = 2 if request.guidance > 1.0 else 1
-    if request.task == "generate":
-        from .metadata import ground_pixel_size, parse_crs, validate_bbox
+    request: _Request
+    out: Optional[Path]  #: the output path (None: chosen later, e.g. by the server)
+    model_px: int  #: the model's output tile size, from its config files
+    width: int
+    height: int
+    crs: str
+    bbox: tuple[float, float, float, float]
+    tiles: int
+    gsd_m: float
 
+
+def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
+    """Refuse now whatever the run of ``request`` would refuse before producing anything.
+
+    The one validation of a request after its fields: the run calls it before loading the model,
+    and ``--dry-run``, ``POST /v1/plan`` and the server's check before accepting a job (202) call it
+    too, so they refuse exactly the same requests with the same messages. It reads headers, config
+    files and one pixel of each input; it loads no model and writes nothing. ``out`` is checked
+    when given (the server picks its own).
+    """
+    from .device import resolve
+    from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
+    from .models.loading import locate_model, missing_controlnet, plan_resolution
+
+    if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
         validate_bbox(request.bbox, crs)
+    else:
+        SatMetadata(date=request.date, cloud_cover=request.cloud_cover)
+        for day in (getattr(request, "input_dates", None) or []) + (getattr(request, "reference_dates", None) or []):
+            SatMetadata(date=day)
+    path = _check_out(out) if out is not None else None
+    resolve(request.device, request.dtype)
+    located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
+    model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
+    needs = request.task if request.task in ("superres", "temporal") else None
+    if request.task == "inpaint" and request.references:
+        needs = "temporal"  # references condition through the temporal ControlNet
+    have = located.controlnet_tasks()
+    if needs is not None and have is not None and needs not in have:
+        raise missing_controlnet(located.root.name, needs, have)
+    if request.task == "generate":
         width = request.width or request.size or model_px
         height = request.height or request.size or model_px
+        derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
-        out = {"width": width, "height": height, "crs": request.crs, "bbox": list(request.bbox), "tiles": 1,
-               "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
-        samples = request.spread or 1
-    else:
-        from .conditional import LAYOUTS
-        from .metadata import ground_pixel_size
+        return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,
+                       (gsd[0] * gsd[1]) ** 0.5)
+    from .conditional import check_inputs
 
-        layout = LAYOUTS[request.task](request, model_px)
-        grid = layout.out_grid
-        crs = grid.crs.to_wkt()
-        gsd = ground_pixel_size(grid.bounds, crs, grid.width, grid.height)
-        out = {"width": grid.width, "height": grid.height, "crs": grid.crs.to_string(), "bbox": list(grid.bounds),
-               "tiles": len(layout.tiles), "gsd_m": (gsd[0] * gsd[1]) ** 0.5}
-        samples = 1
-    out.update(task=request.task, model_px=model_px, steps=request.steps,
-               unet_evaluations=out["tiles"] * request.steps * cfg * samples,
-               output_megapixels=round(out["width"] * out["height"] / 1e6, 3))
-    return out
+    layout = check_inputs(request, model_px, located)
+    grid = layout.out_grid
+    gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
+    return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
+                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5)
+
+
+def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
+    """What ``request`` would do, after :func:`check`: the output grid, the number of tiles and of
+    UNet evaluations. Loads no model and writes nothing. For ``--dry-run``, ``POST /v1/plan`` and the
+    plugin's pre-flight."""
+    c = check(request, out)
+    cfg = 2 if request.guidance > 1.0 else 1
+    samples = (getattr(request, "spread", None) or 1) if request.task == "generate" else 1
+    return {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
+            "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
+            "unet_evaluations": c.tiles * request.steps * cfg * samples,
+            "output_megapixels": round(c.width * c.height / 1e6, 3)}
 
 
 def run_task(

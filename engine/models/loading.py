@@ -95,11 +95,7 @@ class ModelBundle:
 
     def controlnet_for(self, task: str) -> Any:
         if task not in self.controlnets:
-            have = ", ".join(sorted(self.controlnets)) or "none"
-            raise ModelNotFound(
-                f"the model {self.name!r} has no ControlNet for {task} (it has: {have}); pass --model "
-                f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
-            )
+            raise missing_controlnet(self.name, task, self.controlnets)
         return self.controlnets[task]
 
     def to(self, device: str, dtype: torch.dtype) -> "ModelBundle":
@@ -115,6 +111,15 @@ class ModelBundle:
     @property
     def uses_metadata(self) -> bool:
         return bool(self.unet.config.get("use_metadata", False)) and self.unet.metadata_embedding is not None
+
+
+def missing_controlnet(name: str, task: str, have) -> ModelNotFound:
+    """The refusal of a task whose ControlNet the model lacks (``have``: the tasks it has)."""
+    listed = ", ".join(sorted(have)) or "none"
+    return ModelNotFound(
+        f"the model {name!r} has no ControlNet for {task} (it has: {listed}); pass --model "
+        f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -803,11 +808,17 @@ def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
         return 512
 
 
+def _hub_repo(spec: str) -> str:
+    repo = spec[3:].partition("@")[0]
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+        raise ModelNotFound(f"{spec!r} is not a hub id; write hf:owner/name or hf:owner/name@revision")
+    return repo
+
+
 def resolve_hub_id(spec: str) -> Path:
     """Download ``hf:owner/name[@revision]`` (weights, configs, tokenizer) and return the local folder."""
     repo, _, revision = spec[3:].partition("@")
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise ModelNotFound(f"{spec!r} is not a hub id; write hf:owner/name or hf:owner/name@revision")
+    _hub_repo(spec)
     try:
         from huggingface_hub import snapshot_download
 
@@ -855,20 +866,14 @@ def load_model(
     UNet its training recorded, or the one the manifest names (the released ControlNets: the 512
     model's checkpoint-100000). The bundle is on the CPU in fp32.
     """
-    spec = (spec or "auto").strip()
-    facts = model_facts(spec, unet=unet, controlnet=controlnet)
-    if facts.root is None:
+    located = locate_model(spec, unet=unet, base=base, controlnet=controlnet, download=True)
+    notices = list(located.notices)
+    if located.tiny:
         bundle = build_tiny()
-        if spec == "auto":
-            bundle.notices.append(
-                "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
-                f"is used: install one with 'diffusionsat download diffusionsat-512' (into {models_dirs()[0]}; "
-                "'diffusionsat download --help' lists the releases) or pass --model <folder>"
-            )
+        bundle.notices.extend(notices)
         return bundle
-    root, unet_folder, cn_folder, notices = facts.root, facts.unet_folder, facts.cn_folder, list(facts.notices)
-    base_path = Path(base).expanduser() if base else None
-    components = find_components(unet_folder, root, base_path)
+    facts = located.facts
+    root, unet_folder, cn_folder, components = located.root, located.unet_folder, located.cn_folder, located.components
     unet_model = load_unet(unet_folder, use_metadata=use_metadata)
     parts = {name: _load_component(name, path) for name, path in components.items()}
     note = normalise_scheduler(parts["scheduler"])
@@ -920,6 +925,80 @@ def normalise_scheduler(scheduler: Any) -> Optional[str]:
     scheduler.register_to_config(**changes)
     after = ", ".join(f"{k}={v}" for k, v in changes.items())
     return f"old scheduler config ({before}) normalised to {after}, as the official pipelines do (deprecated values)"
+
+
+@dataclass
+class LocatedModel:
+    """Where a model's parts are, found without reading any weights (see :func:`locate_model`)."""
+
+    tiny: bool = False
+    hub: Optional[str] = None  #: an hf: id not yet downloaded
+    root: Optional[Path] = None
+    unet_folder: Optional[Path] = None
+    cn_folder: Optional[Path] = None
+    components: dict[str, Path] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)
+    facts: Optional["ModelFacts"] = None  #: the resolutions and pairing (:func:`model_facts`)
+
+    def controlnet_tasks(self) -> Optional[list[str]]:
+        """The tasks of the model's ControlNet (as :func:`controlnet_task` names them); None: unknown."""
+        if self.tiny:
+            return ["superres", "temporal"]
+        if self.hub is not None:
+            return None
+        if self.cn_folder is None:
+            return []
+        try:
+            config = read_config(self.cn_folder)
+        except (ModelNotFound, ModelLoadError):
+            return None  # the load reports it
+        if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
+            return ["temporal"]
+        return ["superres" if config.get("conditioning_in_channels") == 10 else "control"]
+
+    def scheduler_class(self) -> Optional[str]:
+        """The checkpoint's own scheduler class name (``--scheduler default``), if known."""
+        if self.tiny:
+            config = resource_path("tiny", "scheduler.json")
+        elif "scheduler" in self.components:
+            config = self.components["scheduler"] / "scheduler_config.json"
+        else:
+            return None
+        try:
+            return json.loads(config.read_text()).get("_class_name")
+        except (OSError, ValueError):
+            return None
+
+
+def locate_model(
+    spec: str = "auto",
+    *,
+    unet: Optional[str | os.PathLike] = None,
+    base: Optional[str | os.PathLike] = None,
+    controlnet: Optional[str | os.PathLike] = None,
+    download: bool = False,
+) -> LocatedModel:
+    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) to folders, refusing what
+    :func:`load_model` would refuse before it reads weights. Reads config files only; an ``hf:``
+    id is downloaded only with ``download=True``."""
+    spec = (spec or "auto").strip()
+    if spec.startswith("hf:") and not download:
+        _hub_repo(spec)  # the id's form is checked; the download waits for the real run
+        return LocatedModel(hub=spec)
+    facts = model_facts(spec, unet=unet, controlnet=controlnet)
+    notices = list(facts.notices)
+    if facts.root is None:
+        if spec == "auto":
+            notices.append(
+                "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
+                f"is used: install one with 'diffusionsat download diffusionsat-512' (into {models_dirs()[0]}; "
+                "'diffusionsat download --help' lists the releases) or pass --model <folder>"
+            )
+        return LocatedModel(tiny=True, notices=notices, facts=facts)
+    base_path = Path(base).expanduser() if base else None
+    components = find_components(facts.unet_folder, facts.root, base_path)
+    return LocatedModel(root=facts.root, unet_folder=facts.unet_folder, cn_folder=facts.cn_folder,
+                        components=components, notices=notices, facts=facts)
 
 
 def _existing_folder(spec: str, flag: str) -> Path:

@@ -30,7 +30,7 @@ from ..errors import InvalidRequest
 from ..progress import CancelToken, Progress, ProgressCallback, report
 
 #: ``--scheduler`` names. ``default`` keeps the checkpoint's own scheduler (what the reference did).
-SCHEDULERS = ("default", "ddim", "dpm++", "unipc", "euler", "pndm", "ddpm")
+from ..tasks import SCHEDULER_NAMES as SCHEDULERS  # noqa: E402 - the names live with the request models
 
 
 def make_scheduler(name: str, base: Any) -> Any:

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..tasks import MAX_PIXELS
+
 #: Bytes of a JSON job request; a real request is a few hundred bytes.
 MAX_JSON_BYTES = 1 << 20
 #: Default output pixel-count limit per job (the engine's own single-image limit).
-DEFAULT_MAX_PIXELS = 4096 * 4096
+DEFAULT_MAX_PIXELS = MAX_PIXELS
 
 
 def default_token_file() -> Path:

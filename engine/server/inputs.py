@@ -240,10 +240,7 @@ def _check_model_paths(request: Any, config: ServerConfig) -> None:
 
 
 def precheck(request: Any, config: ServerConfig) -> None:
-    """Run the checks a task would run first, so that a bad request fails now, with a 4xx."""
-    from ..device import resolve
-    from ..metadata import SatMetadata, derive_from_bbox, parse_crs, validate_bbox
-
+    """The engine's own limits (pixels, the folders it may read), before the task's checks."""
     pixels = output_pixels(request)
     if pixels is not None and pixels > config.max_pixels:
         raise TooLarge(
@@ -251,26 +248,9 @@ def precheck(request: Any, config: ServerConfig) -> None:
             f"{config.max_pixels} (--max-pixels); request a smaller width/height or a coarser "
             "resolution"
         )
-    bbox = getattr(request, "bbox", None)
-    crs = getattr(request, "crs", None)
-    date = getattr(request, "date", None)
-    cloud_cover = getattr(request, "cloud_cover", None)
-    if bbox is not None and crs is not None:
-        parsed = parse_crs(crs)
-        validate_bbox(bbox, parsed)
-        size = getattr(request, "size", None)
-        # An unstated size defaults to the model's native one (unknown until it is loaded); a
-        # large stand-in keeps the GSD check from refusing what the real size would allow.
-        derive_from_bbox(bbox, parsed, getattr(request, "width", None) or size or 4096,
-                         getattr(request, "height", None) or size or 4096, date=date, cloud_cover=cloud_cover)
-    else:
-        # Without a bbox the place comes from the inputs, but the date and cloud cover are known now.
-        SatMetadata(date=date, cloud_cover=cloud_cover)
-    for name in ("input_dates", "reference_dates"):
-        for day in getattr(request, name, None) or ():
-            SatMetadata(date=day)
-    resolve(getattr(request, "device", "auto"), getattr(request, "dtype", "auto"))
     _check_model_paths(request, config)
+    # The rest (place, dates, device, model folders, inputs) is engine.tasks.check, called by
+    # resolve_request: the same checks as the run, --dry-run and POST /v1/plan.
 
 
 def resolve_request(
@@ -284,6 +264,7 @@ def resolve_request(
     ``parse`` is :func:`engine.tasks.parse_request` unless given (tests pass their own request
     models). The server's ``--model``/``--device``/``--dtype`` fill fields the body leaves out.
     """
+    engine_models = parse is None
     if parse is None:
         from ..tasks import parse_request as parse
     if not isinstance(data, dict):
@@ -306,4 +287,8 @@ def resolve_request(
         # Tasks whose output size follows from their inputs check it themselves once they have
         # read them: hand them the engine's limit.
         request = request.model_copy(update={"max_pixels": config.max_pixels})
+    if engine_models:
+        from ..tasks import check
+
+        check(request)  # the run's own checks before its first model call, so that it fails now, with a 4xx
     return request

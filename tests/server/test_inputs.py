@@ -56,14 +56,14 @@ def uploads(config) -> UploadStore:
     return UploadStore(config.uploads_dir, config.max_upload_bytes)
 
 
-def _tif(path: Path) -> Path:
+def _tif(path: Path, count: int = 1) -> Path:
     import numpy as np
     import rasterio
     from rasterio.transform import from_origin
 
-    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=1, dtype="uint8",
+    with rasterio.open(path, "w", driver="GTiff", width=8, height=8, count=count, dtype="uint8",
                        crs="EPSG:4326", transform=from_origin(10, 50, 0.01, 0.01)) as dst:
-        dst.write(np.zeros((1, 8, 8), dtype="uint8"))
+        dst.write(np.zeros((count, 8, 8), dtype="uint8"))
     return path
 
 
@@ -355,7 +355,7 @@ def test_cancelled_exception_is_not_a_failure(tmp_path):
 def test_real_conditional_requests_are_confined_and_limited(tmp_path, uploads):
     inside = tmp_path / "data"
     inside.mkdir()
-    good = _tif(inside / "a.tif")
+    good = _tif(inside / "a.tif", count=3)  # an RGB image: the task's own checks run before 202 too
     outside = _tif(tmp_path / "b.tif")
     config = ServerConfig(token="t" * 32, workdir=uploads.folder.parent, allowed_roots=(inside,), max_pixels=1000)
     request = resolve_request({"task": "inpaint", "input": str(good)}, config, uploads)
@@ -367,7 +367,9 @@ def test_real_conditional_requests_are_confined_and_limited(tmp_path, uploads):
     with pytest.raises(InvalidRequest, match="1980"):
         resolve_request({"task": "temporal", "inputs": [str(good)], "date": "1950-06-15"}, config, uploads)
     ref = _stored_upload(uploads, tmp_path)
-    assert resolve_request({"task": "superres", "input": ref}, config, uploads).input.startswith(str(uploads.folder))
+    with pytest.raises(InvalidRequest, match="band") as refused:  # a 1-band upload is no Sentinel-2 product
+        resolve_request({"task": "superres", "input": ref}, config, uploads)
+    assert str(uploads.folder) in str(refused.value)  # the upload ref was resolved to the stored file
 
 
 def test_listening_socket_is_tcp_so_responses_are_not_delayed():
