@@ -238,8 +238,11 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
                               cancelled=feedback.isCanceled, on_plan=on_plan)
         except PreflightRefused as err:
             raise QgsProcessingException(str(err)) from None
-        except EngineCancelled:
-            raise QgsProcessingException("Cancelled: the engine job was stopped.") from None
+        except EngineCancelled as err:
+            stopped = getattr(err, "stopped_s", None)
+            raise QgsProcessingException(
+                f"Cancelled: the engine stopped the job in {stopped:.1f} s." if stopped is not None else
+                "Cancelled: the engine was told to stop the job.") from None
         except (EngineError, EngineConfigError, RequestError, OSError) as err:
             raise QgsProcessingException(friendly_error(err, spec)) from None
         for warning in outcome.warnings:
