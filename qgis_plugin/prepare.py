@@ -57,6 +57,13 @@ def extent_in(extent: Optional[QgsRectangle], extent_crs: Optional[QgsCoordinate
     return ct.transformBoundingBox(extent)
 
 
+def send_date(request: dict[str, Any], date: Optional[_dt.date]) -> None:
+    """Send the date QGIS knows (the layer's temporal properties or the user's) so the engine
+    uses it rather than guessing from the file; no date stays no date (an unknown date)."""
+    if date is not None:
+        request.setdefault("date", date.isoformat())
+
+
 def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *, width: int, height: int,
                      output_path: str, name: str = "", date: Optional[_dt.date] = None,
                      cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
@@ -100,6 +107,7 @@ def prepare_superres(*, output_path: str, layer=None, band_layers: Sequence = ()
         raise RequestError("choose a Sentinel-2 layer (or band layers) to super-resolve")
     request = superres_request(source, bands=band_names, extent=window, crs=crs if window else None,
                                factor=factor, model=model, options=options)
+    send_date(request, date)
     job = PreparedJob("superres", request, output_path, name or f"{base} (super-resolved)", date=date,
                       files=("input",), temp_files=temps, title=f"DiffusionSat: super-resolve {base}")
     # A VRT names other files: for a remote engine, run_job uploads a flattened GeoTIFF of it.
@@ -136,6 +144,7 @@ def prepare_inpaint(layer, *, output_path: str, mask_kind: str, mask_layer=None,
         raise RequestError(f"unknown mask kind {mask_kind!r}")
     request = inpaint_request(source, mask, mask_rule=rule, extent=window, crs=crs if window else None,
                               prompt=prompt, model=model, options=options)
+    send_date(request, date)
     return PreparedJob("inpaint", request, output_path, name or f"{layer.name()} (in-painted)", date=date,
                        files=("input", "mask") if mask != "nodata" else ("input",),
                        rasterize=rasterize, temp_files=temps,
