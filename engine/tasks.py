@@ -99,6 +99,10 @@ class _ConditionalRequest(_Request):
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
     overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: tile/8)")
     max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs larger than this")
+    # What QGIS knows of the inputs (used only where a file lacks it; see engine.geo.assign).
+    input_crs: Optional[str] = Field(None, description="CRS of inputs whose file has none (e.g. assigned in QGIS)")
+    input_nodata: Optional[float] = Field(None, description="nodata value of inputs whose file declares none")
+    band_names: Optional[list[str]] = Field(None, description="band names of inputs whose file has no band descriptions")
 
 
 class SuperresRequest(_ConditionalRequest):
@@ -352,10 +356,13 @@ def _conditional(name: str):
         from . import conditional
         from .models.cache import ModelCache
 
+        from .geo.assign import assigned_inputs
+
         started = time.perf_counter()
         out = _check_out(out)
-        outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
-                                             cancel=cancel)
+        with assigned_inputs(request, out.parent) as request:
+            outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
+                                                 cancel=cancel)
         if conditional._distributed()[0] != 0:
             return None  # a non-zero rank of a split run: rank 0 wrote the COG and reports
         grid = outcome.grid
@@ -407,7 +414,10 @@ def plan(request: _Request) -> dict[str, Any]:
         from .conditional import LAYOUTS
         from .metadata import ground_pixel_size
 
-        layout = LAYOUTS[request.task](request, model_px)
+        from .geo.assign import assigned_inputs
+
+        with assigned_inputs(request) as assigned:
+            layout = LAYOUTS[request.task](assigned, model_px)
         grid = layout.out_grid
         crs = grid.crs.to_wkt()
         gsd = ground_pixel_size(grid.bounds, crs, grid.width, grid.height)

@@ -322,6 +322,34 @@ def layer_file(layer) -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
+def file_hints(layer, path: Optional[str]) -> dict[str, Any]:
+    """What QGIS knows of ``layer`` that its file ``path`` does not say, as request fields:
+    ``input_crs`` (a CRS assigned in Layer Properties → Source) and ``input_nodata`` (an
+    additional no-data value set in Transparency). Empty when the file says it all, so that
+    requests stay as they were for engines without these fields."""
+    hints: dict[str, Any] = {}
+    if layer is None or not path:
+        return hints
+    try:
+        from osgeo import gdal
+
+        ds = gdal.Open(str(path))
+    except (ImportError, RuntimeError):
+        ds = None
+    if ds is None:
+        return hints
+    crs = layer.crs()
+    if not (ds.GetProjection() or "").strip() and crs.isValid():
+        hints["input_crs"] = crs_ref(crs)
+    band = ds.GetRasterBand(1) if ds.RasterCount else None
+    if band is not None and band.GetNoDataValue() is None:
+        provider = layer.dataProvider()
+        ranges = provider.userNoDataValues(1) if provider is not None else []
+        if ranges and ranges[0].min() == ranges[0].max():
+            hints["input_nodata"] = float(ranges[0].min())
+    return hints
+
+
 # ------------------------------------------------------------------------------------------------
 # Builders
 # ------------------------------------------------------------------------------------------------
