@@ -187,6 +187,10 @@ class TaskResult:
     metadata: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: measured by run_task: denoising steps actually run (summed over tiles; skipped tiles run
+    #: none) and the seconds they took, for time estimates (seconds / (steps x plan's mpx_per_step))
+    denoise_steps: Optional[int] = None
+    denoise_seconds: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -201,6 +205,8 @@ class TaskResult:
             "metadata": self.metadata,
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
+            "denoise_steps": self.denoise_steps,
+            "denoise_seconds": None if self.denoise_seconds is None else round(self.denoise_seconds, 3),
         }
 
 
@@ -427,7 +433,34 @@ def plan(request: _Request) -> dict[str, Any]:
     out.update(task=request.task, model_px=model_px, steps=request.steps,
                unet_evaluations=out["tiles"] * request.steps * cfg * samples,
                output_megapixels=round(out["width"] * out["height"] / 1e6, 3))
+    # The work, in megapixels through the UNet: a generate runs the whole image at once, the other
+    # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
+    eval_px = out["width"] * out["height"] if request.task == "generate" else model_px * model_px
+    passes = 1 + int(getattr(request, "resample", 0) or 0)
+    out["mpx_per_step"] = round(eval_px * cfg * samples * passes / 1e6, 6)
+    out["work_mpx"] = round(out["mpx_per_step"] * out["tiles"] * request.steps, 6)
     return out
+
+
+class _DenoiseMeter:
+    """Wraps a progress callback: counts the denoising steps run and times them (model loading,
+    reading, decoding and writing are left out)."""
+
+    def __init__(self, progress: Optional[ProgressCallback]) -> None:
+        self.progress = progress
+        self.steps = 0
+        self.seconds = 0.0
+        self._last: Optional[float] = None
+
+    def __call__(self, p) -> None:
+        if p.message == "denoising":
+            now = time.perf_counter()
+            if p.step > 0 and self._last is not None:
+                self.steps += 1
+                self.seconds += now - self._last
+            self._last = now
+        if self.progress is not None:
+            self.progress(p)
 
 
 def run_task(
@@ -439,4 +472,8 @@ def run_task(
     cancel: Optional[CancelToken] = None,
 ) -> TaskResult:
     """Run any task request, writing its COG at ``out``."""
-    return RUNNERS[request.task](request, out, models=models, progress=progress, cancel=cancel)
+    meter = _DenoiseMeter(progress)
+    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel)
+    if result is not None:
+        result.denoise_steps, result.denoise_seconds = meter.steps, meter.seconds
+    return result

@@ -266,7 +266,7 @@ class DiffusionSatPlugin:
             return
         seconds = float(outcome.result.get("seconds") or 0.0)
         self._show_plan(f"Done: {check.grid_text()} in {seconds:.1f} s. Time estimates for this engine now use "
-                        f"{rate:.3g} s per UNet evaluation (measured).")
+                        f"{rate:.3g} s per megapixel through the UNet (measured).")
 
     # -- actions -------------------------------------------------------------------------------
 

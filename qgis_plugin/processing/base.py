@@ -249,7 +249,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             feedback.pushWarning(warning)
         rate = record_outcome(checked.get("preflight"), outcome.result)
         if rate is not None:
-            feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per UNet evaluation.")
+            feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per megapixel through the UNet.")
         info = provenance(outcome.path, outcome.result, prepared.request)
         self.register_load(context, prepared.output_path, outcome.path, prepared.layer_name,
                            ResultStyler.create(prepared.date, info, outcome.warnings))
