@@ -21,6 +21,7 @@ denoise (reporting progress and honouring cancellation once per step), decode.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -409,8 +410,11 @@ def _cancel_between_blocks(cancel: Optional[CancelToken], *models: Any):
     cancelled job stops within one block, not at the end of a (possibly minutes-long) step."""
     handles = []
     if cancel is not None:
+        owner = threading.get_ident()  # the models may be shared: another thread's run is not ours
+
         def check(module, args):
-            cancel.raise_if_cancelled()
+            if threading.get_ident() == owner:
+                cancel.raise_if_cancelled()
 
         for model in models:
             if model is None:
