@@ -13,13 +13,13 @@ import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
 
 from ..errors import InvalidRequest
 
 
-def _needs(path: str, crs: Optional[str], nodata: Optional[float], names: Optional[Sequence[str]]) -> dict:
+def _needs(path: str, crs: str | None, nodata: float | None, names: Sequence[str] | None) -> dict:
     import rasterio
     from rasterio.errors import RasterioError
 
@@ -41,8 +41,8 @@ def _needs(path: str, crs: Optional[str], nodata: Optional[float], names: Option
         return {}  # not a raster we can open here: the task reports it with its own message
 
 
-def assign_vrt(path: str, folder: Path, *, crs: Optional[str] = None, nodata: Optional[float] = None,
-               names: Optional[Sequence[str]] = None) -> str:
+def assign_vrt(path: str, folder: Path, *, crs: str | None = None, nodata: float | None = None,
+               names: Sequence[str] | None = None) -> str:
     """``path``, or a VRT in ``folder`` that adds what ``path`` lacks of crs/nodata/names."""
     change = _needs(path, crs, nodata, names)
     if not change:
@@ -69,7 +69,7 @@ def assign_vrt(path: str, folder: Path, *, crs: Optional[str] = None, nodata: Op
 
 
 @contextlib.contextmanager
-def assigned_inputs(request, workdir: Optional[Path] = None) -> Iterator:
+def assigned_inputs(request, workdir: Path | None = None) -> Iterator:
     """``request`` with its input rasters (``input``, ``inputs``, ``references``) completed by
     ``input_crs``/``input_nodata``/``band_names``; the VRTs are removed afterwards."""
     crs = getattr(request, "input_crs", None)

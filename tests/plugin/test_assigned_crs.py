@@ -5,7 +5,12 @@ from __future__ import annotations
 import array
 
 from osgeo import gdal
-from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRasterRange
+from qgis.core import (
+    QgsCoordinateReferenceSystem,
+    QgsProject,
+    QgsRasterLayer,
+    QgsRasterRange,
+)
 
 from .conftest import require_task
 from .helpers import ORIGIN

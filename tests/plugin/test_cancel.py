@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from qgis.core import QgsApplication, QgsCoordinateReferenceSystem, QgsRectangle, QgsTask
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsRectangle,
+    QgsTask,
+)
 
 from .conftest import wait_for_task
 

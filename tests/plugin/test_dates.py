@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import re
 
-import pytest
 from osgeo import gdal
 from qgis.core import QgsProject, QgsRasterLayer
 

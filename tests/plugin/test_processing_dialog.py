@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from qgis.core import (
     QgsApplication,
     QgsProcessingAlgRunnerTask,
@@ -72,7 +71,7 @@ def test_dialog_run_loads_styles_and_dates_the_output(provider, engine_env, tmp_
 
 def test_dialog_run_without_open_output_adds_nothing(provider, engine_env, tmp_path, qgis_new_project, qtbot):  # noqa: F811
     out = tmp_path / "quiet.tif"
-    ok, results, _, feedback = run_like_the_dialog(qtbot, "diffusionsat:generate", {
+    ok, _results, _, feedback = run_like_the_dialog(qtbot, "diffusionsat:generate", {
         "EXTENT": UTM_EXTENT, "OUTPUT": str(out), **TINY}, load_output=False)
     assert ok, feedback.textLog()
     assert out.exists() and layers_from(out) == []
