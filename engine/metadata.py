@@ -841,10 +841,12 @@ def date_from_raster(path: str | os.PathLike) -> tuple[dt.date | None, str]:
     if value is not None:
         return value, source
     name = Path(path).name
-    value = _date_from_name(name)
+    # A DiffusionSat output's name and file time are not acquisitions (undated outputs stay undated).
+    synthetic = str(tags.get("synthetic", "")).lower() == "true" or str(tags.get("software", "")).startswith("diffusionsat")
+    value = None if synthetic else _date_from_name(name)
     if value is not None:
         return value, f"file name {name!r}"
-    value, source = _date_from_tags(tags, _WEAK_DATE_TAG_KEYS)
+    value, source = _date_from_tags(tags, () if synthetic else _WEAK_DATE_TAG_KEYS)
     if value is not None:
         return value, source + " (file creation time)"
     return None, "no date in the raster's tags or file name"

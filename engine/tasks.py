@@ -121,6 +121,10 @@ class _ConditionalRequest(_Request):
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
     overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
     max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
+    # What QGIS knows of the inputs (used only where a file lacks it; see engine.geo.assign).
+    input_crs: Optional[str] = Field(None, description="CRS of inputs whose file has none (e.g. assigned in QGIS)")
+    input_nodata: Optional[float] = Field(None, description="nodata value of inputs whose file declares none")
+    band_names: Optional[list[str]] = Field(None, description="band names of inputs whose file has no band descriptions")
 
 
 class _SubsetRequest(_ConditionalRequest):
@@ -239,6 +243,10 @@ class TaskResult:
     metadata: dict[str, Any]
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    #: measured by run_task: denoising steps actually run (summed over tiles; skipped tiles run
+    #: none) and the seconds they took, for time estimates (seconds / (steps x plan's mpx_per_step))
+    denoise_steps: Optional[int] = None
+    denoise_seconds: Optional[float] = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -253,6 +261,8 @@ class TaskResult:
             "metadata": self.metadata,
             "warnings": self.warnings,
             "seconds": round(self.seconds, 3),
+            "denoise_steps": self.denoise_steps,
+            "denoise_seconds": None if self.denoise_seconds is None else round(self.denoise_seconds, 3),
         }
 
 
@@ -410,10 +420,13 @@ def _conditional(name: str):
         from . import conditional
         from .models.cache import ModelCache
 
+        from .geo.assign import assigned_inputs
+
         started = time.perf_counter()
         out = check(request, out).out  # everything refusable is refused before the model is loaded
-        outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
-                                             cancel=cancel)
+        with assigned_inputs(request, out.parent) as request:
+            outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
+                                                 cancel=cancel)
         if conditional._distributed()[0] != 0:
             return None  # a non-zero rank of a split run: rank 0 wrote the COG and reports
         grid = outcome.grid
@@ -505,7 +518,10 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
                        (gsd[0] * gsd[1]) ** 0.5)
     from .conditional import check_inputs
 
-    layout = check_inputs(request, model_px, located)
+    from .geo.assign import assigned_inputs
+
+    with assigned_inputs(request) as assigned:
+        layout = check_inputs(assigned, model_px, located)
     grid = layout.out_grid
     gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
     return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
@@ -519,10 +535,38 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
     c = check(request, out)
     cfg = 2 if request.guidance > 1.0 else 1
     samples = (getattr(request, "spread", None) or 1) if request.task == "generate" else 1
-    return {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
+    plan = {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
             "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
             "unet_evaluations": c.tiles * request.steps * cfg * samples,
             "output_megapixels": round(c.width * c.height / 1e6, 3)}
+    # The work, in megapixels through the UNet: a generate runs the whole image at once, the other
+    # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
+    eval_px = c.width * c.height if request.task == "generate" else c.model_px * c.model_px
+    passes = 1 + int(getattr(request, "resample", 0) or 0)
+    plan["mpx_per_step"] = round(eval_px * cfg * samples * passes / 1e6, 6)
+    plan["work_mpx"] = round(plan["mpx_per_step"] * c.tiles * request.steps, 6)
+    return plan
+
+
+class _DenoiseMeter:
+    """Wraps a progress callback: counts the denoising steps run and times them (model loading,
+    reading, decoding and writing are left out)."""
+
+    def __init__(self, progress: Optional[ProgressCallback]) -> None:
+        self.progress = progress
+        self.steps = 0
+        self.seconds = 0.0
+        self._last: Optional[float] = None
+
+    def __call__(self, p) -> None:
+        if p.message == "denoising":
+            now = time.perf_counter()
+            if p.step > 0 and self._last is not None:
+                self.steps += 1
+                self.seconds += now - self._last
+            self._last = now
+        if self.progress is not None:
+            self.progress(p)
 
 
 def run_task(
@@ -534,4 +578,8 @@ def run_task(
     cancel: Optional[CancelToken] = None,
 ) -> TaskResult:
     """Run any task request, writing its COG at ``out``."""
-    return RUNNERS[request.task](request, out, models=models, progress=progress, cancel=cancel)
+    meter = _DenoiseMeter(progress)
+    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel)
+    if result is not None:
+        result.denoise_steps, result.denoise_seconds = meter.steps, meter.seconds
+    return result

@@ -198,3 +198,79 @@ def shared_manager() -> EngineManager:
         if _SHARED is None:
             _SHARED = EngineManager()
         return _SHARED
+
+
+# ---- "Test connection": what a job will do ---------------------------------------------------
+
+# What starting a local engine needs, cheapest first: a missing engine fails in a fraction of a
+# second; the model list then imports the engine's model code (torch), as the server will.
+_PROBE = (
+    "import json, importlib.util as u, engine\n"
+    "missing = [m for m in ('engine.server', 'fastapi', 'uvicorn', 'torch', 'diffusers', 'rasterio') "
+    "if u.find_spec(m) is None]\n"
+    "if missing: raise SystemExit('ModuleNotFoundError: No module named ' + ', '.join(repr(m) for m in missing))\n"
+    "from engine.models.loading import installed_models\n"
+    "print(json.dumps({'version': engine.__version__, 'models': ['tiny'] + [m.name for m in installed_models()]}))\n"
+)
+
+
+def probe_interpreter(python: str, timeout: float = 120.0) -> dict:
+    """Run, in ``python``, what starting a local engine imports (the engine and its server), the
+    way the plugin starts it (sanitised environment, home folder): ``{"version", "models"}``.
+    Raises :class:`EngineConfigError` with the interpreter's own error and the fix."""
+    import json as _json
+    import subprocess
+
+    from .engine_client import sanitised_environment
+
+    try:
+        done = subprocess.run([python, "-c", _PROBE], capture_output=True, text=True, timeout=timeout,
+                              env=sanitised_environment(), cwd=os.path.expanduser("~"))
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise EngineConfigError(f"cannot run the engine interpreter {python}: {err}") from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        hint = ""
+        if "No module named" in last:
+            hint = (" Install the engine into that environment (pip install 'diffusionsat[server]', or "
+                    "bash scripts/setup.sh in the DiffusionSat checkout), or choose its .venv/bin/python.")
+        raise EngineConfigError(f"{python} cannot run the engine: {last}.{hint}")
+    try:
+        return _json.loads(done.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EngineConfigError(f"{python} answered the engine probe with {done.stdout[-200:]!r}") from None
+
+
+def check_engine(settings: PluginSettings, manager: Optional["EngineManager"] = None) -> str:
+    """A one-line verdict for the settings dialog's Test button: what the first job would meet.
+
+    Remote: the engine's health and models. Local: the engine already running for these
+    settings, or else the interpreter is made to import the engine and its server (it says
+    "Not OK" with the import error for an interpreter without the engine).
+    """
+    from .engine_client import EngineClient, EngineError
+
+    try:
+        spec = resolve_spec(settings)
+    except EngineConfigError as err:
+        return f"Not OK: {err}"
+    if spec.mode == MODE_LOCAL:
+        local = manager._local if manager is not None else None
+        if local is not None and manager._local_python == spec.python and local.running():
+            client = local.client(timeout=5)
+        else:
+            try:
+                found = probe_interpreter(spec.python)
+            except EngineConfigError as err:
+                return f"Not OK: {err}"
+            return (f"OK: {spec.python} runs engine {found.get('version')}; models: "
+                    f"{', '.join(found.get('models') or []) or 'none'}. It is started on the first job.")
+    else:
+        client = EngineClient(spec.url, spec.token, timeout=5)
+    try:
+        health = client.health()
+        models = client.models()
+    except EngineError as err:
+        return f"Not OK: {err}"
+    names = ", ".join(m.get("name", "?") for m in models.get("models", []))
+    return f"OK: engine {health.get('version')} on {health.get('device')}; models: {names or 'none'}"

@@ -56,6 +56,10 @@ _DROPPED_ENV_PREFIXES = ("QGIS_",)
 # ---- errors ---------------------------------------------------------------------------------
 
 
+#: How long a cancel waits for the engine to confirm that the job stopped.
+CANCEL_WAIT_S = 20.0
+
+
 class EngineError(Exception):
     """An error reported by (or about) the engine. ``str(err)`` is the message to show."""
 
@@ -255,6 +259,20 @@ class EngineClient:
             raise
         return dest_path
 
+    def wait_stopped(self, job_id: str, within_s: float = CANCEL_WAIT_S) -> Optional[float]:
+        """After a cancel: poll until the engine says the job has stopped (it stops between UNet
+        blocks, so within seconds); the seconds it took, or None if it was still running."""
+        start = time.monotonic()
+        while time.monotonic() - start < within_s:
+            try:
+                state = self.job(job_id).get("state")
+            except EngineError:
+                return None
+            if state in ("cancelled", "failed", "done"):
+                return time.monotonic() - start
+            time.sleep(0.1)
+        return None
+
     def wait(self, job_id: str, poll: float = 0.5, on_progress: Optional[Callable[[Dict[str, Any]], None]] = None,
              cancelled: Callable[[], bool] = lambda: False, timeout: Optional[float] = None) -> Dict[str, Any]:
         """Poll until the job is done and return its dict.
@@ -268,7 +286,10 @@ class EngineClient:
         while True:
             if cancelled():
                 self.cancel(job_id)
-                raise EngineCancelled(f"job {job_id} was cancelled", code="cancelled")
+                stopped = self.wait_stopped(job_id)
+                err = EngineCancelled(f"job {job_id} was cancelled", code="cancelled")
+                err.stopped_s = stopped
+                raise err
             job = self.job(job_id)
             if on_progress is not None:
                 on_progress(job)

@@ -56,8 +56,11 @@ def unique_path(folder: Path, stem: str, suffix: str = ".tif") -> Path:
 
 
 def output_stem(task: str, date: Optional[_dt.date] = None) -> str:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return f"{task}_{date.isoformat()}_{stamp}" if date else f"{task}_{stamp}"
+    """``diffusionsat_<task>`` (numbered by :func:`unique_path`). Neither the run time nor the
+    requested date is put in the name: a date in a file name reads as an acquisition date (to
+    QGIS users, to the engine, to other tools), and the output's date is in its tags and its
+    temporal properties. ``date`` is accepted for the callers' convenience and not used."""
+    return f"diffusionsat_{task}"
 
 
 def day_range(date: _dt.date) -> QgsDateTimeRange:
@@ -214,6 +217,11 @@ def style_result(layer: QgsRasterLayer, *, date: Optional[_dt.date] = None,
     """Style, temporal range and provenance for an output layer (also used by Processing)."""
     if layer.bandCount() >= 3:
         apply_rgb_style(layer)
+    if date is None:
+        # The date the engine conditioned on (from the input's tags), written in the output's tags.
+        from .requests import layer_date
+
+        date = layer_date(layer)[0]
     if date is not None:
         set_temporal_range(layer, date)
     set_provenance(layer, info or provenance(layer.source()), warnings)

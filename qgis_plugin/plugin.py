@@ -266,7 +266,7 @@ class DiffusionSatPlugin:
             return
         seconds = float(outcome.result.get("seconds") or 0.0)
         self._show_plan(f"Done: {check.grid_text()} in {seconds:.1f} s. Time estimates for this engine now use "
-                        f"{rate:.3g} s per UNet evaluation (measured).")
+                        f"{rate:.3g} s per megapixel through the UNet (measured).")
 
     # -- actions -------------------------------------------------------------------------------
 
@@ -282,22 +282,17 @@ class DiffusionSatPlugin:
                 self.dock.refresh_engine_label()
 
     def check_engine(self, settings: PluginSettings) -> str:
-        """A one-line verdict on ``settings`` for the dialog's Test button (never starts an engine)."""
-        from .engine_client import EngineClient, EngineError
+        """A one-line verdict on ``settings`` for the dialog's Test button (see connection.check_engine)."""
+        from qgis.PyQt.QtCore import Qt
+        from qgis.PyQt.QtWidgets import QApplication as _App
 
+        from .connection import check_engine
+
+        _App.setOverrideCursor(Qt.CursorShape.WaitCursor)
         try:
-            spec = resolve_spec(settings)
-        except EngineConfigError as err:
-            return str(err)
-        if spec.mode == "local":
-            return f"OK: a local engine will be started with {spec.python} on the first job."
-        try:
-            health = EngineClient(spec.url, spec.token, timeout=5).health()
-            models = EngineClient(spec.url, spec.token, timeout=5).models()
-        except EngineError as err:
-            return f"Not OK: {err}"
-        names = ", ".join(m.get("name", "?") for m in models.get("models", []))
-        return f"OK: engine {health.get('version')} on {health.get('device')}; models: {names or 'none'}"
+            return check_engine(settings, self.manager)
+        finally:
+            _App.restoreOverrideCursor()
 
     def copy_diagnostics(self) -> str:
         from .diagnostics import report

@@ -1,11 +1,14 @@
 """The pre-flight of a job: the engine's plan of the request, a time estimate, and the limits.
 
 Before a job is submitted, the plugin asks the engine for its plan (``POST /v1/plan``: output
-size, GSD, tiles, UNet evaluations; the request is validated exactly as for a job, and nothing
-runs). The time estimate is ``unet_evaluations × seconds per evaluation``, where the seconds per
-evaluation are measured from this engine's finished jobs (a running average kept in QgsSettings
-per engine and model) or, before any job has finished there, a conservative default for the
-engine's device. A plan whose output or estimated time exceeds the limits in the settings is
+size, GSD, tiles, UNet evaluations, the work in megapixels; the request is validated exactly as
+for a job, and nothing runs). The time estimate is ``work × seconds per megapixel``: the work is
+the megapixels that pass through the UNet (a generate runs the whole image at once, so a
+3576×4096 px image costs 56 times a 512 px one for the same number of evaluations; the other
+tasks run one model window per tile), and the seconds per megapixel are the engine's own
+measurement of its denoising steps in finished jobs (``denoise_seconds`` over ``denoise_steps``,
+so tiles it skipped do not count; a running average kept in QgsSettings per engine and model),
+or, before any job has finished there, a conservative default for the engine's device. A plan whose output or estimated time exceeds the limits in the settings is
 refused unless the user confirms (dock) or sets ``ALLOW_LARGE`` (Processing).
 
 Everything here is plain Python on plain dicts, callable from a task's thread (QSettings is
@@ -26,11 +29,11 @@ from .settings import PREFIX
 
 #: Seconds a plan request may take before it counts as "no answer" (a plan takes tens of ms).
 PLAN_TIMEOUT_S = 10.0
-#: Before any job has finished on an engine: seconds per UNet evaluation of the released models
-#: (512 px, fp16 on a GPU); deliberately on the slow side.
-DEFAULT_SECONDS_PER_EVAL = {"cuda": 0.05, "mps": 0.3, "cpu": 1.0}
-#: The built-in tiny test model (random weights, 256 px windows) is about a hundred times faster.
-TINY_SECONDS_PER_EVAL = {"cuda": 0.005, "cpu": 0.02}
+#: Before any job has finished on an engine: seconds per megapixel through the released models'
+#: UNet (one evaluation; 0.05 s for a 512 px window in fp16 on a GPU); deliberately on the slow side.
+DEFAULT_SECONDS_PER_MPX = {"cuda": 0.2, "mps": 1.2, "cpu": 4.0}
+#: The built-in tiny test model (random weights) is much faster.
+TINY_SECONDS_PER_MPX = {"cuda": 0.02, "cpu": 0.3}
 #: Weight of the newest job in the running average of seconds per evaluation.
 NEW_WEIGHT = 0.5
 ESTIMATES = PREFIX + "estimates/"
@@ -63,7 +66,8 @@ def stored_rate(engine: str, model: str, qsettings: Optional[QgsSettings] = None
     s = qsettings or QgsSettings()
     key = _settings_key(engine, model)
     try:
-        rate = float(s.value(key + "seconds_per_eval", 0.0) or 0.0)
+        # (the earlier "seconds_per_eval" counted evaluations of any size: not reused)
+        rate = float(s.value(key + "seconds_per_mpx", 0.0) or 0.0)
         runs = int(s.value(key + "jobs", 0) or 0)
     except (TypeError, ValueError):
         return None
@@ -72,17 +76,18 @@ def stored_rate(engine: str, model: str, qsettings: Optional[QgsSettings] = None
     return rate, runs
 
 
-def record_rate(engine: str, model: str, seconds: Any, evaluations: Any,
+def record_rate(engine: str, model: str, seconds: Any, work_mpx: Any,
                 qsettings: Optional[QgsSettings] = None) -> Optional[float]:
-    """Fold a finished job (``result.seconds`` over the plan's ``unet_evaluations``) into the
-    engine's running estimate; returns the new seconds per evaluation (None if unusable)."""
+    """Fold a finished job (``seconds`` of denoising over the ``work_mpx`` megapixels it ran
+    through the UNet) into the engine's running estimate; returns the new seconds per megapixel
+    (None if unusable)."""
     try:
-        seconds, evaluations = float(seconds), int(evaluations)
+        seconds, work_mpx = float(seconds), float(work_mpx)
     except (TypeError, ValueError):
         return None
-    if not (seconds > 0 and math.isfinite(seconds)) or evaluations <= 0:
+    if not (seconds > 0 and math.isfinite(seconds)) or not (work_mpx > 0 and math.isfinite(work_mpx)):
         return None
-    measured = seconds / evaluations
+    measured = seconds / work_mpx
     s = qsettings or QgsSettings()
     previous = stored_rate(engine, model, s)
     if previous is None:
@@ -90,7 +95,7 @@ def record_rate(engine: str, model: str, seconds: Any, evaluations: Any,
     else:
         rate, runs = (1 - NEW_WEIGHT) * previous[0] + NEW_WEIGHT * measured, previous[1] + 1
     key = _settings_key(engine, model)
-    s.setValue(key + "seconds_per_eval", rate)
+    s.setValue(key + "seconds_per_mpx", rate)
     s.setValue(key + "jobs", runs)
     return rate
 
@@ -112,8 +117,8 @@ def is_tiny(model: str, model_px: Any) -> bool:
 def default_rate(device: Optional[str], model: str, model_px: Any = None) -> float:
     kind = device_kind(device)
     if is_tiny(model, model_px):
-        return TINY_SECONDS_PER_EVAL.get(kind, TINY_SECONDS_PER_EVAL["cpu"])
-    return DEFAULT_SECONDS_PER_EVAL.get(kind, DEFAULT_SECONDS_PER_EVAL["cpu"])
+        return TINY_SECONDS_PER_MPX.get(kind, TINY_SECONDS_PER_MPX["cpu"])
+    return DEFAULT_SECONDS_PER_MPX.get(kind, DEFAULT_SECONDS_PER_MPX["cpu"])
 
 
 # ---- the pre-flight ---------------------------------------------------------------------------
@@ -135,7 +140,7 @@ class Preflight:
     """A plan with its time estimate, checked against the limits."""
 
     plan: dict[str, Any]
-    seconds_per_eval: float
+    seconds_per_mpx: float
     basis: str  # "measured on this engine (3 jobs)" or "default for cpu"
     device: str = ""
     model: str = ""
@@ -164,9 +169,36 @@ class Preflight:
         except (KeyError, TypeError, ValueError):
             return 0.0
 
+    def _int(self, key: str, default: int) -> int:
+        try:
+            return int(self.plan.get(key) or default)
+        except (TypeError, ValueError):
+            return default
+
+    @property
+    def work_mpx(self) -> float:
+        """Megapixels through the UNet over the whole job (the engine's, or from the plan's size,
+        tiles and evaluations for an engine that predates it)."""
+        value = self.plan.get("work_mpx")
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+        if self.task == "generate":
+            eval_px = self._int("width", 0) * self._int("height", 0)
+        else:
+            eval_px = self._int("model_px", 512) ** 2
+        return self.evaluations * eval_px / 1e6
+
+    @property
+    def mpx_per_step(self) -> float:
+        """Megapixels through the UNet in one denoising step of one tile."""
+        value = self.plan.get("mpx_per_step")
+        if isinstance(value, (int, float)) and value > 0:
+            return float(value)
+        return self.work_mpx / max(1, self._int("tiles", 1) * self._int("steps", 1))
+
     @property
     def estimate_s(self) -> float:
-        return self.evaluations * self.seconds_per_eval
+        return self.work_mpx * self.seconds_per_mpx
 
     def reasons(self) -> list[str]:
         """Why this job is over the limits (empty when it is not)."""
@@ -187,11 +219,12 @@ class Preflight:
         gsd = p.get("gsd_m")
         gsd_text = f"{float(gsd):.3g} m/px · " if isinstance(gsd, (int, float)) else ""
         return (f"{p.get('width')} × {p.get('height')} px ({self.megapixels:.3g} Mpx) · {gsd_text}"
-                f"{tiles} tile{'s' if tiles != 1 else ''} · {self.evaluations:,} UNet evaluations")
+                f"{tiles} tile{'s' if tiles != 1 else ''} · {self.evaluations:,} UNet evaluations "
+                f"({self.work_mpx:,.3g} Mpx through the UNet)")
 
     def estimate_text(self) -> str:
-        return (f"{describe_duration(self.estimate_s)} (an estimate: {self.seconds_per_eval:.3g} s per "
-                f"evaluation, {self.basis})")
+        return (f"{describe_duration(self.estimate_s)} (an estimate: {self.seconds_per_mpx:.3g} s per "
+                f"megapixel through the UNet, {self.basis})")
 
     def summary(self) -> str:
         """One line for the dock and the Processing log."""
@@ -270,8 +303,19 @@ def no_plan_endpoint(err: BaseException) -> bool:
         "not_found", "method_not_allowed", None) and "no job" not in str(err)
 
 
+def measured_work(preflight: Preflight, result: Mapping[str, Any]) -> tuple[Any, Any]:
+    """``(seconds, megapixels)`` a finished job measured: the engine's own count of denoising steps
+    run and their time when it reports them (skipped tiles and model loading left out), else the
+    job's whole time over the planned work (an older engine)."""
+    steps, seconds = result.get("denoise_steps"), result.get("denoise_seconds")
+    if isinstance(steps, int) and steps > 0 and isinstance(seconds, (int, float)) and seconds > 0:
+        return seconds, steps * preflight.mpx_per_step
+    return result.get("seconds"), preflight.work_mpx
+
+
 def record_outcome(preflight: Optional[Preflight], result: Mapping[str, Any]) -> Optional[float]:
     """After a job finished: fold its time into the engine's estimate (None if nothing to learn)."""
     if preflight is None or not preflight.engine:
         return None
-    return record_rate(preflight.engine, preflight.model, result.get("seconds"), preflight.evaluations)
+    seconds, work = measured_work(preflight, result)
+    return record_rate(preflight.engine, preflight.model, seconds, work)

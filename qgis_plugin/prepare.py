@@ -21,6 +21,7 @@ from . import inputs
 from .requests import (
     PreparedJob,
     RequestError,
+    file_hints,
     generate_request,
     inpaint_request,
     layer_file,
@@ -55,6 +56,19 @@ def extent_in(extent: Optional[QgsRectangle], extent_crs: Optional[QgsCoordinate
         return QgsRectangle(extent)
     ct = QgsCoordinateTransform(extent_crs, crs, QgsProject.instance().transformContext())
     return ct.transformBoundingBox(extent)
+
+
+def send_date(request: dict[str, Any], date: Optional[_dt.date]) -> None:
+    """Send the date QGIS knows (the layer's temporal properties or the user's) so the engine
+    uses it rather than guessing from the file; no date stays no date (an unknown date)."""
+    if date is not None:
+        request.setdefault("date", date.isoformat())
+
+
+def add_hints(request: dict[str, Any], layer, path: str) -> None:
+    """The layer's CRS/nodata where its file lacks them (fields given in OPTIONS win)."""
+    for key, value in file_hints(layer, path).items():
+        request.setdefault(key, value)
 
 
 def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *, width: int, height: int,
@@ -100,6 +114,8 @@ def prepare_superres(*, output_path: str, layer=None, band_layers: Sequence = ()
         raise RequestError("choose a Sentinel-2 layer (or band layers) to super-resolve")
     request = superres_request(source, bands=band_names, extent=window, crs=crs if window else None,
                                factor=factor, model=model, options=options)
+    send_date(request, date)
+    add_hints(request, layer if layer is not None else band_layers[0], source)
     job = PreparedJob("superres", request, output_path, name or f"{base} (super-resolved)", date=date,
                       files=("input",), temp_files=temps, title=f"DiffusionSat: super-resolve {base}")
     # A VRT names other files: for a remote engine, run_job uploads a flattened GeoTIFF of it.
@@ -136,6 +152,8 @@ def prepare_inpaint(layer, *, output_path: str, mask_kind: str, mask_layer=None,
         raise RequestError(f"unknown mask kind {mask_kind!r}")
     request = inpaint_request(source, mask, mask_rule=rule, extent=window, crs=crs if window else None,
                               prompt=prompt, model=model, options=options)
+    send_date(request, date)
+    add_hints(request, layer, source)
     return PreparedJob("inpaint", request, output_path, name or f"{layer.name()} (in-painted)", date=date,
                        files=("input", "mask") if mask != "nodata" else ("input",),
                        rasterize=rasterize, temp_files=temps,
@@ -155,6 +173,7 @@ def prepare_temporal(layers: Sequence, dates: Sequence[Optional[_dt.date]], date
     files = [raster_source(lyr, extent_in(extent, extent_crs, lyr.crs()), temps) for lyr in layers]
     request = temporal_request(files, list(dates), date, extent=window, crs=crs if window else None,
                                model=model, options=options)
+    add_hints(request, layers[0], files[0])
     return PreparedJob("temporal", request, output_path, name or f"Temporal {date.isoformat()}", date=date,
                        files=("inputs",), temp_files=temps,
                        title=f"DiffusionSat: image for {date.isoformat()} from {len(layers)} layer(s)")

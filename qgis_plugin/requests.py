@@ -17,7 +17,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -211,8 +211,17 @@ def default_date(canvas) -> _dt.date:
     return date_from_canvas(canvas) or _dt.date.today()
 
 
-_DATE_TAGS = ("ACQUISITION_DATE", "DATE_ACQUIRED", "SENSING_TIME", "PRODUCT_START_TIME",
-              "DATATAKE_1_DATATAKE_SENSING_START", "datetime", "DATE", "TIFFTAG_DATETIME")
+# Tags that hold an *acquisition* date (metadata_date is the engine's). TIFFTAG_DATETIME is the
+# file's creation time by the TIFF spec (for a processed product, the processing date): never used.
+_DATE_TAGS = ("metadata_date", "ACQUISITION_DATE", "DATE_ACQUIRED", "SENSING_TIME", "PRODUCT_START_TIME",
+              "DATATAKE_1_DATATAKE_SENSING_START", "datetime", "DATE")
+# Product names whose date is the acquisition date: Sentinel-2 (``S2A_MSIL2A_20210615T101031_...``,
+# ``T33TTG_20210615T101031_B04``) and Landsat Collection (``LC08_L1TP_191031_20210615_...``).
+# Any other date in a name (a run timestamp, an export date) is not trusted.
+_PRODUCT_NAME_RES = (
+    re.compile(r"(?:^|_)(?:S2[ABCD]_MSI\w+?_|T\d{2}[A-Z]{3}_)((?:19|20)\d{6})T\d{6}(?=_|$|\.)"),
+    re.compile(r"^L[COTEM]0\d_L[12]\w{2}_\d{6}_((?:19|20)\d{6})_"),
+)
 _ISO_RE = re.compile(r"(\d{4})[-:](\d{2})[-:](\d{2})")
 _COMPACT_RE = re.compile(r"(?<!\d)(19[89]\d|20\d\d)(0[1-9]|1[0-2])([0-2]\d|3[01])(?!\d)")
 
@@ -236,9 +245,26 @@ def parse_date(text: Any) -> Optional[_dt.date]:
     return None
 
 
+def is_synthetic(tags: Mapping[str, Any]) -> bool:
+    """Whether raster tags mark a DiffusionSat output (its names and times are not acquisitions)."""
+    low = {str(k).lower(): str(v).lower() for k, v in tags.items()}
+    return low.get("synthetic") in ("true", "1", "yes") or low.get("software", "").startswith("diffusionsat")
+
+
+def product_name_date(name: str) -> Optional[_dt.date]:
+    """The acquisition date in a Sentinel-2 or Landsat product/band file name, else None."""
+    for rx in _PRODUCT_NAME_RES:
+        m = rx.search(Path(name).name)
+        if m:
+            return parse_date(m.group(1))
+    return None
+
+
 def layer_date(layer) -> tuple[Optional[_dt.date], str]:
     """A raster layer's acquisition date and where it came from: its temporal properties first,
-    then the file's metadata tags, then a date in the file name; ``(None, "")`` if none."""
+    then the file's acquisition-date tags, then a Sentinel-2/Landsat product name (never for a
+    DiffusionSat output); ``(None, "")`` when unknown. Never a run or file-creation time: an
+    undated layer stays undated (the model takes an unknown date)."""
     props = layer.temporalProperties() if hasattr(layer, "temporalProperties") else None
     if props is not None and props.isActive():
         try:
@@ -249,25 +275,27 @@ def layer_date(layer) -> tuple[Optional[_dt.date], str]:
         except AttributeError:
             pass
     path = layer_file(layer)
+    tags: dict[str, str] = {}
     if path:
         try:
             from osgeo import gdal
 
             ds = gdal.Open(path)
             if ds is not None:
-                tags = ds.GetMetadata() or {}
-                for key in _DATE_TAGS:
-                    d = parse_date(tags.get(key))
-                    if d:
-                        return d, f"file metadata ({key})"
+                tags = dict(ds.GetMetadata() or {})
         except (ImportError, RuntimeError):
-            pass
-        d = parse_date(Path(path).name)
+            tags = {}
+        by_upper = {k.upper(): v for k, v in tags.items()}
+        for key in _DATE_TAGS:
+            d = parse_date(by_upper.get(key.upper()))
+            if d:
+                return d, f"file metadata ({key})"
+    if is_synthetic(tags):
+        return None, ""
+    for name, where in ((Path(path).name if path else "", "file name"), (layer.name(), "layer name")):
+        d = product_name_date(name) if name else None
         if d:
-            return d, "file name"
-    d = parse_date(layer.name())
-    if d:
-        return d, "layer name"
+            return d, where
     return None, ""
 
 
@@ -292,6 +320,34 @@ def layer_file(layer) -> Optional[str]:
         return None
     path = Path(source)
     return str(path) if path.is_file() else None
+
+
+def file_hints(layer, path: Optional[str]) -> dict[str, Any]:
+    """What QGIS knows of ``layer`` that its file ``path`` does not say, as request fields:
+    ``input_crs`` (a CRS assigned in Layer Properties → Source) and ``input_nodata`` (an
+    additional no-data value set in Transparency). Empty when the file says it all, so that
+    requests stay as they were for engines without these fields."""
+    hints: dict[str, Any] = {}
+    if layer is None or not path:
+        return hints
+    try:
+        from osgeo import gdal
+
+        ds = gdal.Open(str(path))
+    except (ImportError, RuntimeError):
+        ds = None
+    if ds is None:
+        return hints
+    crs = layer.crs()
+    if not (ds.GetProjection() or "").strip() and crs.isValid():
+        hints["input_crs"] = crs_ref(crs)
+    band = ds.GetRasterBand(1) if ds.RasterCount else None
+    if band is not None and band.GetNoDataValue() is None:
+        provider = layer.dataProvider()
+        ranges = provider.userNoDataValues(1) if provider is not None else []
+        if ranges and ranges[0].min() == ranges[0].max():
+            hints["input_nodata"] = float(ranges[0].min())
+    return hints
 
 
 # ------------------------------------------------------------------------------------------------

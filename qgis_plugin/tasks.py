@@ -235,6 +235,7 @@ class EngineTask(QgsTask):
         self.outcome: Optional[JobOutcome] = None
         self.error: Optional[str] = None
         self.was_cancelled = False
+        self.cancel_stopped_s: Optional[float] = None
         self.declined: Optional[str] = None
         self.status_text = ""
         self.limits = (float(max_megapixels or 0.0), float(max_minutes or 0.0))
@@ -282,14 +283,13 @@ class EngineTask(QgsTask):
         try:
             client = self.manager.client(self.spec)
             if self.isCanceled():
-                self.was_cancelled = True
-                return False
+                return self._cancelled(0.0)
             on_plan = (lambda request, plan: self._on_plan(client, request, plan)) if self.plan_first else None
             self.outcome = run_job(client, self.prepared, upload=self.spec.upload_inputs,
                                    progress=self._progress, cancelled=self.isCanceled, on_plan=on_plan)
             return True
-        except ec.EngineCancelled:
-            self.was_cancelled = True
+        except ec.EngineCancelled as err:
+            return self._cancelled(getattr(err, "stopped_s", None))
         except pf.PreflightRefused as err:
             self.declined = str(err)
             return False
@@ -300,8 +300,20 @@ class EngineTask(QgsTask):
             self.error = f"Unexpected error: {type(err).__name__}: {err} (details in the DiffusionSat log)"
             QgsMessageLog.logMessage(traceback.format_exc(), LOG_TAG)
         if self.isCanceled():
-            self.was_cancelled = True
+            return self._cancelled(None)
         return False
+
+    def _cancelled(self, stopped_s: Optional[float]) -> bool:
+        """A cancel is not a failure: the task ends as completed (QGIS shows "Task failed" for a
+        terminated one), with ``was_cancelled`` set and no outcome, its description saying so."""
+        self.was_cancelled = True
+        self.cancel_stopped_s = stopped_s
+        if stopped_s is None:
+            self.status_text = "cancelled; the engine had not confirmed that it stopped"
+        else:
+            self.status_text = f"cancelled; the engine stopped in {stopped_s:.1f} s"
+        self.setDescription(f"{self.description()} (cancelled)")
+        return True
 
     def finished(self, result: bool) -> None:  # main thread
         if not result and self.error is None and not self.was_cancelled and self.declined is None:

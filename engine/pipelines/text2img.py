@@ -20,6 +20,9 @@ denoise (reporting progress and honouring cancellation once per step), decode.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -296,7 +299,18 @@ class DiffusionSatPipeline:
     ) -> PipelineOutput:
         """Sample images. ``metadata`` is a SatMetadata, a list of them (one per prompt), or
         normalised values (7 or (b, 7)). ``control`` adds a ControlNet (the pipeline must have
-        one); ``inpaint`` keeps the unmasked region of ``inpaint.image``."""
+        one); ``inpaint`` keeps the unmasked region of ``inpaint.image``. ``cancel`` is polled
+        before every step and before every UNet, ControlNet and VAE-decoder block."""
+        with _cancel_between_blocks(cancel, self.unet, self.controlnet, getattr(self.vae, "decoder", None)):
+            return self._sample(
+                prompt, metadata, height=height, width=width, num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt,
+                generator=generator, latents=latents, eta=eta, output_type=output_type,
+                callback=callback, cancel=cancel, control=control, inpaint=inpaint)
+
+    def _sample(self, prompt, metadata, *, height, width, num_inference_steps, guidance_scale,
+                num_images_per_prompt, generator, latents, eta, output_type, callback, cancel,
+                control, inpaint) -> PipelineOutput:
         # 1. Check inputs
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
@@ -388,6 +402,33 @@ class DiffusionSatPipeline:
         if do_cfg:
             cond_md = torch.cat([torch.zeros_like(cond_md), cond_md])
         return Control(image=image, cond_metadata=cond_md, scale=control.scale, guess_mode=control.guess_mode)
+
+
+@contextlib.contextmanager
+def _cancel_between_blocks(cancel: Optional[CancelToken], *models: Any):
+    """Poll ``cancel`` before each down/mid/up block of ``models`` (forward pre-hooks), so a
+    cancelled job stops within one block, not at the end of a (possibly minutes-long) step."""
+    handles = []
+    if cancel is not None:
+        owner = threading.get_ident()  # the models may be shared: another thread's run is not ours
+
+        def check(module, args):
+            if threading.get_ident() == owner:
+                cancel.raise_if_cancelled()
+
+        for model in models:
+            if model is None:
+                continue
+            blocks = [*(getattr(model, "down_blocks", None) or []), getattr(model, "mid_block", None),
+                      *(getattr(model, "up_blocks", None) or [])]
+            for block in blocks:
+                if isinstance(block, torch.nn.Module):
+                    handles.append(block.register_forward_pre_hook(check))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _rows(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:

@@ -105,6 +105,8 @@ class JobResultOut(BaseModel):
     metadata: dict[str, Any]
     warnings: list[str]
     seconds: float
+    denoise_steps: Optional[int] = Field(None, description="denoising steps run, summed over tiles (skipped tiles run none)")
+    denoise_seconds: Optional[float] = Field(None, description="seconds those steps took")
     result_url: Optional[str]
 
 
@@ -120,6 +122,8 @@ class PlanOut(BaseModel):
     steps: int
     unet_evaluations: int
     output_megapixels: float
+    mpx_per_step: Optional[float] = Field(None, description="megapixels through the UNet per step of one tile")
+    work_mpx: Optional[float] = Field(None, description="megapixels through the UNet over the job (time scales with it)")
 
 
 class JobOut(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from qgis.core import (
     QgsProcessingAlgorithm,
+    QgsProcessingContext,
     QgsProcessingException,
     QgsProcessingLayerPostProcessorInterface,
     QgsProcessingOutputNumber,
@@ -80,6 +81,7 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self._prepared: Optional[PreparedJob] = None
         self._limits: tuple[float, float] = (0.0, 0.0)
         self._allow_large = False
+        self._load: Optional[tuple] = None
 
     def createInstance(self):  # noqa: N802
         return type(self)()
@@ -164,7 +166,35 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         settings = PluginSettings.load()
         self._limits = (float(settings.max_output_mpx), float(settings.max_minutes))
         self._allow_large = bool(self.parameterAsBool(parameters, self.ALLOW_LARGE, context))
+        # Remember the load the dialog asked for: it is registered in this (main-thread) context,
+        # but the dialog runs processAlgorithm with a context of its own, and 3.22's
+        # takeResultsFrom() replaces the pending loads with that context's (empty) list.
+        self._load = None
+        out = self._prepared.output_path
+        if context.willLoadLayerOnCompletion(out):
+            details = context.layerToLoadOnCompletionDetails(out)
+            self._load = (details.name, details.project, details.outputName)
         return True
+
+    def register_load(self, context, key: str, path: str, name: str, styler) -> None:
+        """Make ``context`` (the one processAlgorithm runs with) load ``path`` on completion, when
+        the caller asked for it in prepareAlgorithm's context (possibly another one)."""
+        if context.willLoadLayerOnCompletion(key):
+            details = context.layerToLoadOnCompletionDetails(key)
+            if key != path:  # the download made the path absolute
+                loads = dict(context.layersToLoadOnCompletion())
+                loads[path] = loads.pop(key)
+                context.setLayersToLoadOnCompletion(loads)
+                details = context.layerToLoadOnCompletionDetails(path)
+        elif self._load is not None:
+            _, project, output_name = self._load
+            context.addLayerToLoadOnCompletion(path, QgsProcessingContext.LayerDetails(
+                name, project, output_name or self.OUTPUT))
+            details = context.layerToLoadOnCompletionDetails(path)
+        else:
+            return
+        details.name = name
+        details.setPostProcessor(styler)
 
     def processAlgorithm(self, parameters, context, feedback):  # noqa: N802 - worker thread
         from ..engine_client import EngineCancelled, EngineError
@@ -208,20 +238,21 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
                               cancelled=feedback.isCanceled, on_plan=on_plan)
         except PreflightRefused as err:
             raise QgsProcessingException(str(err)) from None
-        except EngineCancelled:
-            raise QgsProcessingException("Cancelled: the engine job was stopped.") from None
+        except EngineCancelled as err:
+            stopped = getattr(err, "stopped_s", None)
+            raise QgsProcessingException(
+                f"Cancelled: the engine stopped the job in {stopped:.1f} s." if stopped is not None else
+                "Cancelled: the engine was told to stop the job.") from None
         except (EngineError, EngineConfigError, RequestError, OSError) as err:
             raise QgsProcessingException(friendly_error(err, spec)) from None
         for warning in outcome.warnings:
             feedback.pushWarning(warning)
         rate = record_outcome(checked.get("preflight"), outcome.result)
         if rate is not None:
-            feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per UNet evaluation.")
+            feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per megapixel through the UNet.")
         info = provenance(outcome.path, outcome.result, prepared.request)
-        if context.willLoadLayerOnCompletion(prepared.output_path):
-            details = context.layerToLoadOnCompletionDetails(prepared.output_path)
-            details.name = prepared.layer_name
-            details.setPostProcessor(ResultStyler.create(prepared.date, info, outcome.warnings))
+        self.register_load(context, prepared.output_path, outcome.path, prepared.layer_name,
+                           ResultStyler.create(prepared.date, info, outcome.warnings))
         seed = outcome.result.get("seed")
         return {
             self.OUTPUT: outcome.path,

@@ -50,6 +50,9 @@ class InpaintAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterBoolean("SELECTED_ONLY", "Selected polygons only", defaultValue=False))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent (empty = whole layer)", optional=True))
         self.addParameter(QgsProcessingParameterString("PROMPT", "Prompt", optional=True))
+        self.addParameter(QgsProcessingParameterString(
+            "DATE", "Acquisition date of INPUT (YYYY-MM-DD; empty = the layer's temporal properties or "
+            "tags, else unknown)", optional=True))
         self.add_engine_options()
         self.add_output("In-painted image")
 
@@ -80,5 +83,5 @@ class InpaintAlgorithm(EngineAlgorithm):
             extent=extent, extent_crs=extent_crs,
             prompt=self.parameterAsString(parameters, "PROMPT", context) or "",
             model=self.model_value(parameters, context), options=self.options_value(parameters, context),
-            date=layer_date(layer)[0] if layer is not None else None,
+            date=self.date_value(parameters, "DATE", context) or (layer_date(layer)[0] if layer is not None else None),
         )

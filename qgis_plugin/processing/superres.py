@@ -44,6 +44,9 @@ class SuperresAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent (empty = whole layer)", optional=True))
         self.addParameter(QgsProcessingParameterNumber("FACTOR", "Factor", NUMBER_INTEGER, defaultValue=4,
                                                        minValue=1, maxValue=64))
+        self.addParameter(QgsProcessingParameterString(
+            "DATE", "Acquisition date (YYYY-MM-DD; empty = the layer's temporal properties or tags, "
+            "else unknown)", optional=True))
         self.add_engine_options()
         self.add_output("Super-resolved image")
 
@@ -61,7 +64,8 @@ class SuperresAlgorithm(EngineAlgorithm):
             extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
             extent = self.parameterAsExtent(parameters, "EXTENT", context)
         source_layer = layer or (band_layers[0] if band_layers else None)
-        date = layer_date(source_layer)[0] if source_layer is not None else None
+        date = self.date_value(parameters, "DATE", context) or (
+            layer_date(source_layer)[0] if source_layer is not None else None)
         return prepare_superres(
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             layer=layer, band_layers=band_layers, band_names=names, extent=extent, extent_crs=extent_crs,

@@ -498,3 +498,14 @@ def test_raster_outside_its_crs_area_is_a_raster_error(tmp_path):
     path = _write_tif(tmp_path / "wrongzone.tif", bbox=(12.4, 41.8, 12.6, 42.0))
     with pytest.raises(RasterError, match="wrongzone.tif.*area of use"):
         derive_from_raster(path)
+
+
+def test_an_undated_diffusionsat_output_stays_undated_whatever_its_name(tmp_path):
+    # Older plugin versions named outputs after the run time: that is no acquisition date.
+    tags = {"synthetic": "True", "software": "diffusionsat 0.1", "TIFFTAG_DATETIME": "2026:12:01 07:45:40"}
+    path = _write_tif(tmp_path / "inpaint_20261201-074540.tif", tags=tags)
+    assert date_from_raster(path)[0] is None
+    assert derive_from_raster(path).date is None
+    # A dated output keeps its date (from its tags).
+    path = _write_tif(tmp_path / "generate_20261201-074540.tif", tags={**tags, "metadata_date": "2021-06-15"})
+    assert date_from_raster(path)[0] == dt.date(2021, 6, 15)

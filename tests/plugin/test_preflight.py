@@ -34,7 +34,7 @@ def shown(plugin, monkeypatch):
     return texts
 
 
-def test_generate_shows_the_plan_and_learns_the_time_per_evaluation(plugin, engine_env, shown, qtbot):
+def test_generate_shows_the_plan_and_learns_the_time_per_megapixel(plugin, engine_env, shown, qtbot):
     tab = plugin.dock.generate
     tab.set_extent(UTM_EXTENT, UTM)
     width, height = tab.target_size()
@@ -55,7 +55,12 @@ def test_generate_shows_the_plan_and_learns_the_time_per_evaluation(plugin, engi
     key = pf.engine_key(task.spec)
     stored = pf.stored_rate(key, "tiny")
     assert stored is not None and stored[1] == 1
-    assert stored[0] == pytest.approx(task.outcome.result["seconds"] / 4, rel=1e-6)
+    result = task.outcome.result
+    # The engine's own measurement: its denoising steps and their time (not the model loading).
+    assert result["denoise_steps"] == 2 and 0 < result["denoise_seconds"] <= result["seconds"]
+    mpx_per_step = 2 * width * height / 1e6  # the whole image, twice (guidance)
+    assert check.mpx_per_step == pytest.approx(mpx_per_step, rel=1e-3)
+    assert stored[0] == pytest.approx(result["denoise_seconds"] / (2 * mpx_per_step), rel=1e-2)
     assert plugin.dock.plan_label.text().startswith("Done:") and "(measured)" in plugin.dock.plan_label.text()
 
     # The next plan's estimate uses it.
@@ -63,7 +68,7 @@ def test_generate_shows_the_plan_and_learns_the_time_per_evaluation(plugin, engi
     wait_for_task(qtbot, second)
     assert second.error is None, second.error
     assert second.preflight.basis == "measured on this engine (1 job)"
-    assert second.preflight.seconds_per_eval == pytest.approx(stored[0])
+    assert second.preflight.seconds_per_mpx == pytest.approx(stored[0])
     assert any("measured on this engine (1 job)" in t for t in shown if t.startswith("Plan:"))
     assert pf.stored_rate(key, "tiny")[1] == 2
 
@@ -141,9 +146,9 @@ def test_a_request_the_engine_refuses_shows_its_message_and_submits_nothing(plug
 
 
 def test_estimates_defaults_running_average_and_limits(plugin_settings):
-    assert pf.default_rate("cuda:0", "auto", 512) == 0.05
-    assert pf.default_rate("cpu", "/models/diffusionsat", 512) == 1.0
-    assert pf.default_rate("cpu", "tiny", 256) < 0.1
+    assert pf.default_rate("cuda:0", "auto", 512) == 0.2
+    assert pf.default_rate("cpu", "/models/diffusionsat", 512) == 4.0
+    assert pf.default_rate("cpu", "tiny", 256) < 1.0
     engine = "http://gpu-box:8765"
     assert pf.stored_rate(engine, "auto") is None
     assert pf.record_rate(engine, "auto", 10.0, 100) == pytest.approx(0.1)
@@ -154,10 +159,13 @@ def test_estimates_defaults_running_average_and_limits(plugin_settings):
 
     plan = {"task": "superres", "width": 12000, "height": 10000, "gsd_m": 2.5, "tiles": 900,
             "model_px": 512, "steps": 20, "unet_evaluations": 900 * 20, "output_megapixels": 120.0}
-    check = pf.Preflight(plan, 0.5, "default", max_megapixels=100, max_minutes=120)
-    assert check.estimate_s == 9000 and pf.describe_duration(check.estimate_s) == "about 150 min"
+    check = pf.Preflight(plan, 2.0, "default", max_megapixels=100, max_minutes=120)
+    # 900 tiles x 20 steps of one 512 px window (0.262 Mpx): 4719 Mpx through the UNet
+    assert check.work_mpx == pytest.approx(900 * 20 * 512 * 512 / 1e6)
+    assert check.estimate_s == pytest.approx(2.0 * check.work_mpx)
+    assert pf.describe_duration(check.estimate_s) == "about 157 min"
     reasons = check.reasons()
-    assert len(reasons) == 2 and "120.0 Mpx" in reasons[0] and "150 min" in reasons[1]
+    assert len(reasons) == 2 and "120.0 Mpx" in reasons[0] and "157 min" in reasons[1]
     assert "900 tiles" in check.summary() and "2.5 m/px" in check.summary()
     assert pf.Preflight(plan, 0.5, "default", max_megapixels=0, max_minutes=0).reasons() == []
 
