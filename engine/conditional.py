@@ -455,11 +455,16 @@ def _whole(grid: Grid):
     return _T(w, w)
 
 
+def _mpx(pixels: int) -> str:
+    """A pixel count people can read: '67 Mpx', '0.016 Mpx (16384 px)', never '0 Mpx'."""
+    return f"{pixels / 1e6:.0f} Mpx" if pixels >= 10**7 else f"{pixels / 1e6:.3g} Mpx ({pixels} px)"
+
+
 def _check_pixels(width: int, height: int, limit: Optional[int]) -> None:
     if limit is not None and width * height > limit:
         raise InvalidRequest(
-            f"the output would be {width}x{height} px ({width * height / 1e6:.0f} Mpx), over the limit of "
-            f"{limit / 1e6:.0f} Mpx; choose a smaller --bbox or --factor"
+            f"the output would be {width}x{height} px ({_mpx(width * height)}), over the limit of "
+            f"{_mpx(limit)}; choose a smaller bbox or factor"
         )
 
 
