@@ -77,3 +77,61 @@ def test_near_valid_job_requests(server):
     while call(server, "GET", "/v1/health", token=None).json["running"]:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def _json_values(max_leaves: int = 12):
+    """Any JSON value, bounded in size: scalars (NULs, long strings, huge numbers included) nested
+    in lists and objects."""
+    from hypothesis import strategies as st
+
+    scalars = st.one_of(
+        st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=30), st.sampled_from(["\x00", "/" + "x" * 2000, "upload:" + "f" * 32, "generate",
+                                               "superres", "inpaint", "temporal", "tiny", "EPSG:4326"]),
+    )
+    return st.recursive(scalars, lambda inner: st.one_of(
+        st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=12), inner, max_size=4)),
+        max_leaves=max_leaves)
+
+
+def _random_json_requests():
+    """Arbitrary JSON bodies, and valid requests with one field replaced by arbitrary JSON."""
+    from hypothesis import strategies as st
+
+    fields = ["task", "bbox", "crs", "date", "width", "height", "size", "steps", "guidance", "seed", "spread",
+              "model", "device", "dtype", "prompt", "scheduler", "input", "inputs", "mask", "rgb_bands",
+              "references", "input_dates", "cloud_cover", "max_pixels", "overlap", "no_such_field"]
+    fields += ["task", "input", "model"] * 4  # the fields the code behind validation looks at first
+    bases = st.sampled_from([
+        {"task": "generate", "bbox": [583000, 4507000, 583640, 4507640], "crs": "EPSG:32618",
+         "width": 64, "height": 64, "steps": 2},
+        {"task": "superres", "input": "/tmp/no-such.tif", "steps": 2},
+        {"task": "inpaint", "input": "/tmp/no-such.tif", "steps": 2},
+        {"task": "temporal", "inputs": ["/tmp/no-such.tif"], "date": "2021-06-15", "steps": 2},
+    ])
+    one_field = st.tuples(bases, st.sampled_from(fields), _json_values()).map(
+        lambda t: {**t[0], t[1]: t[2]})
+    return st.one_of(_json_values(), one_field, one_field, one_field)
+
+
+def test_random_json_never_5xx(server):
+    import json
+
+    statuses = []
+
+    @settings(max_examples=120, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(body=_random_json_requests())
+    def check(body):
+        for endpoint in ("/v1/jobs", "/v1/plan"):
+            reply = call(server, "POST", endpoint, data=json.dumps(body).encode(),
+                         headers={"Content-Type": "application/json"})
+            statuses.append(reply.status)
+            assert reply.status < 500, (endpoint, body, reply.body[:500])
+            if reply.status == 202:
+                call(server, "DELETE", f"/v1/jobs/{reply.json['id']}")
+            elif reply.status >= 400:
+                assert set(reply.json) == {"detail", "code"}, reply.body
+
+    check()
+    assert any(400 <= s < 500 for s in statuses)
