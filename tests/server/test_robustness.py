@@ -215,6 +215,37 @@ def test_conditional_pixel_limit_is_refused_before_202_with_a_readable_limit(ser
     assert len(call(server, "GET", "/v1/jobs").json["jobs"]) == before
 
 
+def _rgb(path: Path, bounds=(583000, 4507000, 583640, 4507640)) -> str:
+    import numpy as np
+    import rasterio
+    from rasterio.transform import from_bounds
+
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", nodata=0,
+                       crs="EPSG:32618", transform=from_bounds(*bounds, 64, 64)) as dst:
+        dst.write(np.full((3, 64, 64), 100, dtype="uint8"))
+    return str(path)
+
+
+def test_requests_the_run_would_refuse_are_4xx_before_202(server, tmp_path):
+    """POST /v1/jobs runs engine.tasks.plan (the run's own checks) before answering 202."""
+    a, b = _rgb(tmp_path / "a.tif"), _rgb(tmp_path / "b.tif")
+    junk = tmp_path / "junk.tif"
+    junk.write_text("not a raster")
+    refused = {
+        "date count": {"task": "temporal", "inputs": [a, b], "input_dates": ["2021-01-01"], "date": "2021-06-01"},
+        "unreadable raster": {"task": "inpaint", "input": str(junk)},
+        "not Sentinel-2": {"task": "superres", "input": a},
+    }
+    before = len(call(server, "GET", "/v1/jobs").json["jobs"])
+    for what, body in refused.items():
+        reply = call(server, "POST", "/v1/jobs", json_body={**body, "steps": 2})
+        assert 400 <= reply.status < 500, (what, reply.status, reply.body[:300])  # before: 202, then failed
+        assert set(reply.json) == {"detail", "code"}
+        planned = call(server, "POST", "/v1/plan", json_body={**body, "steps": 2})
+        assert planned.status == reply.status and planned.json == reply.json, what
+    assert len(call(server, "GET", "/v1/jobs").json["jobs"]) == before
+
+
 # ---- an engine in this process, for other limits and for faults -----------------------------
 
 
