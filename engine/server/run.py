@@ -78,7 +78,12 @@ def guarded_h11_protocol(header_timeout_s: float):
     complete request head within ``header_timeout_s`` of starting one (or of connecting) is closed.
     """
     import h11
+    from uvicorn.protocols.http import h11_impl
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    # Past --max-connections uvicorn answers 503 with a plain-text body; ours are all JSON. The
+    # protocol looks the answer up in its module at call time, so that is where it is replaced.
+    h11_impl.service_unavailable = _busy_json
 
     class GuardedH11Protocol(H11Protocol):
         _head_timer = None
@@ -114,6 +119,17 @@ def guarded_h11_protocol(header_timeout_s: float):
             super().connection_lost(exc)
 
     return GuardedH11Protocol
+
+
+_BUSY = json.dumps({"detail": "the engine has too many open connections (--max-connections); retry in "
+                              "a few seconds", "code": "too_many_connections"}).encode()
+
+
+async def _busy_json(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(_BUSY)).encode()),
+        (b"retry-after", b"5"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
 
 
 def uvicorn_limits(config: ServerConfig) -> dict:

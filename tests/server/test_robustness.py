@@ -357,7 +357,7 @@ def test_slow_loris_sockets_are_bounded_and_cut_off(inproc):
         time.sleep(0.3)
         # While they are held, the connection limit answers new requests at once (503), not never.
         busy = call(srv, "GET", "/v1/health", token=None, timeout=10)
-        assert busy.status == 503
+        assert_error(busy, 503, "too_many_connections")
         # Past the head timeout every one of them has been closed by the server ...
         assert all(_closed_by_peer(s, timeout=10) for s in socks)
         # ... and the engine answers normally again.
