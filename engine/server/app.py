@@ -28,6 +28,7 @@ from .. import __version__
 from ..errors import DiffusionSatError, DiskFull, InvalidRequest
 from .config import ServerConfig
 from .errors import (
+    ApiError,
     Gone,
     NotFound,
     NotReady,
@@ -186,15 +187,33 @@ def _format_request_validation(exc: RequestValidationError) -> str:
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _body_chunks(request: Request, idle_timeout_s: float):
+    """``request.stream()``, but a client that stops sending the body for ``idle_timeout_s`` gets a
+    408 instead of holding a connection (and a worker task) for ever (slow-loris on the body)."""
+    import asyncio
+
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(f"the request body stalled: nothing arrived for {idle_timeout_s:g} s; send it "
+                           "again", status=408, code="request_timeout",
+                           headers={"Connection": "close"}) from None
+        yield chunk
+
+
+async def _read_limited(request: Request, limit: int, idle_timeout_s: float = 30.0) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         if int(length) <= DRAIN_LIMIT:
-            async for _ in request.stream():
+            async for _ in _body_chunks(request, idle_timeout_s):
                 pass
         raise TooLarge(f"the request body is {int(length)} bytes, more than this endpoint's limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _body_chunks(request, idle_timeout_s):
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"the request body is more than this endpoint's limit of {limit} bytes")
@@ -424,7 +443,7 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         size = 0
         try:
             with open(partial, "wb") as fh:
-                async for chunk in request.stream():
+                async for chunk in _body_chunks(request, config.body_timeout_s):
                     size += len(chunk)
                     if size > limit:
                         raise TooLarge(f"the upload is more than this engine's limit of {limit / 2**20:.0f} "
@@ -466,7 +485,7 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
 
     async def _job_request(request: Request) -> Any:
         """The JSON body of a job request, validated (size, JSON, fields, paths, limits)."""
-        body = await _read_limited(request, config.max_json_bytes)
+        body = await _read_limited(request, config.max_json_bytes, config.body_timeout_s)
         try:
             data = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as err:

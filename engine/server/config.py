@@ -24,6 +24,8 @@ DEFAULT_MAX_CONNECTIONS = 64
 #: requests: a client that trickles bytes (slow-loris) or just holds the socket is cut off.
 DEFAULT_HEADER_TIMEOUT_S = 10.0
 DEFAULT_KEEP_ALIVE_S = 5.0
+#: Seconds a request body may stall (no bytes at all) before the request is answered 408.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 def default_token_file() -> Path:
@@ -75,6 +77,7 @@ class ServerConfig:
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()

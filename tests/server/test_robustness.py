@@ -381,3 +381,43 @@ def test_keep_alive_connections_still_work_across_requests(inproc):
             time.sleep(1.3)  # idle between requests longer than the head timeout, within keep-alive
     finally:
         conn.close()
+
+
+def test_a_stalled_request_body_is_408_not_held_for_ever(inproc):
+    srv = inproc(body_timeout_s=1.0)
+    for path, ctype in (("/v1/jobs", "application/json"), ("/v1/uploads", "image/tiff")):
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {srv.token}\r\n"
+                      f"Content-Type: {ctype}\r\nContent-Length: 1000\r\n\r\n{{".encode())
+            s.settimeout(10)
+            answer = b""
+            while True:  # the server answers and closes; it does not wait for the other 999 bytes
+                data = s.recv(4096)
+                if not data:
+                    break
+                answer += data
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 408"), answer[:300]
+        assert json.loads(body)["code"] == "request_timeout"
+    assert list(srv.config.uploads_dir.iterdir()) == []  # no partial upload left
+
+
+def test_serve_flags_set_the_limits(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import REPO, start_server, stop_server
+
+    done = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "--max-queue", "0", "--token-file",
+                           str(tmp_path / "tok"), "--workdir", str(tmp_path / "w")],
+                          capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 2 and "--max-queue" in done.stderr and "Traceback" not in done.stderr
+    (tmp_path / "s").mkdir()
+    srv = start_server(tmp_path / "s", "--max-steps", "5", "--max-job-seconds", "600", "--max-connections", "8",
+                       "--header-timeout", "2")
+    try:
+        body = assert_error(call(srv, "POST", "/v1/plan", json_body=generate_request(steps=6)), 422)
+        assert "limit of 5 steps" in body["detail"]
+        assert call(srv, "POST", "/v1/plan", json_body=generate_request(steps=5)).status == 200
+    finally:
+        assert stop_server(srv) == 0
