@@ -61,6 +61,9 @@ class Grid:
             return self, Window(0, 0, self.width, self.height)
         from .metadata import parse_crs, validate_bbox
 
+        if not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+            raise InvalidRequest(f"--bbox {tuple(bbox)} is not minx, miny, maxx, maxy with min < max; "
+                                 "give the lower-left corner first")
         if bbox_crs:
             validate_bbox(bbox, parse_crs(bbox_crs))
             from rasterio.warp import transform_bounds

@@ -421,3 +421,11 @@ def test_serve_flags_set_the_limits(tmp_path):
         assert call(srv, "POST", "/v1/plan", json_body=generate_request(steps=5)).status == 200
     finally:
         assert stop_server(srv) == 0
+
+
+def test_an_inverted_bbox_in_the_input_crs_is_422(server, tmp_path):
+    """plan() now runs before 202, so what it raises must be a 4xx: rasterio's WindowError was a 500."""
+    body = {"task": "temporal", "inputs": [_rgb(tmp_path / "a.tif")], "input_dates": ["2021-01-01"],
+            "date": "2022-01-01", "bbox": [583640, 4507640, 583000, 4507000], "steps": 2}
+    reply = assert_error(call(server, "POST", "/v1/jobs", json_body=body), 422, "invalid_request")
+    assert "min < max" in reply["detail"]
