@@ -17,6 +17,11 @@ The server is started the way the QGIS plugin starts it (``LocalEngine.start`` f
 
     python benchmarks/server_overhead.py            # prints a Markdown table
     python benchmarks/server_overhead.py --write    # also updates docs/benchmarks.md
+
+``--only reuse`` measures instead what keeping the model loaded is worth: the first and the second
+job on one model through the server (``/v1/health``'s ``model_loads`` before and after), and
+``--only spread`` the peak RSS of ``generate`` with and without ``spread`` (one process each),
+which the server's per-job memory bound rests on. Each writes its own section.
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ import time
 import urllib.parse
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 from benchmarks._report import machine_description, write_section  # noqa: E402
 from qgis_plugin.engine_client import EngineClient, LocalEngine  # noqa: E402
 
@@ -131,6 +137,95 @@ class InProcess:
         return burst / (time.perf_counter() - start)
 
 
+def model_reuse(device: str, jobs: int, size: int, steps: int) -> tuple[list[float], list[float], list]:
+    """Seconds from POST to done of ``jobs`` jobs on one fresh server, the server process's CPU
+    seconds per job (steadier than wall time on a shared machine), and model_loads after each."""
+    import psutil
+
+    with tempfile.TemporaryDirectory(prefix="diffusionsat-bench-") as tmp:
+        engine = LocalEngine.start(sys.executable, token_file=str(Path(tmp) / "token"), model="tiny",
+                                   extra_args=["--workdir", str(Path(tmp) / "work"), "--log-level", "warning",
+                                               "--device", device], timeout=300, cwd=str(REPO))
+        try:
+            client = engine.client()
+            proc = psutil.Process(engine.process.pid)
+            seconds, cpu, loads = [], [], []
+            for i in range(jobs):
+                start, cpu0 = time.perf_counter(), sum(proc.cpu_times()[:2])
+                job_id = client.submit(dict(JOB, seed=i, width=size, height=size, steps=steps))
+                assert client.wait(job_id, poll=0.2)["state"] == "done"
+                seconds.append(time.perf_counter() - start)
+                cpu.append(sum(proc.cpu_times()[:2]) - cpu0)
+                loads.append(client.health().get("model_loads", "n/a"))
+        finally:
+            engine.stop()
+    return seconds, cpu, loads
+
+
+_SPREAD_CHILD = """
+import resource, sys, tempfile
+from engine.tasks import parse_request, run_task
+size, spread, steps = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+req = dict(task="generate", bbox=[583000, 4507000, 583000 + 10 * size, 4507000 + 10 * size], crs="EPSG:32618",
+           width=size, height=size, steps=steps, seed=1, model="tiny", device="cpu")
+if spread > 1:
+    req["spread"] = spread
+with tempfile.TemporaryDirectory() as tmp:
+    run_task(parse_request(req), tmp + "/o.tif")
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+"""
+
+
+def spread_peak_rss(size: int, spreads: list[int], steps: int) -> dict[int, int]:
+    """Peak RSS (MiB) of one generate job per spread value, each in a fresh process."""
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+    out = {}
+    for spread in spreads:
+        done = subprocess.run([sys.executable, "-c", _SPREAD_CHILD, str(size), str(spread), str(steps)],
+                              capture_output=True, text=True, env=env, check=True)
+        out[spread] = int(done.stdout.strip().splitlines()[-1])
+    return out
+
+
+def main_reuse(args) -> None:
+    seconds, cpu, loads = model_reuse(args.device, args.jobs, args.size, args.steps)
+    rows = ["| job on one server | POST to done | server CPU time | model_loads after it |", "|---|---|---|---|"]
+    rows += [f"| {i + 1} | {s:.2f} s | {c:.2f} s | {n} |" for i, (s, c, n) in enumerate(zip(seconds, cpu, loads))]
+    later = statistics.median(seconds[1:]) if len(seconds) > 1 else float("nan")
+    later_cpu = statistics.median(cpu[1:]) if len(cpu) > 1 else float("nan")
+    table = "\n".join(rows) + "\n"
+    summary = (f"First job {seconds[0]:.2f} s wall / {cpu[0]:.2f} s CPU (loads the model), later jobs "
+               f"{later:.2f} s / {later_cpu:.2f} s (medians); model_loads after the last: {loads[-1]}.\n")
+    print(table + "\n" + summary)
+    if args.write:
+        cmd = (f"python benchmarks/server_overhead.py --only reuse --jobs {args.jobs} --size {args.size} "
+               f"--steps {args.steps} --device {args.device} --write")
+        write_section(f"Engine server: model kept loaded between jobs (tiny, {args.device})",
+                      f"Command: `{cmd}`\n\nMachine: {machine_description(args.device)}\n\n"
+                      "Before the fix (`models or ModelCache()` treated the shared, empty cache as false) every "
+                      "job built its model afresh and `model_loads` stayed 0 with `models_loaded: 0`; the tiny "
+                      "model's load is cheap, a real checkpoint's is several GB read and moved to the device.\n\n"
+                      + table + "\n" + summary)
+
+
+def main_spread(args) -> None:
+    spreads = [1, 4, 8]
+    rss = spread_peak_rss(args.size, spreads, args.steps)
+    rows = ["| spread samples | peak RSS |", "|---|---|"] + [f"| {k} | {v} MiB |" for k, v in rss.items()]
+    table = "\n".join(rows) + "\n"
+    print(table)
+    if args.write:
+        cmd = f"python benchmarks/server_overhead.py --only spread --size {args.size} --steps {args.steps} --write"
+        write_section("generate --spread: peak memory per job (tiny, cpu)",
+                      f"Command: `{cmd}`\n\nMachine: {machine_description('cpu')}\n\n"
+                      f"One `generate` job of {args.size}x{args.size} px, {args.steps} steps, in a fresh process "
+                      "each. The samples are denoised and decoded one at a time and the spread map is "
+                      "accumulated, so the peak hardly grows with the number of samples (it grew with each one "
+                      "when all were one batch: 6.7 GB for 1024 px x 16 with a real model).\n\n" + table)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--requests", type=int, default=200, help="requests per latency measurement")
@@ -141,7 +236,14 @@ def main() -> None:
     p.add_argument("--poll-ms", type=float, default=10.0, help="poll interval for the first-progress timing")
     p.add_argument("--device", default="cpu", help="the engine's --device (cpu, cuda)")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    p.add_argument("--only", choices=["reuse", "spread"], help="measure only model reuse or spread memory")
+    p.add_argument("--size", type=int, default=64, help="output side in px for --only reuse/spread")
+    p.add_argument("--steps", type=int, default=2, help="steps for --only reuse/spread")
     args = p.parse_args()
+    if args.only == "reuse":
+        return main_reuse(args)
+    if args.only == "spread":
+        return main_spread(args)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     with tempfile.TemporaryDirectory(prefix="diffusionsat-bench-") as tmp:
@@ -150,7 +252,7 @@ def main() -> None:
         engine = LocalEngine.start(sys.executable, token_file=str(tmp_path / "token"), model="tiny",
                                    extra_args=["--workdir", str(tmp_path / "work"), "--log-level", "warning",
                                                "--device", args.device],
-                                   timeout=300)
+                                   timeout=300, cwd=str(REPO))  # this checkout's engine, not an installed one
         startup_s = time.perf_counter() - started
         try:
             client = engine.client()

@@ -563,7 +563,19 @@ def _add_serve_parser(sub) -> None:
     from .tasks import MAX_PIXELS
 
     net.add_argument("--max-pixels", type=_int, default=MAX_PIXELS,
-                     help=f"largest output of one job in pixels (default {MAX_PIXELS}, 4096 x 4096)")
+                     help=f"largest output of one job in pixels, spread samples counted (default {MAX_PIXELS}, "
+                     "4096 x 4096)")
+    lim = s.add_argument_group("limits per job and per client (denial of service)")
+    lim.add_argument("--max-queue", type=_int, default=32,
+                     help="jobs waiting behind the running one; more are refused with 429 (default 32)")
+    lim.add_argument("--max-steps", type=_int, default=200,
+                     help="denoising steps one job may ask for (default 200)")
+    lim.add_argument("--max-job-seconds", type=_float, default=3600.0,
+                     help="wall-clock limit of one job; it then fails with code time_limit (default 3600)")
+    lim.add_argument("--max-connections", type=_int, default=64,
+                     help="open HTTP connections; past it requests get 503 (default 64)")
+    lim.add_argument("--header-timeout", type=_float, default=10.0,
+                     help="seconds a client may take to send a request head (default 10)")
     mdl = s.add_argument_group("model and device")
     mdl.add_argument("--model", default="auto",
                      help="model for jobs that name none: auto (default), tiny, a folder, hf:owner/name")
@@ -595,7 +607,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise InvalidRequest(f"--port {args.port} is not a TCP port; give 0..65535 (0: a free port)")
     for flag, value in (("--max-upload-mb", args.max_upload_mb), ("--max-pixels", args.max_pixels),
-                        ("--max-models", args.max_models), ("--retention-hours", args.retention_hours)):
+                        ("--max-models", args.max_models), ("--retention-hours", args.retention_hours),
+                        ("--max-queue", args.max_queue), ("--max-steps", args.max_steps),
+                        ("--max-job-seconds", args.max_job_seconds), ("--max-connections", args.max_connections),
+                        ("--header-timeout", args.header_timeout)):
         if not value > 0:
             raise InvalidRequest(f"{flag} must be more than 0, got {value}")
     for root in args.allowed_root:
@@ -625,6 +640,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_models=args.max_models,
+        max_queue=args.max_queue,
+        max_steps=args.max_steps,
+        max_job_seconds=args.max_job_seconds,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
     )
 
     def _terminate(signum, frame):

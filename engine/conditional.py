@@ -61,6 +61,9 @@ class Grid:
             return self, Window(0, 0, self.width, self.height)
         from .metadata import parse_crs, validate_bbox
 
+        if not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
+            raise InvalidRequest(f"--bbox {tuple(bbox)} is not minx, miny, maxx, maxy with min < max; "
+                                 "give the lower-left corner first")
         if bbox_crs:
             validate_bbox(bbox, parse_crs(bbox_crs))
             from rasterio.warp import transform_bounds
@@ -484,11 +487,16 @@ def _metadata_tags(md) -> dict:
     return tags
 
 
+def _mpx(pixels: int) -> str:
+    """A pixel count people can read: '67 Mpx', '0.016 Mpx (16384 px)', never '0 Mpx'."""
+    return f"{pixels / 1e6:.0f} Mpx" if pixels >= 10**7 else f"{pixels / 1e6:.3g} Mpx ({pixels} px)"
+
+
 def _check_pixels(width: int, height: int, limit: Optional[int], fix: str = "a smaller --bbox") -> None:
     if limit is not None and width * height > limit:
         raise InvalidRequest(
-            f"the output would be {width}x{height} px ({width * height / 1e6:.3g} Mpx), over the limit of "
-            f"{limit} px ({limit / 1e6:.3g} Mpx); choose {fix}"
+            f"the output would be {width}x{height} px ({_mpx(width * height)}), over the limit of "
+            f"{_mpx(limit)}; choose {fix}"
         )
 
 

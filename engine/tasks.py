@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .device import DTYPE_NAMES
 from .errors import InvalidRequest, RasterError
-from .progress import CancelToken, ProgressCallback
+from .progress import CancelToken, Progress, ProgressCallback
 
 DEFAULT_PROMPT = "a satellite image"
 #: the samplers: default = the checkpoint's own (engine.pipelines.text2img.make_scheduler builds them)
@@ -310,7 +310,8 @@ def generate(
     started = time.perf_counter()
     out = check(request, out).out  # everything refusable is refused before the model is loaded
     crs = parse_crs(request.crs)
-    models = models or ModelCache()
+    if models is None:  # not `models or ...`: an empty cache is falsy (it has __len__) yet shared
+        models = ModelCache()
     bundle, placement = models.get(
         request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
         device=request.device, dtype=request.dtype,
@@ -334,29 +335,46 @@ def generate(
     seed = request.seed if request.seed is not None else new_seed()
 
     pipe = DiffusionSatPipeline.from_bundle(bundle)
-    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    generator = torch.Generator("cpu").manual_seed(seed)
     samples = request.spread or 1
-    # Each sample has its own seed (seed, seed+1, ...) so sample 0 is exactly the single-seed image.
-    latents = torch.cat([
-        pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
-        / pipe.scheduler.init_noise_sigma
-        for i in range(samples)
-    ])
-    result = pipe(
-        request.prompt,
-        metadata if bundle.uses_metadata else None,
-        height=height,
-        width=width,
-        num_inference_steps=request.steps,
-        guidance_scale=request.guidance,
-        num_images_per_prompt=samples,
-        generator=generator,
-        latents=latents,
-        callback=progress,
-        cancel=cancel,
-    )
-    image = np.clip(np.rint(result.images[0] * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    # One sample at a time, so peak memory is one image's whatever the spread: each sample has its
+    # own seed (seed, seed+1, ...), so sample 0 is exactly the single-seed image; the spread map is
+    # accumulated on the way (Welford), not from a stack of all the samples.
+    first = mean = m2 = None
+    for i in range(samples):
+        pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+        sample_progress = progress
+        if progress is not None and samples > 1:
+            def sample_progress(p, _i=i):
+                progress(Progress(step=p.step, total_steps=p.total_steps, tile=_i, total_tiles=samples,
+                                  message=f"sample {_i + 1}/{samples}: {p.message}"))
+        latents = (pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
+                   / pipe.scheduler.init_noise_sigma)
+        generator = torch.Generator("cpu").manual_seed(seed + i)  # the scheduler's own noise, if it draws any
+        images = pipe(
+            request.prompt,
+            metadata if bundle.uses_metadata else None,
+            height=height,
+            width=width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            num_images_per_prompt=1,
+            generator=generator,
+            latents=latents,
+            callback=sample_progress,
+            cancel=cancel,
+        ).images
+        if first is None:
+            first = images[0]
+        if samples > 1:
+            brightness = images[0].mean(axis=-1, dtype=np.float64)
+            if mean is None:
+                mean, m2 = brightness.copy(), np.zeros_like(brightness)
+            else:
+                delta = brightness - mean
+                mean += delta / (i + 1)
+                m2 += delta * (brightness - mean)
+        del images
+    image = np.clip(np.rint(first * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
     tags = {
         **provenance_tags("generate", bundle, placement, request, seed),
         "TIFFTAG_IMAGEDESCRIPTION": f"AI-generated (synthetic) image: DiffusionSat {bundle.name}, seed {seed}",
@@ -369,7 +387,7 @@ def generate(
     transform = grid_transform(request.bbox, width, height)
     if samples > 1:
         # per-pixel standard deviation over the samples of the mean of R, G, B (0..1)
-        spread = result.images.mean(axis=-1).std(axis=0).astype(np.float32)
+        spread = np.sqrt(m2 / samples).astype(np.float32)
         spread_tags = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION")}
         spread_tags.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
                            TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
@@ -424,9 +442,10 @@ def _conditional(name: str):
 
         started = time.perf_counter()
         out = check(request, out).out  # everything refusable is refused before the model is loaded
+        if models is None:  # not `models or ...`: an empty shared cache is falsy (it has __len__)
+            models = ModelCache()
         with assigned_inputs(request, out.parent) as request:
-            outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
-                                                 cancel=cancel)
+            outcome = getattr(conditional, name)(request, out, models=models, progress=progress, cancel=cancel)
         if conditional._distributed()[0] != 0:
             return None  # a non-zero rank of a split run: rank 0 wrote the COG and reports
         grid = outcome.grid

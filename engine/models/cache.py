@@ -28,6 +28,8 @@ class ModelCache:
         self.max_models = max(1, int(max_models))
         self._items: "OrderedDict[ModelKey, ModelBundle]" = OrderedDict()
         self._lock = threading.RLock()
+        #: models loaded since the cache was made (a reused one does not count): for /v1/health
+        self.loads = 0
 
     def get(
         self,
@@ -51,6 +53,7 @@ class ModelCache:
             bundle = load_model(model, unet=unet, base=base, controlnet=controlnet)
             bundle.to(placement.device, placement.torch_dtype)
             self._items[key] = bundle
+            self.loads += 1
             return bundle, placement
 
     def clear(self) -> None:
@@ -60,6 +63,11 @@ class ModelCache:
 
     def __len__(self) -> int:
         return len(self._items)
+
+    def __bool__(self) -> bool:
+        # An empty cache is still a cache: without this, `models or ModelCache()` would silently
+        # replace a shared, still-empty cache by a private one and every job would reload its model.
+        return True
 
 
 def _free_device_memory() -> None:

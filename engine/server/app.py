@@ -8,6 +8,7 @@ No CORS headers are sent: web pages in a browser cannot call the engine, only pr
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -24,9 +25,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
-from ..errors import DiffusionSatError, InvalidRequest
+from ..errors import DiffusionSatError, DiskFull, InvalidRequest
 from .config import ServerConfig
 from .errors import (
+    ApiError,
     Gone,
     NotFound,
     NotReady,
@@ -65,7 +67,9 @@ class HealthOut(BaseModel):
     total_vram_mb: Optional[int]
     queue: int = Field(..., description="jobs waiting (not counting the running one)")
     running: bool
-    models_loaded: int
+    models_loaded: int = Field(..., description="models held in memory now")
+    model_loads: int = Field(..., description="models loaded since the engine started (a reused one does not "
+                                              "count)")
 
 
 class ModelOut(BaseModel):
@@ -163,7 +167,10 @@ class UploadOut(BaseModel):
     size_bytes: int
 
 
-_ERRORS = {status: {"model": ErrorOut} for status in (401, 403, 404, 409, 410, 413, 415, 422)}
+_ERRORS = {status: {"model": ErrorOut} for status in (401, 403, 404, 409, 410, 413, 415, 422, 429, 507)}
+
+#: How deep a job request's JSON may nest; a real one is 2 levels deep (a list in the object).
+MAX_JSON_DEPTH = 16
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -191,20 +198,61 @@ def _format_request_validation(exc: RequestValidationError) -> str:
 DRAIN_LIMIT = 64 * 1024 * 1024
 
 
-async def _read_limited(request: Request, limit: int) -> bytes:
+async def _body_chunks(request: Request, idle_timeout_s: float):
+    """``request.stream()``, but a client that stops sending the body for ``idle_timeout_s`` gets a
+    408 instead of holding a connection (and a worker task) for ever (slow-loris on the body)."""
+    import asyncio
+
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), idle_timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:
+            raise ApiError(f"the request body stalled: nothing arrived for {idle_timeout_s:g} s; send it "
+                           "again", status=408, code="request_timeout",
+                           headers={"Connection": "close"}) from None
+        yield chunk
+
+
+async def _read_limited(request: Request, limit: int, idle_timeout_s: float = 30.0) -> bytes:
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > limit:
         if int(length) <= DRAIN_LIMIT:
-            async for _ in request.stream():
+            async for _ in _body_chunks(request, idle_timeout_s):
                 pass
         raise TooLarge(f"the request body is {int(length)} bytes, more than this endpoint's limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    async for chunk in _body_chunks(request, idle_timeout_s):
         size += len(chunk)
         if size > limit:
             raise TooLarge(f"the request body is more than this endpoint's limit of {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _check_json_shape(data: Any) -> None:
+    """Refuse, with a 422, JSON that no request model could hold but that would trip the code
+    behind validation: nesting past :data:`MAX_JSON_DEPTH` (recursion) and NUL characters (which
+    no path, CRS or prompt can contain, and which the OS refuses in paths). Iterative: any depth."""
+    stack = [(data, 1, "request")]
+    while stack:
+        value, depth, where = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidRequest(f"the request nests deeper than {MAX_JSON_DEPTH} levels at {_short(where)}; "
+                                 "a job request is a flat JSON object with a few lists")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise InvalidRequest(f"{_short(where)}: contains a NUL character, which no path or text "
+                                     "field may contain")
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                if "\x00" in key:
+                    raise InvalidRequest("a field name contains a NUL character")
+                stack.append((item, depth + 1, key if where == "request" else f"{where}.{key}"))
+        elif isinstance(value, list):
+            stack.extend((item, depth + 1, f"{where}.{i}") for i, item in enumerate(value))
 
 
 def _model_tasks(kind: str, model: Any = None) -> list[str]:
@@ -253,7 +301,8 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
     uploads = UploadStore(config.uploads_dir, config.max_upload_bytes)
     models = ModelCache(max_models=config.max_models)
     if manager is None:
-        manager = JobManager(config.jobs_dir, models=models, runner=runner, retention_s=config.retention_s)
+        manager = JobManager(config.jobs_dir, models=models, runner=runner, retention_s=config.retention_s,
+                             max_queue=config.max_queue, max_job_seconds=config.max_job_seconds)
     stop_sweeping = threading.Event()
 
     def sweep_forever() -> None:
@@ -360,6 +409,7 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
             "queue": manager.queued_count(),
             "running": manager.running_id() is not None,
             "models_loaded": len(models),
+            "model_loads": models.loads,
         }
 
     @app.get(f"{API_PREFIX}/openapi.json", dependencies=auth, include_in_schema=False)
@@ -401,7 +451,7 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         size = 0
         try:
             with open(partial, "wb") as fh:
-                async for chunk in request.stream():
+                async for chunk in _body_chunks(request, config.body_timeout_s):
                     size += len(chunk)
                     if size > limit:
                         raise TooLarge(f"the upload is more than this engine's limit of {limit / 2**20:.0f} "
@@ -409,6 +459,13 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
                     fh.write(chunk)
             if size == 0:
                 raise InvalidRequest("the upload is empty; send the GeoTIFF's bytes as the request body")
+        except OSError as err:
+            partial.unlink(missing_ok=True)
+            if err.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"no space left in the engine's workdir {config.uploads_dir} for a "
+                               f"{size / 2**20:.1f} MiB upload (or more); free space there, or start the "
+                               "engine with another --workdir") from None
+            raise
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
@@ -427,19 +484,58 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         A request that names no ``model`` runs with the engine's ``--model``.
         """
         job_request = await _job_request(request)
+        # The same checks the run makes before its first model call (inputs opened, output grid,
+        # pixel limits, masks, dates): a request that would fail is refused now, with a 4xx.
+        await run_in_threadpool(_plan, job_request)
         job = manager.submit(job_request)
         # "queued" is the state at acceptance; the worker may already have started it since.
         return {"id": job.id, "state": "queued"}
 
     async def _job_request(request: Request) -> Any:
         """The JSON body of a job request, validated (size, JSON, fields, paths, limits)."""
-        body = await _read_limited(request, config.max_json_bytes)
+        body = await _read_limited(request, config.max_json_bytes, config.body_timeout_s)
         try:
             data = json.loads(body or b"null")
         except (ValueError, UnicodeDecodeError) as err:
             raise InvalidRequest(f"the body is not valid JSON ({err}); send a JSON object") from None
+        except RecursionError:
+            raise InvalidRequest(f"the request nests deeper than {MAX_JSON_DEPTH} levels; a job request is "
+                                 "a flat JSON object with a few lists") from None
+        _check_json_shape(data)
+        if isinstance(data, dict) and not isinstance(data.get("task", "generate"), str):
+            from ..tasks import REQUEST_MODELS
+
+            raise InvalidRequest(f"task: must be a string, one of {', '.join(REQUEST_MODELS)}")
         # Validation reads files (model configs, CRS database): keep it off the event loop.
-        return await run_in_threadpool(resolve_request, data, config, uploads)
+        job_request = await run_in_threadpool(_resolve, data)
+        steps = getattr(job_request, "steps", None)
+        if isinstance(steps, int) and steps > config.max_steps:
+            raise InvalidRequest(f"steps: {steps} is more than this engine's limit of {config.max_steps} "
+                                 "steps per job (--max-steps); 20-50 steps are usual")
+        return job_request
+
+    def _resolve(data: Any) -> Any:
+        try:
+            return resolve_request(data, config, uploads)
+        except OSError as err:
+            if isinstance(err, DiffusionSatError):
+                raise
+            # A path the OS refuses outright (too long, a loop of links, ...): the request's fault.
+            name = _short(str(err.filename)) if err.filename else "a path in the request"
+            raise InvalidRequest(f"{name}: cannot be used as a path on the engine's machine "
+                                 f"({err.strerror or err}); give a shorter, existing path or upload the file") from None
+
+    def _plan(job_request: Any) -> dict[str, Any]:
+        from ..tasks import plan
+
+        try:
+            return plan(job_request)
+        except OSError as err:
+            if isinstance(err, DiffusionSatError):
+                raise
+            name = _short(str(err.filename)) if err.filename else "an input of the request"
+            raise InvalidRequest(f"{name}: cannot be read on the engine's machine ({err.strerror or err}); "
+                                 "give a path the engine can read or upload the file") from None
 
     @app.post(f"{API_PREFIX}/plan", response_model=PlanOut, dependencies=auth, responses=_ERRORS,
               tags=["jobs"],
@@ -450,10 +546,8 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
 
         Checks the request as ``POST /v1/jobs`` does, so a request that plans will also be accepted.
         """
-        from ..tasks import plan
-
         job_request = await _job_request(request)
-        return await run_in_threadpool(plan, job_request)
+        return await run_in_threadpool(_plan, job_request)
 
     @app.get(f"{API_PREFIX}/jobs", response_model=JobListOut, dependencies=auth, responses=_ERRORS,
              tags=["jobs"])

@@ -14,6 +14,20 @@ from ..tasks import MAX_PIXELS
 MAX_JSON_BYTES = 1 << 20
 #: Default output pixel-count limit per job (the engine's own single-image limit).
 DEFAULT_MAX_PIXELS = MAX_PIXELS
+#: Jobs waiting behind the running one; more are refused with 429 and Retry-After.
+DEFAULT_MAX_QUEUE = 32
+#: Denoising steps one job may ask for (the request schema itself allows up to 1000).
+DEFAULT_MAX_STEPS = 200
+#: Wall-clock seconds one job may hold the worker; past it the job fails with code time_limit.
+DEFAULT_MAX_JOB_SECONDS = 3600.0
+#: Open HTTP connections (idle keep-alive ones included); past it uvicorn answers 503.
+DEFAULT_MAX_CONNECTIONS = 64
+#: Seconds a connection may take to send a complete request head, and may sit idle between
+#: requests: a client that trickles bytes (slow-loris) or just holds the socket is cut off.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_KEEP_ALIVE_S = 5.0
+#: Seconds a request body may stall (no bytes at all) before the request is answered 408.
+DEFAULT_BODY_TIMEOUT_S = 30.0
 
 
 def default_token_file() -> Path:
@@ -59,6 +73,13 @@ class ServerConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_models: int = 1
     max_json_bytes: int = MAX_JSON_BYTES
+    max_queue: int = DEFAULT_MAX_QUEUE
+    max_steps: int = DEFAULT_MAX_STEPS
+    max_job_seconds: float = DEFAULT_MAX_JOB_SECONDS
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
+    keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
+    body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()

@@ -18,6 +18,7 @@ from ..errors import (
     InvalidRequest,
     ModelLoadError,
     ModelNotFound,
+    DiskFull,
     RasterError,
 )
 
@@ -97,6 +98,16 @@ class TooLarge(ApiError):
     code = "too_large"
 
 
+class QueueFull(ApiError):
+    """The job queue holds ``--max-queue`` jobs already: try again after ``Retry-After`` seconds."""
+
+    http_status = 429
+    code = "queue_full"
+
+    def __init__(self, detail: str, *, retry_after: int) -> None:
+        super().__init__(detail, headers={"Retry-After": str(int(retry_after))})
+
+
 class UnsupportedMediaType(ApiError):
     http_status = 415
     code = "unsupported_media_type"
@@ -112,6 +123,7 @@ _ENGINE_CODES: tuple[tuple[type[BaseException], str], ...] = (
     (InvalidRequest, "invalid_request"),
     (ModelNotFound, "model_not_found"),
     (ModelLoadError, "model_load_error"),
+    (DiskFull, "disk_full"),
     (RasterError, "raster_error"),
     (DeviceError, "device_error"),
     (Cancelled, "cancelled"),

@@ -197,12 +197,13 @@ def confine_path(path: str | os.PathLike, config: ServerConfig, *, what: str = "
 
 
 def output_pixels(request: Any) -> Optional[int]:
-    """Pixels of the requested output when the request states its size, else None."""
+    """Pixels the request makes the engine produce when it states its size, else None: the
+    output's, times the samples of ``spread`` (each is a whole image denoised and decoded)."""
     size = getattr(request, "size", None)
     width = getattr(request, "width", None) or size
     height = getattr(request, "height", None) or size
     if width and height:
-        return int(width) * int(height)
+        return int(width) * int(height) * int(getattr(request, "spread", None) or 1)
     return None
 
 
@@ -244,9 +245,9 @@ def precheck(request: Any, config: ServerConfig) -> None:
     pixels = output_pixels(request)
     if pixels is not None and pixels > config.max_pixels:
         raise TooLarge(
-            f"the output would have {pixels} pixels, more than this engine's limit of "
-            f"{config.max_pixels} (--max-pixels); request a smaller width/height or a coarser "
-            "resolution"
+            f"the output would have {pixels} pixels (width x height x spread samples), more than "
+            f"this engine's limit of {config.max_pixels} (--max-pixels); request a smaller "
+            "width/height, fewer spread samples or a coarser resolution"
         )
     _check_model_paths(request, config)
     # The rest (place, dates, device, model folders, inputs) is engine.tasks.check, called by

@@ -3,12 +3,20 @@
 The HTTP layer only ever calls the non-blocking methods of :class:`JobManager` (submit, get,
 cancel, list); the worker thread runs the tasks one after another with a shared
 :class:`~engine.models.cache.ModelCache`, so a model is loaded once and reused. A job that raises
-becomes ``failed`` with a message and the worker goes on with the next one.
+becomes ``failed`` with a message and the worker goes on with the next one: whatever goes wrong
+while a job is in the worker's hands (its folder cannot be made, the runner raises anything at
+all, the bookkeeping after it trips), that job, and only that job, ends ``failed`` (or
+``cancelled``, if the user asked first) with ``finished`` set, so no client waits forever.
+
+The queue is bounded (``max_queue``: a full queue answers 429 with ``Retry-After``) and each job
+has a wall-clock limit (``max_job_seconds``): past it the job is stopped at the end of the current
+denoising step and fails with code ``time_limit``.
 """
 
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import logging
 import shutil
 import threading
@@ -19,8 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from ..errors import Cancelled, DiffusionSatError
+from ..errors import Cancelled, DiffusionSatError, DiskFull, RasterError
 from ..progress import CancelToken, Progress
+from .config import DEFAULT_MAX_JOB_SECONDS, DEFAULT_MAX_QUEUE
 
 log = logging.getLogger("engine.server")
 
@@ -64,6 +73,7 @@ class Job:
     result: Any = None  #: engine.tasks.TaskResult when done
     result_path: Optional[Path] = None
     expired: bool = False
+    timed_out: bool = False  #: stopped by the engine's per-job time limit, not by the user
 
     def eta_s(self, now: Optional[float] = None) -> Optional[float]:
         """Seconds left, from the pace since denoising began (model loading is not extrapolated)."""
@@ -111,12 +121,16 @@ class JobManager:
     """
 
     def __init__(self, jobs_dir: Path, *, models: Any = None, runner: Optional[Runner] = None,
-                 retention_s: float = 24 * 3600.0) -> None:
+                 retention_s: float = 24 * 3600.0, max_queue: int = DEFAULT_MAX_QUEUE,
+                 max_job_seconds: Optional[float] = DEFAULT_MAX_JOB_SECONDS) -> None:
         self.jobs_dir = Path(jobs_dir)
         self.jobs_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.models = models
         self.runner = runner
         self.retention_s = float(retention_s)
+        self.max_queue = max(1, int(max_queue))
+        self.max_job_seconds = None if max_job_seconds is None else float(max_job_seconds)
+        self._durations: "deque[float]" = deque(maxlen=20)  #: of recent jobs, for Retry-After
         self._jobs: "OrderedDict[str, Job]" = OrderedDict()
         self._queue: "deque[Job]" = deque()
         self._lock = threading.Lock()
@@ -156,11 +170,24 @@ class JobManager:
 
                 raise ApiError("the engine is shutting down; submit the job to a running engine",
                                status=503, code="shutting_down")
+            if len(self._queue) >= self.max_queue:
+                from .errors import QueueFull
+
+                wait = self._retry_after_s()
+                raise QueueFull(
+                    f"the engine's queue is full ({len(self._queue)} jobs waiting, --max-queue "
+                    f"{self.max_queue}); submit again in about {wait} s, or cancel jobs you no longer need",
+                    retry_after=wait)
             self._jobs[job_id] = job
             self._queue.append(job)
             self._wake.notify_all()
         log.info("job %s queued (%s)", job_id, job.task)
         return job
+
+    def _retry_after_s(self) -> int:
+        """Seconds until a queue slot is likely free: the recent mean job time (under the lock)."""
+        mean = sum(self._durations) / len(self._durations) if self._durations else 5.0
+        return int(min(600, max(1, round(mean))))
 
     def get(self, job_id: str) -> Optional[Job]:
         with self._lock:
@@ -234,14 +261,41 @@ class JobManager:
             job = self._next()
             if job is None:
                 return
+            timer = None
+            if self.max_job_seconds is not None:
+                timer = threading.Timer(self.max_job_seconds, self._time_out, args=(job,))
+                timer.daemon = True
+                timer.start()
             try:
                 self._run(job)
-            except BaseException:  # noqa: BLE001 - the worker must survive anything a job does
+            except BaseException as err:  # noqa: BLE001 - the worker must survive anything a job does
+                # Whatever escaped _run, this job (and only this one) ends for good.
                 log.exception("job %s: unexpected error in the worker", job.id)
+                try:
+                    self._fail(job, f"internal error: {type(err).__name__}: {err}", "internal_error")
+                except BaseException:  # noqa: BLE001 - last resort: never leave it running
+                    with self._lock:
+                        job.state, job.error_code, job.finished = FAILED, "internal_error", time.time()
             finally:
+                if timer is not None:
+                    timer.cancel()
                 with self._lock:
+                    if job.finished is None:  # belt and braces: a job the worker let go has stopped
+                        job.state = CANCELLED if job.state == CANCELLED else FAILED
+                        job.finished = time.time()
+                    if job.started is not None:
+                        self._durations.append(job.finished - job.started)
                     self._current = None
                     self._trim_records()
+
+    def _time_out(self, job: Job) -> None:
+        with self._lock:
+            if job.state != RUNNING:
+                return
+            job.timed_out = True
+            job.message = "stopping: over the engine's time limit per job"
+        job.cancel_token.cancel()
+        log.warning("job %s is over the time limit of %g s; stopping it", job.id, self.max_job_seconds)
 
     def _progress(self, job: Job) -> Callable[[Progress], None]:
         def update(p: Progress) -> None:
@@ -259,14 +313,26 @@ class JobManager:
         runner = self.runner
         if runner is None:
             from ..tasks import run_task as runner
-        job.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         out = job.folder / f"{job.task}.tif"
         log.info("job %s running", job.id)
         try:
+            try:
+                job.folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            except OSError as err:
+                if err.errno == errno.ENOSPC:
+                    raise DiskFull(f"no space left in the engine's workdir {self.jobs_dir} for the job's "
+                                   "result; free some space (or shorten --retention-hours)") from None
+                raise RasterError(f"cannot create the job's folder in the engine's workdir {self.jobs_dir} "
+                                  f"({err.strerror or err}); check that it is a writable folder") from None
             result = runner(job.request, out, models=self.models, progress=self._progress(job),
                             cancel=job.cancel_token)
+            result_path = Path(result.path)
         except Cancelled:
             shutil.rmtree(job.folder, ignore_errors=True)
+            if job.timed_out:
+                self._fail(job, f"stopped after {self.max_job_seconds:g} s, the engine's time limit per job "
+                                "(--max-job-seconds); request fewer steps or a smaller output", "time_limit")
+                return
             with self._lock:
                 self._finish_cancelled(job, "cancelled while running; nothing was written")
             return
@@ -292,7 +358,7 @@ class JobManager:
                 return
             job.state = DONE
             job.result = result
-            job.result_path = Path(result.path)
+            job.result_path = result_path
             job.fraction = 1.0
             job.message = "done"
             job.finished = time.time()

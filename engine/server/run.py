@@ -69,6 +69,79 @@ def ready_line(config: ServerConfig, port: int) -> str:
     })
 
 
+def guarded_h11_protocol(header_timeout_s: float):
+    """uvicorn's h11 protocol with a deadline for each request head (slow-loris protection).
+
+    uvicorn times out idle keep-alive connections only *after* a response; a client that opens a
+    socket and then sends nothing, or trickles a request head byte by byte, holds the connection
+    (and a slot of ``limit_concurrency``) forever. Here a connection that has not delivered a
+    complete request head within ``header_timeout_s`` of starting one (or of connecting) is closed.
+    """
+    import h11
+    from uvicorn.protocols.http import h11_impl
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    # Past --max-connections uvicorn answers 503 with a plain-text body; ours are all JSON. The
+    # protocol looks the answer up in its module at call time, so that is where it is replaced.
+    h11_impl.service_unavailable = _busy_json
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer = None
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(header_timeout_s, self._head_timed_out)
+
+        def _disarm_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                log.debug("closing a connection that sent no complete request head in %g s", header_timeout_s)
+                self.transport.close()
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_timer()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE:
+                self._arm_head_timer()  # a (next) request head has begun: it must end in time
+            else:
+                self._disarm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_timer()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+_BUSY = json.dumps({"detail": "the engine has too many open connections (--max-connections); retry in "
+                              "a few seconds", "code": "too_many_connections"}).encode()
+
+
+async def _busy_json(scope, receive, send) -> None:
+    await send({"type": "http.response.start", "status": 503, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(_BUSY)).encode()),
+        (b"retry-after", b"5"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": _BUSY, "more_body": False})
+
+
+def uvicorn_limits(config: ServerConfig) -> dict:
+    """The uvicorn settings that bound what clients can hold: connections and idle time."""
+    return {
+        "http": guarded_h11_protocol(config.header_timeout_s),
+        "limit_concurrency": config.max_connections,
+        "timeout_keep_alive": config.keep_alive_s,
+        "h11_max_incomplete_event_size": 64 * 1024,  # a request head over 64 KiB is refused (400)
+    }
+
+
 def serve(config: ServerConfig, *, log_level: str = "info") -> None:
     """Serve ``config`` until SIGTERM/SIGINT; a running job is cancelled on the way out."""
     import uvicorn
@@ -102,7 +175,8 @@ def serve(config: ServerConfig, *, log_level: str = "info") -> None:
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=5,
-        # Requests are small and few; the defaults for HTTP keep-alive are fine for polling.
+        # Connections, idle time and request heads are bounded (slow-loris, socket exhaustion).
+        **uvicorn_limits(config),
     )
     server = _Server(uv_config)
     server.run(sockets=[sock])
