@@ -154,7 +154,7 @@ def test_local_engine_start(engine_client, tmp_path, monkeypatch):
         assert client.wait(job_id, poll=0.05)["state"] == "done"
         assert any("ready on port" in line for line in engine.log_tail(50))
         # Stopping with a job running: the job is cancelled and the engine exits cleanly, fast.
-        long_job = client.submit(generate_request(steps=500))
+        long_job = client.submit(generate_request(steps=200))
         while client.job(long_job)["state"] != "running":
             time.sleep(0.02)
         stop_started = time.monotonic()
