@@ -615,10 +615,11 @@ class SuperresTab(_Tab):
         self.add_band.clicked.connect(lambda: self.add_band_row())
         self.remove_band = QPushButton("Remove")
         self.remove_band.clicked.connect(self._remove_rows)
-        buttons.addWidget(self.use_selected)
         buttons.addWidget(self.add_band)
         buttons.addWidget(self.remove_band)
         buttons.addStretch(1)
+        # Always enabled: it switches to single-band layers itself.
+        self.layout_.addWidget(self.use_selected)
         self.band_box = QWidget()
         box = QVBoxLayout(self.band_box)
         box.setContentsMargins(0, 0, 0, 0)

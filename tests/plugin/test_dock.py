@@ -331,8 +331,15 @@ def test_start_a_local_engine_from_the_settings(plugin, monkeypatch, qtbot, engi
     assert plugin.manager.local_url() and plugin.manager.local_url().startswith("http://127.0.0.1:")
     assert "running at http://127.0.0.1:" in plugin.engine_summary()
     assert plugin.last_layer.crs().authid() == "EPSG:32633"
-    plugin.manager.stop()
+    # Switching to "use an existing engine" stops the local one now, not when QGIS exits.
+    from dataclasses import replace
+
+    local = plugin.manager._local
+    plugin.apply_settings(replace(settings, mode="remote", url=engine_server.url,
+                                  token_file=str(engine_server.token_file)))
     assert plugin.manager.local_url() is None
+    assert local is not None and not local.running()
+    assert plugin.settings().mode == "remote" and "Engine: http://127.0.0.1:" in plugin.engine_summary()
 
 
 def test_inputs_are_uploaded_to_a_remote_engine(plugin, engine_env, qtbot, tmp_path):
