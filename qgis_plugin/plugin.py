@@ -32,6 +32,8 @@ from .tasks import LOG_TAG, EngineTask
 MENU = "&DiffusionSat"
 #: The user guide online, for an installed plugin without the repository's docs/.
 HELP_URL = "https://github.com/diffusionsat-qgis/diffusionsat-qgis/blob/main/docs/plugin.md"
+#: How the engine's training-range warnings start (the dock's check replaces them with its advice).
+RANGE_WARNING_STARTS = ("GSD ", "year ", "cloud cover ")
 #: Messages that the user can fix in the engine settings get a "Settings…" button.
 SETTINGS_HINTS = ("Engine settings", "engine URL", "token", "Cannot reach", "local engine", "interpreter")
 
@@ -284,6 +286,7 @@ class DiffusionSatPlugin:
         self._show_plan(f"{prepared.describe()}: asking the engine for the plan…")
         if self.dock is not None:
             self.dock.show_progress(0.0, "starting")
+            self.dock.refresh_engine_label()
         QgsApplication.taskManager().addTask(task)
         self.iface.messageBar().pushMessage("DiffusionSat", f"{prepared.describe()} started", MSG_INFO, 3)
         return task
@@ -360,6 +363,9 @@ class DiffusionSatPlugin:
         name = result_name(prepared.task, source=getattr(prepared, "source_name", "") or "", date=prepared.date,
                            result=outcome.result, detail=detail, project=project)
         warnings = [in_dock_words(w, prepared.task) for w in outcome.warnings]
+        advice = list(getattr(prepared, "range_advice", None) or [])
+        if advice:  # the dock's own check said it with advice that fits the dock: no second version
+            warnings = advice + [w for w in warnings if not w.startswith(RANGE_WARNING_STARTS)]
         try:
             layer = add_result_layer(
                 outcome.path, name, date=prepared.date,

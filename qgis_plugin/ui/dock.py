@@ -290,6 +290,7 @@ class _Tab(QWidget):
         prepared.source_layer_id = source.id() if source is not None else ""
         prepared.source_name = source.name() if source is not None else ""
         warnings = self.range_warnings()
+        prepared.range_advice = [w.text() for w in warnings]
         if warnings:
             text = " ".join(f"• {w.text()}" for w in warnings)
             self.dock.show_plan(f"Before {prepared.describe()}: {text}")
