@@ -441,3 +441,41 @@ def test_a_user_fixable_problem_is_a_warning_not_critical(plugin, qgis_iface):
     assert plugin.dock.generate.run() is None  # no extent
     assert qgis_iface.messageBar().get_messages(MSG_WARNING)
     assert not qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+
+
+# -- 6b. the Processing dialogs remember too -----------------------------------------------------------------
+
+
+def test_processing_dialogs_remember_their_values_per_project_and_per_user(qgis_processing, plugin_settings,
+                                                                            qgis_new_project, qgis_iface,
+                                                                            monkeypatch):
+    from qgis.core import QgsApplication
+    from qgis.gui import QgsBrowserGuiModel
+
+    from qgis_plugin.processing.provider import DiffusionSatProvider
+
+    browser = QgsBrowserGuiModel()  # the dialog asks QGIS's iface for it; pytest-qgis has none
+    monkeypatch.setattr(qgis_iface, "browserModel", lambda: browser)
+
+    provider = DiffusionSatProvider()
+    assert QgsApplication.processingRegistry().addProvider(provider)
+    try:
+        alg = QgsApplication.processingRegistry().algorithmById("diffusionsat:generate")
+        dialog = alg.createCustomParametersWidget(None)
+        assert dialog is not None
+        dialog.setParameters({"EXTENT": "289000,294000,4639000,4644600 [EPSG:32633]", "PROMPT": "salt flats",
+                              "SIZE": 128, "DATE": "2020-02-03"})
+        values = dialog.createProcessingParameters()  # what pressing Run reads
+        assert values["PROMPT"] == "salt flats"
+        again = alg.createCustomParametersWidget(None).createProcessingParameters()
+        assert (again["PROMPT"], again["SIZE"], again["DATE"]) == ("salt flats", 128, "2020-02-03")
+        assert str(again["EXTENT"]).startswith("289000")
+        # A new project: the user's last values.
+        QgsProject.instance().clear()
+        assert alg.createCustomParametersWidget(None).createProcessingParameters()["PROMPT"] == "salt flats"
+        # processing.run() keeps the algorithm's own defaults.
+        fresh = alg.create()
+        assert fresh.parameterDefinition("PROMPT").defaultValue() in (None, "")
+        dialog.close()
+    finally:
+        QgsApplication.processingRegistry().removeProvider(provider)
