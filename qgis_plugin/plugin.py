@@ -379,8 +379,10 @@ class DiffusionSatPlugin:
         self.last_layer = layer
         if warnings:
             push_notice(bar, f"{layer.name()} added; " + "; ".join(warnings), MSG_WARNING, 15)
-            if self.dock is not None:
-                self.dock.show_plan(f"{layer.name()} added. Warnings: " + "; ".join(warnings))
+            if self.dock is not None:  # after the plan/outcome line, the whole text of the warnings
+                before = self.dock.plan_label.text()
+                self.dock.show_plan((before + "\n" if before.startswith("Done:") else "")
+                                    + f"{layer.name()} added. Warnings: " + "; ".join(warnings))
         else:
             bar.pushMessage("DiffusionSat", f"{layer.name()} added ({outcome.path})", MSG_SUCCESS, 5)
 

@@ -21,6 +21,7 @@ from qgis_plugin.results import SYNTHETIC_MARK
 from .conftest import REPO, require_task, wait_for_task
 from .helpers import make_rgb_geotiff, make_s2_geotiff
 from .test_dock import S2_BANDS, UTM, add_layer, drag, set_canvas
+from .test_usability import KEEP_ALIVE
 
 
 def shots_dir(tmp_path):
@@ -141,6 +142,7 @@ def test_gui_smoke_all_workflows_with_screenshots(plugin, engine_env, qgis_canva
     view = QgsLayerTreeView()
     model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot(), view)  # kept alive by the view
     view.setModel(model)
+    KEEP_ALIVE.append(view)  # deleting a view with pending events crashes Qt; keep it for the session
     for layer in reversed(bands):
         view.selectionModel().select(view.node2index(QgsProject.instance().layerTreeRoot().findLayer(layer.id())),
                                      QItemSelectionModel.SelectionFlag.Select)

@@ -23,6 +23,10 @@ from .helpers import make_rgb_geotiff, make_s2_geotiff
 from .test_dock import S2_BANDS, UTM, UTM_EXTENT, add_layer, run_and_wait
 
 
+#: Qt objects the tests must not let Python delete while Qt may still send them events.
+KEEP_ALIVE: list = []
+
+
 # -- 1. progress -------------------------------------------------------------------------------------
 
 
@@ -152,8 +156,9 @@ def test_use_the_selected_layers_matches_bands_by_name_and_description(plugin, q
     view = QgsLayerTreeView()
     from qgis.core import QgsLayerTreeModel
 
-    model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot())
+    model = QgsLayerTreeModel(QgsProject.instance().layerTreeRoot(), view)
     view.setModel(model)
+    KEEP_ALIVE.append(view)  # deleting a view with pending events crashes Qt; keep it for the session
     for layer in layers + [unrelated]:
         view.setCurrentLayer(layer)
     selection = view.selectionModel()
