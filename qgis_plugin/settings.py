@@ -49,6 +49,9 @@ class PluginSettings:
     # ALLOW_LARGE (Processing); 0 turns a limit off.
     max_output_mpx: float = 100.0  # output megapixels
     max_minutes: float = 120.0  # estimated minutes
+    # Ask before a job whose GSD, date or cloud cover is outside the model's training range
+    # (False: the dock only shows the warning and runs).
+    ask_out_of_range: bool = True
     extra: dict = field(default_factory=dict)
 
     @classmethod
@@ -62,6 +65,9 @@ class PluginSettings:
             default = getattr(defaults, f.name)
             raw = s.value(PREFIX + f.name, default)
             try:
+                if isinstance(default, bool):
+                    values[f.name] = raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+                    continue
                 values[f.name] = type(default)(raw) if raw is not None else default
             except (TypeError, ValueError):
                 values[f.name] = default

@@ -259,3 +259,15 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             "SEED": seed if isinstance(seed, (int, float)) else None,
             "WARNINGS": "\n".join(outcome.warnings),
         }
+
+
+def _remembering_dialog(self, parent=None):
+    """The toolbox's dialog for a DiffusionSat algorithm, with the values last used
+    (:mod:`..processing_memory`); scripts are not affected."""
+    from ..processing_memory import make_dialog
+
+    return make_dialog(self, parent)
+
+
+# Added here (not in the class body) to keep the class as it was; QGIS asks this first.
+EngineAlgorithm.createCustomParametersWidget = _remembering_dialog

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Callable, Optional
 
-from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
-from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsExtentWidget, QgsMapLayerComboBox
+from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsWkbTypes
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsExtentWidget, QgsMapLayerComboBox, QgsRubberBand
 from qgis.PyQt.QtCore import QDate, Qt
+from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
     QButtonGroup,
@@ -25,7 +26,9 @@ from qgis.PyQt.QtWidgets import (
     QHeaderView,
     QLabel,
     QLineEdit,
+    QProgressBar,
     QPushButton,
+    QScrollArea,
     QRadioButton,
     QSpinBox,
     QTableWidget,
@@ -36,7 +39,10 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from .. import memory
+from ..checks import RangeWarning, cloud_warning, date_warning, gsd_warning
 from ..compat import LAYER_POLYGON, LAYER_RASTER, icon
+from ..results import band_name_of, band_names_of, sort_by_band
 from ..layers import output_folder, output_stem, unique_path
 from ..prepare import (
     MASK_NODATA,
@@ -60,7 +66,52 @@ from ..requests import (
     parse_band_names,
 )
 
-MASK_PRESETS = ["s2-scl-cloud", "s2-qa60-cloud", "landsat-cloud", "fmask-cloud", "bits:14-15=3", "nonzero"]
+#: Mask-rule presets and what each selects (shown in the list, its tooltip and under it).
+MASK_PRESETS = [
+    ("s2-scl-cloud", "Sentinel-2 L2A SCL band: cloud shadow, medium/high cloud, cirrus (classes 3, 8, 9, 10)"),
+    ("s2-qa60-cloud", "Sentinel-2 L1C QA60 band: opaque clouds and cirrus (bits 10, 11)"),
+    ("landsat-cloud", "Landsat Collection 2 QA_PIXEL: dilated cloud, cirrus, cloud, cloud shadow"),
+    ("fmask-cloud", "Fmask output: cloud and cloud shadow (values 2, 4)"),
+    ("bits:14-15=3", "Landsat Collection 1 BQA: high-confidence cirrus (bits 14-15 = 3)"),
+    ("nonzero", "Any non-zero pixel of the mask raster (a 0/1 mask, a probability > 0)"),
+]
+PRESET_HELP = dict(MASK_PRESETS)
+
+
+def _get(w):
+    """A remembered widget's value (str, int, float or bool)."""
+    if isinstance(w, QDateEdit):
+        return _pydate(w.date()).isoformat()
+    if isinstance(w, QComboBox):
+        return w.currentText()
+    if isinstance(w, (QCheckBox, QRadioButton)):
+        return w.isChecked()
+    if isinstance(w, (QSpinBox, QDoubleSpinBox)):
+        return w.value()
+    if isinstance(w, QLineEdit):
+        return w.text()
+    raise TypeError(type(w))
+
+
+def _set(w, value) -> None:
+    if isinstance(w, QDateEdit):
+        from ..requests import parse_date
+
+        d = parse_date(value)
+        if d:
+            w.setDate(_qdate(d))
+    elif isinstance(w, QComboBox):
+        i = w.findText(str(value))
+        if i >= 0:
+            w.setCurrentIndex(i)
+        elif w.isEditable():
+            w.setEditText(str(value))
+    elif isinstance(w, (QCheckBox, QRadioButton)):
+        w.setChecked(bool(value))
+    elif isinstance(w, (QSpinBox, QDoubleSpinBox)):
+        w.setValue(value)
+    elif isinstance(w, QLineEdit):
+        w.setText(str(value))
 
 
 def _qdate(d: _dt.date) -> QDate:
@@ -79,8 +130,22 @@ def _date_edit(d: Optional[_dt.date] = None) -> QDateEdit:
     return edit
 
 
+def _layer_gsd(layer) -> Optional[float]:
+    """A raster layer's mean ground sample distance in metres (None when unknown)."""
+    try:
+        if layer is None or not layer.isValid() or not layer.crs().isValid() or not layer.width():
+            return None
+        return grid_info(layer.extent(), layer.crs(), layer.width(), layer.height()).gsd_m
+    except (RequestError, ZeroDivisionError, ValueError):
+        return None
+
+
 class _Tab(QWidget):
-    """A tab with a Run button at the bottom that calls ``controller.run_job(self.prepare())``."""
+    """A tab with a Run button at the bottom that calls ``controller.run_job(self.prepare())``.
+
+    ``remembered`` maps keys to widgets whose values are kept per project and per user
+    (:mod:`..memory`); ``remembered_layers`` maps keys to layer combos (per project only).
+    """
 
     task = ""
 
@@ -90,6 +155,8 @@ class _Tab(QWidget):
         self.layout_ = QVBoxLayout(self)
         self.form = QFormLayout()
         self.layout_.addLayout(self.form)
+        self.remembered: dict[str, QWidget] = {}
+        self.remembered_layers: dict[str, QgsMapLayerComboBox] = {}
 
     def finish(self, run_label: str) -> None:
         self.layout_.addStretch(1)
@@ -97,6 +164,84 @@ class _Tab(QWidget):
         self.run_button.setObjectName(f"run_{self.task}")
         self.run_button.clicked.connect(self.run)
         self.layout_.addWidget(self.run_button)
+        self.restore_values()
+
+    # -- remembered values ----------------------------------------------------------------------
+
+    def save_values(self) -> None:
+        for key, widget in self.remembered.items():
+            memory.save(f"{self.task}/{key}", _get(widget))
+        for key, combo in self.remembered_layers.items():
+            layer = combo.currentLayer()
+            memory.save(f"{self.task}/{key}", layer.id() if layer is not None else "", user=False)
+
+    def restore_values(self) -> None:
+        for key, widget in self.remembered.items():
+            _set(widget, memory.load(f"{self.task}/{key}", _get(widget)))
+        project = QgsProject.instance()
+        for key, combo in self.remembered_layers.items():
+            layer = project.mapLayer(memory.load(f"{self.task}/{key}", "", user=False))
+            if layer is not None:
+                combo.setLayer(layer)
+
+    # -- the conditional tasks' advanced options ------------------------------------------------
+
+    def add_advanced(self, *, rgb: bool = False, product: bool = False, date: bool = True) -> QFormLayout:
+        """Steps, seed, date and (``rgb``) RGB bands / (``product``) level and baseline."""
+        box = QgsCollapsibleGroupBox("Advanced")
+        box.setObjectName(f"advanced_{self.task}")
+        box.setCollapsed(True)
+        adv = QFormLayout(box)
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 1000)
+        self.steps.setValue(int(self.dock.settings().steps))
+        adv.addRow("Steps", self.steps)
+        self.seed = QSpinBox()
+        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setValue(-1)
+        self.seed.setSpecialValueText("random")
+        adv.addRow("Seed", self.seed)
+        self.remembered.update(steps=self.steps, seed=self.seed)
+        if date:
+            date_row = QHBoxLayout()
+            self.date_set = QCheckBox("set")
+            self.date_set.setObjectName(f"date_set_{self.task}")
+            self.date_set.setToolTip("Condition on this date instead of the layer's own (unknown if it has none)")
+            self.adv_date = _date_edit()
+            self.adv_date.setEnabled(False)
+            self.date_set.toggled.connect(self.adv_date.setEnabled)
+            date_row.addWidget(self.date_set)
+            date_row.addWidget(self.adv_date, 1)
+            adv.addRow("Date", date_row)
+            self.remembered.update(date_set=self.date_set, date=self.adv_date)
+        if rgb:
+            rgb_row = QHBoxLayout()
+            self.rgb = []
+            for i, name in enumerate("RGB"):
+                spin = QSpinBox()
+                spin.setRange(1, 999)
+                spin.setValue(i + 1)
+                spin.setPrefix(f"{name} ")
+                rgb_row.addWidget(spin)
+                self.rgb.append(spin)
+                self.remembered[f"rgb_{name}"] = spin
+            adv.addRow("RGB bands", rgb_row)
+        if product:
+            self.level = QComboBox()
+            self.level.addItems(["from the file", "L1C", "L2A"])
+            self.level.setToolTip("Sentinel-2 product level (L1C top of atmosphere, L2A surface reflectance)")
+            adv.addRow("Product level", self.level)
+            self.baseline = QLineEdit()
+            self.baseline.setPlaceholderText("from the file, e.g. 04.00")
+            self.baseline.setToolTip("Processing baseline: from 04.00 on, L1C/L2A values carry a +1000 offset")
+            adv.addRow("Baseline", self.baseline)
+            self.remembered.update(level=self.level, baseline=self.baseline)
+        self.layout_.addWidget(box)
+        self.advanced = box
+        return adv
+
+    def date_override(self) -> Optional[_dt.date]:
+        return _pydate(self.adv_date.date()) if getattr(self, "date_set", None) and self.date_set.isChecked() else None
 
     def output_path(self, date: Optional[_dt.date] = None) -> str:
         folder = output_folder(QgsProject.instance(), self.dock.settings().default_output_dir())
@@ -106,16 +251,54 @@ class _Tab(QWidget):
         raise NotImplementedError
 
     def options(self) -> dict:
-        """Request fields the conditional tasks share, from the settings (denoising steps)."""
-        return {"steps": int(self.dock.settings().steps)}
+        """Request fields the conditional tasks share: steps, seed, date; RGB bands, level, baseline."""
+        steps = getattr(self, "steps", None)
+        opts: dict = {"steps": int(steps.value() if steps is not None else self.dock.settings().steps)}
+        seed = getattr(self, "seed", None)
+        if seed is not None and seed.value() >= 0:
+            opts["seed"] = int(seed.value())
+        if self.date_override() is not None:
+            opts["date"] = self.date_override().isoformat()
+        if getattr(self, "rgb", None):
+            opts["rgb_bands"] = [s.value() for s in self.rgb]
+        if getattr(self, "level", None) is not None and self.level.currentIndex() > 0:
+            opts["level"] = self.level.currentText()
+        if getattr(self, "baseline", None) is not None and self.baseline.text().strip():
+            opts["baseline"] = self.baseline.text().strip()
+        return opts
+
+    def range_warnings(self) -> list[RangeWarning]:
+        """Values outside the model's training range, with advice (checked before a job)."""
+        return []
+
+    def source_layer(self):
+        """The input layer whose name and style the result takes (None for Generate)."""
+        return None
 
     def run(self):
-        """Prepare and start the job; errors go to the message bar. Returns the task or None."""
+        """Prepare and start the job; errors go to the message bar. Returns the task or None.
+
+        Before anything starts, values outside the model's training range are shown with advice
+        and the user is asked whether to run anyway.
+        """
         try:
             prepared = self.prepare()
         except RequestError as err:
             self.dock.show_error(str(err))
             return None
+        source = self.source_layer()
+        prepared.source_layer_id = source.id() if source is not None else ""
+        prepared.source_name = source.name() if source is not None else ""
+        warnings = self.range_warnings()
+        prepared.range_advice = [w.text() for w in warnings]
+        if warnings:
+            text = " ".join(f"• {w.text()}" for w in warnings)
+            self.dock.show_plan(f"Before {prepared.describe()}: {text}")
+            if not self.dock.controller.confirm_out_of_range(prepared, warnings):
+                self.dock.controller.discard(prepared)
+                self.dock.show_plan(f"Not started (outside the training range): {text}")
+                return None
+        self.save_values()
         return self.dock.start(prepared)
 
 
@@ -201,6 +384,9 @@ class GenerateTab(_Tab):
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
         self.layout_.addWidget(advanced)
+        self.remembered.update(size=self.size, date=self.date, cloud_known=self.cloud_known, cloud=self.cloud,
+                               prompt=self.prompt, steps=self.steps, guidance=self.guidance, seed=self.seed)
+        self.outline: Optional[QgsRubberBand] = None
         self.finish("Generate")
 
     def reset_date(self) -> None:
@@ -210,6 +396,56 @@ class GenerateTab(_Tab):
         self.extent = QgsRectangle(extent)
         self.extent_crs = QgsCoordinateReferenceSystem(crs)
         self.refresh_info()
+        self.draw_outline()
+
+    def draw_outline(self) -> None:
+        """Outline the extent to generate on the map (a rubber band, in the extent's own CRS)."""
+        canvas = self.dock.canvas()
+        if canvas is None or self.extent is None:
+            return
+        if self.outline is None:
+            self.outline = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
+            self.outline.setStrokeColor(QColor(230, 160, 20))
+            self.outline.setFillColor(QColor(230, 160, 20, 30))
+            self.outline.setWidth(2)
+        self.outline.setToGeometry(QgsGeometry.fromRect(self.extent), self.extent_crs)
+        self.outline.show()
+
+    def clear_outline(self) -> None:
+        if self.outline is not None:
+            canvas = self.dock.canvas()
+            if canvas is not None and canvas.scene() is not None:
+                canvas.scene().removeItem(self.outline)
+            self.outline = None
+
+    def save_values(self) -> None:
+        super().save_values()
+        if self.extent is not None:
+            e = self.extent
+            memory.save("generate/extent", f"{e.xMinimum()!r},{e.yMinimum()!r},{e.xMaximum()!r},{e.yMaximum()!r}",
+                        user=False)
+            memory.save("generate/extent_crs", self.extent_crs.toWkt(), user=False)
+
+    def restore_values(self) -> None:
+        super().restore_values()
+        text = memory.load("generate/extent", "", user=False)
+        crs = QgsCoordinateReferenceSystem.fromWkt(memory.load("generate/extent_crs", "", user=False))
+        try:
+            values = [float(v) for v in text.split(",")] if text else []
+        except ValueError:
+            values = []
+        if len(values) == 4 and crs.isValid():
+            self.set_extent(QgsRectangle(*values), crs)
+
+    def range_warnings(self) -> list[RangeWarning]:
+        if self.extent is None:
+            return []
+        width, height = self.target_size()
+        info = grid_info(self.extent, self.extent_crs, width, height)
+        found = [gsd_warning(info.gsd_m, longest_px=max(width, height), ground_m=max(info.width_m, info.height_m),
+                             max_px=MAX_SIDE),
+                 date_warning(_pydate(self.date.date())), cloud_warning(self.cloud_cover())]
+        return [w for w in found if w is not None]
 
     def use_canvas_extent(self) -> None:
         canvas = self.dock.canvas()
@@ -271,10 +507,20 @@ class InpaintTab(_Tab):
         self.mask_raster.setFilters(LAYER_RASTER)
         self.form.addRow("Mask raster", self.mask_raster)
         self.rule = QComboBox()
+        self.rule.setObjectName("mask_rule")
         self.rule.setEditable(True)
-        self.rule.addItems(MASK_PRESETS)
-        self.rule.setToolTip("bits:LO-HI=N, bit:B, values:V,…, gt:X, nonzero, nodata, or a preset")
+        for i, (rule, helptext) in enumerate(MASK_PRESETS):
+            self.rule.addItem(rule)
+            self.rule.setItemData(i, helptext, Qt.ItemDataRole.ToolTipRole)
+        self.rule.setToolTip("A preset, or a rule: bits:LO-HI=N, bit:B, values:V,…, gt:X, nonzero, nodata")
         self.form.addRow("Rule", self.rule)
+        self.rule_help = QLabel("")
+        self.rule_help.setObjectName("mask_rule_help")
+        self.rule_help.setWordWrap(True)
+        self.rule_help.setStyleSheet("color: gray;")
+        self.form.addRow("", self.rule_help)
+        self.rule.currentTextChanged.connect(self._rule_help)
+        self._rule_help(self.rule.currentText())
         self.mask_polygons = QgsMapLayerComboBox()
         self.mask_polygons.setFilters(LAYER_POLYGON)
         self.form.addRow("Polygon layer", self.mask_polygons)
@@ -285,7 +531,27 @@ class InpaintTab(_Tab):
         self.form.addRow("Prompt", self.prompt)
         self.kind_group.buttonToggled.connect(self._update)
         self._update()
+        self.add_advanced(rgb=True)
+        self.remembered.update(kind_raster=self.kind_raster, kind_polygons=self.kind_polygons,
+                               kind_nodata=self.kind_nodata, rule=self.rule, selected_only=self.selected_only,
+                               prompt=self.prompt)
+        self.remembered_layers.update(layer=self.layer, mask_raster=self.mask_raster,
+                                      mask_polygons=self.mask_polygons)
         self.finish("In-paint")
+
+    def _rule_help(self, text: str) -> None:
+        rule = text.strip()
+        self.rule_help.setText(PRESET_HELP.get(rule) or (
+            "your own rule: bits:LO-HI=N, bit:B, values:V,…, gt:X, nonzero or nodata" if rule else ""))
+
+    def source_layer(self):
+        return self.layer.currentLayer()
+
+    def range_warnings(self) -> list[RangeWarning]:
+        layer = self.layer.currentLayer()
+        date = self.date_override() or layer_date(layer)[0]
+        found = [gsd_warning(_layer_gsd(layer)), date_warning(date, "Date (Advanced)")]
+        return [w for w in found if w is not None]
 
     def mask_kind(self) -> str:
         if self.kind_polygons.isChecked():
@@ -308,7 +574,7 @@ class InpaintTab(_Tab):
         kind = self.mask_kind()
         mask_layer = {MASK_RASTER: self.mask_raster.currentLayer(),
                       MASK_POLYGONS: self.mask_polygons.currentLayer()}.get(kind)
-        date = layer_date(layer)[0]
+        date = self.date_override() or layer_date(layer)[0]
         return prepare_inpaint(
             layer, output_path=self.output_path(date), mask_kind=kind, mask_layer=mask_layer,
             mask_rule=self.rule.currentText(), selected_only=self.selected_only.isChecked(),
@@ -341,6 +607,11 @@ class SuperresTab(_Tab):
         self.table.setSelectionBehavior(QAbstractItemView.SelectionBehavior.SelectRows)
         self.table.setMinimumHeight(90)
         buttons = QHBoxLayout()
+        self.use_selected = QPushButton("Use the selected layers")
+        self.use_selected.setObjectName("use_selected_layers")
+        self.use_selected.setToolTip("One row per raster layer selected in the Layers panel, bands matched by "
+                                     "name or band description (B04, s2_B04, T33TTG_…_B8A_20m)")
+        self.use_selected.clicked.connect(lambda: self.use_layers(self.dock.controller.selected_layers()))
         self.add_band = QPushButton("Add band")
         self.add_band.clicked.connect(lambda: self.add_band_row())
         self.remove_band = QPushButton("Remove")
@@ -348,6 +619,8 @@ class SuperresTab(_Tab):
         buttons.addWidget(self.add_band)
         buttons.addWidget(self.remove_band)
         buttons.addStretch(1)
+        # Always enabled: it switches to single-band layers itself.
+        self.layout_.addWidget(self.use_selected)
         self.band_box = QWidget()
         box = QVBoxLayout(self.band_box)
         box.setContentsMargins(0, 0, 0, 0)
@@ -368,7 +641,12 @@ class SuperresTab(_Tab):
         self.factor.setPrefix("× ")
         self.form.addRow("Factor", self.factor)
         self.mode_multi.toggled.connect(self._update)
+        self.layer.layerChanged.connect(self._fill_bands)
         self._update()
+        self.add_advanced(product=True)
+        self.remembered.update(mode_multi=self.mode_multi, mode_bands=self.mode_bands, bands=self.bands,
+                               factor=self.factor)
+        self.remembered_layers.update(layer=self.layer)
         self.finish("Super-resolve")
 
     def _update(self, *args) -> None:
@@ -377,6 +655,45 @@ class SuperresTab(_Tab):
         self.bands.setEnabled(multi)
         self.band_box.setEnabled(not multi)
 
+    def _fill_bands(self, layer) -> None:
+        """Band names from the layer's band descriptions when they are not the engine's own
+        (``s2_B04`` → ``B04``); nothing when the file's names can be read as they are."""
+        if layer is None or not isinstance(layer, QgsRasterLayer):
+            return
+        from ..results import band_descriptions
+
+        names = band_names_of(layer)
+        if names and names != [d.strip() for d in band_descriptions(layer)]:
+            self.bands.setText(",".join(names))
+
+    def use_layers(self, layers) -> int:
+        """Replace the band rows by ``layers`` (the selected ones), bands matched by name and sorted
+        in Sentinel-2 order; switches to single-band layers. Returns the number of rows."""
+        rasters = [lyr for lyr in layers if isinstance(lyr, QgsRasterLayer) and lyr.bandCount() == 1]
+        if not rasters:
+            self.dock.show_error("select the single-band Sentinel-2 layers in the Layers panel first")
+            return 0
+        self.mode_bands.setChecked(True)
+        self.table.setRowCount(0)
+        for layer, band in sort_by_band((lyr, band_name_of(lyr)) for lyr in rasters):
+            self.add_band_row(layer, band or "")
+        return self.table.rowCount()
+
+    def source_layer(self):
+        if self.mode_multi.isChecked():
+            return self.layer.currentLayer()
+        rows = self.band_rows()
+        return rows[0][0] if rows else None
+
+    def range_warnings(self) -> list[RangeWarning]:
+        layer = self.source_layer()
+        gsd = _layer_gsd(layer)
+        factor = self.factor.value()
+        date = self.date_override() or (layer_date(layer)[0] if layer is not None else None)
+        found = [gsd_warning(gsd / factor if gsd else None, factor=factor, input_gsd_m=gsd),
+                 date_warning(date, "Date (Advanced)")]
+        return [w for w in found if w is not None]
+
     def add_band_row(self, layer: Optional[QgsRasterLayer] = None, band: str = "") -> None:
         row = self.table.rowCount()
         self.table.insertRow(row)
@@ -384,10 +701,10 @@ class SuperresTab(_Tab):
         combo.setFilters(LAYER_RASTER)
         if layer is not None:
             combo.setLayer(layer)
-        name = QLineEdit(band or guess_band_name(combo.currentLayer().name() if combo.currentLayer() else "") or "")
+        name = QLineEdit(band or (band_name_of(combo.currentLayer()) if combo.currentLayer() else "") or "")
         name.setPlaceholderText("B04")
-        combo.layerChanged.connect(lambda lyr, edit=name: edit.setText(guess_band_name(lyr.name()) or edit.text())
-                                   if lyr is not None else None)
+        combo.layerChanged.connect(lambda lyr, edit=name: edit.setText(band_name_of(lyr) or edit.text())
+                                   if isinstance(lyr, QgsRasterLayer) else None)
         self.table.setCellWidget(row, 0, combo)
         self.table.setCellWidget(row, 1, name)
 
@@ -416,7 +733,7 @@ class SuperresTab(_Tab):
             layer = self.layer.currentLayer()
             if layer is None:
                 raise RequestError("choose the Sentinel-2 layer to super-resolve")
-            date = layer_date(layer)[0]
+            date = self.date_override() or layer_date(layer)[0]
             return prepare_superres(output_path=self.output_path(date), layer=layer,
                                     band_names=parse_band_names(self.bands.text()), extent=extent,
                                     extent_crs=extent_crs, factor=self.factor.value(),
@@ -428,7 +745,7 @@ class SuperresTab(_Tab):
         if missing:
             raise RequestError(f"name the Sentinel-2 band of row(s) {', '.join(missing)} (e.g. B04)")
         layers = [lyr for lyr, _ in rows]
-        date = layer_date(layers[0])[0]
+        date = self.date_override() or layer_date(layers[0])[0]
         return prepare_superres(output_path=self.output_path(date), band_layers=layers,
                                 band_names=[name for _, name in rows], extent=extent, extent_crs=extent_crs,
                                 factor=self.factor.value(), model=self.dock.settings().model, date=date,
@@ -453,7 +770,17 @@ class TemporalTab(_Tab):
         self.date = _date_edit(default_date(dock.canvas()))
         self.form.addRow("Target date", self.date)
         self.refresh_layers()
+        self.add_advanced(date=False)
+        self.remembered.update(target_date=self.date)
         self.finish("Generate for date")
+
+    def source_layer(self):
+        rows = self._checked_rows()
+        return QgsProject.instance().mapLayer(rows[0][0]) if rows else None
+
+    def range_warnings(self) -> list[RangeWarning]:
+        found = [gsd_warning(_layer_gsd(self.source_layer())), date_warning(_pydate(self.date.date()), "Target date")]
+        return [w for w in found if w is not None]
 
     def refresh_layers(self) -> None:
         """List the project's raster layers; dates from temporal properties, metadata or names."""
@@ -515,8 +842,12 @@ class TemporalTab(_Tab):
 
 class DiffusionSatDock(QgsDockWidget):
     """The dock. ``controller`` provides ``settings()``, ``start(prepared)``, ``show_error(msg)``,
-    ``open_settings()`` and ``canvas()``; the plugin is the controller. The status area shows the
-    engine and the pre-flight of the last job (:meth:`show_plan`)."""
+    ``open_settings()``, ``open_help()``, ``canvas()``, ``selected_layers()``,
+    ``confirm_out_of_range(prepared, warnings)`` and ``discard(prepared)``; the plugin is the
+    controller. The status area (a fixed height, so nothing below it moves) shows the engine's plan,
+    the progress of the running job (step, tile, time left) and the outcome of the last one."""
+
+    STATUS_LINES = 5
 
     def __init__(self, controller, parent: Optional[QWidget] = None) -> None:
         super().__init__("DiffusionSat", parent)
@@ -525,31 +856,64 @@ class DiffusionSatDock(QgsDockWidget):
         body = QWidget()
         layout = QVBoxLayout(body)
         self.tabs = QTabWidget()
+        # All four tabs stay visible at a narrow dock: they shrink (text elided) instead of
+        # scrolling out of sight.
+        self.tabs.setUsesScrollButtons(False)
+        self.tabs.setElideMode(Qt.TextElideMode.ElideRight)
+        self.tabs.tabBar().setExpanding(True)
         self.generate = GenerateTab(self)
         self.inpaint = InpaintTab(self)
         self.superres = SuperresTab(self)
         self.temporal = TemporalTab(self)
-        self.tabs.addTab(self.generate, icon("generate"), "Generate")
-        self.tabs.addTab(self.inpaint, icon("inpaint"), "In-paint")
-        self.tabs.addTab(self.superres, icon("superres"), "Super-resolve")
-        self.tabs.addTab(self.temporal, icon("temporal"), "Temporal")
-        layout.addWidget(self.tabs)
-        self.plan_label = QLabel("")
+        for tab, name, tip in ((self.generate, "Generate", "Generate an image for a drawn extent and a date"),
+                               (self.inpaint, "In-paint", "Fill masked (cloudy, missing) pixels of a layer"),
+                               (self.superres, "Super-resolve", "Sharpen Sentinel-2 bands"),
+                               (self.temporal, "Temporal", "The image of a place for another date")):
+            index = self.tabs.addTab(tab, icon(tab.task), name)
+            self.tabs.setTabToolTip(index, tip)
+        layout.addWidget(self.tabs, 1)
+
+        # Status: a fixed-height, scrollable, selectable text (messages are never clipped and
+        # the Run buttons above never move), and a progress row.
+        self.plan_label = QLabel("Ready.")
         self.plan_label.setObjectName("plan_status")
         self.plan_label.setWordWrap(True)
+        self.plan_label.setAlignment(Qt.AlignmentFlag.AlignTop | Qt.AlignmentFlag.AlignLeft)
         self.plan_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.plan_label.setToolTip("The engine's plan of the last job: output size, ground sample distance, "
-                                   "tiles, model evaluations and a time estimate")
-        self.plan_label.hide()
-        layout.addWidget(self.plan_label)
+        self.plan_label.setToolTip("The engine's plan of the last job (output size, ground sample distance, "
+                                   "tiles, time estimate), checks before it and its outcome")
+        self.status_area = QScrollArea()
+        self.status_area.setObjectName("status_area")
+        self.status_area.setWidgetResizable(True)
+        self.status_area.setWidget(self.plan_label)
+        self.status_area.setFixedHeight(self.fontMetrics().lineSpacing() * self.STATUS_LINES + 10)
+        layout.addWidget(self.status_area)
+        progress_row = QHBoxLayout()
+        self.progress = QProgressBar()
+        self.progress.setObjectName("job_progress")
+        self.progress.setRange(0, 100)
+        self.progress.setValue(0)
+        self.progress.setTextVisible(True)
+        self.progress.setFormat("idle")
+        progress_row.addWidget(self.progress, 1)
+        layout.addLayout(progress_row)
+
         status_row = QHBoxLayout()
         self.engine_label = QLabel("")
         self.engine_label.setObjectName("engine_status")
         self.engine_label.setWordWrap(True)
         engine_button = QPushButton("Engine…")
+        engine_button.setObjectName("open_settings")
+        engine_button.setToolTip("Engine settings: local or existing engine, model, outputs, limits")
         engine_button.clicked.connect(lambda: controller.open_settings())
+        self.help_button = QToolButton()
+        self.help_button.setObjectName("open_help")
+        self.help_button.setText("Help")
+        self.help_button.setToolTip("The user guide (docs/plugin.md)")
+        self.help_button.clicked.connect(lambda: controller.open_help())
         status_row.addWidget(self.engine_label, 1)
         status_row.addWidget(engine_button)
+        status_row.addWidget(self.help_button)
         layout.addLayout(status_row)
         note = QLabel("Results are AI-generated (synthetic) images, labelled as such. All inference "
                       "runs on the engine you configure; nothing is sent elsewhere.")
@@ -574,12 +938,33 @@ class DiffusionSatDock(QgsDockWidget):
         self.controller.show_error(message)
 
     def show_plan(self, text: str) -> None:
-        """The pre-flight line of the last job (plan, estimate, refusal or outcome)."""
-        self.plan_label.setText(text)
-        self.plan_label.setVisible(bool(text))
+        """The status text: the pre-flight of the last job (plan, estimate, refusal or outcome)."""
+        self.plan_label.setText(text or "Ready.")
+
+    def show_progress(self, fraction: Optional[float], text: str = "") -> None:
+        """The running job's progress (``None`` = no job running)."""
+        if fraction is None:
+            self.progress.setValue(0)
+            self.progress.setFormat(text or "idle")
+            return
+        self.progress.setValue(int(round(max(0.0, min(1.0, fraction)) * 100)))
+        self.progress.setFormat(f"%p% · {text}" if text else "%p%")
 
     def refresh_engine_label(self) -> None:
         self.engine_label.setText(self.controller.engine_summary())
+
+    def tabs_of(self) -> list:
+        return [self.generate, self.inpaint, self.superres, self.temporal]
+
+    def restore_values(self) -> None:
+        """The remembered form values of the current project (after a project is opened)."""
+        self.temporal.refresh_layers()
+        for tab in self.tabs_of():
+            tab.restore_values()
+
+    def save_values(self) -> None:
+        for tab in self.tabs_of():
+            tab.save_values()
 
     def connect_extent_tool(self, tool, activate: Callable[[bool], None]) -> None:
         """Wire the Draw extent button to the map tool (checked while the tool is active)."""

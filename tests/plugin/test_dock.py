@@ -17,7 +17,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QDate, QDateTime, QPoint, Qt, QTime, QTimer
 
-from qgis_plugin.compat import MSG_CRITICAL, MSG_INFO
+from qgis_plugin.compat import MSG_CRITICAL, MSG_INFO, MSG_WARNING
 from qgis_plugin.layers import GROUP_NAME, KEYWORD_VOCABULARY
 
 from .conftest import require_task, wait_for_task
@@ -67,8 +67,15 @@ def test_draw_extent_with_the_map_tool_fills_the_dock(plugin, qgis_canvas, qtbot
     width, height = tab.target_size()
     assert (width, height) == (64, 40) or (width, height) == (64, 48)
     assert "m/px" in tab.info.text() and "EPSG:32633" in tab.info.text()
-    plugin.dock.generate.draw_button.setChecked(False)
+    # One rectangle per activation: the tool is switched off after drawing, the button unchecked.
     assert qgis_canvas.mapTool() is not plugin.extent_tool
+    assert not plugin.dock.generate.draw_button.isChecked() and not plugin.action_extent.isChecked()
+    # The drawn extent stays outlined on the map.
+    outline = tab.outline
+    assert outline is not None and outline.isVisible()
+    box = outline.asGeometry().boundingBox()
+    assert box.width() == pytest.approx(tab.extent.width(), rel=1e-6)
+    assert box.height() == pytest.approx(tab.extent.height(), rel=1e-6)
 
 
 def test_date_defaults_to_the_temporal_controller(plugin, qgis_canvas):
@@ -180,7 +187,9 @@ def test_engine_down_gives_a_clear_message(plugin, monkeypatch, qgis_iface, qtbo
     task = tab.run()
     assert task is not None
     assert _responsive_while(qtbot, task) > 0
-    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    # A user-fixable problem: a warning that goes away by itself, not a sticky critical one.
+    assert not qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    errors = qgis_iface.messageBar().get_messages(MSG_WARNING)
     assert errors and "Cannot reach" in errors[-1] and "127.0.0.1:9" in errors[-1]
     assert "Traceback" not in errors[-1]
     assert plugin.last_layer is None
@@ -195,21 +204,23 @@ def test_wrong_token_gives_a_clear_message(plugin, engine_server, monkeypatch, q
     tab.set_extent(UTM_EXTENT, UTM)
     task = tab.run()
     assert _responsive_while(qtbot, task) > 0
-    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    errors = qgis_iface.messageBar().get_messages(MSG_WARNING)
     assert errors and "refused the token" in errors[-1]
 
 
 def test_missing_extent_and_missing_engine_settings_are_explained(plugin, qgis_iface, monkeypatch):
     monkeypatch.delenv("DIFFUSIONSAT_URL", raising=False)
     assert plugin.dock.generate.run() is None
-    assert "draw the extent" in qgis_iface.messageBar().get_messages(MSG_CRITICAL)[-1]
+    assert "draw the extent" in qgis_iface.messageBar().get_messages(MSG_WARNING)[-1]
+    assert "draw the extent" in plugin.dock.plan_label.text()  # the whole text, in the dock too
     from qgis_plugin.settings import MODE_REMOTE
 
     plugin.settings().mode = MODE_REMOTE
     plugin.settings().url = ""
     plugin.dock.generate.set_extent(UTM_EXTENT, UTM)
     assert plugin.dock.generate.run() is None
-    assert "no engine URL" in qgis_iface.messageBar().get_messages(MSG_CRITICAL)[-1]
+    assert "no engine URL" in qgis_iface.messageBar().get_messages(MSG_WARNING)[-1]
+    assert not qgis_iface.messageBar().get_messages(MSG_CRITICAL)
 
 
 # -- the conditional tasks -------------------------------------------------------------------------
@@ -320,8 +331,15 @@ def test_start_a_local_engine_from_the_settings(plugin, monkeypatch, qtbot, engi
     assert plugin.manager.local_url() and plugin.manager.local_url().startswith("http://127.0.0.1:")
     assert "running at http://127.0.0.1:" in plugin.engine_summary()
     assert plugin.last_layer.crs().authid() == "EPSG:32633"
-    plugin.manager.stop()
+    # Switching to "use an existing engine" stops the local one now, not when QGIS exits.
+    from dataclasses import replace
+
+    local = plugin.manager._local
+    plugin.apply_settings(replace(settings, mode="remote", url=engine_server.url,
+                                  token_file=str(engine_server.token_file)))
     assert plugin.manager.local_url() is None
+    assert local is not None and not local.running()
+    assert plugin.settings().mode == "remote" and "Engine: http://127.0.0.1:" in plugin.engine_summary()
 
 
 def test_inputs_are_uploaded_to_a_remote_engine(plugin, engine_env, qtbot, tmp_path):

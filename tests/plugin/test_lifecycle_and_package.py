@@ -28,7 +28,7 @@ def test_init_gui_and_unload_leave_no_trace(qgis_iface, plugin_settings, qgis_ne
     assert plugin.dock is not None and plugin.toolbar is not None
     names = [a.text() for a in plugin.actions]
     assert names == ["DiffusionSat panel", "Draw extent to generate", "Engine settings…",
-                     "Copy diagnostics (Markdown)"]
+                     "Copy diagnostics (Markdown)", "User guide"]
     assert not plugin.actions[0].icon().isNull()
     plugin.action_dock.trigger()
     assert plugin.dock.isVisible() or plugin.action_dock.isChecked()

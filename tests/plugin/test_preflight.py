@@ -125,7 +125,7 @@ def test_a_request_the_engine_refuses_shows_its_message_and_submits_nothing(plug
     task = tab.run()
     wait_for_task(qtbot, task)
     assert task.outcome is None and task.preflight is None
-    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    errors = qgis_iface.messageBar().get_messages(MSG_WARNING)  # the user can fix it: not critical
     assert errors and "refused the request (nothing was started)" in errors[-1]
     assert "bbox is inverted" in errors[-1]
     assert "bbox is inverted" in plugin.dock.plan_label.text()
@@ -139,7 +139,7 @@ def test_a_request_the_engine_refuses_shows_its_message_and_submits_nothing(plug
     task = plugin.start(job)
     wait_for_task(qtbot, task)
     assert task.outcome is None
-    errors = qgis_iface.messageBar().get_messages(MSG_CRITICAL)
+    errors = qgis_iface.messageBar().get_messages(MSG_WARNING)
     assert "refused the request" in errors[-1] and str(missing) in errors[-1]
     assert job_ids(engine_env) == before
     assert not (tmp_path / "out.tif").exists()
