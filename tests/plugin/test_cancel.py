@@ -21,7 +21,7 @@ def test_cancel_ends_the_task_as_cancelled_not_failed_and_the_engine_stops(engin
     crs = QgsCoordinateReferenceSystem("EPSG:32633")
     out = tmp_path / "cancelled.tif"
     job = prepare_generate(QgsRectangle(289000, 4639000, 294000, 4644600), crs, width=128, height=128,
-                           output_path=str(out), steps=400, model="tiny")
+                           output_path=str(out), steps=200, model="tiny")
     statuses = []
     seen = {}
 

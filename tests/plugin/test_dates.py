@@ -79,7 +79,7 @@ def test_reprocessing_an_undated_output_keeps_it_undated(provider, engine_env, t
     result = processing.runAndLoadResults("diffusionsat:inpaint", {
         "INPUT": str(src), "MASK_KIND": 3, "MODEL": "tiny", "OPTIONS": '{"steps": 2}', "OUTPUT": str(out)})
     assert out.exists() and result["OUTPUT"]
-    assert "metadata_date" not in _tags(out), "the engine conditioned on a date from the file name"
+    assert _tags(out).get("metadata_date", "unknown") == "unknown", "the engine conditioned on a date from the file name"
     layer = next(lyr for lyr in QgsProject.instance().mapLayers().values() if lyr.source() == str(out))
     assert not layer.temporalProperties().isActive()
 

@@ -148,7 +148,7 @@ def test_cancel_from_the_task_manager_cancels_the_engine_job(plugin, engine_env,
     tab = plugin.dock.generate
     tab.set_extent(UTM_EXTENT, UTM)
     tab.size.setValue(128)
-    tab.steps.setValue(400)  # long enough to be cancelled while running
+    tab.steps.setValue(200)  # long enough to be cancelled while running
     before = set(QgsProject.instance().mapLayers())
     task = tab.run()
     assert task is not None

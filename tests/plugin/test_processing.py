@@ -98,7 +98,7 @@ def test_processing_cancel_cancels_the_engine_job(provider, engine_env, tmp_path
 
     with pytest.raises(QgsProcessingException, match="Cancelled"):
         processing.run("diffusionsat:generate", {"EXTENT": UTM_EXTENT, "OUTPUT": str(tmp_path / "c.tif"),
-                                                 "SIZE": 128, "STEPS": 400, "MODEL": "tiny"},
+                                                 "SIZE": 128, "STEPS": 200, "MODEL": "tiny"},
                        feedback=CancelOnProgress())
     from qgis_plugin.engine_client import EngineClient
 

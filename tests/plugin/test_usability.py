@@ -216,7 +216,7 @@ def test_steps_seed_date_rgb_level_baseline_reach_the_requests(plugin, tmp_path)
     sr.steps.setValue(4)
     req = sr.prepare().request
     assert (req["level"], req["baseline"], req["steps"]) == ("L2A", "04.00", 4)
-    assert "seed" not in req and "date" not in req  # random, from the file
+    assert "seed" not in req, req  # random
 
     tp = plugin.dock.temporal
     tp.steps.setValue(2)
