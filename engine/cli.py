@@ -528,6 +528,10 @@ def _add_serve_parser(sub) -> None:
     net.add_argument("--allowed-root", action="append", default=[], metavar="FOLDER",
                      help="only read input files and model folders under FOLDER (repeatable; "
                      "default: any path the server can read)")
+    net.add_argument("--allow-vrt", action="store_true",
+                     help="read VRT inputs whose sources all lie under the allowed roots (default: refuse VRTs)")
+    net.add_argument("--allow-hf", action="store_true",
+                     help="let requests name hf:owner/name models, downloaded from the Hugging Face hub")
     net.add_argument("--max-upload-mb", type=_float, default=512.0, help="largest upload in MiB (default 512)")
     net.add_argument("--max-pixels", type=_int, default=4096 * 4096,
                      help="largest output of one job in pixels (default 4096*4096)")
@@ -592,6 +596,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_upload_bytes=int(args.max_upload_mb * 1024 * 1024),
         max_pixels=args.max_pixels,
         max_models=args.max_models,
+        allow_vrt=args.allow_vrt,
+        allow_hf=args.allow_hf,
     )
 
     def _terminate(signum, frame):

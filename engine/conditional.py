@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InvalidRequest, RasterError
+from .geo.guard import display_name
 from .progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
@@ -89,8 +90,10 @@ def _open(path: str):
     p = Path(path).expanduser()
     if not p.exists():
         raise RasterError(f"input {str(path)!r} does not exist")
+    from .geo.guard import open_raster
+
     try:
-        return rasterio.open(p)
+        return open_raster(p)
     except rasterio.errors.RasterioIOError as err:
         raise RasterError(f"cannot read {str(path)!r} as a raster: {str(err).splitlines()[0]}") from err
 
@@ -432,12 +435,13 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         return result.images[0].transpose(2, 0, 1)
 
     tags = provenance_tags("superres", bundle, placement, request, seed)
-    tags.update(input=str(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
+    tags.update(input=display_name(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
                 conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
-    run_job(job, progress, cancel)
+    # whole-output checks before the COG is published
     centre = _tile_metadata(out_grid, _whole(out_grid), max(width, height), date, request.cloud_cover)
+    run_job(job, progress, cancel)
     warnings += centre.out_of_range_warnings()
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
@@ -609,17 +613,18 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         return result.images[0].transpose(2, 0, 1)
 
     tags = provenance_tags("temporal", bundle, placement, request, seed)
-    tags.update(inputs=";".join(p for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
+    tags.update(inputs=";".join(display_name(p) for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
                 metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
                 conditioning_scale=request.conditioning_scale)
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
                    run_key=request.model_dump_json())
+    # whole-output checks before the COG is published
+    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), request.date, request.cloud_cover)
     try:
         run_job(job, progress, cancel)
     finally:
         for s in sources:
             s.close()
-    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), request.date, request.cloud_cover)
     warnings = list(bundle.notices) + centre.out_of_range_warnings()
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
@@ -680,8 +685,10 @@ def _is_raster(path: Path) -> bool:
 
     if path.suffix.lower() in (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb", ".sqlite"):
         return False
+    from .geo.guard import open_raster
+
     try:
-        with rasterio.open(path):
+        with open_raster(path):
             return True
     except rasterio.errors.RasterioIOError:
         return False
@@ -763,9 +770,9 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
         nodata = src.nodata
         descriptions = [src.descriptions[b - 1] or f"band {b}" for b in bands]
     tags = provenance_tags("inpaint", bundle, placement, request, seed)
-    tags.update(input=str(request.input), mask=str(request.mask), mask_rule=request.mask_rule or "",
+    tags.update(input=display_name(request.input), mask=display_name(request.mask), mask_rule=request.mask_rule or "",
                 dilate_px=request.dilate, resample=request.resample, synthetic_pixels="masked pixels only",
-                references=";".join(p for p, _ in refs))
+                references=";".join(display_name(p) for p, _ in refs))
     if date is not None:
         tags["metadata_date"] = date.isoformat()
     scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
@@ -780,6 +787,8 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
                    tags=tags, scale=scale, offset=offset, nodata=nodata, band_descriptions=descriptions,
                    colorinterp=("red", "green", "blue") if dtype == "uint8" else None, wrap_writer=wrap,
                    run_key=request.model_dump_json())
+    # whole-output checks before the COG is published
+    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), date, request.cloud_cover)
     try:
         run_job(job, progress, cancel)
     finally:
@@ -788,6 +797,5 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
             s.close()
     if "w" in holder and holder["w"].masked_pixels == 0:
         warnings.append("the mask selects no pixel of the input: the output equals the input")
-    centre = _tile_metadata(grid, _whole(grid), max(grid.width, grid.height), date, request.cloud_cover)
     warnings += centre.out_of_range_warnings()
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)

@@ -795,8 +795,10 @@ def _open(path: str | os.PathLike):
 
     if not Path(path).exists():
         raise RasterError(f"raster {str(path)!r} does not exist; check the path")
+    from .geo.guard import open_raster
+
     try:
-        return rasterio.open(path)
+        return open_raster(path)
     except (RasterioError, OSError) as err:
         raise RasterError(
             f"cannot read raster {str(path)!r} ({err}); give a GeoTIFF or another GDAL-readable "

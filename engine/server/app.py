@@ -242,7 +242,11 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
     uploads = UploadStore(config.uploads_dir, config.max_upload_bytes)
     models = ModelCache(max_models=config.max_models)
     if manager is None:
-        manager = JobManager(config.jobs_dir, models=models, runner=runner, retention_s=config.retention_s)
+        from ..geo.guard import confined_runner
+
+        # Every job opens its files under the server's input policy (allowed roots, no VRTs...).
+        manager = JobManager(config.jobs_dir, models=models, runner=confined_runner(runner, config.input_policy()),
+                             retention_s=config.retention_s)
     stop_sweeping = threading.Event()
 
     def sweep_forever() -> None:
@@ -442,10 +446,11 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
 
         Checks the request as ``POST /v1/jobs`` does, so a request that plans will also be accepted.
         """
+        from ..geo.guard import run_confined
         from ..tasks import plan
 
         job_request = await _job_request(request)
-        return await run_in_threadpool(plan, job_request)
+        return await run_in_threadpool(run_confined, config.input_policy(), plan, job_request)
 
     @app.get(f"{API_PREFIX}/jobs", response_model=JobListOut, dependencies=auth, responses=_ERRORS,
              tags=["jobs"])
