@@ -17,6 +17,7 @@ from .errors import Cancelled, DiffusionSatError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 EPILOG_GENERATE = """\
 examples:
@@ -67,6 +68,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output GeoTIFF path (.tif); written atomically")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     g.add_argument("--dry-run", action="store_true",
                    help="only check the request and print the plan (output grid, tiles, model calls); "
@@ -306,6 +308,7 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     request = parse_request({k: v for k, v in fields.items() if v is not None})
     if args.dry_run:
         return _print_plan(args, request)
+    _check_out(args, request)
     update, close = _progress_bar(not args.quiet and sys.stderr.isatty())
     try:
         result = run_task(request, args.out, progress=update)
@@ -320,6 +323,17 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
         print(f"wrote {result.path} ({result.width}x{result.height} px, {result.crs}, seed {result.seed}) "
               f"in {result.seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_out(args: argparse.Namespace, request) -> None:
+    """Before any work: --out is no input (nor mask, reference), and exists only with --overwrite."""
+    from pathlib import Path
+
+    from .geo.guard import check_output
+    from .tasks import spread_path
+
+    sidecars = [spread_path(Path(args.out))] if getattr(request, "spread", None) else []
+    check_output(args.out, request.input_paths(), overwrite=args.overwrite, sidecars=sidecars)
 
 
 def _print_plan(args: argparse.Namespace, request) -> int:
@@ -413,6 +427,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if args.dry_run:
         return _print_plan(args, request)
+    _check_out(args, request)
     show_bar = not args.quiet and sys.stderr.isatty()
     update, close = _progress_bar(show_bar)
 
@@ -790,6 +805,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub", "rasterio"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # GDAL's own error lines (e.g. "_tiffWriteProc: No space left on device") come with an
+    # exception the CLI turns into its one line; they would only repeat it in GDAL's words.
+    logging.getLogger("rasterio").setLevel(logging.CRITICAL)
+    try:
+        from .geo.cog import quiet_libtiff
+
+        quiet_libtiff()
+    except Exception:  # noqa: BLE001 - best effort, as above
+        logging.getLogger(__name__).debug("could not quiet libtiff", exc_info=True)
     try:
         from diffusers.utils import logging as dlog
 
@@ -814,6 +838,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
     _quiet_libraries()
+    _terminate_like_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except Cancelled as err:
@@ -824,7 +849,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"diffusionsat {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, _Terminated):
+            print(f"diffusionsat {args.command}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"diffusionsat {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
@@ -840,6 +868,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"diffusionsat {args.command}: internal error: {type(err).__name__}: {err} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): unwound like Ctrl-C, so every write's scratch
+    is removed and nothing is published."""
+
+
+def _terminate_like_ctrl_c() -> None:
+    import signal
+
+    def handler(signum, frame):
+        # Once: a second SIGTERM must not interrupt the clean-up the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave it as it is
+        pass
 
 
 def _one_line(err: BaseException) -> str:

@@ -244,7 +244,7 @@ def generate(
     started = time.perf_counter()
     crs = parse_crs(request.crs)
     validate_bbox(request.bbox, crs)
-    out = _check_out(out)
+    out = _check_out(out, request)
     models = models or ModelCache()
     bundle, placement = models.get(
         request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
@@ -353,7 +353,7 @@ def _conditional(name: str):
         from .models.cache import ModelCache
 
         started = time.perf_counter()
-        out = _check_out(out)
+        out = _check_out(out, request)
         outcome = getattr(conditional, name)(request, out, models=models or ModelCache(), progress=progress,
                                              cancel=cancel)
         if conditional._distributed()[0] != 0:
@@ -370,10 +370,15 @@ def _conditional(name: str):
     return run
 
 
-def _check_out(out) -> Path:
+def _check_out(out, request=None) -> Path:
     out = Path(out)
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise InvalidRequest(f"output {str(out)!r} must end in .tif (a Cloud-Optimized GeoTIFF is written)")
+    if request is not None:  # never write over one of the run's inputs (an existing output is the caller's call)
+        from .geo.guard import check_output
+
+        sidecars = [spread_path(out)] if getattr(request, "spread", None) else []
+        check_output(out, request.input_paths(), sidecars=sidecars)
     return out
 
 
