@@ -809,12 +809,6 @@ def _quiet_libraries() -> None:
     # exception the CLI turns into its one line; they would only repeat it in GDAL's words.
     logging.getLogger("rasterio").setLevel(logging.CRITICAL)
     try:
-        from .geo.cog import quiet_libtiff
-
-        quiet_libtiff()
-    except Exception:  # noqa: BLE001 - best effort, as above
-        logging.getLogger(__name__).debug("could not quiet libtiff", exc_info=True)
-    try:
         from diffusers.utils import logging as dlog
 
         dlog.set_verbosity_error()

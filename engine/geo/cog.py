@@ -54,6 +54,10 @@ def quiet_libtiff() -> bool:
     global handler would print them a second time, raw. Best effort (Linux, via the process's
     loaded libtiff); returns whether it was done.
     """
+    global _LIBTIFF_QUIET
+    if _LIBTIFF_QUIET is not None:
+        return _LIBTIFF_QUIET
+    _LIBTIFF_QUIET = False
     import ctypes
 
     import rasterio  # noqa: F401 - loads GDAL and its libtiff
@@ -73,7 +77,11 @@ def quiet_libtiff() -> bool:
             done = True
         except (OSError, AttributeError):
             continue
+    _LIBTIFF_QUIET = done
     return done
+
+
+_LIBTIFF_QUIET: Optional[bool] = None
 
 
 def active_run_dir() -> Optional[Path]:
@@ -287,6 +295,7 @@ class CogWriter:
             # rasterio's error handler for the whole write: GDAL's messages become log records
             # (the CLI keeps them quiet) and exceptions, instead of raw lines on stderr.
             self._stack.enter_context(rasterio.Env())
+            quiet_libtiff()
             self._final_tmp = self._stack.enter_context(atomic_path(self.dest))
             self._scratch = self._final_tmp.parent / (self.dest.stem + ".scratch.tif")
             self._stack.callback(self._remove_scratch)
