@@ -161,8 +161,13 @@ def _is_xml(head: bytes) -> bool:
     return text.startswith(b"<")
 
 
-def _check_vrt(path: Path, head: bytes, policy: InputPolicy, depth: int) -> None:
-    """A VRT is admitted only when ``allow_vrt`` is on and all it names passes the same checks."""
+def _check_vrt(path: Path, head: bytes, policy: InputPolicy, depth: int, base: Path) -> None:
+    """A VRT is admitted only when ``allow_vrt`` is on and all it names passes the same checks.
+
+    ``base`` is the VRT's path with links followed, as GDAL takes it (it follows a linked VRT to
+    its target before joining relative sources to the folder); sources are then resolved like
+    any input.
+    """
     if not policy.allow_vrt:
         raise _refuse(path, "is a VRT or another XML description that makes GDAL read other files",
                       policy, "give the raster files themselves (gdal_translate the VRT to a GeoTIFF), "
@@ -174,24 +179,30 @@ def _check_vrt(path: Path, head: bytes, policy: InputPolicy, depth: int) -> None
         root = ET.fromstring(data)
     except (OSError, ET.ParseError) as err:
         raise _refuse(path, f"is XML that cannot be checked ({err})", policy) from None
-    if root.tag != "VRTDataset" or root.get("subClass"):
-        raise _refuse(path, f"is a {root.get('subClass') or root.tag} description, not a plain VRT of "
+    # GDAL reads VRT element and attribute names case-insensitively: so does this check.
+    def attr(elem: ET.Element, name: str) -> Optional[str]:
+        return next((v for k, v in elem.attrib.items() if k.lower() == name.lower()), None)
+
+    if root.tag.lower() != "vrtdataset" or attr(root, "subClass"):
+        raise _refuse(path, f"is a {attr(root, 'subClass') or root.tag} description, not a plain VRT of "
                       "raster sources", policy)
     lowered = data.lower()
     if b"/vsi" in lowered or b"://" in lowered:
         raise _refuse(path, "names a GDAL virtual file system or a URL", policy)
     for elem in root.iter():
-        sub = elem.get("subClass")
-        if elem.tag == "VRTRasterBand" and sub not in (None, "VRTSourcedRasterBand", "VRTDerivedRasterBand"):
+        tag = elem.tag.lower() if isinstance(elem.tag, str) else ""
+        sub = attr(elem, "subClass")
+        if tag == "vrtrasterband" and (sub or "VRTSourcedRasterBand").lower() not in (
+                "vrtsourcedrasterband", "vrtderivedrasterband"):
             raise _refuse(path, f"has a {sub} band (it maps a file's bytes to pixels)", policy)
-        if elem.tag in ("PixelFunctionLanguage", "PixelFunctionCode"):
+        if tag in ("pixelfunctionlanguage", "pixelfunctioncode"):
             raise _refuse(path, "has a band computed by code", policy)
-        if elem.tag in ("SourceFilename", "SourceDataset") or elem.tag.endswith("Filename"):
+        if tag == "sourcedataset" or tag.endswith("filename"):
             name = (elem.text or "").strip()
             if not name:
                 continue
-            relative = elem.get("relativeToVRT", "0") == "1" or elem.get("relativetoVRT", "0") == "1"
-            source = (path.parent / name) if relative and not os.path.isabs(name) else Path(name)
+            relative = (attr(elem, "relativeToVRT") or "0").strip() == "1"
+            source = (base.parent / name) if relative and not os.path.isabs(name) else Path(name)
             try:
                 inspect_raster(source if not _PREFIX.match(name) else name, policy=policy, _depth=depth + 1)
             except InputRefused as err:
@@ -212,7 +223,7 @@ def inspect_raster(path: Any, *, policy: Optional[InputPolicy] = None, _depth: i
         raise _refuse(path, "is a folder, not a raster file", policy)
     head = _head(resolved)
     if _is_xml(head):
-        _check_vrt(resolved, head, policy, _depth)
+        _check_vrt(resolved, head, policy, _depth, resolved)
     return resolved
 
 

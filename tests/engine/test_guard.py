@@ -249,3 +249,35 @@ def test_check_output_refuses_inputs_and_existing_files(tmp_path):
     with pytest.raises(InvalidRequest, match="spread"):
         check_output(tmp_path / "new.tif", [], sidecars=[_tif(tmp_path / "new.spread.tif")], overwrite=False)
     check_output(tmp_path / "new2.tif", [a], overwrite=False)
+
+
+def test_a_job_under_the_policy_reads_nothing_from_a_vrt(place):
+    """The readers themselves are confined (not only the server's submit check): a job whose input
+    became a VRT after it was accepted fails with InputRefused and writes nothing."""
+    from engine.tasks import parse_request, run_task
+
+    inside, outside, policy = place
+    secret = _tif(outside / "secret.tif")
+    (inside / "scene.tif").write_text(_vrt(str(secret)))
+    out = inside / "out.tif"
+    request = parse_request({"task": "inpaint", "input": str(inside / "scene.tif"), "model": "tiny", "steps": 1,
+                             "seed": 1})
+    with enforce(policy), pytest.raises(InputRefused, match="scene.tif"):
+        run_task(request, out)
+    assert sorted(p.name for p in inside.iterdir()) == ["scene.tif"]
+
+
+def test_vrt_element_case_does_not_bypass(tmp_path):
+    root = tmp_path / "inside"
+    root.mkdir()
+    secret = _tif(tmp_path / "secret.tif", 66)
+    policy = InputPolicy(roots=(root,), allow_vrt=True)
+    # GDAL matches VRT element and attribute names regardless of case
+    (root / "upper.vrt").write_text(_vrt(str(secret)).replace("SourceFilename", "SOURCEFILENAME"))
+    with rasterio.open(root / "upper.vrt") as src:
+        assert src.read(1)[0, 0] == 66
+    _refused(root / "upper.vrt", policy, "outside")
+    band = ('<VRTRasterBand dataType="Byte" band="1" SUBCLASS="VRTRawRasterBand"><SourceFilename>'
+            f'{root / "upper.vrt"}</SourceFilename></VRTRasterBand>')
+    (root / "raw.vrt").write_text(_vrt("", band_xml=band))
+    _refused(root / "raw.vrt", policy, "VRTRawRasterBand")
