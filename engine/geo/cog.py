@@ -327,7 +327,9 @@ class CogWriter:
 
     def _remove_scratch(self) -> None:
         if self._ds is not None and not self._ds.closed:
-            self._ds.close()
+            # On a full disk the close's flush fails again: the first error is the one to report.
+            with contextlib.suppress(Exception):
+                self._ds.close()
         if self._scratch is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._scratch.unlink()
