@@ -25,7 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InvalidRequest, RasterError
-from .geo.guard import display_name
+from .geo.guard import display_name, display_text
 from .progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
         "software": f"diffusionsat {__version__}",
         "task": task,
         "model": bundle.name,
-        "model_source": bundle.source,
+        "model_source": display_text(bundle.source),
         "seed": seed,
         "prompt": request.prompt,
         "steps": request.steps,

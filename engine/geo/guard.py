@@ -396,6 +396,15 @@ def display_name(path: Any) -> str:
     return p.name
 
 
+def display_text(text: Any) -> str:
+    """``text`` with every absolute path in it shown by :func:`display_name` (on a server: base
+    names; e.g. a model's source, "UNet /srv/models/x/unet; vae /srv/models/x/vae")."""
+    text = "" if text is None else str(text)
+    if active_policy() is None:
+        return text
+    return re.sub(r"(?<![\w:])/[^\s;,]+", lambda m: display_name(m.group(0)), text)
+
+
 # --------------------------------------------------------------------------------------------
 # Outputs
 
@@ -442,6 +451,7 @@ __all__ = [
     "check_output",
     "confined_runner",
     "display_name",
+    "display_text",
     "enforce",
     "inspect_file",
     "inspect_input",

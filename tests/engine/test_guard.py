@@ -17,6 +17,7 @@ from engine.geo.guard import (
     InputPolicy,
     check_output,
     display_name,
+    display_text,
     enforce,
     inspect_input,
     open_raster,
@@ -225,6 +226,8 @@ def test_display_names_hide_server_folders(tmp_path):
         assert display_name(uploads / ("a" * 32 + ".tif")) == "upload:" + "a" * 32
         assert display_name(tmp_path / "data" / "scene.tif") == "scene.tif"
         assert display_name("nodata") == "nodata"
+        assert display_text("UNet /srv/m/x/unet; vae /srv/m/x/vae") == "UNet unet; vae vae"
+    assert display_text("UNet /srv/m/x/unet") == "UNet /srv/m/x/unet"  # the CLI: as it is
 
 
 def test_check_output_refuses_inputs_and_existing_files(tmp_path):
