@@ -790,7 +790,6 @@ def _date_from_name(name: str) -> dt.date | None:
 
 
 def _open(path: str | os.PathLike):
-    import rasterio
     from rasterio.errors import RasterioError
 
     if not Path(path).exists():

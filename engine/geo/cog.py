@@ -336,8 +336,6 @@ class CogWriter:
 
     def write(self, data: np.ndarray, window: Any = None) -> None:
         """Write ``data`` (bands, rows, cols) into ``window`` (a rasterio Window; None = all)."""
-        import rasterio
-
         if data.ndim == 2:
             data = data[None]
         try:
@@ -356,7 +354,6 @@ class CogWriter:
         return bool(self._stack.__exit__(exc_type, exc, tb))
 
     def _finish(self) -> None:
-        import rasterio
         from rasterio.enums import ColorInterp
         from rasterio.shutil import copy as rio_copy
 
