@@ -36,7 +36,7 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from ..errors import InvalidRequest, RasterError
+from ..errors import InputRefused, InvalidRequest, RasterError
 from .guard import inspect_file, open_raster
 from .windows import parse_window
 
@@ -228,7 +228,7 @@ def _product_info_from_mtd(xml_path: Path) -> dict[str, Any]:
     info: dict[str, Any] = {}
     try:
         root = ET.parse(inspect_file(xml_path, what="metadata")).getroot()
-    except (ET.ParseError, OSError):
+    except (ET.ParseError, OSError, InputRefused):  # outside a server's roots: not read, not used
         return info
     offsets: list[float] = []
     for elem in root.iter():
