@@ -19,6 +19,7 @@ from .errors import Cancelled, DiffusionSatError
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 EPILOG_GENERATE = """\
 examples:
@@ -63,6 +64,7 @@ class _Parser(argparse.ArgumentParser):
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="output GeoTIFF path (.tif); written atomically")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     g.add_argument("--dry-run", action="store_true",
                    help="only check the request and print the plan (output grid, tiles, model calls); "
@@ -381,6 +383,7 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
     from .tasks import parse_request, run_task
 
     request = parse_request(fields)
+    _check_out(args, request)  # before --dry-run too: it refuses what the run refuses
     if args.dry_run:
         return _print_plan(args, request)
     update, close = _progress(args)
@@ -397,6 +400,17 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
         print(f"wrote {result.path} ({result.width}x{result.height} px, {result.crs}, seed {result.seed}) "
               f"in {result.seconds:.1f} s", file=sys.stderr)
     return 0
+
+
+def _check_out(args: argparse.Namespace, request) -> None:
+    """Before any work: --out is no input (nor mask, reference), and exists only with --overwrite."""
+    from pathlib import Path
+
+    from .geo.guard import check_output
+    from .tasks import spread_path
+
+    sidecars = [spread_path(Path(args.out))] if getattr(request, "spread", None) else []
+    check_output(args.out, request.input_paths(), overwrite=args.overwrite, sidecars=sidecars)
 
 
 def _print_plan(args: argparse.Namespace, request) -> int:
@@ -439,6 +453,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .tasks import generate, parse_request
 
     request = parse_request(_request_fields(args))
+    _check_out(args, request)  # before --dry-run too: it refuses what the run refuses
     if args.dry_run:
         return _print_plan(args, request)
     update, close = _progress(args)
@@ -559,6 +574,10 @@ def _add_serve_parser(sub) -> None:
     net.add_argument("--allowed-root", action="append", default=[], metavar="FOLDER",
                      help="only read input files and model folders under FOLDER (repeatable; "
                      "default: any path the server can read)")
+    net.add_argument("--allow-vrt", action="store_true",
+                     help="read VRT inputs whose sources all lie under the allowed roots (default: refuse VRTs)")
+    net.add_argument("--allow-hf", action="store_true",
+                     help="let requests name hf:owner/name models, downloaded from the Hugging Face hub")
     net.add_argument("--max-upload-mb", type=_float, default=512.0, help="largest upload in MiB (default 512)")
     from .tasks import MAX_PIXELS
 
@@ -645,6 +664,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_job_seconds=args.max_job_seconds,
         max_connections=args.max_connections,
         header_timeout_s=args.header_timeout,
+        allow_vrt=args.allow_vrt,
+        allow_hf=args.allow_hf,
     )
 
     def _terminate(signum, frame):
@@ -842,6 +863,9 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     for name in ("diffusers", "transformers", "accelerate", "huggingface_hub", "rasterio"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # GDAL's own error lines (e.g. "_tiffWriteProc: No space left on device") come with an
+    # exception the CLI turns into its one line; they would only repeat it in GDAL's words.
+    logging.getLogger("rasterio").setLevel(logging.CRITICAL)
     try:
         from diffusers.utils import logging as dlog
 
@@ -866,6 +890,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
     _quiet_libraries()
+    _terminate_like_ctrl_c()
     try:
         return int(args.func(args) or 0)
     except Cancelled as err:
@@ -876,7 +901,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise
         print(f"diffusionsat {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
+        if isinstance(err, _Terminated):
+            print(f"diffusionsat {args.command}: terminated (SIGTERM); nothing was written", file=sys.stderr)
+            return EXIT_TERMINATED
         print(f"diffusionsat {args.command}: interrupted; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except MemoryError:
@@ -892,6 +920,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"diffusionsat {args.command}: internal error: {type(err).__name__}: {err} "
               "(rerun with --debug and report it)", file=sys.stderr)
         return 1
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler, ``timeout``, ``kill``): unwound like Ctrl-C, so every write's scratch
+    is removed and nothing is published."""
+
+
+def _terminate_like_ctrl_c() -> None:
+    import signal
+
+    def handler(signum, frame):
+        # Once: a second SIGTERM must not interrupt the clean-up the first one started.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise _Terminated()
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (main() called from a thread): leave it as it is
+        pass
 
 
 def _one_line(err: BaseException) -> str:

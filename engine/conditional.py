@@ -25,6 +25,7 @@ import numpy as np
 
 from . import __version__
 from .errors import InvalidRequest, RasterError
+from .geo.guard import display_name, display_text
 from .progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
@@ -92,8 +93,10 @@ def _open(path: str):
     p = Path(path).expanduser()
     if not p.exists():
         raise RasterError(f"input {str(path)!r} does not exist")
+    from .geo.guard import open_raster
+
     try:
-        return rasterio.open(p)
+        return open_raster(p)
     except rasterio.errors.RasterioIOError as err:
         raise RasterError(f"cannot read {str(path)!r} as a raster: {str(err).splitlines()[0]}") from err
 
@@ -216,7 +219,7 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
         "software": f"diffusionsat {__version__}",
         "task": task,
         "model": bundle.name,
-        "model_source": bundle.source,
+        "model_source": display_text(bundle.source),
         "seed": seed,
         "prompt": request.prompt,
         "steps": request.steps,
@@ -458,7 +461,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         return result.images[0].transpose(2, 0, 1)
 
     tags = provenance_tags("superres", bundle, placement, request, seed)
-    tags.update(input=str(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
+    tags.update(input=display_name(request.input), factor=factor, input_gsd=f"{gsd_in:g}", output_gsd=f"{gsd_in / factor:g}",
                 conditioning_scale=request.conditioning_scale, nodata_note="0 = no input data (values 1..255)")
     centre = _whole_metadata(out_grid, date, request.cloud_cover)
     tags.update(_metadata_tags(centre))
@@ -646,7 +649,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
         return result.images[0].transpose(2, 0, 1)
 
     tags = provenance_tags("temporal", bundle, placement, request, seed)
-    tags.update(inputs=";".join(p for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
+    tags.update(inputs=";".join(display_name(p) for p, _ in frames), input_dates=";".join(d.isoformat() for _, d in frames),
                 metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
                 conditioning_scale=request.conditioning_scale)
     centre = _whole_metadata(grid, request.date, request.cloud_cover)
@@ -738,8 +741,10 @@ def _is_raster(path: Path) -> bool:
 
     if path.suffix.lower() in (".gpkg", ".shp", ".geojson", ".json", ".kml", ".gml", ".fgb", ".sqlite"):
         return False
+    from .geo.guard import open_raster
+
     try:
-        with rasterio.open(path):
+        with open_raster(path):
             return True
     except rasterio.errors.RasterioIOError:
         return False
@@ -921,9 +926,9 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     others = _OtherBands(src, bands, mask)
     warnings += others.warnings(descriptions, nodata)
     tags = provenance_tags("inpaint", bundle, placement, request, seed)
-    tags.update(input=str(request.input), mask=str(request.mask), mask_rule=request.mask_rule or "",
+    tags.update(input=display_name(request.input), mask=display_name(request.mask), mask_rule=request.mask_rule or "",
                 dilate_px=request.dilate, resample=request.resample, synthetic_pixels="masked pixels only",
-                references=";".join(p for p, _ in refs))
+                references=";".join(display_name(p) for p, _ in refs))
     if others.bands:
         tags.update(generated_bands=",".join(map(str, bands)), other_bands=",".join(map(str, others.bands)),
                     other_bands_rule=OTHER_BANDS_RULE,

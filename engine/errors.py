@@ -50,6 +50,19 @@ class DiskFull(RasterError):
     http_status = 507
 
 
+class InputRefused(DiffusionSatError):
+    """An input the engine may not open here: outside the allowed folders, or a file that makes
+    GDAL read other files (a VRT, a raw band, a GDAL network path). Nothing was read from it.
+    ``path`` and ``roots`` name the file and the folders the engine may read."""
+
+    http_status = 403
+
+    def __init__(self, message: str, *, path: str = "", roots: str = "") -> None:
+        super().__init__(message)
+        self.path = path
+        self.roots = roots
+
+
 class DeviceError(DiffusionSatError):
     """The requested device or precision is not available on this machine."""
 

@@ -800,13 +800,14 @@ def _date_from_name(name: str) -> dt.date | None:
 
 
 def _open(path: str | os.PathLike):
-    import rasterio
     from rasterio.errors import RasterioError
 
     if not Path(path).exists():
         raise RasterError(f"raster {str(path)!r} does not exist; check the path")
+    from .geo.guard import open_raster
+
     try:
-        return rasterio.open(path)
+        return open_raster(path)
     except (RasterioError, OSError) as err:
         raise RasterError(
             f"cannot read raster {str(path)!r} ({err}); give a GeoTIFF or another GDAL-readable "

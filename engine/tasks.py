@@ -460,8 +460,9 @@ def _conditional(name: str):
     return run
 
 
-def _check_out(out) -> Path:
-    """The output path: a .tif in an existing, writable folder (the writer's own conditions)."""
+def _check_out(out, request=None) -> Path:
+    """The output path: a .tif in an existing, writable folder (the writer's own conditions), and
+    never one of the run's inputs (an existing output is the caller's call: --overwrite)."""
     out = Path(out)
     if out.is_dir():
         raise InvalidRequest(f"output {str(out)!r} is a folder; name a file in it, e.g. {str(out / 'out.tif')!r}")
@@ -472,6 +473,11 @@ def _check_out(out) -> Path:
         raise RasterError(f"output folder {str(folder)!r} does not exist; create it or choose another --out")
     if not os.access(folder, os.W_OK):
         raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
+    if request is not None:  # never write over one of the run's inputs (an existing output is the caller's call)
+        from .geo.guard import check_output
+
+        sidecars = [spread_path(out)] if getattr(request, "spread", None) else []
+        check_output(out, request.input_paths(), sidecars=sidecars)
     return out
 
 
@@ -518,7 +524,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
         SatMetadata(date=request.date, cloud_cover=request.cloud_cover)
         for day in (getattr(request, "input_dates", None) or []) + (getattr(request, "reference_dates", None) or []):
             SatMetadata(date=day)
-    path = _check_out(out) if out is not None else None
+    path = _check_out(out, request) if out is not None else None
     resolve(request.device, request.dtype)
     located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
     model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)

@@ -58,6 +58,12 @@ def progress_text(job: dict[str, Any]) -> str:
     return " · ".join(parts) or str(job.get("state") or "")
 
 
+#: Engine error codes answering "I may not read this by path": the inputs are then uploaded as
+#: GeoTIFFs (a path outside --allowed-root; a VRT, e.g. stacked band layers, on an engine without
+#: --allow-vrt: the upload is a flattened GeoTIFF copy).
+UPLOAD_INSTEAD = ("path_not_allowed", "input_refused")
+
+
 def _upload_inputs(client, request: dict[str, Any], prepared: PreparedJob, temps: list[str]) -> dict[str, Any]:
     request = dict(request)
 
@@ -92,7 +98,7 @@ def plan_job(client, request: dict[str, Any], prepared: PreparedJob, *, upload: 
     try:
         return request, quick.plan(request)
     except EngineError as err:
-        if not upload and getattr(err, "code", None) == "path_not_allowed" and prepared.files:
+        if not upload and getattr(err, "code", None) in UPLOAD_INSTEAD and prepared.files:
             request = _upload_inputs(client, request, prepared, temps)
             try:
                 return request, quick.plan(request)
@@ -144,7 +150,7 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
         try:
             job_id = client.submit(request)
         except EngineError as err:
-            if upload or getattr(err, "code", None) != "path_not_allowed" or not prepared.files:
+            if upload or getattr(err, "code", None) not in UPLOAD_INSTEAD or not prepared.files:
                 raise
             request = _upload_inputs(client, request, prepared, temps)
             job_id = client.submit(request)

@@ -17,14 +17,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..errors import InvalidRequest
+from .guard import trusted_vrt
 
 
 def _needs(path: str, crs: str | None, nodata: float | None, names: Sequence[str] | None) -> dict:
-    import rasterio
     from rasterio.errors import RasterioError
 
+    from .guard import open_raster
+
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             change = {}
             if crs and src.crs is None:
                 change["crs"] = crs
@@ -80,13 +82,20 @@ def assigned_inputs(request, workdir: Path | None = None) -> Iterator:
         return
     folder = Path(tempfile.mkdtemp(prefix=".assigned-", dir=str(workdir) if workdir else None))
     try:
-        update = {}
-        for field in ("input", "inputs", "references"):
-            value = getattr(request, field, None)
-            if isinstance(value, str):
-                update[field] = assign_vrt(value, folder, crs=crs, nodata=nodata, names=names)
-            elif isinstance(value, list) and value:
-                update[field] = [assign_vrt(v, folder, crs=crs, nodata=nodata, names=names) for v in value]
-        yield request.model_copy(update=update)
+        with contextlib.ExitStack() as trusted:
+            def assign(path: str) -> str:
+                vrt = assign_vrt(path, folder, crs=crs, nodata=nodata, names=names)
+                if vrt != path:  # the engine's own VRT: a server's input policy checks `path` instead
+                    trusted.enter_context(trusted_vrt(vrt, path))
+                return vrt
+
+            update = {}
+            for field in ("input", "inputs", "references"):
+                value = getattr(request, field, None)
+                if isinstance(value, str):
+                    update[field] = assign(value)
+                elif isinstance(value, list) and value:
+                    update[field] = [assign(v) for v in value]
+            yield request.model_copy(update=update)
     finally:
         shutil.rmtree(folder, ignore_errors=True)

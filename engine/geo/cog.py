@@ -1,8 +1,15 @@
 """Cloud-Optimized GeoTIFF output, written atomically.
 
 Every raster the engine produces goes through here: it is written to a temporary file beside the
-destination and renamed over it only when complete, so an interrupted run (Ctrl-C, a crash, a
-cancelled job) leaves nothing at the destination and never a half-written file.
+destination and renamed over it only when complete, so an interrupted run (Ctrl-C, SIGTERM, a crash,
+a cancelled job) leaves nothing at the destination and never a half-written file.
+
+All scratch of one write (the temporary output, the tiled scratch GeoTIFF, the tiling
+accumulator) lives in one hidden run folder beside the destination, ``.diffusionsat-run-<pid>-*``,
+removed on every exit path; the process id in its name (and in its ``pid`` file) lets the next run
+in the same folder remove the folders of runs that were killed (SIGKILL, power loss). A full disk
+becomes :class:`~engine.errors.DiskFull`, naming the folder and the space needed, with nothing left
+behind. The output gets the user's umask, as any GIS tool's does.
 
 Large outputs are written window by window into a tiled scratch GeoTIFF (:class:`CogWriter`), then
 converted to a COG (internal tiles, overviews, DEFLATE) in one ``CreateCopy``.
@@ -11,7 +18,12 @@ converted to a COG (internal tiles, overviews, DEFLATE) in one ``CreateCopy``.
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import errno
 import os
+import re
+import shutil
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -19,14 +31,169 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import RasterError
+from ..errors import DiskFull, RasterError
+
+#: Hidden run folders beside outputs: ``.diffusionsat-run-<pid>-<random>``.
+RUN_PREFIX = ".diffusionsat-run-"
+_RUN_NAME = re.compile(r"^\.diffusionsat-run-(\d+)-")
+_RUN_DIR: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("diffusionsat_run_dir", default=None)
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+def _write_error_types() -> tuple[type[BaseException], ...]:
+    from rasterio._err import CPLE_BaseError  # GDAL errors raised as such are no RasterioError
+    from rasterio.errors import RasterioError
+
+    return (RasterioError, CPLE_BaseError, OSError)
+
+
+def quiet_libtiff() -> bool:
+    """Stop libtiff printing its own lines on stderr (``_tiffWriteProc: No space left on device``).
+
+    GDAL reports the same failures as exceptions, which the CLI turns into one line; libtiff's
+    global handler would print them a second time, raw. Best effort (Linux, via the process's
+    loaded libtiff); returns whether it was done.
+    """
+    global _LIBTIFF_QUIET
+    if _LIBTIFF_QUIET is not None:
+        return _LIBTIFF_QUIET
+    _LIBTIFF_QUIET = False
+    import ctypes
+
+    import rasterio  # noqa: F401 - loads GDAL and its libtiff
+
+    try:
+        with open("/proc/self/maps", encoding="utf-8") as fh:
+            libs = {line.split()[-1] for line in fh
+                    if "/" in line and Path(line.split()[-1]).name.startswith("libtiff") and ".so" in line}
+    except OSError:
+        return False
+    done = False
+    for lib in sorted(libs):
+        try:
+            tiff = ctypes.CDLL(lib)
+            tiff.TIFFSetErrorHandler.restype = ctypes.c_void_p
+            tiff.TIFFSetErrorHandler(None)
+            done = True
+        except (OSError, AttributeError):
+            continue
+    _LIBTIFF_QUIET = done
+    return done
+
+
+_LIBTIFF_QUIET: Optional[bool] = None
+
+
+def active_run_dir() -> Optional[Path]:
+    """The run folder of the innermost write in progress in this thread, if any (tiling puts its
+    accumulator there, so one folder holds all scratch of a run)."""
+    return _RUN_DIR.get()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # someone else's process, or unknown: keep its folder
+    return True
+
+
+def sweep_stale_runs(folder: str | os.PathLike) -> int:
+    """Remove run folders in ``folder`` left by processes of this machine that are gone.
+
+    The pid comes from the folder name (and the host from its ``pid`` file, so that a folder on a
+    shared file system is only removed by the machine that made it). Returns how many were removed.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    host = socket.gethostname()
+    for entry in entries:
+        m = _RUN_NAME.match(entry.name)
+        if not m or not entry.is_dir(follow_symlinks=False):
+            continue
+        pid = int(m.group(1))
+        try:
+            owner = (Path(entry.path) / "pid").read_text().split()
+        except (OSError, UnicodeDecodeError):
+            owner = []
+        if len(owner) >= 2 and owner[1] != host:
+            continue
+        if pid != os.getpid() and not _alive(pid):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed += 1
+    return removed
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{max(1, round(n / 1024))} KiB"
+
+
+def disk_full(folder: Path, needed: Optional[int], what: str) -> DiskFull:
+    """The :class:`DiskFull` error for ``folder``: the space needed and the space free."""
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        free = None
+    need = f"about {_mib(needed)} needed" if needed else "more space needed"
+    have = f", {_mib(free)} free" if free is not None else ""
+    return DiskFull(f"no space left in {str(folder)!r} to write {what} ({need}{have}); free some space "
+                    "or write to another folder (--out); nothing was written")
+
+
+def is_disk_full(err: BaseException, folder: Optional[Path] = None, needed: Optional[int] = None) -> bool:
+    """Whether ``err`` (an OSError or a GDAL error) comes from a full disk or quota."""
+    if isinstance(err, OSError) and err.errno in _NO_SPACE:
+        return True
+    text = str(err).lower()
+    if "no space left" in text or "disk full" in text or "quota exceeded" in text:
+        return True
+    if folder is not None and needed:  # GDAL often words a failed write differently
+        try:
+            return shutil.disk_usage(folder).free < needed
+        except OSError:
+            return False
+    return False
+
+
+@contextlib.contextmanager
+def run_folder(folder: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden run folder in ``folder`` (made after removing stale ones), removed on exit."""
+    folder = Path(folder)
+    sweep_stale_runs(folder)
+    try:
+        path = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=folder))
+    except OSError as err:
+        if is_disk_full(err):
+            raise disk_full(folder, None, "a scratch folder") from None
+        raise RasterError(f"cannot create a scratch folder in {str(folder)!r} ({err.strerror}); choose "
+                          "another --out") from None
+    token = _RUN_DIR.set(path)
+    try:
+        try:
+            (path / "pid").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(folder, None, "a scratch folder") from None
+            raise
+        yield path
+    finally:
+        _RUN_DIR.reset(token)
+        shutil.rmtree(path, ignore_errors=True)
+
 
 @contextlib.contextmanager
 def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]:
-    """Yield a temporary path in ``dest``'s folder; rename it onto ``dest`` if the block succeeds.
+    """Yield a temporary path (in a hidden run folder in ``dest``'s folder); rename it onto
+    ``dest`` if the block succeeds.
 
-    On any exception (including KeyboardInterrupt) the temporary file is removed and ``dest`` is
-    left as it was (absent, or the previous complete file).
+    The temporary path does not exist yet: whoever writes it creates it, with the user's umask.
+    On any exception (including KeyboardInterrupt) the run folder is removed and ``dest`` is left
+    as it was (absent, or the previous complete file).
     """
     dest = Path(dest)
     folder = dest.parent if str(dest.parent) else Path(".")
@@ -36,16 +203,10 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]
         )
     if not os.access(folder, os.W_OK):
         raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".partial" + suffix, dir=folder)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
+    with run_folder(folder) as run:
+        tmp_path = run / (dest.stem + ".partial" + suffix)
         yield tmp_path
         os.replace(tmp_path, dest)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp_path.unlink()
-        raise
 
 
 def _cog_options(blocksize: int, overviews: bool) -> dict[str, Any]:
@@ -131,22 +292,44 @@ class CogWriter:
 
         self._stack = contextlib.ExitStack()
         try:
+            # rasterio's error handler for the whole write: GDAL's messages become log records
+            # (the CLI keeps them quiet) and exceptions, instead of raw lines on stderr.
+            self._stack.enter_context(rasterio.Env())
+            quiet_libtiff()
             self._final_tmp = self._stack.enter_context(atomic_path(self.dest))
-            fd, scratch = tempfile.mkstemp(
-                prefix=f".{self.dest.name}.", suffix=".scratch.tif", dir=self._final_tmp.parent
-            )
-            os.close(fd)
-            self._scratch = Path(scratch)
+            self._scratch = self._final_tmp.parent / (self.dest.stem + ".scratch.tif")
             self._stack.callback(self._remove_scratch)
-            self._ds = rasterio.open(self._scratch, "w", **self.profile)
+            try:
+                self._ds = rasterio.open(self._scratch, "w", **self.profile)
+            except _write_error_types() as err:
+                self._raise_write_error(err)
         except BaseException:
-            self._stack.__exit__(None, None, None)
+            self._stack.__exit__(*sys.exc_info())
             raise
         return self
 
+    @property
+    def scratch_dir(self) -> Optional[Path]:
+        """The run folder holding this write's scratch (None outside the ``with`` block)."""
+        return self._final_tmp.parent if self._stack is not None else None
+
+    def needed_bytes(self) -> int:
+        """Space this write needs at most: the uncompressed scratch plus a COG of the same size."""
+        p = self.profile
+        return 2 * int(p["width"]) * int(p["height"]) * int(p["count"]) * np.dtype(p["dtype"]).itemsize
+
+    def _raise_write_error(self, err: BaseException) -> None:
+        folder = self.dest.parent if str(self.dest.parent) else Path(".")
+        if is_disk_full(err, folder, self.needed_bytes()):
+            raise disk_full(folder, self.needed_bytes(), repr(self.dest.name)) from None
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise RasterError(f"could not write the COG {str(self.dest)!r}: {first}") from None
+
     def _remove_scratch(self) -> None:
         if self._ds is not None and not self._ds.closed:
-            self._ds.close()
+            # On a full disk the close's flush fails again: the first error is the one to report.
+            with contextlib.suppress(Exception):
+                self._ds.close()
         if self._scratch is not None:
             with contextlib.suppress(FileNotFoundError):
                 self._scratch.unlink()
@@ -155,7 +338,10 @@ class CogWriter:
         """Write ``data`` (bands, rows, cols) into ``window`` (a rasterio Window; None = all)."""
         if data.ndim == 2:
             data = data[None]
-        self._ds.write(data.astype(self.profile["dtype"], copy=False), window=window)
+        try:
+            self._ds.write(data.astype(self.profile["dtype"], copy=False), window=window)
+        except _write_error_types() as err:
+            self._raise_write_error(err)
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._stack is not None
@@ -168,22 +354,21 @@ class CogWriter:
         return bool(self._stack.__exit__(exc_type, exc, tb))
 
     def _finish(self) -> None:
-        import rasterio
         from rasterio.enums import ColorInterp
         from rasterio.shutil import copy as rio_copy
 
         ds = self._ds
-        if self.tags:
-            ds.update_tags(**self.tags)
-        for i, desc in enumerate(self.band_descriptions, start=1):
-            ds.set_band_description(i, desc)
-        if self.colorinterp:
-            ds.colorinterp = [ColorInterp[name] for name in self.colorinterp]
-        ds.close()
         try:
+            if self.tags:
+                ds.update_tags(**self.tags)
+            for i, desc in enumerate(self.band_descriptions, start=1):
+                ds.set_band_description(i, desc)
+            if self.colorinterp:
+                ds.colorinterp = [ColorInterp[name] for name in self.colorinterp]
+            ds.close()  # flushes the last blocks: a full disk can show here
             rio_copy(self._scratch, self._final_tmp, **_cog_options(self.blocksize, self.overviews))
-        except rasterio.errors.RasterioError as err:
-            raise RasterError(f"could not write the COG {str(self.dest)!r}: {err}") from err
+        except _write_error_types() as err:
+            self._raise_write_error(err)
 
 
 def write_cog(

@@ -31,6 +31,7 @@ from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
+from .guard import inspect_vector, open_raster
 from .windows import parse_window
 
 PathLike = Union[str, Path]
@@ -59,7 +60,7 @@ class TargetGrid:
     def from_raster(cls, path: PathLike, window: Any = None) -> "TargetGrid":
         """The grid of a raster file (or of a window of it, pixels)."""
         try:
-            with rasterio.open(path) as src:
+            with open_raster(path) as src:
                 grid = cls(src.crs, src.transform, src.width, src.height)
         except rasterio.errors.RasterioIOError as exc:
             raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
@@ -407,7 +408,7 @@ def mask_from_raster(
     if resampling not in ("nearest", "max"):
         raise InvalidRequest(f"resampling for masks must be nearest or max, not {resampling!r}")
     try:
-        src = rasterio.open(path)
+        src = open_raster(path)
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"cannot open mask raster {str(path)!r}: {exc}") from exc
     with src:
@@ -545,6 +546,7 @@ def vector_geometries(
 
 def _vector_info(path: PathLike, layer: Union[str, int, None]) -> dict:
     pyogrio = _import_pyogrio()
+    path = inspect_vector(path)  # under a server's input policy: only plain vector formats inside its roots
     try:
         info = pyogrio.read_info(path, layer=layer, force_total_bounds=True)
     except Exception as exc:  # pyogrio raises its own DataSourceError/DataLayerError types
@@ -645,7 +647,7 @@ def mask_from_nodata(
     """
     if isinstance(path_or_array, (str, Path)):
         try:
-            src = rasterio.open(path_or_array)
+            src = open_raster(path_or_array)
         except rasterio.errors.RasterioIOError as exc:
             raise RasterError(f"cannot open {str(path_or_array)!r}: {exc}") from exc
         with src:

@@ -36,7 +36,8 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from ..errors import InvalidRequest, RasterError
+from ..errors import InputRefused, InvalidRequest, RasterError
+from .guard import inspect_file, open_raster
 from .windows import parse_window
 
 PathLike = Union[str, Path]
@@ -226,8 +227,8 @@ def _product_info_from_mtd(xml_path: Path) -> dict[str, Any]:
     """Read level, baseline and ADD_OFFSET from a product MTD XML (MTD_MSIL1C.xml, ...)."""
     info: dict[str, Any] = {}
     try:
-        root = ET.parse(xml_path).getroot()
-    except (ET.ParseError, OSError):
+        root = ET.parse(inspect_file(xml_path, what="metadata")).getroot()
+    except (ET.ParseError, OSError, InputRefused):  # outside a server's roots: not read, not used
         return info
     offsets: list[float] = []
     for elem in root.iter():
@@ -499,7 +500,7 @@ def read_multiband(
     """
     names = _parse_band_list(bands)
     try:
-        src = rasterio.open(path)
+        src = open_raster(path)
     except rasterio.errors.RasterioIOError as exc:
         raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
     with src:
@@ -753,7 +754,7 @@ def read_band_files(
     tag_info: dict[str, Any] = {}
     for band in wanted:
         path = chosen[band][0]
-        with rasterio.open(path) as src:
+        with open_raster(path) as src:
             planes.append(_read_on_grid(src, ref_crs, out_tf, out_w, out_h, method,
                                         zero_is_nodata))
             for k, v in _product_info_from_tags(src.tags()).items():
@@ -793,7 +794,7 @@ def _scan_band_files(paths_or_folder):
         if band is None:
             continue
         try:
-            with rasterio.open(path) as src:
+            with open_raster(path) as src:
                 crs_of[path] = (src.crs, src.transform, src.width, src.height)
                 candidates.setdefault(band, []).append((path, abs(src.transform.a)))
         except rasterio.errors.RasterioIOError as exc:

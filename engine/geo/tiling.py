@@ -24,6 +24,7 @@ output pixels (input pixels x ``factor``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -33,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 from affine import Affine
@@ -629,7 +630,9 @@ def run_tiled(
         scale, offset: output = value x scale + offset, rounded and clipped for integer
             outputs. ``scale`` defaults to 255 for uint8 (values 0..1) and 1 for floats.
         fill_nodata: fill invalid input pixels with the tile's band means before the model.
-        scratch_dir: folder for the accumulator file (default: the system temp folder).
+        scratch_dir: folder for the accumulator file (default: the system temp folder). While
+            a :class:`~engine.geo.cog.CogWriter` is open in this thread its run folder is used
+            instead, so one hidden folder holds all scratch of a run.
         progress: called after every tile with ``Progress(tile=done, total_tiles=n)``.
         cancel: polled before every tile and every written chunk.
 
@@ -639,6 +642,7 @@ def run_tiled(
     Raises:
         Cancelled: ``cancel`` was set; the writer's context then leaves nothing at its
             destination.
+        DiskFull: no space for the accumulator (nothing is left behind).
     """
     start = time.perf_counter()
     tiles = _row_major(tiles)
@@ -653,7 +657,7 @@ def run_tiled(
     strip = max(t.out_shape[0] for t in tiles) + align
 
     done = skipped = nodata_px = 0
-    with tempfile.TemporaryDirectory(prefix="diffusionsat-tiling-", dir=scratch_dir) as tmp:
+    with _scratch_folder(scratch_dir) as (tmp, shown):
         acc = _Accumulator(
             Path(tmp) / "acc.bin", width=width, bands=bands, row0=0, nrows=strip, ring=True, create=True
         )
@@ -679,9 +683,30 @@ def run_tiled(
                 report(progress, Progress(0, 1, i + 1, n, f"tile {i + 1}/{n}"))
             report(progress, Progress(0, 1, n, n, "writing the last rows"))
             nodata_px += _flush([acc], flushed, height, width, bands, writer, enc, cancel, False)
+        except OSError as err:
+            from .cog import disk_full, is_disk_full
+
+            if is_disk_full(err):
+                raise disk_full(shown, strip * acc.rowbytes, "the tiling accumulator") from None
+            raise
         finally:
             acc.close()
+            Path(tmp, "acc.bin").unlink(missing_ok=True)
     return TilingStats(done, skipped, nodata_px, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _scratch_folder(scratch_dir: Optional[Union[str, os.PathLike]]) -> Iterator[tuple[Path, Path]]:
+    """(folder for the accumulator, folder to name in messages): the active run folder of the
+    output being written when there is one, else a temporary folder in ``scratch_dir``."""
+    from .cog import active_run_dir
+
+    run = active_run_dir()
+    if run is not None:
+        yield run, run.parent
+        return
+    with tempfile.TemporaryDirectory(prefix="diffusionsat-tiling-", dir=scratch_dir) as tmp:
+        yield Path(tmp), Path(scratch_dir or tempfile.gettempdir())
 
 
 # --------------------------------------------------------------------------------------------
@@ -805,7 +830,15 @@ def accumulate_partial(
         )
         _write_atomically(_part(folder, run_id, rank, "done"), json.dumps(header))
     except BaseException as err:
-        _write_atomically(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
+        with contextlib.suppress(OSError):  # on a full disk even the marker may not fit
+            _write_atomically(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
+        if isinstance(err, OSError):
+            from .cog import disk_full, is_disk_full
+
+            if is_disk_full(err):
+                _part(folder, run_id, rank, "acc").unlink(missing_ok=True)
+                raise disk_full(folder, (row1 - row0) * width * (bands + 1) * ACCUMULATOR_DTYPE.itemsize,
+                                f"rank {rank}'s partial result") from None
         raise
     return TilingStats(done, skipped, 0, time.perf_counter() - start)
 

@@ -301,8 +301,12 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
     uploads = UploadStore(config.uploads_dir, config.max_upload_bytes)
     models = ModelCache(max_models=config.max_models)
     if manager is None:
-        manager = JobManager(config.jobs_dir, models=models, runner=runner, retention_s=config.retention_s,
-                             max_queue=config.max_queue, max_job_seconds=config.max_job_seconds)
+        from ..geo.guard import confined_runner
+
+        # Every job opens its files under the server's input policy (allowed roots, no VRTs...).
+        manager = JobManager(config.jobs_dir, models=models, runner=confined_runner(runner, config.input_policy()),
+                             retention_s=config.retention_s, max_queue=config.max_queue,
+                             max_job_seconds=config.max_job_seconds)
     stop_sweeping = threading.Event()
 
     def sweep_forever() -> None:
@@ -483,10 +487,13 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         Fields that take input files accept ``upload:<id>`` refs or paths on the engine's machine.
         A request that names no ``model`` runs with the engine's ``--model``.
         """
+        from ..geo.guard import run_confined
+
         job_request = await _job_request(request)
         # The same checks the run makes before its first model call (inputs opened, output grid,
         # pixel limits, masks, dates): a request that would fail is refused now, with a 4xx.
-        await run_in_threadpool(_plan, job_request)
+        # They open the inputs, so under the same input policy as the job itself.
+        await run_in_threadpool(run_confined, config.input_policy(), _plan, job_request)
         job = manager.submit(job_request)
         # "queued" is the state at acceptance; the worker may already have started it since.
         return {"id": job.id, "state": "queued"}
@@ -515,8 +522,10 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         return job_request
 
     def _resolve(data: Any) -> Any:
+        from ..geo.guard import run_confined
+
         try:
-            return resolve_request(data, config, uploads)
+            return run_confined(config.input_policy(), resolve_request, data, config, uploads)
         except OSError as err:
             if isinstance(err, DiffusionSatError):
                 raise
@@ -546,8 +555,10 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
 
         Checks the request as ``POST /v1/jobs`` does, so a request that plans will also be accepted.
         """
+        from ..geo.guard import run_confined
+
         job_request = await _job_request(request)
-        return await run_in_threadpool(_plan, job_request)
+        return await run_in_threadpool(run_confined, config.input_policy(), _plan, job_request)
 
     @app.get(f"{API_PREFIX}/jobs", response_model=JobListOut, dependencies=auth, responses=_ERRORS,
              tags=["jobs"])

@@ -80,11 +80,21 @@ class ServerConfig:
     header_timeout_s: float = DEFAULT_HEADER_TIMEOUT_S
     keep_alive_s: float = DEFAULT_KEEP_ALIVE_S
     body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S
+    #: VRT inputs are read (when all their sources pass the same checks) only with --allow-vrt.
+    allow_vrt: bool = False
+    #: ``hf:`` model ids in requests (downloads from the Hugging Face hub) only with --allow-hf.
+    allow_hf: bool = False
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir).expanduser().resolve()
         # Roots are compared after resolving symlinks, so a link inside a root cannot escape it.
         self.allowed_roots = tuple(Path(p).expanduser().resolve() for p in self.allowed_roots)
+
+    def input_policy(self):
+        """What jobs and plans of this server may open (:mod:`engine.geo.guard`)."""
+        from ..geo.guard import InputPolicy
+
+        return InputPolicy(roots=self.allowed_roots, allow_vrt=self.allow_vrt, uploads=self.uploads_dir)
 
     @property
     def retention_s(self) -> float:

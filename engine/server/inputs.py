@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 from ..errors import InvalidRequest, ModelNotFound, RasterError
+from ..geo.guard import inspect_input
 from .config import ServerConfig
 from .errors import InputNotFound, PathNotAllowed, TooLarge
 
@@ -213,6 +214,12 @@ def _check_model_paths(request: Any, config: ServerConfig) -> None:
     roots_for_models = list(config.allowed_roots) + [p.expanduser().resolve() for p in models_dirs()]
     for field in MODEL_PATH_FIELDS:
         spec = getattr(request, field, None)
+        if isinstance(spec, str) and spec.startswith("hf:") and not config.allow_hf and spec != config.default_model:
+            raise PathNotAllowed(
+                f"the {field} {spec!r} would be downloaded from the Hugging Face hub, which this engine "
+                "does not do for requests; install the model into the engine's models folder, or start "
+                "the engine with --allow-hf"
+            )
         if not isinstance(spec, str) or not spec or spec in _MODEL_NAMES or spec.startswith("hf:"):
             continue
         path = Path(spec).expanduser()
@@ -277,11 +284,14 @@ def resolve_request(
             data[key] = default
     data = resolve_upload_refs(data, uploads)
     request = parse(data)
+    policy = config.input_policy()
     for path in request.input_paths():
         resolved = confine_path(path, config)
         if not resolved.exists():  # a file, or a folder such as a Sentinel-2 .SAFE product
             raise InputNotFound(f"input {str(path)!r} does not exist on the engine's machine; "
                               "upload it with POST /v1/uploads or give a path the engine can read")
+        # What the file *is* (a VRT, links out of a folder, sidecars): checked before any pixel is read.
+        inspect_input(path, policy)
     precheck(request, config)
     limit = getattr(request, "max_pixels", None)
     if "max_pixels" in getattr(type(request), "model_fields", {}) and (limit is None or limit > config.max_pixels):

@@ -20,15 +20,43 @@ from .errors import Forbidden, ServerConfigError, Unauthorized
 MIN_TOKEN_CHARS = 16
 
 
+def _check_folder(folder: Path) -> None:
+    """The token's folder must not be writable by others: whoever can write there can swap the
+    file for their own token (or a link) and then use the engine, or read the real one later."""
+    if os.name == "nt":
+        return
+    try:
+        st = folder.stat()
+    except OSError as err:
+        raise ServerConfigError(f"cannot check the token folder {folder} ({err.strerror}); choose another "
+                                "place with --token-file") from None
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o022:
+        raise ServerConfigError(
+            f"the token file's folder {folder} can be written by other users (mode {mode:04o}); "
+            f"run `chmod go-w {folder}` or choose a private folder with --token-file, and start again"
+        )
+    if hasattr(os, "getuid") and st.st_uid not in (os.getuid(), 0):
+        raise ServerConfigError(f"the token file's folder {folder} belongs to another user; choose a folder "
+                                "of your own with --token-file")
+
+
 def _check_private(path: Path) -> None:
     if os.name == "nt":  # POSIX modes do not describe Windows ACLs; the user profile is private
         return
-    mode = stat.S_IMODE(path.stat().st_mode)
+    _check_folder(path.parent)
+    st = path.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise ServerConfigError(f"the token file {path} is a symbolic link; give the file itself with --token-file")
+    mode = stat.S_IMODE(st.st_mode)
     if mode & 0o077:
         raise ServerConfigError(
             f"the token file {path} can be read by other users (mode {mode:04o}); "
             f"run `chmod 600 {path}` (or delete it to get a new token) and start again"
         )
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise ServerConfigError(f"the token file {path} belongs to another user; delete it or give your own "
+                                "with --token-file")
 
 
 def ensure_token_file(path: str | os.PathLike) -> str:
@@ -43,6 +71,8 @@ def ensure_token_file(path: str | os.PathLike) -> str:
         parent = path.parent
         if not parent.exists():
             parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if os.name != "nt":
+            _check_folder(parent)
         token = secrets.token_urlsafe(32)
         try:
             # O_EXCL: two servers starting at once must not overwrite each other's token.

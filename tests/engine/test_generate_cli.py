@@ -104,18 +104,19 @@ def test_cancel_and_failure_leave_nothing(tmp_path, monkeypatch):
 
     # A failure while the COG is being written (disk full, killed) leaves no partial file either.
     import engine.geo.cog as cog
+    from engine.errors import DiskFull
 
     def broken_copy(src, dst, **kw):
         Path(dst).write_bytes(b"half a file")
         raise OSError("No space left on device")
 
     monkeypatch.setattr("rasterio.shutil.copy", broken_copy)
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match="no space left in"):
         generate(request, out)
     assert list(tmp_path.iterdir()) == []
     # ...and an existing good file at the destination survives a failed overwrite.
     out.write_bytes(b"previous result")
-    with pytest.raises(OSError):
+    with pytest.raises(DiskFull, match="no space left in"):
         generate(request, out)
     assert out.read_bytes() == b"previous result"
     assert [p.name for p in tmp_path.iterdir()] == ["x.tif"]
