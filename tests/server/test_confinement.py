@@ -154,3 +154,36 @@ def test_hf_models_need_allow_hf(confined):
     reply = call(srv, "POST", "/v1/jobs", json_body={"task": "generate", "bbox": list(BOUNDS), "crs": "EPSG:32618",
                                                      "width": 64, "height": 64, "model": "hf:someone/model"})
     assert reply.status == 403 and "--allow-hf" in reply.json["detail"]
+
+
+def _tif_without_crs(path: Path, value: int) -> Path:
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", nodata=0,
+                       transform=from_bounds(*BOUNDS, 64, 64)) as dst:
+        data = np.full((3, 64, 64), value, dtype="uint8")
+        data[:, 20:30, 20:30] = 0
+        dst.write(data)
+    return path
+
+
+def test_a_crs_assigned_in_qgis_runs_on_a_confined_server(confined, tmp_path):
+    """The engine reads such an input through a VRT of its own: that VRT is not a client's VRT
+    (it is allowed without --allow-vrt), and the file it reads is confined as any input."""
+    srv, _, files, inside = confined
+    plain = _tif_without_crs(inside / "nocrs.tif", 100)
+    body = {"task": "inpaint", "input": str(plain), "steps": 1, "seed": 1, "date": "2021-06-15",
+            "input_crs": "EPSG:32618"}
+    without = call(srv, "POST", "/v1/plan", json_body={k: v for k, v in body.items() if k != "input_crs"})
+    assert without.status == 422 and "CRS" in without.body.decode(), without.body
+    assert call(srv, "POST", "/v1/plan", json_body=body).status == 200
+    reply = call(srv, "POST", "/v1/jobs", json_body=body)
+    assert reply.status == 202, reply.body
+    job = wait_for(srv, reply.json["id"], timeout=120)
+    assert job["state"] == "done", job
+    out = tmp_path / "assigned.tif"
+    out.write_bytes(call(srv, "GET", job["result"]["result_url"]).body)
+    with rasterio.open(out) as src:
+        assert src.crs.to_epsg() == 32618
+    # the same request for a file outside the roots is still refused
+    outside = _tif_without_crs(tmp_path / "nocrs_outside.tif", 100)
+    refused = call(srv, "POST", "/v1/jobs", json_body={**body, "input": str(outside)})
+    assert refused.status == 403, refused.body
