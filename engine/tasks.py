@@ -29,7 +29,9 @@ Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")
 SEED = Field(None, ge=0, le=2**63 - 1, description="random seed (default: a fresh one, recorded in the output)")
 SCHEDULER = Field("default", description="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
-STEPS = Field(20, ge=1, le=1000, description="denoising steps")
+# At most 999: with 1000 training timesteps and SD 2.1's steps_offset of 1 (the released scheduler
+# configs), 1000 DDIM/PNDM/DDPM steps would ask for timestep 1000, which does not exist.
+STEPS = Field(20, ge=1, le=999, description="denoising steps")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 
 

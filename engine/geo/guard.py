@@ -474,6 +474,9 @@ def check_output(out: Any, inputs: Sequence[Any] = (), *, overwrite: bool = True
     """
     targets = [Path(os.fspath(out)).expanduser()] + [Path(os.fspath(s)).expanduser() for s in sidecars]
     for target in targets:
+        if target.is_dir():
+            raise InvalidRequest(f"output {str(target)!r} is a folder; name a file in it, e.g. "
+                                 f"{str(target / 'out.tif')!r}")
         resolved = target.resolve()
         for given in inputs:
             if given is None or str(given) == "nodata":

@@ -16,7 +16,7 @@ MAX_JSON_BYTES = 1 << 20
 DEFAULT_MAX_PIXELS = MAX_PIXELS
 #: Jobs waiting behind the running one; more are refused with 429 and Retry-After.
 DEFAULT_MAX_QUEUE = 32
-#: Denoising steps one job may ask for (the request schema itself allows up to 1000).
+#: Denoising steps one job may ask for (the request schema itself allows up to 999).
 DEFAULT_MAX_STEPS = 200
 #: Wall-clock seconds one job may hold the worker; past it the job fails with code time_limit.
 DEFAULT_MAX_JOB_SECONDS = 3600.0

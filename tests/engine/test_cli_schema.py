@@ -63,7 +63,7 @@ def test_every_request_field_is_an_option_with_the_models_default_and_range(task
         default = info.get_default(call_default_factory=True)
         if isinstance(default, (int, float)) and not isinstance(default, bool) and default < 1 << 20:
             assert f"default {default:g}" in action.help, (name, action.help)
-    assert "1..1000; default 20" in actions["steps"].help
+    assert "1..999; default 20" in actions["steps"].help
     want = {"generate": 7.5, "inpaint": 7.5, "superres": 1, "temporal": 1}[task]
     assert f"default {want:g}" in actions["guidance"].help
     assert actions["scheduler"].choices == list(model.model_fields["scheduler"].annotation.__args__)
@@ -105,7 +105,7 @@ def test_openapi_shows_defaults_and_limits():
 
     _, components = _job_request_schemas()
     gen = components["GenerateRequest"]["properties"]
-    assert gen["steps"]["default"] == 20 and (gen["steps"]["minimum"], gen["steps"]["maximum"]) == (1, 1000)
+    assert gen["steps"]["default"] == 20 and (gen["steps"]["minimum"], gen["steps"]["maximum"]) == (1, 999)
     assert gen["guidance"]["default"] == 7.5 and gen["guidance"]["maximum"] == 50
     assert set(gen["scheduler"]["enum"]) >= {"default", "ddim", "dpm++"}
     inp = components["InpaintRequest"]["properties"]

@@ -142,10 +142,11 @@ def test_generate_runs_at_512_and_256_with_no_size(installed, tmp_path, capsys):
     assert main([*argv, "--out", str(out)]) == 0  # --model auto
     result = json.loads(capsys.readouterr().out)
     assert (result["model"], result["width"], result["height"]) == (ZIP_FOLDERS["diffusionsat-512"], 512, 512)
-    assert main([*argv, "--model", str(installed["diffusionsat-256"]), "--dry-run", "--out", str(out)]) == 0
+    fresh = tmp_path / "g2.tif"  # (an existing --out is refused by --dry-run as by the run)
+    assert main([*argv, "--model", str(installed["diffusionsat-256"]), "--dry-run", "--out", str(fresh)]) == 0
     assert json.loads(capsys.readouterr().out)["width"] == 256
     # --resolution overrides the manifest, on generate's default size and in the plan alike
-    assert main([*argv, "--resolution", "128", "--dry-run", "--out", str(out)]) == 0
+    assert main([*argv, "--resolution", "128", "--dry-run", "--out", str(fresh)]) == 0
     assert json.loads(capsys.readouterr().out)["model_px"] == 128
     assert main([*argv, "--resolution", "100", "--out", str(out)]) == 2
     assert "multiple of 8" in capsys.readouterr().err

@@ -130,7 +130,7 @@ def test_time_limit_per_job_fails_the_job_and_frees_the_worker(tmp_path):
     from engine.models.cache import ModelCache
     from engine.tasks import parse_request
 
-    request = parse_request({**generate_request(width=64, height=64, steps=1000), "model": "tiny"})
+    request = parse_request({**generate_request(width=64, height=64, steps=999), "model": "tiny"})
     manager = _manager(tmp_path, None, models=ModelCache(), max_job_seconds=0.5)
     try:
         job = manager.submit(request)
