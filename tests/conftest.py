@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import os
+import threading
 
 import pytest
 
@@ -27,3 +30,29 @@ def tiny_folder(tmp_path_factory, tiny_bundle):
 
     return save_bundle(tiny_bundle, tmp_path_factory.mktemp("models") / "tiny-official",
                        unet_subfolder="checkpoint-0/unet")
+
+
+@contextlib.contextmanager
+def recording_http_server():
+    """A loopback HTTP server that records the path of every request it gets (and answers 404):
+    proof that something did, or did not, make an outbound request. Yields (url, hits)."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            hits.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        do_HEAD = do_GET  # noqa: N815
+
+        def log_message(self, *args):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{srv.server_address[1]}", hits
+    finally:
+        srv.shutdown()
+        srv.server_close()

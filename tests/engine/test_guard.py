@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import http.server
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +20,8 @@ from engine.geo.guard import (
     inspect_input,
     open_raster,
 )
+
+from ..conftest import recording_http_server
 
 BOUNDS = (583000, 4507000, 583080, 4507080)
 
@@ -115,23 +115,8 @@ def test_raw_band_vrt_is_refused(place):
 @pytest.fixture
 def http_hits():
     """A loopback HTTP server that records every request it gets."""
-    hits = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            hits.append(self.path)
-            self.send_response(404)
-            self.end_headers()
-
-        do_HEAD = do_GET  # noqa: N815
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", hits
-    srv.shutdown()
+    with recording_http_server() as server:
+        yield server
 
 
 def test_vsicurl_source_makes_no_request(place, http_hits):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +9,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_bounds
 
+from ..conftest import recording_http_server
 from .conftest import call, start_server, stop_server, wait_for
 
 BOUNDS = (583000, 4507000, 583640, 4507640)
@@ -36,23 +35,8 @@ def _vrt(sources: list[str]) -> str:
 
 @pytest.fixture(scope="module")
 def hits():
-    seen: list[str] = []
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802
-            seen.append(self.path)
-            self.send_response(404)
-            self.end_headers()
-
-        do_HEAD = do_GET  # noqa: N815
-
-        def log_message(self, *args):
-            pass
-
-    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}", seen
-    srv.shutdown()
+    with recording_http_server() as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
