@@ -509,7 +509,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     """
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
-    from .models.loading import locate_model, missing_controlnet, plan_resolution
+    from .models.loading import auto_model, locate_model, missing_controlnet, plan_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
@@ -520,7 +520,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
             SatMetadata(date=day)
     path = _check_out(out) if out is not None else None
     resolve(request.device, request.dtype)
-    located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
+    located = locate_model(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet)
     model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
     needs = request.task if request.task in ("superres", "temporal") else None
     if request.task == "inpaint" and request.references:

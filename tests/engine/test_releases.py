@@ -191,6 +191,27 @@ def test_temporal_runs_at_256(installed, tmp_path, cache):
     assert plan(forced)["model_px"] == 128
 
 
+def test_auto_picks_the_installed_controlnet_for_its_task(installed, tmp_path, cache, capsys):
+    """--model auto (the default) on superres, temporal and in-painting with references is the
+    installed ControlNet for that task, not the 512 model (which has none and was refused)."""
+    src = write(tmp_path / "S2A_MSIL1C_20210615T101031_N0301_R022_T33TTG.tif", s2_dn((13, 24, 24)))
+    rng = np.random.default_rng(5)
+    frames = [write(tmp_path / f"a_{y}-06-01.tif", (rng.random((3, 40, 40)) * 255).astype("uint8"))
+              for y in (2019, 2020)]
+    mask = write(tmp_path / "mask.tif", (rng.random((1, 40, 40)) > 0.7).astype("uint8"))
+    for argv, px in ((["superres", "--input", src], 512),
+                     (["temporal", "--input", frames[0], "--input", frames[1], "--date", "2021-06-01"], 256),
+                     (["inpaint", "--input", frames[0], "--mask", mask, "--mask-rule", "nonzero",
+                       "--reference", frames[1]], 256)):
+        assert main([*argv, "--dry-run", "--json", "--out", str(tmp_path / "o.tif")]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["model_px"] == px
+    request = parse_request({"task": "temporal", "inputs": frames, "date": "2021-06-01", "steps": 1, "seed": 2})
+    assert request.model == "auto"
+    result = run_task(request, tmp_path / "t.tif", models=cache)
+    assert result.model == ZIP_FOLDERS["controlnet-texas"]
+    assert any(f"the ControlNet {ZIP_FOLDERS['controlnet-texas']} runs with" in w for w in result.warnings)
+
+
 def test_old_scheduler_configs_are_normalised_with_a_notice():
     old_ddim = scheduler_from_config({**SD21_DDIM, "steps_offset": 0, "clip_sample": True})
     note = normalise_scheduler(old_ddim)
