@@ -141,6 +141,24 @@ def test_progress_lines_are_rate_bounded_and_carry_step_tile_and_eta():
     assert "100%" in text[-1] and "ETA" not in text[-1]
 
 
+def test_progress_lines_of_a_tiled_run_end_once_and_show_no_fake_steps():
+    """run_tiled reports each finished tile as step 0 of 1 and then "writing the last rows": the
+    lines showed "step 0/1" between tiles and the 100 % end three times."""
+    stream, clock = io.StringIO(), _Clock()
+    lines = ProgressLines(stream, label="diffusionsat superres", interval=10.0, clock=clock)
+    tiles, steps = 3, 4
+    for tile in range(tiles):
+        for step in range(steps + 1):
+            lines(Progress(step=step, total_steps=steps, tile=tile, total_tiles=tiles, message="denoising"))
+            clock.now += 2.0
+        lines(Progress(0, 1, tile + 1, tiles, f"tile {tile + 1}/{tiles}"))  # as engine.geo.tiling.run_tiled
+    lines(Progress(0, 1, tiles, tiles, "writing the last rows"))
+    text = stream.getvalue().splitlines()
+    assert [line for line in text if "100%" in line] == [text[-1]]
+    assert text[-1].startswith("diffusionsat superres: tile 3/3, step 4/4, 100%")
+    assert not [line for line in text if "step 0/1" in line], text
+
+
 def test_cli_prints_progress_lines_when_stderr_is_a_pipe(tmp_path):
     out = tmp_path / "a.tif"
     proc = subprocess.run(
