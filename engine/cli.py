@@ -134,7 +134,7 @@ output: RGB on the input's CRS at input GSD / --factor, tiled with overlap and b
 
 EPILOG_TEMPORAL = """\
 examples:
-  diffusionsat temporal --input 2019.tif --input 2020.tif --input 2021.tif --date 2022-07-01 --out 2022.tif
+  diffusionsat temporal --input 2019-06-30.tif --input 2020-07-02.tif --input 2021-06-28.tif --date 2022-07-01 --out 2022.tif
   diffusionsat temporal --input a.tif --input b.tif --input-date 2019-05-02 --input-date 2020-06-11 \\
       --date 2022-07-01 --out c.tif
 
