@@ -436,7 +436,7 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import generate, parse_request
+    from .tasks import parse_request, run_task
 
     request = parse_request(_request_fields(args))
     if args.dry_run:
@@ -448,7 +448,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"model: {bundle.name} on {placement.device} ({placement.dtype})", file=sys.stderr)
 
     try:
-        result = generate(request, args.out, progress=update, on_model_loaded=loaded)
+        result = run_task(request, args.out, progress=update, on_model_loaded=loaded)  # measures the steps
     finally:
         close()
     _notify(args, result.warnings)

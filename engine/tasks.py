@@ -595,10 +595,13 @@ def run_task(
     models=None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    on_model_loaded=None,
 ) -> TaskResult:
-    """Run any task request, writing its COG at ``out``."""
+    """Run any task request, writing its COG at ``out``. ``on_model_loaded(bundle, placement)``
+    (generate only) is called once the model is loaded."""
     meter = _DenoiseMeter(progress)
-    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel)
+    extra = {"on_model_loaded": on_model_loaded} if on_model_loaded is not None else {}
+    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel, **extra)
     if result is not None:
         result.denoise_steps, result.denoise_seconds = meter.steps, meter.seconds
     return result

@@ -191,3 +191,14 @@ def test_a_field_added_to_a_model_becomes_an_option(monkeypatch):
                                     "--out", "x.tif"])
     assert _request_fields(ns) == {"task": "generate", "bbox": (1.0, 2.0, 3.0, 4.0), "resolution": 0.5,
                                    "preview": True}
+
+
+def test_generate_json_reports_the_denoising_steps_it_ran(tmp_path, capsys):
+    """The CLI's generate ran the task without run_task's meter: denoise_steps was null in --json
+    (the server's result and the other commands have it)."""
+    from engine.cli import main
+
+    assert main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--model", "tiny", "--size", "64", "--steps", "3",
+                 "--seed", "1", "--quiet", "--json", "--out", str(tmp_path / "g.tif")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["denoise_steps"] == 3 and result["denoise_seconds"] > 0
