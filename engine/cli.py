@@ -403,12 +403,13 @@ def _print_plan(args: argparse.Namespace, request) -> int:
     from .tasks import plan
 
     p = plan(request, args.out)  # the run's own checks, the output path included
+    _notify(args, p["notices"])  # the notes the run would print about its model
     if args.json:
         print(json.dumps(p))
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
               f"GSD {p['gsd_m']:.2f} m; {p['tiles']} tile(s) of {p['model_px']} px, {p['steps']} steps, "
-              f"{p['unet_evaluations']} UNet evaluations; nothing written (--dry-run)")
+              f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
 
 

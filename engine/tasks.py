@@ -496,6 +496,8 @@ class Checked:
     bbox: tuple[float, float, float, float]
     tiles: int
     gsd_m: float
+    model: str = ""  #: the model's name (what ``auto`` picked)
+    notices: tuple[str, ...] = ()  #: the one-line notes the run will print about the model (pairing, tile size)
 
 
 def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
@@ -534,7 +536,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
         return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,
-                       (gsd[0] * gsd[1]) ** 0.5)
+                       (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located))
     from .conditional import check_inputs
 
     from .geo.assign import assigned_inputs
@@ -544,7 +546,13 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     grid = layout.out_grid
     gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
     return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
-                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5)
+                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located))
+
+
+def _model_notes(located) -> tuple[str, tuple[str, ...]]:
+    """The model's name and the notes about it that the run prints, for plans."""
+    name = "tiny" if located.tiny else located.hub if located.hub else located.root.name
+    return name, tuple(located.notices)
 
 
 def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
@@ -557,7 +565,7 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
     plan = {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
             "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
             "unet_evaluations": c.tiles * request.steps * cfg * samples,
-            "output_megapixels": round(c.width * c.height / 1e6, 3)}
+            "output_megapixels": round(c.width * c.height / 1e6, 3), "model": c.model, "notices": list(c.notices)}
     # The work, in megapixels through the UNet: a generate runs the whole image at once, the other
     # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
     eval_px = c.width * c.height if request.task == "generate" else c.model_px * c.model_px
