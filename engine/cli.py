@@ -62,7 +62,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output GeoTIFF path (.tif); written atomically")
+    g.add_argument("--out", help="output GeoTIFF path (.tif); written atomically (required but with --dry-run, "
+                   "which checks it when given)")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     g.add_argument("--dry-run", action="store_true",
                    help="only check the request and print the plan (output grid, tiles, model calls); "
@@ -864,6 +865,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "dry_run", None) is False and getattr(args, "out", "") is None:  # a task without --out
+        print(f"diffusionsat {args.command}: error: the following arguments are required: --out "
+              f"(see diffusionsat {args.command} --help)", file=sys.stderr)
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
     _quiet_libraries()

@@ -202,3 +202,18 @@ def test_generate_json_reports_the_denoising_steps_it_ran(tmp_path, capsys):
                  "--seed", "1", "--quiet", "--json", "--out", str(tmp_path / "g.tif")]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["denoise_steps"] == 3 and result["denoise_seconds"] > 0
+
+
+def test_dry_run_needs_no_out_but_a_run_does(tmp_path, capsys):
+    """`generate --bbox ... --dry-run` was refused for want of --out, though it writes nothing."""
+    from engine.cli import main
+
+    argv = ["generate", "--bbox", "12.45,41.88,12.52,41.93", "--model", "tiny", "--size", "64"]
+    assert main([*argv, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["width"] == 64
+    assert main([*argv, "--dry-run", "--out", str(tmp_path / "x.png")]) == 2  # a given --out is still checked
+    assert ".tif" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "required: --out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()
