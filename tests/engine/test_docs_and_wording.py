@@ -70,3 +70,16 @@ def test_temporal_examples_name_inputs_whose_dates_can_be_found():
             continue
         for name in re.findall(r"--input (\S+)", example):
             assert _date_from_name(Path(name).name) is not None, f"{name!r} in {example!r} has no date in its name"
+
+
+def test_a_ten_band_stack_without_names_is_shown_a_ten_band_example(tmp_path, capsys):
+    """The fix offered for a 10-band stack of unnamed bands was a 4-band --bands example."""
+    from .test_conditional import s2_dn, write
+
+    src = write(tmp_path / "stack.tif", s2_dn((10, 16, 16)))
+    assert main(["superres", "--input", src, "--model", "tiny", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--bands B02,B03,B04,B05,B06,B07,B08,B8A,B11,B12" in err and len(err.strip().splitlines()) == 1
+    # and the example, as given, is accepted
+    assert main(["superres", "--input", src, "--bands", "B02,B03,B04,B05,B06,B07,B08,B8A,B11,B12",
+                 "--model", "tiny", "--dry-run"]) == 0
