@@ -63,7 +63,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_output_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="output GeoTIFF path (.tif); written atomically")
+    g.add_argument("--out", help="output GeoTIFF path (.tif); written atomically (required but with --dry-run, "
+                   "which checks it when given)")
     g.add_argument("--overwrite", action="store_true", help="replace an existing output (never an input)")
     g.add_argument("--json", action="store_true", help="print the result as one JSON object on stdout")
     g.add_argument("--dry-run", action="store_true",
@@ -136,7 +137,7 @@ output: RGB on the input's CRS at input GSD / --factor, tiled with overlap and b
 
 EPILOG_TEMPORAL = """\
 examples:
-  diffusionsat temporal --input 2019.tif --input 2020.tif --input 2021.tif --date 2022-07-01 --out 2022.tif
+  diffusionsat temporal --input 2019-06-30.tif --input 2020-07-02.tif --input 2021-06-28.tif --date 2022-07-01 --out 2022.tif
   diffusionsat temporal --input a.tif --input b.tif --input-date 2019-05-02 --input-date 2020-06-11 \\
       --date 2022-07-01 --out c.tif
 
@@ -409,6 +410,8 @@ def _check_out(args: argparse.Namespace, request) -> None:
     from .geo.guard import check_output
     from .tasks import spread_path
 
+    if args.out is None:  # --dry-run without --out: nothing to check
+        return
     sidecars = [spread_path(Path(args.out))] if getattr(request, "spread", None) else []
     check_output(args.out, request.input_paths(), overwrite=args.overwrite, sidecars=sidecars)
 
@@ -417,12 +420,13 @@ def _print_plan(args: argparse.Namespace, request) -> int:
     from .tasks import plan
 
     p = plan(request, args.out)  # the run's own checks, the output path included
+    _notify(args, p["notices"])  # the notes the run would print about its model
     if args.json:
         print(json.dumps(p))
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
               f"GSD {p['gsd_m']:.2f} m; {p['tiles']} tile(s) of {p['model_px']} px, {p['steps']} steps, "
-              f"{p['unet_evaluations']} UNet evaluations; nothing written (--dry-run)")
+              f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
 
 
@@ -450,7 +454,7 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import generate, parse_request
+    from .tasks import parse_request, run_task
 
     request = parse_request(_request_fields(args))
     _check_out(args, request)  # before --dry-run too: it refuses what the run refuses
@@ -463,7 +467,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"model: {bundle.name} on {placement.device} ({placement.dtype})", file=sys.stderr)
 
     try:
-        result = generate(request, args.out, progress=update, on_model_loaded=loaded)
+        result = run_task(request, args.out, progress=update, on_model_loaded=loaded)  # measures the steps
     finally:
         close()
     _notify(args, result.warnings)
@@ -887,6 +891,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(exit_.code or 0)
     if not getattr(args, "command", None):
         parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    if getattr(args, "dry_run", None) is False and getattr(args, "out", "") is None:  # a task without --out
+        print(f"diffusionsat {args.command}: error: the following arguments are required: --out "
+              f"(see diffusionsat {args.command} --help)", file=sys.stderr)
         return EXIT_USAGE
     debug = getattr(args, "debug", False)
     _quiet_libraries()

@@ -241,7 +241,9 @@ def request_resolution(bundle, request) -> int:
 
 def _bundle_for(models, request):
     """The request's model (cached), on this process's device."""
-    return models.get(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
+    from .models.loading import auto_model
+
+    return models.get(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet,
                       device=_device_for_rank(request.device), dtype=request.dtype)
 
 

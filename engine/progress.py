@@ -80,14 +80,17 @@ class ProgressLines:
         if self.started is None:
             self.started = now
         due = self.last_line is None or now - self.last_line >= self.interval
-        finished = progress.fraction >= 1.0 and self.written != progress  # the end is always written, once
+        # The end is always written, once (the tiler's own end reports, 100 % again, add nothing).
+        finished = progress.fraction >= 1.0 and (self.written is None or self.written.fraction < 1.0)
         if due or finished:
             self._write(progress, now)
 
     def _write(self, progress: Progress, now: float) -> None:
         elapsed = now - (self.started if self.started is not None else now)
         fraction = progress.fraction
-        parts = [f"step {progress.step}/{progress.total_steps}"]
+        # A tiler's report between tiles (step 0 of 1, "tile i/n") has no denoising step to show.
+        between_tiles = progress.total_steps == 1 and progress.step == 0 and progress.message not in ("", "denoising")
+        parts = [] if between_tiles else [f"step {progress.step}/{progress.total_steps}"]
         if progress.total_tiles > 1:
             parts.insert(0, f"tile {min(progress.tile + 1, progress.total_tiles)}/{progress.total_tiles}")
         parts.append(f"{fraction:.0%}")

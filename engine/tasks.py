@@ -504,6 +504,8 @@ class Checked:
     bbox: tuple[float, float, float, float]
     tiles: int
     gsd_m: float
+    model: str = ""  #: the model's name (what ``auto`` picked)
+    notices: tuple[str, ...] = ()  #: the one-line notes the run will print about the model (pairing, tile size)
 
 
 def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
@@ -517,7 +519,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     """
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
-    from .models.loading import locate_model, missing_controlnet, plan_resolution
+    from .models.loading import auto_model, locate_model, missing_controlnet, plan_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
@@ -528,7 +530,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
             SatMetadata(date=day)
     path = _check_out(out, request) if out is not None else None
     resolve(request.device, request.dtype)
-    located = locate_model(request.model, unet=request.unet, base=request.base, controlnet=request.controlnet)
+    located = locate_model(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet)
     model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
     needs = request.task if request.task in ("superres", "temporal") else None
     if request.task == "inpaint" and request.references:
@@ -542,7 +544,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
         return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,
-                       (gsd[0] * gsd[1]) ** 0.5)
+                       (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located))
     from .conditional import check_inputs
 
     from .geo.assign import assigned_inputs
@@ -552,7 +554,13 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     grid = layout.out_grid
     gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
     return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
-                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5)
+                   len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located))
+
+
+def _model_notes(located) -> tuple[str, tuple[str, ...]]:
+    """The model's name and the notes about it that the run prints, for plans."""
+    name = "tiny" if located.tiny else located.hub if located.hub else located.root.name
+    return name, tuple(located.notices)
 
 
 def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
@@ -565,7 +573,7 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
     plan = {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
             "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
             "unet_evaluations": c.tiles * request.steps * cfg * samples,
-            "output_megapixels": round(c.width * c.height / 1e6, 3)}
+            "output_megapixels": round(c.width * c.height / 1e6, 3), "model": c.model, "notices": list(c.notices)}
     # The work, in megapixels through the UNet: a generate runs the whole image at once, the other
     # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
     eval_px = c.width * c.height if request.task == "generate" else c.model_px * c.model_px
@@ -603,10 +611,13 @@ def run_task(
     models=None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    on_model_loaded=None,
 ) -> TaskResult:
-    """Run any task request, writing its COG at ``out``."""
+    """Run any task request, writing its COG at ``out``. ``on_model_loaded(bundle, placement)``
+    (generate only) is called once the model is loaded."""
     meter = _DenoiseMeter(progress)
-    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel)
+    extra = {"on_model_loaded": on_model_loaded} if on_model_loaded is not None else {}
+    result = RUNNERS[request.task](request, out, models=models, progress=meter, cancel=cancel, **extra)
     if result is not None:
         result.denoise_steps, result.denoise_seconds = meter.steps, meter.seconds
     return result

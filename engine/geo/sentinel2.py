@@ -564,10 +564,12 @@ def _names_from_file(src: Any) -> list[Optional[str]]:
         return list(L1C_ORDER)
     if src.count == 12:
         return list(L2A_ORDER)
+    # An example of the file's own band count: the 10 bands the model reads, in band order.
+    example = ",".join(sorted(MODEL_BANDS, key=L1C_ORDER.index)) if src.count == 10 else "B02,B03,B04,B08"
     raise InvalidRequest(
         f"{src.name!r} has {src.count} bands and their descriptions are not band names, so the "
         "Sentinel-2 band of each cannot be known; pass --bands with one name per band in file "
-        "order, e.g. --bands B02,B03,B04,B08 (use - to skip a band)"
+        f"order, e.g. --bands {example} (use - to skip a band)"
     )
 
 

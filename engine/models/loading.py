@@ -688,7 +688,8 @@ def _paired_unet(cn_folder: Path, root: Path, notices: list[str]) -> Path:
     record = releases.read_record(root) or releases.read_record(cn_folder) or {}
     recorded = record.get("trained_against_unet")
     if recorded and recorded != "tiny" and Path(recorded).is_dir():
-        notices.append(f"the ControlNet runs with the UNet it was trained against, {recorded} (pass --unet to change)")
+        notices.append(f"the ControlNet {root.name} runs with the UNet it was trained against, {recorded} "
+                       "(pass --unet to change)")
         return find_unet_folder(Path(recorded))
     config = read_config(cn_folder)
     kind = _controlnet_kind(config)
@@ -705,8 +706,8 @@ def _paired_unet(cn_folder: Path, root: Path, notices: list[str]) -> Path:
     for model in wanted:
         folder = model.path / pair["checkpoint"] / "unet"
         if (folder / "config.json").is_file():
-            notices.append(f"the ControlNet runs with {model.name}/{pair['checkpoint']}/unet, the UNet it was "
-                           "trained against (pass --unet to change)")
+            notices.append(f"the ControlNet {root.name} runs with {model.name}/{pair['checkpoint']}/unet, "
+                           "the UNet it was trained against (pass --unet to change)")
             return folder
     fallback = (wanted or singles)[0]
     folder = find_unet_folder(fallback.path)
@@ -791,11 +792,31 @@ def request_resolution(facts: Any, request: Any) -> int:
     return task_resolution(facts, request.task, bool(getattr(request, "references", None))).px
 
 
+def auto_model(request: Any) -> str:
+    """The ``model`` a request runs with. ``auto`` for a ControlNet task (superres, temporal,
+    in-painting with references) without ``--controlnet`` is the installed ControlNet for that
+    task, when there is one (the best, as :func:`installed_models` orders them): the single-image
+    model ``auto`` otherwise picks has no ControlNet and would be refused. Anything else is kept."""
+    spec = (getattr(request, "model", None) or "auto").strip()
+    if spec != "auto" or getattr(request, "controlnet", None):
+        return spec
+    task = request.task
+    if task == "inpaint" and getattr(request, "references", None):
+        task = "temporal"  # references condition through the temporal ControlNet
+    kind = {"superres": "controlnet-superres", "temporal": "controlnet-temporal"}.get(task)
+    if kind is None:
+        return spec
+    for model in installed_models():
+        if model.kind == kind:
+            return str(model.path)
+    return spec
+
+
 def plan_resolution(request: Any) -> int:
     """:func:`request_resolution` for ``request`` without loading weights or downloading."""
     if getattr(request, "resolution", None):
         return int(request.resolution)
-    facts = model_facts(request.model, unet=request.unet, controlnet=getattr(request, "controlnet", None),
+    facts = model_facts(auto_model(request), unet=request.unet, controlnet=getattr(request, "controlnet", None),
                         resolve_hub=False)
     return request_resolution(facts, request)
 

@@ -57,6 +57,19 @@ def make_scheduler(name: str, base: Any) -> Any:
     return cls.from_config(base.config, **extra)
 
 
+def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> Any:
+    """``scheduler.set_timesteps(steps)``, kept inside the trained range: with "leading" spacing
+    and ``steps_offset`` 1 (SD 2.1's config, and the normalisation of old ones) diffusers asks for
+    timestep ``num_train_timesteps`` at ``steps == num_train_timesteps`` (1000) and fails with an
+    IndexError. Then the offset is dropped, on a copy (the model's scheduler is shared)."""
+    scheduler.set_timesteps(steps, device=device)
+    limit = scheduler.config.get("num_train_timesteps")
+    if limit is not None and len(scheduler.timesteps) and int(scheduler.timesteps.max()) >= limit:
+        scheduler = scheduler.__class__.from_config(scheduler.config, steps_offset=0)
+        scheduler.set_timesteps(steps, device=device)
+    return scheduler
+
+
 @dataclass
 class Control:
     """ControlNet conditioning for one call.
@@ -345,7 +358,7 @@ class DiffusionSatPipeline:
             mask = self.latent_mask(_rows(inpaint.mask, len(prompts), "mask").repeat_interleave(n, 0))
 
         # 3. Timesteps and latents
-        self.scheduler.set_timesteps(num_inference_steps, device=self.device)
+        self.scheduler = set_timesteps(self.scheduler, num_inference_steps, self.device)
         timesteps = self.scheduler.timesteps
         latents = self.prepare_latents(batch, height, width, generator, latents)
         accepted = _step_params(self.scheduler)

@@ -128,6 +128,8 @@ class PlanOut(BaseModel):
     output_megapixels: float
     mpx_per_step: Optional[float] = Field(None, description="megapixels through the UNet per step of one tile")
     work_mpx: Optional[float] = Field(None, description="megapixels through the UNet over the job (time scales with it)")
+    model: Optional[str] = Field(None, description="the model the job would run (what auto picks)")
+    notices: list[str] = Field(default_factory=list, description="one-line notes on rules applied to the model")
 
 
 class JobOut(BaseModel):

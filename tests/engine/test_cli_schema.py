@@ -141,6 +141,24 @@ def test_progress_lines_are_rate_bounded_and_carry_step_tile_and_eta():
     assert "100%" in text[-1] and "ETA" not in text[-1]
 
 
+def test_progress_lines_of_a_tiled_run_end_once_and_show_no_fake_steps():
+    """run_tiled reports each finished tile as step 0 of 1 and then "writing the last rows": the
+    lines showed "step 0/1" between tiles and the 100 % end three times."""
+    stream, clock = io.StringIO(), _Clock()
+    lines = ProgressLines(stream, label="diffusionsat superres", interval=10.0, clock=clock)
+    tiles, steps = 3, 4
+    for tile in range(tiles):
+        for step in range(steps + 1):
+            lines(Progress(step=step, total_steps=steps, tile=tile, total_tiles=tiles, message="denoising"))
+            clock.now += 2.0
+        lines(Progress(0, 1, tile + 1, tiles, f"tile {tile + 1}/{tiles}"))  # as engine.geo.tiling.run_tiled
+    lines(Progress(0, 1, tiles, tiles, "writing the last rows"))
+    text = stream.getvalue().splitlines()
+    assert [line for line in text if "100%" in line] == [text[-1]]
+    assert text[-1].startswith("diffusionsat superres: tile 3/3, step 4/4, 100%")
+    assert not [line for line in text if "step 0/1" in line], text
+
+
 def test_cli_prints_progress_lines_when_stderr_is_a_pipe(tmp_path):
     out = tmp_path / "a.tif"
     proc = subprocess.run(
@@ -173,3 +191,29 @@ def test_a_field_added_to_a_model_becomes_an_option(monkeypatch):
                                     "--out", "x.tif"])
     assert _request_fields(ns) == {"task": "generate", "bbox": (1.0, 2.0, 3.0, 4.0), "resolution": 0.5,
                                    "preview": True}
+
+
+def test_generate_json_reports_the_denoising_steps_it_ran(tmp_path, capsys):
+    """The CLI's generate ran the task without run_task's meter: denoise_steps was null in --json
+    (the server's result and the other commands have it)."""
+    from engine.cli import main
+
+    assert main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--model", "tiny", "--size", "64", "--steps", "3",
+                 "--seed", "1", "--quiet", "--json", "--out", str(tmp_path / "g.tif")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["denoise_steps"] == 3 and result["denoise_seconds"] > 0
+
+
+def test_dry_run_needs_no_out_but_a_run_does(tmp_path, capsys):
+    """`generate --bbox ... --dry-run` was refused for want of --out, though it writes nothing."""
+    from engine.cli import main
+
+    argv = ["generate", "--bbox", "12.45,41.88,12.52,41.93", "--model", "tiny", "--size", "64"]
+    assert main([*argv, "--dry-run", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["width"] == 64
+    assert main([*argv, "--dry-run", "--out", str(tmp_path / "x.png")]) == 2  # a given --out is still checked
+    assert ".tif" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "required: --out" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()

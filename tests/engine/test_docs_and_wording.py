@@ -48,3 +48,38 @@ def test_no_models_installed_points_at_download(tmp_path, monkeypatch, capsys):
 
     notice = " ".join(load_model("auto").notices)
     assert "diffusionsat download" in notice
+
+
+def _temporal_examples() -> list[str]:
+    from engine.cli import EPILOG_TEMPORAL
+
+    texts = [doc.read_text() for doc in DOCS] + [EPILOG_TEMPORAL]
+    joined = "\n".join(texts).replace("\\\n", " ")
+    return re.findall(r"diffusionsat temporal (?:--input \S+ ?)+[^\n]*", joined)
+
+
+def test_temporal_examples_name_inputs_whose_dates_can_be_found():
+    """A temporal example without --input-date runs only if each input's name holds a date
+    (``--input 2019.tif`` was refused: a year is not a date)."""
+    from engine.metadata import _date_from_name
+
+    examples = _temporal_examples()
+    assert examples
+    for example in examples:
+        if "--input-date" in example:
+            continue
+        for name in re.findall(r"--input (\S+)", example):
+            assert _date_from_name(Path(name).name) is not None, f"{name!r} in {example!r} has no date in its name"
+
+
+def test_a_ten_band_stack_without_names_is_shown_a_ten_band_example(tmp_path, capsys):
+    """The fix offered for a 10-band stack of unnamed bands was a 4-band --bands example."""
+    from .test_conditional import s2_dn, write
+
+    src = write(tmp_path / "stack.tif", s2_dn((10, 16, 16)))
+    assert main(["superres", "--input", src, "--model", "tiny", "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert "--bands B02,B03,B04,B05,B06,B07,B08,B8A,B11,B12" in err and len(err.strip().splitlines()) == 1
+    # and the example, as given, is accepted
+    assert main(["superres", "--input", src, "--bands", "B02,B03,B04,B05,B06,B07,B08,B8A,B11,B12",
+                 "--model", "tiny", "--dry-run"]) == 0

@@ -194,3 +194,23 @@ def test_cuda_half_precision(dtype):
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     images = run(pipe, metadata=ROME, height=128, width=128)
     assert np.isfinite(images).all() and images.std() > 0
+
+
+@pytest.mark.parametrize("scheduler", ["default", "ddim", "pndm", "ddpm", "dpm++", "euler", "unipc"])
+def test_the_largest_step_count_stays_in_the_trained_timesteps(scheduler):
+    """--steps 1000 (the top of the allowed range) with SD 2.1's scheduler config ("leading",
+    steps_offset 1) asked diffusers for timestep 1000 of 0..999: an IndexError, an internal error."""
+    from diffusers import DDIMScheduler
+
+    from engine.pipelines.text2img import make_scheduler, set_timesteps
+    from tests.official_layouts import SD21_DDIM
+
+    sched = set_timesteps(make_scheduler(scheduler, DDIMScheduler.from_config(SD21_DDIM)), 1000)
+    assert int(sched.timesteps.max()) <= 999 and int(sched.timesteps.min()) >= 0
+    few = set_timesteps(make_scheduler(scheduler, DDIMScheduler.from_config(SD21_DDIM)), 20)
+    reference = make_scheduler(scheduler, DDIMScheduler.from_config(SD21_DDIM))
+    reference.set_timesteps(20)
+    assert few.timesteps.tolist() == reference.timesteps.tolist()  # unchanged where diffusers is right
+    if scheduler in ("default", "ddim"):
+        x = torch.zeros(1, 4, 8, 8)
+        sched.step(x, sched.timesteps[0], x)  # was: IndexError: index 1000 is out of bounds

@@ -192,6 +192,43 @@ def test_temporal_runs_at_256(installed, tmp_path, cache):
     assert plan(forced)["model_px"] == 128
 
 
+def test_auto_picks_the_installed_controlnet_for_its_task(installed, tmp_path, cache, capsys):
+    """--model auto (the default) on superres, temporal and in-painting with references is the
+    installed ControlNet for that task, not the 512 model (which has none and was refused)."""
+    src = write(tmp_path / "S2A_MSIL1C_20210615T101031_N0301_R022_T33TTG.tif", s2_dn((13, 24, 24)))
+    rng = np.random.default_rng(5)
+    frames = [write(tmp_path / f"a_{y}-06-01.tif", (rng.random((3, 40, 40)) * 255).astype("uint8"))
+              for y in (2019, 2020)]
+    mask = write(tmp_path / "mask.tif", (rng.random((1, 40, 40)) > 0.7).astype("uint8"))
+    for argv, px in ((["superres", "--input", src], 512),
+                     (["temporal", "--input", frames[0], "--input", frames[1], "--date", "2021-06-01"], 256),
+                     (["inpaint", "--input", frames[0], "--mask", mask, "--mask-rule", "nonzero",
+                       "--reference", frames[1]], 256)):
+        assert main([*argv, "--dry-run", "--json", "--out", str(tmp_path / "o.tif")]) == 0, capsys.readouterr().err
+        assert json.loads(capsys.readouterr().out)["model_px"] == px
+    request = parse_request({"task": "temporal", "inputs": frames, "date": "2021-06-01", "steps": 1, "seed": 2})
+    assert request.model == "auto"
+    result = run_task(request, tmp_path / "t.tif", models=cache)
+    assert result.model == ZIP_FOLDERS["controlnet-texas"]
+    assert any(f"the ControlNet {ZIP_FOLDERS['controlnet-texas']} runs with" in w for w in result.warnings)
+
+
+def test_dry_run_prints_the_notes_and_model_of_the_run(installed, tmp_path, capsys):
+    """--dry-run (and POST /v1/plan) said nothing of the model it planned for: not what auto
+    picked, nor the pairing and tile-size notes the real run prints."""
+    src = write(tmp_path / "S2A_MSIL1C_20210615T101031_N0301_R022_T33TTG.tif", s2_dn((13, 24, 24)))
+    assert main(["superres", "--input", src, "--dry-run", "--out", str(tmp_path / "o.tif")]) == 0
+    captured = capsys.readouterr()
+    assert f"model {ZIP_FOLDERS['controlnet-superres']}; nothing written" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: ")]
+    assert any("runs with" in n and "checkpoint-100000/unet" in n for n in notes), captured.err
+    assert any("superres tiles at 512 px with 256 px conditioning" in n for n in notes), captured.err
+    request = parse_request({"task": "generate", "bbox": [12.45, 41.88, 12.52, 41.93]})
+    planned = plan(request)
+    assert planned["model"] == ZIP_FOLDERS["diffusionsat-512"]
+    assert any("using the installed model" in n for n in planned["notices"])
+
+
 def test_old_scheduler_configs_are_normalised_with_a_notice():
     old_ddim = scheduler_from_config({**SD21_DDIM, "steps_offset": 0, "clip_sample": True})
     note = normalise_scheduler(old_ddim)
