@@ -289,6 +289,50 @@ def _check_files(ds: Any, path: Any, policy: InputPolicy, own: Optional[Path] = 
                           policy, "copy the files it needs into an allowed folder")
 
 
+#: Files GDAL opens beside a raster by itself, with any driver (external overviews and masks).
+_RASTER_SIDECARS = (".ovr", ".OVR", ".msk", ".MSK")
+
+
+def _check_sidecar(sidecar: Path, path: Any, policy: InputPolicy, depth: int) -> None:
+    """A file GDAL opens for ``path`` on its own (an overview or mask file): a plain GeoTIFF inside
+    the roots, else refused before GDAL sees it (a VRT there would read other files or the network)."""
+    try:
+        resolved = _plain_path(sidecar, policy, "raster")
+    except InputRefused as err:
+        raise InputRefused(f"{str(path)!r} has a side file GDAL would open: {err}", path=str(path),
+                           roots=err.roots) from None
+    if _raster_driver(_head(resolved)) != "GTiff":
+        raise _refuse(path, f"has a side file {str(sidecar)!r} that is not a GeoTIFF (GDAL would open it "
+                      "with any driver, e.g. as a VRT reading other files)", policy,
+                      "remove the side file or convert the raster with gdal_translate")
+    _check_sidecars(resolved, path, policy, depth + 1)
+
+
+def _check_sidecars(resolved: Path, path: Any, policy: InputPolicy, depth: int = 0) -> None:
+    """The overview/mask files GDAL would open beside ``resolved``, checked before it opens them."""
+    if depth >= MAX_VRT_DEPTH:
+        raise _refuse(path, f"chains side files more than {MAX_VRT_DEPTH} deep", policy)
+    for suffix in _RASTER_SIDECARS:
+        sidecar = resolved.with_name(resolved.name + suffix)
+        if sidecar.exists() or sidecar.is_symlink():
+            _check_sidecar(sidecar, path, policy, depth)
+
+
+def _check_overview_file(ds: Any, resolved: Path, path: Any, policy: InputPolicy) -> None:
+    """GDAL opens the file named by the ``OVERVIEW_FILE`` item of the ``OVERVIEWS`` metadata domain
+    (set in the GeoTIFF's own metadata tag or its ``.aux.xml``) with any driver, also a URL: it must
+    pass as a side file before anything asks for the dataset's overviews or files."""
+    try:
+        name = (ds.tags(ns="OVERVIEWS") or {}).get("OVERVIEW_FILE")
+    except Exception:  # noqa: BLE001 - a driver without the domain
+        name = None
+    if not name:
+        return
+    if name[:10].upper() == ":::BASE:::":
+        name = str(resolved.parent / name[10:])
+    _check_sidecar(Path(name) if not (name.startswith("/vsi") or "://" in name) else name, path, policy, 0)
+
+
 def open_raster(path: Any, *args: Any, **kwargs: Any):
     """``rasterio.open(path, ...)`` for reading, confined by the active policy (if any).
 
@@ -305,6 +349,8 @@ def open_raster(path: Any, *args: Any, **kwargs: Any):
     source = _trusted_source(path)
     if source is not None:  # a VRT the engine wrote over one input: that input is what is checked
         inspect_raster(source, policy=policy)
+        with open_raster(source):  # its side files and overview file too, as GDAL may open them via the VRT
+            pass
         own = Path(os.fspath(path)).resolve()
         ds = rasterio.open(own, *args, driver="VRT", **{k: v for k, v in kwargs.items() if k != "driver"})
         try:
@@ -323,8 +369,10 @@ def open_raster(path: Any, *args: Any, **kwargs: Any):
             f"{str(path)!r} is not a GeoTIFF, JPEG 2000, PNG, JPEG or GeoPackage raster (the raster formats "
             "this engine reads for a client); convert it with gdal_translate -of GTiff")
     kwargs["driver"] = driver
+    _check_sidecars(resolved, path, policy)
     ds = rasterio.open(resolved, *args, **kwargs)
     try:
+        _check_overview_file(ds, resolved, path, policy)
         _check_files(ds, path, policy)
     except BaseException:
         ds.close()

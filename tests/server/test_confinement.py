@@ -187,3 +187,59 @@ def test_a_crs_assigned_in_qgis_runs_on_a_confined_server(confined, tmp_path):
     outside = _tif_without_crs(tmp_path / "nocrs_outside.tif", 100)
     refused = call(srv, "POST", "/v1/jobs", json_body={**body, "input": str(outside)})
     assert refused.status == 403, refused.body
+
+
+def _overview_file_in_tag(path: Path, target: str) -> Path:
+    """A plain GeoTIFF whose own metadata tag names an overview file (GDAL opens it by itself)."""
+    _tif(path, 120)
+    with rasterio.open(path, "r+") as dst:
+        dst.update_tags(ns="OVERVIEWS", OVERVIEW_FILE=target)
+    assert not path.with_name(path.name + ".aux.xml").exists()  # in the file itself, not a side file
+    return path
+
+
+@pytest.mark.parametrize("how", ["tag", "aux.xml", "ovr", "msk", "tag_outside", "assigned_crs"])
+@pytest.mark.parametrize("endpoint", ["/v1/jobs", "/v1/plan"])
+def test_side_files_gdal_opens_by_itself_are_confined(confined, hits, tmp_path, how, endpoint):
+    """External overviews (.ovr, OVERVIEW_FILE in the file's metadata or its .aux.xml) and masks
+    (.msk) are opened by GDAL with any driver: a GeoTIFF in the roots must not make the server
+    fetch a URL or read a file outside the roots through them (also a GeoTIFF upload)."""
+    srv, _, _, inside = confined
+    url = f"/vsicurl/{hits[0]}/side-{how}-{endpoint[4:]}.tif"
+    folder = inside / f"side-{how}-{endpoint[4:]}"
+    folder.mkdir()
+    name = folder / "plain.tif"
+    if how in ("tag", "assigned_crs"):
+        _overview_file_in_tag(name, url)
+    elif how == "tag_outside":
+        _overview_file_in_tag(name, str(tmp_path / "elsewhere.tif"))
+        _tif(tmp_path / "elsewhere.tif", 77)
+    else:
+        _tif(name, 120)
+        side = {"aux.xml": name.with_name("plain.tif.aux.xml"), "ovr": name.with_name("plain.tif.ovr"),
+                "msk": name.with_name("plain.tif.msk")}[how]
+        if how == "aux.xml":
+            side.write_text(f'<PAMDataset><Metadata domain="OVERVIEWS"><MDI key="OVERVIEW_FILE">{url}</MDI>'
+                            "</Metadata></PAMDataset>")
+        else:
+            side.write_text(_vrt([url] * (1 if how == "msk" else 3)))
+    body = {"task": "inpaint", "input": str(name), "steps": 1, "seed": 1, "date": "2021-06-15"}
+    if how == "assigned_crs":
+        body["input_nodata"] = 0
+    before = len(hits[1])
+    reply = call(srv, "POST", endpoint, json_body=body)
+    assert reply.status == 403, reply.body
+    assert reply.json["code"] == "input_refused" and "plain.tif" in reply.json["detail"]
+    assert hits[1][before:] == []  # no outbound request
+
+
+def test_an_upload_naming_a_remote_overview_fetches_nothing(confined, hits, tmp_path):
+    srv, _, _, _ = confined
+    tif = _overview_file_in_tag(tmp_path / "up.tif", f"/vsicurl/{hits[0]}/upload-overview.tif")
+    reply = call(srv, "POST", "/v1/uploads", data=tif.read_bytes(), headers={"Content-Type": "image/tiff"})
+    assert reply.status in (200, 201), reply.body
+    before = len(hits[1])
+    job = call(srv, "POST", "/v1/jobs", json_body={"task": "inpaint", "input": reply.json["path_ref"], "steps": 1,
+                                                   "seed": 1, "date": "2021-06-15"})
+    assert job.status == 403, job.body
+    assert hits[1][before:] == []
