@@ -243,3 +243,23 @@ def test_an_upload_naming_a_remote_overview_fetches_nothing(confined, hits, tmp_
                                                    "seed": 1, "date": "2021-06-15"})
     assert job.status == 403, job.body
     assert hits[1][before:] == []
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/jobs", "/v1/plan"])
+def test_an_assigned_crs_is_never_a_file_or_a_url(confined, hits, tmp_path, endpoint):
+    """GDAL's CRS parser takes a file name (and reads it) or a URL (and fetches it); an
+    ``input_crs`` is parsed as PROJ does, which does neither."""
+    srv, _, _, inside = confined
+    plain = inside / "nocrs.tif"
+    if not plain.exists():
+        _tif_without_crs(plain, 100)
+    wkt = tmp_path / "secret_crs.wkt"  # outside the roots
+    wkt.write_text('GEOGCS["x",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],'
+                   'PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]]')
+    before = len(hits[1])
+    for crs in (f"{hits[0]}/input-crs", str(wkt)):
+        reply = call(srv, "POST", endpoint, json_body={"task": "inpaint", "input": str(plain), "steps": 1,
+                                                       "date": "2021-06-15", "input_crs": crs})
+        assert reply.status == 422, reply.body
+        assert reply.json["code"] == "invalid_request" and "input_crs" in reply.json["detail"], reply.body
+    assert hits[1][before:] == []
