@@ -405,6 +405,42 @@ def _vector_kind(head: bytes) -> Optional[str]:
     return None
 
 
+#: A CRS URL GDAL parses itself, without fetching it.
+_OGC_CRS_URL = "http://www.opengis.net/def/crs/"
+
+
+def _check_json_crs(resolved: Path, path: Any, policy: InputPolicy) -> None:
+    """A GeoJSON ``crs`` member of type ``link`` makes OGR fetch its ``href`` (and a ``name`` may be a
+    URL or a file name for GDAL's CRS parser): only named CRSs (EPSG codes, URNs) are admitted."""
+    import json
+
+    try:
+        stack = [json.loads(resolved.read_bytes())]
+    except (OSError, ValueError, RecursionError) as err:
+        raise _refuse(path, f"is JSON that cannot be checked ({str(err)[:80]})", policy) from None
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if str(key).lower() == "crs" and isinstance(value, dict):
+                kind = str(value.get("type", "name")).lower()
+                props = value.get("properties")
+                texts = [str(v) for v in props.values()] if isinstance(props, dict) else []
+                bad = [t for t in texts if ("://" in t and not t.startswith(_OGC_CRS_URL)) or "/vsi" in t.lower()
+                       or t.startswith(("/", ".", "~")) or "\\" in t]
+                if kind not in ("name", "epsg", "ogc") or bad:
+                    raise _refuse(path, f"has a CRS of type {kind!r} ({(bad or texts or [''])[0][:80]!r}) that GDAL "
+                                  "would fetch or read from elsewhere", policy,
+                                  'name the CRS instead, e.g. "crs": {"type": "name", "properties": '
+                                  '{"name": "EPSG:32618"}}, or leave it out for WGS 84')
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+
+
 def inspect_vector(path: Any) -> Any:
     """The path to hand pyogrio for a vector mask, checked under the active policy.
 
@@ -422,6 +458,8 @@ def inspect_vector(path: Any) -> Any:
     if kind is None:
         raise _refuse(path, "is not a GeoPackage, shapefile, GeoJSON or FlatGeobuf file (the vector formats "
                       "this engine reads for a client)", policy, "convert the mask with ogr2ogr -f GPKG")
+    if kind == "GeoJSON":
+        _check_json_crs(resolved, path, policy)
     if kind == "shapefile":
         # The sidecars are found next to the name given, as GDAL does.
         given = Path(os.fspath(path)).expanduser()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.server
+import json
 import threading
 from pathlib import Path
 
@@ -263,3 +264,29 @@ def test_an_assigned_crs_is_never_a_file_or_a_url(confined, hits, tmp_path, endp
         assert reply.status == 422, reply.body
         assert reply.json["code"] == "invalid_request" and "input_crs" in reply.json["detail"], reply.body
     assert hits[1][before:] == []
+
+
+def _geojson_mask(path: Path, crs: dict) -> Path:
+    ring = [[583100, 4507100], [583300, 4507100], [583300, 4507300], [583100, 4507100]]
+    path.write_text(json.dumps({"type": "FeatureCollection", "crs": crs, "features": [
+        {"type": "Feature", "properties": {}, "geometry": {"type": "Polygon", "coordinates": [ring]}}]}))
+    return path
+
+
+@pytest.mark.parametrize("endpoint", ["/v1/jobs", "/v1/plan"])
+def test_a_geojson_mask_with_a_linked_crs_fetches_nothing(confined, hits, endpoint):
+    """OGR fetches the href of a GeoJSON ``"crs": {"type": "link"}``: such a mask is a 403."""
+    srv, _, files, inside = confined
+    mask = _geojson_mask(inside / f"linked-{endpoint[4:]}.geojson",
+                         {"type": "link", "properties": {"href": f"{hits[0]}/geojson-crs", "type": "ogcwkt"}})
+    before = len(hits[1])
+    reply = call(srv, "POST", endpoint, json_body={"task": "inpaint", "input": str(files["good"]), "mask": str(mask),
+                                                   "steps": 1, "date": "2021-06-15"})
+    assert reply.status == 403, reply.body
+    assert reply.json["code"] == "input_refused" and mask.name in reply.json["detail"]
+    assert hits[1][before:] == []
+    named = _geojson_mask(inside / f"named-{endpoint[4:]}.geojson",
+                          {"type": "name", "properties": {"name": "urn:ogc:def:crs:EPSG::32618"}})
+    reply = call(srv, "POST", "/v1/plan", json_body={"task": "inpaint", "input": str(files["good"]),
+                                                     "mask": str(named), "steps": 1, "date": "2021-06-15"})
+    assert reply.status == 200, reply.body
