@@ -205,10 +205,32 @@ def _check_vrt(path: Path, head: bytes, policy: InputPolicy, depth: int, base: P
             relative = (attr(elem, "relativeToVRT") or "0").strip() == "1"
             source = (base.parent / name) if relative and not os.path.isabs(name) else Path(name)
             try:
-                inspect_raster(source if not _PREFIX.match(name) else name, policy=policy, _depth=depth + 1)
+                checked = inspect_raster(source if not _PREFIX.match(name) else name, policy=policy,
+                                         _depth=depth + 1)
+                _check_vrt_source(checked, policy)
             except InputRefused as err:
                 raise InputRefused(f"the VRT {str(path)!r} reads another file: {err}", path=str(path),
                                    roots=err.roots) from None
+
+
+#: Formats a VRT's source may be (GDAL opens sources with any driver, so they are recognised by
+#: their bytes; a GeoPackage may be a GDAL tile index reading other files, so it is not one).
+_VRT_SOURCE_DRIVERS = ("GTiff", "JP2OpenJPEG", "PNG", "JPEG")
+
+
+def _check_vrt_source(source: Optional[Path], policy: InputPolicy) -> None:
+    """A VRT source that is not itself a (checked) VRT: a plain raster by its bytes whose side
+    files, overview file and files pass as for an input, since GDAL opens it with any driver."""
+    if source is None or not source.is_file():
+        return  # missing: GDAL reports it when the VRT is read
+    head = _head(source)
+    if _is_xml(head):
+        return  # a nested VRT, checked by inspect_raster already
+    if _raster_driver(head) not in _VRT_SOURCE_DRIVERS:
+        raise _refuse(source, "is not a GeoTIFF, JPEG 2000, PNG or JPEG file (a VRT's source is opened by "
+                      "GDAL with any driver, e.g. a tile index reading other files)", policy)
+    with enforce(policy), open_raster(source):
+        pass
 
 
 def inspect_raster(path: Any, *, policy: Optional[InputPolicy] = None, _depth: int = 0) -> Optional[Path]:

@@ -290,3 +290,37 @@ def test_a_geojson_mask_with_a_linked_crs_fetches_nothing(confined, hits, endpoi
     reply = call(srv, "POST", "/v1/plan", json_body={"task": "inpaint", "input": str(files["good"]),
                                                      "mask": str(named), "steps": 1, "date": "2021-06-15"})
     assert reply.status == 200, reply.body
+
+
+def _tile_index(path: Path, location: str) -> Path:
+    """A GDAL tile index (GTI) GeoPackage: one footprint whose tile is the file at ``location``."""
+    import shapely
+    from pyogrio.raw import write
+
+    write(str(path), geometry=np.array([shapely.to_wkb(shapely.box(*BOUNDS))], dtype=object),
+          field_data=[np.array([location], dtype=object)], fields=["location"], geometry_type="Polygon",
+          crs="EPSG:32618", driver="GPKG")
+    return path
+
+
+@pytest.mark.parametrize("source", ["tile_index", "remote_overview"])
+def test_allowed_vrt_sources_are_opened_as_inputs_are(confined, hits, source):
+    """With --allow-vrt, GDAL opens a VRT's sources with any driver: a tile index GeoPackage inside
+    the roots read the file it lists (outside), a GeoTIFF naming a remote overview fetched it."""
+    _, srv_vrt, _, inside = confined
+    folder = inside / f"vrt-source-{source}"
+    folder.mkdir()
+    if source == "tile_index":
+        secret = folder.parent.parent / "outside" / "secret.tif"
+        src = _tile_index(folder / "index.gti.gpkg", str(secret))
+    else:
+        src = _overview_file_in_tag(folder / "plain.tif", f"/vsicurl/{hits[0]}/vrt-source-overview.tif")
+    vrt = folder / "mosaic.vrt"
+    vrt.write_text(_vrt([str(src)] * 3))
+    before = len(hits[1])
+    for endpoint in ("/v1/plan", "/v1/jobs"):
+        reply = call(srv_vrt, "POST", endpoint, json_body={"task": "inpaint", "input": str(vrt), "steps": 1,
+                                                           "seed": 1, "date": "2021-06-15"})
+        assert reply.status == 403, reply.body
+        assert reply.json["code"] == "input_refused" and src.name in reply.json["detail"], reply.body
+    assert hits[1][before:] == []
