@@ -43,6 +43,18 @@ def _needs(path: str, crs: str | None, nodata: float | None, names: Sequence[str
         return {}  # not a raster we can open here: the task reports it with its own message
 
 
+def _safe_crs(text: str):
+    """The rasterio CRS of ``text`` as PROJ reads it: GDAL's own parser would also take a file name
+    (reading a file anywhere) or a URL (fetching it), which a server's client must not get."""
+    from rasterio.crs import CRS
+
+    from ..metadata import parse_crs
+
+    crs = parse_crs(text)
+    authority = crs.to_authority()
+    return CRS.from_user_input(":".join(authority)) if authority else CRS.from_wkt(crs.to_wkt())
+
+
 def assign_vrt(path: str, folder: Path, *, crs: str | None = None, nodata: float | None = None,
                names: Sequence[str] | None = None) -> str:
     """``path``, or a VRT in ``folder`` that adds what ``path`` lacks of crs/nodata/names."""
@@ -51,7 +63,6 @@ def assign_vrt(path: str, folder: Path, *, crs: str | None = None, nodata: float
         return path
     import rasterio
     import rasterio.shutil
-    from rasterio.crs import CRS
     from rasterio.errors import CRSError
 
     sub = Path(tempfile.mkdtemp(prefix="in", dir=folder))
@@ -60,8 +71,8 @@ def assign_vrt(path: str, folder: Path, *, crs: str | None = None, nodata: float
     with rasterio.open(vrt, "r+") as dst:
         if "crs" in change:
             try:
-                dst.crs = CRS.from_user_input(change["crs"])
-            except CRSError as err:
+                dst.crs = _safe_crs(change["crs"])
+            except (CRSError, InvalidRequest) as err:
                 raise InvalidRequest(f"input_crs {change['crs'][:80]!r} is not a CRS: {err}") from None
         if "nodata" in change:
             dst.nodata = change["nodata"]

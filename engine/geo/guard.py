@@ -205,10 +205,32 @@ def _check_vrt(path: Path, head: bytes, policy: InputPolicy, depth: int, base: P
             relative = (attr(elem, "relativeToVRT") or "0").strip() == "1"
             source = (base.parent / name) if relative and not os.path.isabs(name) else Path(name)
             try:
-                inspect_raster(source if not _PREFIX.match(name) else name, policy=policy, _depth=depth + 1)
+                checked = inspect_raster(source if not _PREFIX.match(name) else name, policy=policy,
+                                         _depth=depth + 1)
+                _check_vrt_source(checked, policy)
             except InputRefused as err:
                 raise InputRefused(f"the VRT {str(path)!r} reads another file: {err}", path=str(path),
                                    roots=err.roots) from None
+
+
+#: Formats a VRT's source may be (GDAL opens sources with any driver, so they are recognised by
+#: their bytes; a GeoPackage may be a GDAL tile index reading other files, so it is not one).
+_VRT_SOURCE_DRIVERS = ("GTiff", "JP2OpenJPEG", "PNG", "JPEG")
+
+
+def _check_vrt_source(source: Optional[Path], policy: InputPolicy) -> None:
+    """A VRT source that is not itself a (checked) VRT: a plain raster by its bytes whose side
+    files, overview file and files pass as for an input, since GDAL opens it with any driver."""
+    if source is None or not source.is_file():
+        return  # missing: GDAL reports it when the VRT is read
+    head = _head(source)
+    if _is_xml(head):
+        return  # a nested VRT, checked by inspect_raster already
+    if _raster_driver(head) not in _VRT_SOURCE_DRIVERS:
+        raise _refuse(source, "is not a GeoTIFF, JPEG 2000, PNG or JPEG file (a VRT's source is opened by "
+                      "GDAL with any driver, e.g. a tile index reading other files)", policy)
+    with enforce(policy), open_raster(source):
+        pass
 
 
 def inspect_raster(path: Any, *, policy: Optional[InputPolicy] = None, _depth: int = 0) -> Optional[Path]:
@@ -289,6 +311,50 @@ def _check_files(ds: Any, path: Any, policy: InputPolicy, own: Optional[Path] = 
                           policy, "copy the files it needs into an allowed folder")
 
 
+#: Files GDAL opens beside a raster by itself, with any driver (external overviews and masks).
+_RASTER_SIDECARS = (".ovr", ".OVR", ".msk", ".MSK")
+
+
+def _check_sidecar(sidecar: Path, path: Any, policy: InputPolicy, depth: int) -> None:
+    """A file GDAL opens for ``path`` on its own (an overview or mask file): a plain GeoTIFF inside
+    the roots, else refused before GDAL sees it (a VRT there would read other files or the network)."""
+    try:
+        resolved = _plain_path(sidecar, policy, "raster")
+    except InputRefused as err:
+        raise InputRefused(f"{str(path)!r} has a side file GDAL would open: {err}", path=str(path),
+                           roots=err.roots) from None
+    if _raster_driver(_head(resolved)) != "GTiff":
+        raise _refuse(path, f"has a side file {str(sidecar)!r} that is not a GeoTIFF (GDAL would open it "
+                      "with any driver, e.g. as a VRT reading other files)", policy,
+                      "remove the side file or convert the raster with gdal_translate")
+    _check_sidecars(resolved, path, policy, depth + 1)
+
+
+def _check_sidecars(resolved: Path, path: Any, policy: InputPolicy, depth: int = 0) -> None:
+    """The overview/mask files GDAL would open beside ``resolved``, checked before it opens them."""
+    if depth >= MAX_VRT_DEPTH:
+        raise _refuse(path, f"chains side files more than {MAX_VRT_DEPTH} deep", policy)
+    for suffix in _RASTER_SIDECARS:
+        sidecar = resolved.with_name(resolved.name + suffix)
+        if sidecar.exists() or sidecar.is_symlink():
+            _check_sidecar(sidecar, path, policy, depth)
+
+
+def _check_overview_file(ds: Any, resolved: Path, path: Any, policy: InputPolicy) -> None:
+    """GDAL opens the file named by the ``OVERVIEW_FILE`` item of the ``OVERVIEWS`` metadata domain
+    (set in the GeoTIFF's own metadata tag or its ``.aux.xml``) with any driver, also a URL: it must
+    pass as a side file before anything asks for the dataset's overviews or files."""
+    try:
+        name = (ds.tags(ns="OVERVIEWS") or {}).get("OVERVIEW_FILE")
+    except Exception:  # noqa: BLE001 - a driver without the domain
+        name = None
+    if not name:
+        return
+    if name[:10].upper() == ":::BASE:::":
+        name = str(resolved.parent / name[10:])
+    _check_sidecar(Path(name) if not (name.startswith("/vsi") or "://" in name) else name, path, policy, 0)
+
+
 def open_raster(path: Any, *args: Any, **kwargs: Any):
     """``rasterio.open(path, ...)`` for reading, confined by the active policy (if any).
 
@@ -305,6 +371,8 @@ def open_raster(path: Any, *args: Any, **kwargs: Any):
     source = _trusted_source(path)
     if source is not None:  # a VRT the engine wrote over one input: that input is what is checked
         inspect_raster(source, policy=policy)
+        with open_raster(source):  # its side files and overview file too, as GDAL may open them via the VRT
+            pass
         own = Path(os.fspath(path)).resolve()
         ds = rasterio.open(own, *args, driver="VRT", **{k: v for k, v in kwargs.items() if k != "driver"})
         try:
@@ -323,8 +391,10 @@ def open_raster(path: Any, *args: Any, **kwargs: Any):
             f"{str(path)!r} is not a GeoTIFF, JPEG 2000, PNG, JPEG or GeoPackage raster (the raster formats "
             "this engine reads for a client); convert it with gdal_translate -of GTiff")
     kwargs["driver"] = driver
+    _check_sidecars(resolved, path, policy)
     ds = rasterio.open(resolved, *args, **kwargs)
     try:
+        _check_overview_file(ds, resolved, path, policy)
         _check_files(ds, path, policy)
     except BaseException:
         ds.close()
@@ -357,6 +427,42 @@ def _vector_kind(head: bytes) -> Optional[str]:
     return None
 
 
+#: A CRS URL GDAL parses itself, without fetching it.
+_OGC_CRS_URL = "http://www.opengis.net/def/crs/"
+
+
+def _check_json_crs(resolved: Path, path: Any, policy: InputPolicy) -> None:
+    """A GeoJSON ``crs`` member of type ``link`` makes OGR fetch its ``href`` (and a ``name`` may be a
+    URL or a file name for GDAL's CRS parser): only named CRSs (EPSG codes, URNs) are admitted."""
+    import json
+
+    try:
+        stack = [json.loads(resolved.read_bytes())]
+    except (OSError, ValueError, RecursionError) as err:
+        raise _refuse(path, f"is JSON that cannot be checked ({str(err)[:80]})", policy) from None
+    while stack:
+        item = stack.pop()
+        if isinstance(item, list):
+            stack.extend(item)
+            continue
+        if not isinstance(item, dict):
+            continue
+        for key, value in item.items():
+            if str(key).lower() == "crs" and isinstance(value, dict):
+                kind = str(value.get("type", "name")).lower()
+                props = value.get("properties")
+                texts = [str(v) for v in props.values()] if isinstance(props, dict) else []
+                bad = [t for t in texts if ("://" in t and not t.startswith(_OGC_CRS_URL)) or "/vsi" in t.lower()
+                       or t.startswith(("/", ".", "~")) or "\\" in t]
+                if kind not in ("name", "epsg", "ogc") or bad:
+                    raise _refuse(path, f"has a CRS of type {kind!r} ({(bad or texts or [''])[0][:80]!r}) that GDAL "
+                                  "would fetch or read from elsewhere", policy,
+                                  'name the CRS instead, e.g. "crs": {"type": "name", "properties": '
+                                  '{"name": "EPSG:32618"}}, or leave it out for WGS 84')
+            elif isinstance(value, (dict, list)):
+                stack.append(value)
+
+
 def inspect_vector(path: Any) -> Any:
     """The path to hand pyogrio for a vector mask, checked under the active policy.
 
@@ -374,6 +480,8 @@ def inspect_vector(path: Any) -> Any:
     if kind is None:
         raise _refuse(path, "is not a GeoPackage, shapefile, GeoJSON or FlatGeobuf file (the vector formats "
                       "this engine reads for a client)", policy, "convert the mask with ogr2ogr -f GPKG")
+    if kind == "GeoJSON":
+        _check_json_crs(resolved, path, policy)
     if kind == "shapefile":
         # The sidecars are found next to the name given, as GDAL does.
         given = Path(os.fspath(path)).expanduser()
