@@ -1,0 +1,44 @@
+"""Findings from using the installed plugin in the real QGIS GUI (Xvfb, a fresh profile, an existing
+engine with the tiny model), each reproduced here in real headless QGIS against the real engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import urllib.request
+
+from qgis_plugin.tasks import progress_text
+
+from .conftest import require_task, wait_for_task
+from .helpers import make_rgb_geotiff
+from .test_dock import add_layer
+
+
+def test_tiled_progress_never_counts_past_the_last_tile_nor_shows_a_placeholder_step(plugin, engine_env, qtbot,
+                                                                                     tmp_path):
+    # Seen in the GUI: an in-paint of a 1500×1200 px scene ended as "Task complete: DiffusionSat: in-paint
+    # scene_rgb — step 0/1 · tile 43/42" (the engine's tile counter is "tiles finished", and between tiles
+    # it reports a placeholder step 0/1).
+    require_task(engine_env, "inpaint")
+    layer = add_layer(make_rgb_geotiff(tmp_path / "scene.tif", size=320, hole=True), "scene")
+    tab = plugin.dock.inpaint
+    tab.layer.setLayer(layer)
+    tab.kind_nodata.setChecked(True)
+    tab.steps.setValue(2)
+    task = tab.run()
+    assert task is not None
+    seen = []
+    task.progressChanged.connect(lambda _v: seen.append(task.description()))
+    wait_for_task(qtbot, task)
+    assert task.error is None, task.error
+    tiles = [(int(a), int(b)) for d in seen for a, b in re.findall(r"tile (\d+)/(\d+)", d)]
+    assert tiles and tiles[0][1] > 1, seen  # a tiled job
+    assert all(1 <= a <= b for a, b in tiles), seen
+    # The engine's own record of the finished job (what the last poll sees: "writing the last rows").
+    req = urllib.request.Request(f"{engine_env.url}/v1/jobs/{task.outcome.job_id}",
+                                 headers={"Authorization": f"Bearer {engine_env.token}"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        final = json.loads(resp.read())
+    seen.append(progress_text(final))
+    assert not any("step 0/1" in d for d in seen), seen
+    assert all(re.findall(r"step \d+/(\d+)", d) in ([], ["2"]) for d in seen), seen
