@@ -70,6 +70,18 @@ class ResultStyler(QgsProcessingLayerPostProcessorInterface):
 class EngineAlgorithm(QgsProcessingAlgorithm):
     """Base class: subclasses define TASK, the parameters and :meth:`prepare`."""
 
+    #: Longer labels push the algorithm dialog's parameter panel wider than the dialog (at 688 px on
+    #: 3.22 the "…" button that picks layers went out of sight): the detail goes to the tooltip.
+    LABEL_CHARS = 26  # with " [optional]", within the 376 px the panel has at 688 px
+
+    def addParameter(self, param, createOutput=True):  # noqa: N802 - QGIS's name
+        text = param.description()
+        if len(text) > self.LABEL_CHARS and " (" in text:
+            if not param.help():
+                param.setHelp(text)
+            param.setDescription(text.split(" (", 1)[0])
+        return super().addParameter(param, createOutput)
+
     TASK = ""
     OUTPUT = "OUTPUT"
     MODEL = "MODEL"
