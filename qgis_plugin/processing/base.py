@@ -30,6 +30,7 @@ from ..layers import provenance, style_result
 from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
 from ..requests import PreparedJob, RequestError, parse_date
 from ..tasks import friendly_error, run_job
+from ..results import result_name
 
 ENGINE_HELP = (
     "<p>The engine is the one set in DiffusionSat → Engine settings, or, when set, the one in the "
@@ -263,7 +264,13 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         if rate is not None:
             feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per megapixel through the UNet.")
         info = provenance(outcome.path, outcome.result, prepared.request)
-        self.register_load(context, prepared.output_path, outcome.path, prepared.layer_name,
+        # The dock's descriptive name with the [synthetic] marker (not the plain name chosen
+        # before the run): the legend tells results apart and marks them synthetic either way.
+        detail = f"×{prepared.request['factor']}" if prepared.task == "superres" and prepared.request.get(
+            "factor") else ""
+        name = result_name(prepared.task, source=getattr(prepared, "source_name", "") or "", date=prepared.date,
+                           result=outcome.result, detail=detail)
+        self.register_load(context, prepared.output_path, outcome.path, name,
                            ResultStyler.create(prepared.date, info, outcome.warnings))
         seed = outcome.result.get("seed")
         return {
