@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from typing import Any, Optional
 
 from qgis.core import (
@@ -222,9 +223,15 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         feedback.pushInfo(f"Engine: {spec.describe()}")
         feedback.pushInfo("Request: " + json.dumps(prepared.request))
 
+        last = {"key": None}
+
         def progress(fraction: float, text: str) -> None:
             feedback.setProgress(100.0 * fraction)
-            if text:
+            # The dialog logs every progress text: one line when the job moves on (step, tile,
+            # state), not one a poll with only the time left changed.
+            key = re.sub(r" · about \d+ s left$", "", text or "")
+            if text and key != last["key"]:
+                last["key"] = key
                 feedback.setProgressText(text)
 
         checked = {}

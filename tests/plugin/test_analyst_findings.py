@@ -12,6 +12,7 @@ from qgis_plugin.tasks import progress_text
 from .conftest import require_task, wait_for_task
 from .helpers import make_rgb_geotiff
 from .test_dock import add_layer
+from .test_processing import TINY, UTM_EXTENT, provider  # noqa: F401 - the fixture
 
 
 def test_tiled_progress_never_counts_past_the_last_tile_nor_shows_a_placeholder_step(plugin, engine_env, qtbot,
@@ -77,3 +78,41 @@ def test_processing_dialogs_show_every_parameter_without_scrolling_sideways(qgis
             dialog.close()
     finally:
         QgsApplication.processingRegistry().removeProvider(provider)
+
+
+class _RecordingFeedback:
+    """A real QgsProcessingFeedback that keeps the progress texts it is given (as the dialog's log does)."""
+
+    @staticmethod
+    def make():
+        from qgis.core import QgsProcessingFeedback
+
+        class Recording(QgsProcessingFeedback):
+            def __init__(self):
+                super().__init__()
+                self.texts = []
+
+            def setProgressText(self, text):  # noqa: N802 - QGIS's name
+                self.texts.append(text)
+                super().setProgressText(text)
+
+        return Recording()
+
+
+def test_the_processing_log_gets_a_progress_line_when_the_progress_changes_not_every_poll(
+        provider, engine_env, tmp_path, qgis_new_project):  # noqa: F811
+    # Seen in the GUI: the algorithm dialog's log repeated "step 1/20 · tile 1/4 · about 150 s left" five
+    # times (once a poll, the time left changing), and "step 0/20 · tile 1/4" three times.
+    import processing
+
+    # Keep the engine busy, so that the job waits in the queue for several polls.
+    status, body = engine_env.post("/v1/jobs", {"task": "generate", "bbox": [289000, 4639000, 294000, 4644600],
+                                                "crs": "EPSG:32633", "size": 128, "steps": 12, "model": "tiny"})
+    assert status in (200, 201, 202), body
+    feedback = _RecordingFeedback.make()
+    processing.run("diffusionsat:generate", {"EXTENT": UTM_EXTENT, "OUTPUT": str(tmp_path / "g.tif"), **TINY},
+                   feedback=feedback)
+    keys = [re.sub(r" · about \d+ s left$", "", t) for t in feedback.texts]
+    assert keys, "no progress text"
+    repeats = [a for a, b in zip(keys, keys[1:]) if a == b]
+    assert not repeats, feedback.texts
