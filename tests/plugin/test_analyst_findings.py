@@ -45,6 +45,24 @@ def test_tiled_progress_never_counts_past_the_last_tile_nor_shows_a_placeholder_
     assert all(re.findall(r"step \d+/(\d+)", d) in ([], ["2"]) for d in seen), seen
 
 
+def test_the_largest_steps_the_forms_offer_are_steps_the_engine_accepts(plugin, engine_env):
+    # The dock's and the generate dialog's Steps went to 1000; the engine refuses more than 999
+    # ("steps: Input should be less than or equal to 999") after the user has set up the whole job.
+    from qgis_plugin.processing.generate import GenerateAlgorithm
+
+    tabs = (plugin.dock.generate, plugin.dock.inpaint, plugin.dock.superres, plugin.dock.temporal)
+    offered = {tab.steps.maximum() for tab in tabs if getattr(tab, "steps", None) is not None}
+    alg = GenerateAlgorithm()
+    alg.initAlgorithm({})
+    offered.add(int(alg.parameterDefinition("STEPS").maximum()))
+    assert offered
+    for steps in offered:
+        status, body = engine_env.post("/v1/plan", {"task": "generate", "bbox": [289000, 4639000, 294000, 4644600],
+                                                    "crs": "EPSG:32633", "size": 64, "steps": steps, "model": "tiny"})
+        # A server may set a lower --max-steps (the test engine's is 200): only that may refuse it.
+        assert status == 200 or "--max-steps" in str(body.get("detail")), (steps, body)
+
+
 def test_processing_dialogs_show_every_parameter_without_scrolling_sideways(qgis_processing, plugin_settings,
                                                                            qgis_new_project, qgis_iface, qtbot,
                                                                            monkeypatch):
