@@ -45,10 +45,14 @@ class JobOutcome:
 def progress_text(job: dict[str, Any]) -> str:
     """``step 3/20 · tile 1/4 · about 12 s left`` from a job record."""
     parts = []
-    if job.get("total_steps"):
-        parts.append(f"step {job.get('step') or 0}/{job['total_steps']}")
-    if (job.get("total_tiles") or 0) > 1:
-        parts.append(f"tile {(job.get('tile') or 0) + 1}/{job['total_tiles']}")
+    step, steps = job.get("step") or 0, job.get("total_steps") or 0
+    # Between tiles (and while writing) the engine reports a placeholder "step 0/1": not a step.
+    if steps and not (step == 0 and steps == 1):
+        parts.append(f"step {step}/{steps}")
+    tiles = job.get("total_tiles") or 0
+    if tiles > 1:
+        # ``tile`` counts the tiles finished: the one running is the next, and none after the last.
+        parts.append(f"tile {min((job.get('tile') or 0) + 1, tiles)}/{tiles}")
     eta = job.get("eta_s")
     if isinstance(eta, (int, float)) and eta > 0:
         parts.append(f"about {eta:.0f} s left")

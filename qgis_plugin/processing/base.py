@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import re
 from typing import Any, Optional
 
 from qgis.core import (
@@ -30,6 +31,7 @@ from ..layers import provenance, style_result
 from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
 from ..requests import PreparedJob, RequestError, parse_date
 from ..tasks import friendly_error, run_job
+from ..results import result_name
 
 ENGINE_HELP = (
     "<p>The engine is the one set in DiffusionSat → Engine settings, or, when set, the one in the "
@@ -69,6 +71,18 @@ class ResultStyler(QgsProcessingLayerPostProcessorInterface):
 
 class EngineAlgorithm(QgsProcessingAlgorithm):
     """Base class: subclasses define TASK, the parameters and :meth:`prepare`."""
+
+    #: Longer labels push the algorithm dialog's parameter panel wider than the dialog (at 688 px on
+    #: 3.22 the "…" button that picks layers went out of sight): the detail goes to the tooltip.
+    LABEL_CHARS = 26  # with " [optional]", within the 376 px the panel has at 688 px
+
+    def addParameter(self, param, createOutput=True):  # noqa: N802 - QGIS's name
+        text = param.description()
+        if len(text) > self.LABEL_CHARS and " (" in text:
+            if not param.help():
+                param.setHelp(text)
+            param.setDescription(text.split(" (", 1)[0])
+        return super().addParameter(param, createOutput)
 
     TASK = ""
     OUTPUT = "OUTPUT"
@@ -209,9 +223,15 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         feedback.pushInfo(f"Engine: {spec.describe()}")
         feedback.pushInfo("Request: " + json.dumps(prepared.request))
 
+        last = {"key": None}
+
         def progress(fraction: float, text: str) -> None:
             feedback.setProgress(100.0 * fraction)
-            if text:
+            # The dialog logs every progress text: one line when the job moves on (step, tile,
+            # state), not one a poll with only the time left changed.
+            key = re.sub(r" · about \d+ s left$", "", text or "")
+            if text and key != last["key"]:
+                last["key"] = key
                 feedback.setProgressText(text)
 
         checked = {}
@@ -251,7 +271,13 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         if rate is not None:
             feedback.pushInfo(f"Time estimates for this engine now use {rate:.3g} s per megapixel through the UNet.")
         info = provenance(outcome.path, outcome.result, prepared.request)
-        self.register_load(context, prepared.output_path, outcome.path, prepared.layer_name,
+        # The dock's descriptive name with the [synthetic] marker (not the plain name chosen
+        # before the run): the legend tells results apart and marks them synthetic either way.
+        detail = f"×{prepared.request['factor']}" if prepared.task == "superres" and prepared.request.get(
+            "factor") else ""
+        name = result_name(prepared.task, source=getattr(prepared, "source_name", "") or "", date=prepared.date,
+                           result=outcome.result, detail=detail)
+        self.register_load(context, prepared.output_path, outcome.path, name,
                            ResultStyler.create(prepared.date, info, outcome.warnings))
         seed = outcome.result.get("seed")
         return {

@@ -50,7 +50,7 @@ class GenerateAlgorithm(EngineAlgorithm):
             self.addParameter(set_advanced(QgsProcessingParameterNumber(
                 name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=MAX_SIDE)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=20, minValue=1, maxValue=1000)))
+            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=20, minValue=1, maxValue=999)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
             "GUIDANCE", "Guidance scale", NUMBER_DOUBLE, defaultValue=7.5, minValue=0.0, maxValue=50.0)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(

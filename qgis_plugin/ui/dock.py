@@ -193,7 +193,7 @@ class _Tab(QWidget):
         box.setCollapsed(True)
         adv = QFormLayout(box)
         self.steps = QSpinBox()
-        self.steps.setRange(1, 1000)
+        self.steps.setRange(1, 999)  # the engine takes at most 999
         self.steps.setValue(int(self.dock.settings().steps))
         adv.addRow("Steps", self.steps)
         self.seed = QSpinBox()
@@ -370,7 +370,7 @@ class GenerateTab(_Tab):
         advanced.setCollapsed(True)
         adv = QFormLayout(advanced)
         self.steps = QSpinBox()
-        self.steps.setRange(1, 1000)
+        self.steps.setRange(1, 999)  # the engine takes at most 999
         self.steps.setValue(int(settings.steps))
         adv.addRow("Steps", self.steps)
         self.guidance = QDoubleSpinBox()

@@ -62,7 +62,9 @@ def test_dialog_run_loads_styles_and_dates_the_output(provider, engine_env, tmp_
     layers = layers_from(out)
     assert len(layers) == 1, "the dialog's run added no layer"
     layer = layers[0]
-    assert isinstance(layer, QgsRasterLayer) and layer.name().startswith("Generated 2020-02-29")
+    # The dock's descriptive name with the synthetic marker (was the plain "Generated 2020-02-29").
+    assert isinstance(layer, QgsRasterLayer) and layer.name().startswith("Generated · 2020-02-29 · seed ")
+    assert layer.name().endswith("[synthetic]")
     assert layer.temporalProperties().isActive()
     assert layer.temporalProperties().fixedTemporalRange().begin().date() == QDate(2020, 2, 29)
     assert "synthetic" in layer.metadata().keywords().get("DiffusionSat", [])
