@@ -519,7 +519,14 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     """
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
-    from .models.loading import auto_model, locate_model, missing_controlnet, plan_resolution
+    from .models.loading import (
+        auto_model,
+        controlnet_task_of,
+        locate_model,
+        missing_controlnet,
+        plan_resolution,
+        request_resolution,
+    )
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
@@ -531,10 +538,10 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     path = _check_out(out, request) if out is not None else None
     resolve(request.device, request.dtype)
     located = locate_model(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet)
-    model_px = plan_resolution(request)  # the same rules as the real run (request_resolution)
-    needs = request.task if request.task in ("superres", "temporal") else None
-    if request.task == "inpaint" and request.references:
-        needs = "temporal"  # references condition through the temporal ControlNet
+    # the same rules as the real run (request_resolution), on the facts just located; an hf: id
+    # not yet downloaded has none (plan_resolution answers the released models' size)
+    model_px = request_resolution(located.facts, request) if located.facts is not None else plan_resolution(request)
+    needs = controlnet_task_of(request)
     have = located.controlnet_tasks()
     if needs is not None and have is not None and needs not in have:
         raise missing_controlnet(located.root.name, needs, have)

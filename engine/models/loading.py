@@ -792,6 +792,16 @@ def request_resolution(facts: Any, request: Any) -> int:
     return task_resolution(facts, request.task, bool(getattr(request, "references", None))).px
 
 
+def controlnet_task_of(request: Any) -> Optional[str]:
+    """The ControlNet task a request needs: superres, temporal (also in-painting with references,
+    which condition through the temporal ControlNet), or None."""
+    if request.task in ("superres", "temporal"):
+        return request.task
+    if request.task == "inpaint" and getattr(request, "references", None):
+        return "temporal"
+    return None
+
+
 def auto_model(request: Any) -> str:
     """The ``model`` a request runs with. ``auto`` for a ControlNet task (superres, temporal,
     in-painting with references) without ``--controlnet`` is the installed ControlNet for that
@@ -800,12 +810,10 @@ def auto_model(request: Any) -> str:
     spec = (getattr(request, "model", None) or "auto").strip()
     if spec != "auto" or getattr(request, "controlnet", None):
         return spec
-    task = request.task
-    if task == "inpaint" and getattr(request, "references", None):
-        task = "temporal"  # references condition through the temporal ControlNet
-    kind = {"superres": "controlnet-superres", "temporal": "controlnet-temporal"}.get(task)
-    if kind is None:
+    task = controlnet_task_of(request)
+    if task is None:
         return spec
+    kind = f"controlnet-{task}"
     for model in installed_models():
         if model.kind == kind:
             return str(model.path)
@@ -973,9 +981,7 @@ class LocatedModel:
             config = read_config(self.cn_folder)
         except (ModelNotFound, ModelLoadError):
             return None  # the load reports it
-        if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
-            return ["temporal"]
-        return ["superres" if config.get("conditioning_in_channels") == 10 else "control"]
+        return [_controlnet_kind(config).removeprefix("controlnet-")]
 
     def scheduler_class(self) -> Optional[str]:
         """The checkpoint's own scheduler class name (``--scheduler default``), if known."""
