@@ -489,13 +489,10 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
         Fields that take input files accept ``upload:<id>`` refs or paths on the engine's machine.
         A request that names no ``model`` runs with the engine's ``--model``.
         """
-        from ..geo.guard import run_confined
-
+        # _job_request has run the checks the run makes before its first model call (inputs
+        # opened under the job's input policy, output grid, pixel limits, masks, dates:
+        # engine.tasks.check in resolve_request), so a request that would fail is refused now, with a 4xx.
         job_request = await _job_request(request)
-        # The same checks the run makes before its first model call (inputs opened, output grid,
-        # pixel limits, masks, dates): a request that would fail is refused now, with a 4xx.
-        # They open the inputs, so under the same input policy as the job itself.
-        await run_in_threadpool(run_confined, config.input_policy(), _plan, job_request)
         job = manager.submit(job_request)
         # "queued" is the state at acceptance; the worker may already have started it since.
         return {"id": job.id, "state": "queued"}
