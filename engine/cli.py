@@ -227,7 +227,7 @@ def _add_request_args(p: argparse.ArgumentParser, task: str) -> None:
     """One option per field of the task's request model (``task`` excepted)."""
     import datetime as dt
 
-    from .tasks import REQUEST_MODELS, _Request
+    from .tasks.requests import REQUEST_MODELS, _Request
 
     model = REQUEST_MODELS[task]
     groups = {"request": p.add_argument_group(f"{task} request (the same fields as the server's JSON)"),

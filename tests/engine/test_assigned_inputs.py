@@ -12,7 +12,7 @@ from engine.errors import DiffusionSatError
 from engine.models.cache import ModelCache
 from engine.tasks import parse_request, plan, run_task
 
-from .test_conditional import FAST, write
+from .test_tiled_tasks import FAST, write
 
 
 @pytest.fixture(scope="module")

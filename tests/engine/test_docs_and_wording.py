@@ -74,7 +74,7 @@ def test_temporal_examples_name_inputs_whose_dates_can_be_found():
 
 def test_a_ten_band_stack_without_names_is_shown_a_ten_band_example(tmp_path, capsys):
     """The fix offered for a 10-band stack of unnamed bands was a 4-band --bands example."""
-    from .test_conditional import s2_dn, write
+    from .test_tiled_tasks import s2_dn, write
 
     src = write(tmp_path / "stack.tif", s2_dn((10, 16, 16)))
     assert main(["superres", "--input", src, "--model", "tiny", "--dry-run"]) == 2

@@ -16,7 +16,8 @@ import rasterio
 from engine.cli import main
 from engine.errors import Cancelled
 from engine.progress import CancelToken
-from engine.tasks import GenerateRequest, generate
+from engine.tasks import GenerateRequest
+from engine.tasks.generate import generate
 
 ROME = ["--bbox", "12.45,41.88,12.52,41.93", "--crs", "EPSG:4326", "--date", "2021-06-15"]
 FAST = ["--model", "tiny", "--steps", "2", "--size", "64", "--seed", "1", "--quiet"]

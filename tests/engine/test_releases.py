@@ -23,7 +23,7 @@ from engine.models.loading import (SD21_SAMPLE_SIZE, describe_folder, installed_
 from engine.tasks import parse_request, plan, run_task
 from tests.official_layouts import OLD_PNDM, SD21_DDIM, ZIP_FOLDERS, build_parts, write_release
 
-from .test_conditional import s2_dn, write
+from .test_tiled_tasks import s2_dn, write
 
 BBOX = "12.45,41.88,12.52,41.93"
 EXPECTED = {  # release -> (kind, resolution, conditioning resolution, tasks)

@@ -7,7 +7,7 @@ import pytest
 from engine.models.cache import ModelCache
 from engine.tasks import parse_request, plan, run_task
 
-from .test_conditional import FAST, s2_dn, write
+from .test_tiled_tasks import FAST, s2_dn, write
 
 BBOX = (289000.0, 4639000.0, 294000.0, 4644600.0)
 

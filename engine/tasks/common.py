@@ -1,0 +1,365 @@
+"""What the tasks share: results, provenance tags, seeds, the tiled job, pixel checks and dated frames.
+
+The tiled tasks (super-resolution, temporal generation, in-painting) plan model-sized tiles over
+their output grid (``engine.geo.tiling``), feed every tile to the sampler with the conditioning the
+checkpoint was trained on, and blend the tiles into one COG without seams, reading and writing
+window by window so that memory does not grow with the raster. Under ``accelerate launch`` (or any
+launcher that sets ``RANK``/``WORLD_SIZE``) the tiles are split over the processes and rank 0
+merges them (no concurrent writes to one file).
+
+Task modules import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import os
+import secrets
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from rasterio.windows import Window
+
+from .. import __version__
+from ..errors import InvalidRequest
+from ..geo.cog import CogWriter
+from ..geo.guard import display_text
+from ..geo.sources import Grid, footprint_overlap
+from ..geo.tiling import run_tiled, run_tiled_distributed
+from ..metadata import SatMetadata, _date_from_name, date_from_raster, derive_from_bbox
+from ..models.loading import auto_model
+from ..pipelines.text2img import Control, DiffusionSatPipeline, make_scheduler
+from ..progress import CancelToken, ProgressCallback
+
+# --------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TaskResult:
+    """What a task produced, for the CLI's ``--json`` and the server's job record."""
+
+    path: Path
+    task: str
+    seed: int
+    model: str
+    width: int
+    height: int
+    crs: str
+    bbox: tuple[float, float, float, float]
+    metadata: dict[str, Any]
+    warnings: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    #: measured by run_task: denoising steps actually run (summed over tiles; skipped tiles run
+    #: none) and the seconds they took, for time estimates (seconds / (steps x plan's mpx_per_step))
+    denoise_steps: Optional[int] = None
+    denoise_seconds: Optional[float] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "task": self.task,
+            "seed": self.seed,
+            "model": self.model,
+            "width": self.width,
+            "height": self.height,
+            "crs": self.crs,
+            "bbox": list(self.bbox),
+            "metadata": self.metadata,
+            "warnings": self.warnings,
+            "seconds": round(self.seconds, 3),
+            "denoise_steps": self.denoise_steps,
+            "denoise_seconds": None if self.denoise_seconds is None else round(self.denoise_seconds, 3),
+        }
+
+
+@dataclass
+class Outcome:
+    """What a tiled task reports back (turned into a TaskResult by engine.tasks.run)."""
+
+    grid: Grid
+    seed: int
+    model: str
+    metadata: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def spread_path(out: Path) -> Path:
+    """Where ``generate --spread`` writes the spread map: beside the output."""
+    return out.with_name(out.stem + ".spread.tif")
+
+
+# --------------------------------------------------------------------------------------------
+# Provenance, seeds, processes
+# --------------------------------------------------------------------------------------------
+
+
+def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
+    """The tags every output carries: synthetic=true, the model, seed, prompt and sampling settings."""
+    return {
+        "synthetic": True,
+        "software": f"diffusionsat {__version__}",
+        "task": task,
+        "model": bundle.name,
+        "model_source": display_text(bundle.source),
+        "seed": seed,
+        "prompt": request.prompt,
+        "steps": request.steps,
+        "guidance": request.guidance,
+        "scheduler": request.scheduler if request.scheduler != "default" else type(bundle.scheduler).__name__,
+        "device": placement.device,
+        "dtype": placement.dtype,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "TIFFTAG_SOFTWARE": f"diffusionsat {__version__}",
+    }
+
+
+def new_seed() -> int:
+    return secrets.randbelow(2**31)
+
+
+def _distributed() -> tuple[int, int]:
+    """(rank, world_size) when launched by accelerate/torchrun, else (0, 1)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0, 1
+    return (rank, world) if world > 1 else (0, 1)
+
+
+def _device_for_rank(device: str) -> str:
+    """Each process of a multi-GPU launch takes its own GPU."""
+    if device == "auto" and _distributed()[1] > 1:
+        if torch.cuda.is_available():
+            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
+    return device
+
+
+def seed_for(request) -> int:
+    """The request's seed, or a fresh one; in a split run every process must draw the same, so it
+    is derived from the request itself there (all ranks see the same request)."""
+    if request.seed is not None:
+        return request.seed
+    if _distributed()[1] > 1:
+        return int(hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:8], 16) % (2**31)
+    return secrets.randbelow(2**31)
+
+
+def tile_generator(seed: int, tile_index: int):
+    # Each tile gets its own reproducible noise; a split run draws the same noise per tile.
+    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + tile_index) % (2**63))
+
+
+# --------------------------------------------------------------------------------------------
+# Model and pipeline of a tiled task
+# --------------------------------------------------------------------------------------------
+
+
+def bundle_for(models, request):
+    """The request's model (cached), on this process's device."""
+    return models.get(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet,
+                      device=_device_for_rank(request.device), dtype=request.dtype)
+
+
+def pipeline(bundle, request, controlnet=None):
+    pipe = DiffusionSatPipeline.from_bundle(bundle, controlnet=controlnet)
+    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+    return pipe
+
+
+def check_resample(request, scheduler_class: Optional[str]) -> None:
+    """RePaint resampling re-noises latents, which only the stateless schedulers allow."""
+    if not request.resample:
+        return
+    if request.scheduler != "default":  # the sampler asked for, else the checkpoint's own
+        scheduler_class = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(request.scheduler, request.scheduler)
+    if scheduler_class is not None and scheduler_class not in ("DDIMScheduler", "DDPMScheduler"):
+        raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
+
+
+# --------------------------------------------------------------------------------------------
+# Layouts and pixel checks
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Layout:
+    """Where a tiled task reads and writes, known before any model is loaded."""
+
+    out_grid: Grid  #: the output raster's grid
+    tiles: list  #: model windows (engine.geo.tiling.Tile), in input pixels
+    model_px: int  #: output pixels per tile side
+    in_grid: Optional[Grid] = None  #: the input grid (or its --bbox subset)
+    window: Any = None  #: that subset's window in the whole input
+    source: Any = None  #: the opened input (super-resolution)
+    frames: list = field(default_factory=list)  #: (path, date) of conditioning frames, in time order
+    mask: Any = None  #: in-painting: the mask source, already checked against the whole input
+
+
+def tile_overlap(request, tile_px: int) -> int:
+    """The request's tile overlap in input px (default an eighth of a tile), less than half a tile."""
+    overlap = request.overlap if request.overlap is not None else max(1, tile_px // 8)
+    if 2 * overlap >= tile_px:
+        raise InvalidRequest(f"--overlap {overlap} px must be less than half the {tile_px} px input tile")
+    return overlap
+
+
+def _mpx(pixels: int) -> str:
+    """A pixel count people can read: '67 Mpx', '0.016 Mpx (16384 px)', never '0 Mpx'."""
+    return f"{pixels / 1e6:.0f} Mpx" if pixels >= 10**7 else f"{pixels / 1e6:.3g} Mpx ({pixels} px)"
+
+
+def check_pixels(width: int, height: int, limit: Optional[int], fix: str = "a smaller --bbox") -> None:
+    if limit is not None and width * height > limit:
+        raise InvalidRequest(
+            f"the output would be {width}x{height} px ({_mpx(width * height)}), over the limit of "
+            f"{_mpx(limit)}; choose {fix}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Metadata of tiles and of the whole output
+# --------------------------------------------------------------------------------------------
+
+
+def tile_metadata(grid: Grid, tile, model_px: int, date, cloud_cover):
+    """Metadata of the model's view of one tile: its footprint's centre and its GSD as generated."""
+    window = Window(tile.out_valid.col_off, tile.out_valid.row_off, tile.out_window.width, tile.out_window.height)
+    west, south, east, north = grid.window_bounds(window)
+    return derive_from_bbox((west, south, east, north), grid.crs.to_wkt(), model_px, model_px,
+                            date=date, cloud_cover=cloud_cover)
+
+
+def whole_metadata(grid: Grid, date, cloud_cover):
+    """The metadata of the whole output: its centre, its pixel size, the date and cloud cover the tiles
+    were conditioned on (each tile's own longitude and latitude are those of its footprint)."""
+    return derive_from_bbox(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height, date=date,
+                            cloud_cover=cloud_cover)
+
+
+def metadata_tags(md) -> dict:
+    """The 7 metadata values as tags (as ``generate`` writes them), plus TIFFTAG_DATETIME for a known date."""
+    tags = {**md.to_tags(), "metadata_note": "the whole output's centre; each tile was conditioned on its own centre"}
+    if md.date is not None:
+        tags["TIFFTAG_DATETIME"] = md.date.strftime("%Y:%m:%d 00:00:00")
+    return tags
+
+
+# --------------------------------------------------------------------------------------------
+# Dated frames (temporal inputs, in-painting references)
+# --------------------------------------------------------------------------------------------
+
+
+def date_of(path: str, given: Optional[_dt.date]) -> Optional[_dt.date]:
+    """``given``, else the acquisition date in the raster's tags or name (a folder: its name)."""
+    if given is not None:
+        return given
+    p = Path(path)
+    if p.is_dir():
+        return _date_from_name(p.name)
+    found, _ = date_from_raster(p)
+    return found
+
+
+def dated_frames(paths: Sequence[str], dates: Optional[Sequence[_dt.date]], what: str) -> list[tuple[str, _dt.date]]:
+    if dates is not None and len(dates) != len(paths):
+        raise InvalidRequest(f"{len(dates)} dates given for {len(paths)} {what}; give one date per {what[:-1]}")
+    frames = []
+    for i, path in enumerate(paths):
+        date = date_of(path, dates[i] if dates is not None else None)
+        if date is None:
+            raise InvalidRequest(
+                f"no acquisition date found for {path!r} (tags or file name); give the dates in input order "
+                f"with --input-date"
+            )
+        frames.append((path, date))
+    # The model sees frame order only through its temporal convolutions: keep time order.
+    return sorted(frames, key=lambda f: f[1])
+
+
+def check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) -> None:
+    for path in paths:
+        cover = footprint_overlap(path, grid)
+        if cover < minimum:
+            raise InvalidRequest(
+                f"{path!r} covers only {cover:.0%} of the output extent: temporal inputs must show the same "
+                "place (check that every input covers the first one, or give --bbox inside all of them)"
+            )
+
+
+def frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: float):
+    """ControlNet3D conditioning: (3*T, H, W) frames in [0, 1], stacked frame-major, each with its
+    own date and the tile's place and GSD -> a Control of (1, 3, T, H, W) and (1, 7, T)."""
+    t = len(dates)
+    image = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).reshape(t, 3, *frames.shape[1:])
+    frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for d in dates]
+    return Control(image=image.permute(1, 0, 2, 3)[None],
+                   cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None], scale=scale)
+
+
+# --------------------------------------------------------------------------------------------
+# The tiled job
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TiledJob:
+    """Everything :func:`run_job` needs to tile a task over its output grid."""
+
+    out: Path
+    grid: Grid  #: output grid
+    tiles: list
+    bands: int
+    dtype: str
+    read: Callable
+    process: Callable
+    tags: dict
+    scale: Optional[float] = None
+    offset: float = 0.0
+    nodata: Optional[float] = None
+    band_descriptions: Sequence[str] = ("red", "green", "blue")
+    colorinterp: Optional[Sequence[str]] = ("red", "green", "blue")
+    wrap_writer: Optional[Callable] = None
+    fill_nodata: bool = True
+    run_key: str = ""
+    out_bands: Optional[int] = None  #: bands of the written file, when wrap_writer widens the tiles' ``bands``
+
+
+def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
+    """Run a tiled job in this process, or this rank's share of a split run."""
+
+    @contextlib.contextmanager
+    def open_target():
+        """The COG writer (wrapped, e.g. for in-painting's compositing), published on success."""
+        with CogWriter(
+            job.out, width=job.grid.width, height=job.grid.height, count=job.out_bands or job.bands, dtype=job.dtype,
+            crs=job.grid.crs, transform=job.grid.transform, tags=job.tags, nodata=job.nodata,
+            band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
+        ) as writer:
+            yield job.wrap_writer(writer) if job.wrap_writer else writer
+
+    rank, world = _distributed()
+    if world == 1:
+        with open_target() as target:
+            return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
+                             fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
+                             cancel=cancel)
+    run_id = hashlib.sha256(f"{job.out.resolve()}|{job.run_key}".encode()).hexdigest()[:32]
+    folder = job.out.parent / f".diffusionsat-split-{run_id}"
+    folder.mkdir(exist_ok=True)
+    stats = run_tiled_distributed(
+        job.read, job.process, job.tiles, bands=job.bands, folder=folder, rank=rank, world_size=world,
+        run_id=run_id, open_writer=open_target, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
+        progress=progress, cancel=cancel,
+    )
+    if rank == 0:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stats

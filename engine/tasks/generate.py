@@ -1,0 +1,179 @@
+"""Generate: the image of a place and a date (the main job), one image written as a COG.
+
+The metadata is derived in one place (``engine.metadata``) from the bbox, CRS and size; with
+``spread`` more seeds are sampled and their per-pixel spread is written beside the output.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from rasterio.crs import CRS
+
+from ..geo.cog import write_cog
+from ..metadata import derive_from_bbox, grid_transform, parse_crs
+from ..models.cache import ModelCache
+from ..models.loading import request_resolution
+from ..pipelines.text2img import DiffusionSatPipeline, make_scheduler
+from ..progress import CancelToken, Progress, ProgressCallback
+from .common import TaskResult, new_seed, provenance_tags, spread_path
+from .requests import GenerateRequest
+from .run import check
+
+
+def rasterio_crs(crs: Any):
+    """The rasterio CRS of a pyproj CRS (authority codes kept where there is one)."""
+    authority = crs.to_authority()
+    if authority is not None:
+        return CRS.from_user_input(":".join(authority))
+    return CRS.from_wkt(crs.to_wkt())
+
+
+def generate(
+    request: GenerateRequest,
+    out: str | Path,
+    *,
+    models=None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+    on_model_loaded=None,
+) -> TaskResult:
+    """Generate the image for ``request`` and write it as a COG at ``out`` (atomically).
+
+    ``models`` is a :class:`engine.models.cache.ModelCache` (a fresh one if None).
+    """
+    started = time.perf_counter()
+    out = check(request, out).out  # everything refusable is refused before the model is loaded
+    crs = parse_crs(request.crs)
+    if models is None:  # not `models or ...`: an empty cache is falsy (it has __len__) yet shared
+        models = ModelCache()
+    bundle, placement = models.get(
+        request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
+        device=request.device, dtype=request.dtype,
+    )
+    if on_model_loaded is not None:
+        on_model_loaded(bundle, placement)
+    model_px = request_resolution(bundle, request)
+    width = request.width or request.size or model_px
+    height = request.height or request.size or model_px
+    metadata = derive_from_bbox(
+        request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover
+    )
+    warnings = list(bundle.notices) + metadata.out_of_range_warnings()
+    if max(width, height) > 2 * model_px:
+        warnings.append(
+            f"{width}x{height} px is far above the model's native {model_px} px: "
+            "expect repeated structures; generate at the native size and tile, or lower --size"
+        )
+    seed = request.seed if request.seed is not None else new_seed()
+    first, spread = _sample(request, bundle, metadata, width, height, seed, progress, cancel)
+    tags = _tags(request, bundle, placement, seed, metadata)
+    if cancel is not None:
+        cancel.raise_if_cancelled()
+    _write(out, first, spread, tags, crs, grid_transform(request.bbox, width, height), seed, request.spread or 1)
+    return TaskResult(
+        path=out,
+        task="generate",
+        seed=seed,
+        model=bundle.name,
+        width=width,
+        height=height,
+        crs=request.crs,
+        bbox=tuple(request.bbox),
+        metadata=metadata.as_dict(),
+        warnings=warnings,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _sample(request, bundle, metadata, width: int, height: int, seed: int, progress, cancel):
+    """The image of seed ``seed`` (H, W, 3 in 0..1) and, with ``spread``, the per-pixel spread map.
+
+    One sample at a time, so peak memory is one image's whatever the spread: each sample has its
+    own seed (seed, seed+1, ...), so sample 0 is exactly the single-seed image; the spread map is
+    accumulated on the way (Welford), not from a stack of all the samples.
+    """
+    pipe = DiffusionSatPipeline.from_bundle(bundle)
+    samples = request.spread or 1
+    first = mean = m2 = None
+    for i in range(samples):
+        pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+        sample_progress = progress
+        if progress is not None and samples > 1:
+            def sample_progress(p, _i=i):
+                progress(Progress(step=p.step, total_steps=p.total_steps, tile=_i, total_tiles=samples,
+                                  message=f"sample {_i + 1}/{samples}: {p.message}"))
+        latents = (pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
+                   / pipe.scheduler.init_noise_sigma)
+        generator = torch.Generator("cpu").manual_seed(seed + i)  # the scheduler's own noise, if it draws any
+        images = pipe(
+            request.prompt,
+            metadata if bundle.uses_metadata else None,
+            height=height,
+            width=width,
+            num_inference_steps=request.steps,
+            guidance_scale=request.guidance,
+            num_images_per_prompt=1,
+            generator=generator,
+            latents=latents,
+            callback=sample_progress,
+            cancel=cancel,
+        ).images
+        if first is None:
+            first = images[0]
+        if samples > 1:
+            brightness = images[0].mean(axis=-1, dtype=np.float64)
+            if mean is None:
+                mean, m2 = brightness.copy(), np.zeros_like(brightness)
+            else:
+                delta = brightness - mean
+                mean += delta / (i + 1)
+                m2 += delta * (brightness - mean)
+        del images
+    # per-pixel standard deviation over the samples of the mean of R, G, B (0..1)
+    spread = np.sqrt(m2 / samples).astype(np.float32) if samples > 1 else None
+    return first, spread
+
+
+def _tags(request, bundle, placement, seed: int, metadata) -> dict:
+    """The image's tags: provenance, the synthetic-image description, the metadata conditioned on."""
+    tags = {
+        **provenance_tags("generate", bundle, placement, request, seed),
+        "TIFFTAG_IMAGEDESCRIPTION": f"AI-generated (synthetic) image: DiffusionSat {bundle.name}, seed {seed}",
+        **metadata.to_tags(),
+    }
+    if request.date is not None:
+        tags["TIFFTAG_DATETIME"] = request.date.strftime("%Y:%m:%d 00:00:00")
+    return tags
+
+
+def _write(out: Path, first: np.ndarray, spread: Optional[np.ndarray], tags: dict, crs, transform,
+           seed: int, samples: int) -> None:
+    """Write the image (and the spread map beside it, first) as COGs; no orphan spread map is left."""
+    image = np.clip(np.rint(first * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
+    if spread is not None:
+        spread_tags = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION")}
+        spread_tags.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
+                           TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
+                           f"{samples} DiffusionSat samples: high = the model is guessing")
+        tags["spread_file"] = spread_path(out).name
+        write_cog(spread_path(out), spread, crs=rasterio_crs(crs), transform=transform, tags=spread_tags,
+                  band_descriptions=["spread"])
+    try:
+        write_cog(
+            out,
+            image,
+            crs=rasterio_crs(crs),
+            transform=transform,
+            tags=tags,
+            band_descriptions=["red", "green", "blue"],
+            colorinterp=["red", "green", "blue"],
+        )
+    except BaseException:
+        if spread is not None:  # no orphan spread map without its image
+            spread_path(out).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,97 @@
+"""Temporal generation: the image of a place for a new date from dated images of it (ControlNet3D),
+tiled over the first input's grid."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..geo.guard import display_name
+from ..geo.sources import RGBSource, grid_of
+from ..geo.tiling import plan_tiles, tile_progress
+from ..models.loading import request_resolution
+from .common import (
+    Layout,
+    Outcome,
+    TiledJob,
+    bundle_for,
+    check_pixels,
+    check_same_place,
+    dated_frames,
+    frames_control,
+    metadata_tags,
+    pipeline,
+    provenance_tags,
+    run_job,
+    seed_for,
+    tile_generator,
+    tile_metadata,
+    tile_overlap,
+    whole_metadata,
+)
+from .run import tiled_runner
+
+
+def layout(request, model_px: int) -> Layout:
+    """The first input's grid (or its --bbox subset); every input must cover it."""
+    frames = dated_frames(request.inputs, request.input_dates, "inputs")
+    grid, window = grid_of(request.inputs[0]).subset(request.bbox, request.crs)
+    check_same_place([p for p, _ in frames], grid)
+    check_pixels(grid.width, grid.height, request.max_pixels)
+    tiles = plan_tiles(grid.width, grid.height, model_px, tile_overlap(request, model_px), 1)
+    return Layout(grid, tiles, model_px, grid, window, frames=frames)
+
+
+def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+    """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
+    bundle, placement = bundle_for(models, request)
+    controlnet = bundle.controlnet_for("temporal")
+    model_px = request_resolution(bundle, request)
+    tiling = layout(request, model_px)
+    frames, grid, tiles = tiling.frames, tiling.out_grid, tiling.tiles
+    sources = [RGBSource(p, grid) for p, _ in frames]
+    seed = seed_for(request)
+    pipe = pipeline(bundle, request, controlnet)
+
+    def read(tile):
+        arrays, valid = [], None
+        for s in sources:
+            a, v = s.read(tile.valid)
+            arrays.append(a)
+            valid = v if valid is None else valid & v
+        return np.concatenate(arrays), valid
+
+    def process(tile, array):
+        md = tile_metadata(grid, tile, model_px, request.date, request.cloud_cover)
+        control = frames_control(array, [d for _, d in frames], md, request.conditioning_scale)
+        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
+                      guidance_scale=request.guidance, generator=tile_generator(seed, tile.index),
+                      control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
+        return result.images[0].transpose(2, 0, 1)
+
+    centre = whole_metadata(grid, request.date, request.cloud_cover)
+    tags = _tags(request, provenance_tags("temporal", bundle, placement, request, seed), frames, centre)
+    job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
+                   run_key=request.model_dump_json())
+    try:
+        run_job(job, progress, cancel)
+    finally:
+        for s in sources:
+            s.close()
+    warnings = list(bundle.notices) + centre.out_of_range_warnings("temporal")
+    return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
+
+
+def _tags(request, tags: dict, frames, centre) -> dict:
+    """The output's tags: provenance, the dated inputs, the date generated, the whole output's metadata."""
+    tags.update(inputs=";".join(display_name(p) for p, _ in frames),
+                input_dates=";".join(d.isoformat() for _, d in frames),
+                metadata_date=request.date.isoformat(), TIFFTAG_DATETIME=request.date.strftime("%Y:%m:%d 00:00:00"),
+                conditioning_scale=request.conditioning_scale)
+    tags.update(metadata_tags(centre))
+    return tags
+
+
+#: the task's runner (engine.tasks.RUNNERS): check, assigned inputs, then :func:`temporal`
+run = tiled_runner("temporal", temporal)
