@@ -37,6 +37,8 @@ from .masks import (
 )
 
 
+# engine.conditional's Grid, unchanged (its imports inside included): the one Grid of
+# engine/geo/grid.py takes its place.
 @dataclass
 class Grid:
     """An output pixel grid: CRS, transform (pixel corners, CRS units), size in pixels."""
