@@ -37,7 +37,7 @@ from .masks import (
 )
 
 
-# engine.conditional's Grid, unchanged (its imports inside included): the one Grid of
+# The tiled tasks' Grid as it was, unchanged (its imports inside included): the one Grid of
 # engine/geo/grid.py takes its place.
 @dataclass
 class Grid:
