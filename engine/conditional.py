@@ -1,6 +1,6 @@
 """The conditional tasks: super-resolution, temporal generation and in-painting over whole rasters.
 
-Each task plans model-sized tiles over its output grid (``engine.geo.tiling``), feeds every tile
+Each task plans model-sized tiles over its output grid (``engine.geo.tiles``), feeds every tile
 to the sampler with the conditioning the checkpoint was trained on, and blends the tiles into one
 COG without seams, reading and writing window by window so that memory does not grow with the
 raster. Under ``accelerate launch`` (or any launcher that sets ``RANK``/``WORLD_SIZE``) the tiles
@@ -25,66 +25,13 @@ import numpy as np
 
 from . import __version__
 from .errors import InvalidRequest, RasterError
+from .geo.grid import Grid
 from .geo.guard import display_name, display_text
 from .progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
 # Shared pieces
 # --------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Grid:
-    """An output pixel grid: CRS, transform (pixel corners, CRS units), size in pixels."""
-
-    crs: Any
-    transform: Any
-    width: int
-    height: int
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        from rasterio.transform import array_bounds
-
-        west, south, east, north = array_bounds(self.height, self.width, self.transform)
-        return west, south, east, north
-
-    def window_bounds(self, window) -> tuple[float, float, float, float]:
-        from rasterio.windows import bounds
-
-        return bounds(window, self.transform)
-
-    def subset(self, bbox: Optional[Sequence[float]], bbox_crs: Optional[str]) -> tuple["Grid", Any]:
-        """The whole pixels of this grid covering ``bbox`` (in ``bbox_crs``, default the grid's CRS)."""
-        from rasterio.windows import Window, from_bounds
-
-        if bbox is None:
-            return self, Window(0, 0, self.width, self.height)
-        from .metadata import parse_crs, validate_bbox
-
-        if not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-            raise InvalidRequest(f"--bbox {tuple(bbox)} is not minx, miny, maxx, maxy with min < max; "
-                                 "give the lower-left corner first")
-        if bbox_crs:
-            validate_bbox(bbox, parse_crs(bbox_crs))
-            from rasterio.warp import transform_bounds
-
-            bbox = transform_bounds(bbox_crs, self.crs, *bbox, densify_pts=21)
-        win = from_bounds(*bbox, transform=self.transform)
-        eps = 1e-6  # a bbox on pixel edges must not gain a sliver pixel from rounding noise
-        col0 = max(0, math.floor(win.col_off + eps))
-        row0 = max(0, math.floor(win.row_off + eps))
-        col1 = min(self.width, math.ceil(win.col_off + win.width - eps))
-        row1 = min(self.height, math.ceil(win.row_off + win.height - eps))
-        if col1 <= col0 or row1 <= row0:
-            raise InvalidRequest(
-                f"--bbox {tuple(round(v, 6) for v in bbox)} does not overlap the input raster "
-                f"(bounds {tuple(round(v, 6) for v in self.bounds)} in its CRS); check the bbox and --crs"
-            )
-        win = Window(col0, row0, col1 - col0, row1 - row0)
-        from rasterio.windows import transform as window_transform
-
-        return Grid(self.crs, window_transform(win, self.transform), col1 - col0, row1 - row0), win
 
 
 def _open(path: str):
@@ -179,7 +126,8 @@ class TiledJob:
 def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
     """Run a tiled job in this process, or this rank's share of a split run."""
     from .geo.cog import CogWriter
-    from .geo.tiling import run_tiled, run_tiled_distributed
+    from .geo.accumulate import run_tiled
+    from .parallel import run_tiled_distributed
 
     @contextlib.contextmanager
     def open_target():
@@ -310,7 +258,8 @@ class _S2Source:
             raise RasterError(f"input {request.input!r} does not exist")
         self.is_folder = p.is_dir()
         if self.is_folder:
-            crs, transform, width, height = s2.band_files_grid(p, 10, bands=s2.MODEL_BANDS)
+            g = s2.band_files_grid(p, 10, bands=s2.MODEL_BANDS)
+            crs, transform, width, height = g.crs, g.transform, g.width, g.height
         else:
             with _open(request.input) as src:
                 crs, transform, width, height = src.crs, src.transform, src.width, src.height
@@ -338,7 +287,7 @@ class Layout:
     """Where a tiled task reads and writes, known before any model is loaded."""
 
     out_grid: Grid  #: the output raster's grid
-    tiles: list  #: model windows (engine.geo.tiling.Tile), in input pixels
+    tiles: list  #: model windows (engine.geo.tiles.Tile), in input pixels
     model_px: int  #: output pixels per tile side
     in_grid: Optional[Grid] = None  #: the input grid (or its --bbox subset)
     window: Any = None  #: that subset's window in the whole input
@@ -356,7 +305,7 @@ def _overlap(request, tile_px: int) -> int:
 
 def superres_layout(request, model_px: int) -> Layout:
     """Input tiles of model_px / factor Sentinel-2 pixels, output at input GSD / factor."""
-    from .geo.tiling import output_grid, plan_tiles
+    from .geo.tiles import plan_tiles
 
     factor = request.factor
     if model_px % factor:
@@ -365,14 +314,15 @@ def superres_layout(request, model_px: int) -> Layout:
     source = _S2Source(request)
     in_grid, window = source.grid.subset(request.bbox, request.crs)
     tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, _overlap(request, in_tile), factor)
-    transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
+    out_grid = in_grid.scaled(factor)
+    width, height = out_grid.width, out_grid.height
     _check_pixels(width, height, request.max_pixels, "a smaller --bbox or --factor")
-    return Layout(Grid(in_grid.crs, transform, width, height), tiles, model_px, in_grid, window, source)
+    return Layout(out_grid, tiles, model_px, in_grid, window, source)
 
 
 def temporal_layout(request, model_px: int) -> Layout:
     """The first input's grid (or its --bbox subset); every input must cover it."""
-    from .geo.tiling import plan_tiles
+    from .geo.tiles import plan_tiles
 
     frames = _dated_frames(request.inputs, request.input_dates, "inputs")
     grid, window = _grid_of(request.inputs[0]).subset(request.bbox, request.crs)
@@ -384,7 +334,7 @@ def temporal_layout(request, model_px: int) -> Layout:
 
 def inpaint_layout(request, model_px: int) -> Layout:
     """The input's grid; references (if any) must cover it."""
-    from .geo.tiling import plan_tiles
+    from .geo.tiles import plan_tiles
 
     grid = _grid_of(request.input)
     _check_rgb_bands(request.input, request.rgb_bands)
@@ -418,7 +368,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     from rasterio.windows import Window
 
     from .geo.sentinel2 import to_model_input
-    from .geo.tiling import tile_progress
+    from .geo.tiles import tile_progress
     from .pipelines.text2img import Control
 
     bundle, placement = _bundle_for(models, request)
@@ -623,7 +573,7 @@ def _check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) ->
 
 def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
     """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
-    from .geo.tiling import tile_progress
+    from .geo.tiles import tile_progress
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("temporal")
@@ -680,10 +630,10 @@ class _MaskSource:
     """
 
     def __init__(self, request, grid: Grid) -> None:
-        from .geo.masks import TargetGrid, check_raster_overlap, parse_mask_rule, vector_geometries, vector_no_overlap
+        from .geo.masks import check_raster_overlap, parse_mask_rule, vector_geometries, vector_no_overlap
 
         self.request = request
-        self.grid = TargetGrid(grid.crs, grid.transform, grid.width, grid.height)
+        self.grid = Grid(grid.crs, grid.transform, grid.width, grid.height)
         self.kind = "nodata" if request.mask == "nodata" else None
         self.geoms = None
         if self.kind is None:
@@ -783,7 +733,6 @@ class _OtherBands:
             return
         from affine import Affine
 
-        from .geo.masks import TargetGrid
 
         step = max(1, math.ceil(max(src.width, src.height) / 512))
         h, w = max(1, src.height // step), max(1, src.width // step)
@@ -791,7 +740,7 @@ class _OtherBands:
         valid = ~np.ma.getmaskarray(data).any(axis=0)
         values = np.ma.getdata(data).astype(np.float64)
         valid &= np.isfinite(values).all(axis=0)
-        coarse = TargetGrid(src.crs, src.transform * Affine.scale(src.width / w, src.height / h), w, h)
+        coarse = Grid(src.crs, src.transform * Affine.scale(src.width / w, src.height / h), w, h)
         valid &= ~mask.on(coarse)
         x = values[:3, valid].T
         design = np.column_stack([np.ones(len(x)), x])
@@ -876,7 +825,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     import torch
 
     from .geo.masks import feather
-    from .geo.tiling import tile_progress
+    from .geo.tiles import tile_progress
     from .pipelines.text2img import Inpaint
 
     bundle, placement = _bundle_for(models, request)

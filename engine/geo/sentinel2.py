@@ -37,6 +37,7 @@ from rasterio.warp import reproject
 from rasterio.windows import Window
 
 from ..errors import InputRefused, InvalidRequest, RasterError
+from .grid import Grid
 from .guard import inspect_file, open_raster
 from .windows import parse_window
 
@@ -337,8 +338,8 @@ class S2Stack:
         array: float32 (bands, H, W), digital numbers as stored in the product (including the
             +1000 offset of baseline >= 04.00 when ``offset_applied``); NaN where nodata.
         bands: canonical band names of ``array``'s first axis, in order.
-        crs: coordinate reference system of the grid.
-        transform: affine transform of the grid (pixel corner -> CRS coordinates, CRS units).
+        grid: the pixel grid of ``array`` (CRS, transform, width, height); ``crs`` and
+            ``transform`` read from it.
         valid: bool (H, W), True where every band in the stack holds data.
         level: ``"L1C"``, ``"L2A"`` or None when unknown.
         baseline: processing baseline ``"NN.NN"`` or None when unknown.
@@ -350,14 +351,27 @@ class S2Stack:
 
     array: np.ndarray
     bands: tuple[str, ...]
-    crs: Optional[CRS]
-    transform: Affine
+    grid: Grid
     valid: np.ndarray
     level: Optional[str] = None
     baseline: Optional[str] = None
     offset_applied: bool = False
     offset_dn: float = BASELINE_04_OFFSET_DN
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim == 3 and self.array.shape[1:] != self.grid.shape:
+            raise ValueError(f"the stack's array is {self.array.shape[1:]} px, its grid {self.grid.shape} px")
+
+    @property
+    def crs(self) -> Optional[CRS]:
+        """Coordinate reference system of the grid."""
+        return self.grid.crs
+
+    @property
+    def transform(self) -> Affine:
+        """Affine transform of the grid (pixel corner -> CRS coordinates, CRS units)."""
+        return self.grid.transform
 
     @property
     def height(self) -> int:
@@ -402,39 +416,6 @@ def _valid_from(array: np.ndarray) -> np.ndarray:
     return np.isfinite(array).all(axis=0)
 
 
-
-
-def _window_for_bounds(transform: Affine, width: int, height: int, bounds: Sequence[float]
-                       ) -> Window:
-    """Smallest whole-pixel window of a north-up grid covering ``bounds`` (CRS units), clipped
-    to the grid."""
-    left, bottom, right, top = map(float, bounds)
-    if transform.b != 0 or transform.d != 0:
-        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
-    inv = ~transform
-    c_a, r_a = inv * (left, top)
-    c_b, r_b = inv * (right, bottom)
-    # A tiny tolerance keeps bounds that sit exactly on pixel edges from growing by a pixel
-    # because of floating-point noise.
-    eps = 1e-6
-    c0 = math.floor(min(c_a, c_b) + eps)
-    c1 = math.ceil(max(c_a, c_b) - eps)
-    r0 = math.floor(min(r_a, r_b) + eps)
-    r1 = math.ceil(max(r_a, r_b) - eps)
-    c0, r0 = max(c0, 0), max(r0, 0)
-    c1, r1 = min(c1, width), min(r1, height)
-    if c1 <= c0 or r1 <= r0:
-        raise InvalidRequest(
-            f"bounds {tuple(bounds)} do not overlap the raster (its bounds are "
-            f"{_grid_bounds(transform, width, height)}); check the CRS of the bounds"
-        )
-    return Window(c0, r0, c1 - c0, r1 - r0)
-
-
-def _grid_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
-    x0, y0 = transform * (0, 0)
-    x1, y1 = transform * (width, height)
-    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def _check_window(window: Window, width: int, height: int) -> Window:
@@ -514,7 +495,9 @@ def read_multiband(
         if bounds is not None:
             if window is not None:
                 raise InvalidRequest("give either a window or bounds, not both")
-            win = _window_for_bounds(src.transform, src.width, src.height, bounds)
+            if src.transform.b != 0 or src.transform.d != 0:
+                raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
+            win = Grid.of(src).covering_window(bounds)
         else:
             win = parse_window(window)
         if win is not None:
@@ -525,16 +508,15 @@ def read_multiband(
             data = src.read(idx, window=win)
             planes.append(_to_float_with_nan(data, src.nodatavals[idx - 1], zero_is_nodata))
         array = np.stack(planes) if planes else np.empty((0, 0, 0), np.float32)
-        transform = src.window_transform(win) if win is not None else src.transform
+        grid = Grid.of(src)
+        grid = grid.subgrid(win) if win is not None else grid
         tag_info = _product_info_from_tags({**src.tags(), **src.tags(1)})
         scale_dn = _scale_offset_dn(src.scales, src.offsets)
         if scale_dn is not None:
             tag_info.setdefault("add_offset", scale_dn)
-        crs = src.crs
     mtd_info = _find_mtd_near(Path(path))
     info = _merge_info(mtd_info, tag_info, _product_info_from_name(str(Path(path).resolve())))
-    return _make_stack(array, tuple(n for n in names if n), crs, transform, info, level,
-                       baseline, str(path))
+    return _make_stack(array, tuple(n for n in names if n), grid, info, level, baseline, str(path))
 
 
 _BAND_TOKEN_RE = re.compile(r"^B(0?[1-9]|1[0-2]|0?8A)$", re.IGNORECASE)
@@ -593,8 +575,7 @@ def _find_mtd_near(path: Path) -> dict[str, Any]:
 def _make_stack(
     array: np.ndarray,
     names: tuple[str, ...],
-    crs: Optional[CRS],
-    transform: Affine,
+    grid: Grid,
     info: Mapping[str, Any],
     level: Optional[str],
     baseline: Any,
@@ -606,8 +587,7 @@ def _make_stack(
     return S2Stack(
         array=array,
         bands=names,
-        crs=crs,
-        transform=transform,
+        grid=grid,
         valid=_valid_from(array),
         level=user_level or info.get("level"),
         baseline=user_baseline or info.get("baseline"),
@@ -720,7 +700,7 @@ def read_band_files(
         InvalidRequest: no band files found, a requested band is missing, bounds/window outside.
         RasterError: a file cannot be read.
     """
-    hints, candidates, crs_of = _scan_band_files(paths_or_folder)
+    hints, candidates, grid_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands] if bands is not None else [
         b for b in L1C_ORDER if b in chosen]
@@ -731,19 +711,15 @@ def read_band_files(
             f"{', '.join(b for b in L1C_ORDER if b in chosen)}"
         )
 
-    ref_crs, grid_tf, grid_w, grid_h = _band_grid(chosen, wanted, crs_of, target_gsd)
+    grid = _band_grid(chosen, wanted, grid_of, target_gsd)
     if bounds is not None:
         if window is not None:
             raise InvalidRequest("give either a window or bounds, not both")
-        win = _window_for_bounds(grid_tf, grid_w, grid_h, bounds)
+        win = grid.covering_window(bounds)
     else:
         win = parse_window(window)
     if win is not None:
-        win = _check_window(win, grid_w, grid_h)
-        out_tf = grid_tf * Affine.translation(win.col_off, win.row_off)
-        out_w, out_h = int(win.width), int(win.height)
-    else:
-        out_tf, out_w, out_h = grid_tf, grid_w, grid_h
+        grid = grid.subgrid(_check_window(win, grid.width, grid.height))
 
     try:
         method = Resampling[resampling]
@@ -757,8 +733,7 @@ def read_band_files(
     for band in wanted:
         path = chosen[band][0]
         with open_raster(path) as src:
-            planes.append(_read_on_grid(src, ref_crs, out_tf, out_w, out_h, method,
-                                        zero_is_nodata))
+            planes.append(_read_on_grid(src, grid, method, zero_is_nodata))
             for k, v in _product_info_from_tags(src.tags()).items():
                 tag_info.setdefault(k, v)
     array = np.stack(planes)
@@ -768,36 +743,35 @@ def read_band_files(
                               else first)
     name_info = _product_info_from_name(str(first.resolve()))
     info = _merge_info(mtd_info, tag_info, name_info, hints)
-    return _make_stack(array, tuple(wanted), ref_crs, out_tf, info, level, baseline,
-                       str(paths_or_folder))
+    return _make_stack(array, tuple(wanted), grid, info, level, baseline, str(paths_or_folder))
 
 
-def _band_grid(chosen, wanted, crs_of, target_gsd: float) -> tuple[Any, Affine, int, int]:
+def _band_grid(chosen, wanted, grid_of, target_gsd: float) -> Grid:
     """The output grid: the finest band's footprint at ``target_gsd``, same origin."""
     ref_path = min((chosen[b] for b in wanted), key=lambda pr: pr[1])[0]
-    ref_crs, ref_tf, ref_w, ref_h = crs_of[ref_path]
-    if ref_tf.b != 0 or ref_tf.d != 0:
+    ref = grid_of[ref_path]
+    if ref.transform.b != 0 or ref.transform.d != 0:
         raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
-    left, bottom, right, top = _grid_bounds(ref_tf, ref_w, ref_h)
+    left, bottom, right, top = ref.bounds
     gsd = float(target_gsd)
     if not gsd > 0:
         raise InvalidRequest(f"target_gsd must be a positive pixel size in metres, got {target_gsd}")
-    grid_tf = Affine(gsd, 0.0, left, 0.0, -gsd, top)
-    return ref_crs, grid_tf, max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd)))
+    return Grid(ref.crs, Affine(gsd, 0.0, left, 0.0, -gsd, top),
+                max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd))))
 
 
 def _scan_band_files(paths_or_folder):
-    """(hints, band -> [(path, pixel size)], path -> (crs, transform, width, height)) of band files."""
+    """(hints, band -> [(path, pixel size)], path -> its Grid) of band files."""
     files, hints = _list_band_files(paths_or_folder)
     candidates: dict[str, list[tuple[Path, float]]] = {}
-    crs_of: dict[Path, Any] = {}
+    grid_of: dict[Path, Grid] = {}
     for path in files:
         band = band_from_filename(path)
         if band is None:
             continue
         try:
             with open_raster(path) as src:
-                crs_of[path] = (src.crs, src.transform, src.width, src.height)
+                grid_of[path] = Grid.of(src)
                 candidates.setdefault(band, []).append((path, abs(src.transform.a)))
         except rasterio.errors.RasterioIOError as exc:
             raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
@@ -806,7 +780,7 @@ def _scan_band_files(paths_or_folder):
             f"no Sentinel-2 band files found in {paths_or_folder!s}; file names must contain the "
             "band name (e.g. T33TTG_20210615T101031_B04.jp2, B8A.tif)"
         )
-    return hints, candidates, crs_of
+    return hints, candidates, grid_of
 
 
 def band_files_grid(
@@ -814,23 +788,23 @@ def band_files_grid(
     target_gsd: float = 10,
     *,
     bands: Optional[Sequence[str]] = None,
-) -> tuple[Any, Affine, int, int]:
-    """(crs, transform, width, height) of the grid :func:`read_band_files` reads onto, without
-    reading pixels: lets a caller plan tiles over a whole product and read it window by window."""
-    _, candidates, crs_of = _scan_band_files(paths_or_folder)
+) -> Grid:
+    """The grid :func:`read_band_files` reads onto, without reading pixels: lets a caller plan
+    tiles over a whole product and read it window by window."""
+    _, candidates, grid_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands if canonical_band_name(b) in chosen] if bands else list(chosen)
-    return _band_grid(chosen, wanted or list(chosen), crs_of, target_gsd)
+    return _band_grid(chosen, wanted or list(chosen), grid_of, target_gsd)
 
 
-def _read_on_grid(src: Any, crs: Any, transform: Affine, width: int, height: int,
-                  method: Resampling, zero_is_nodata: bool) -> np.ndarray:
+def _read_on_grid(src: Any, grid: Grid, method: Resampling, zero_is_nodata: bool) -> np.ndarray:
     """One band of ``src`` on the output grid, float32 with NaN for nodata.
 
     A band already on the grid (same CRS, pixel size and pixel-aligned origin) is read through a
     window, bit for bit; any other band is warped, GDAL reading only the source blocks the output
     window needs.
     """
+    crs, transform, width, height = grid.crs, grid.transform, grid.width, grid.height
     nodata = src.nodata
     stf = src.transform
     same_grid = (

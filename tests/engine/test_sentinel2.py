@@ -15,6 +15,7 @@ from rasterio.windows import Window
 
 from engine.errors import InvalidRequest
 from engine.geo import sentinel2 as s2
+from engine.geo.grid import Grid
 
 UTM = "EPSG:32633"
 X0, Y0 = 399960.0, 5000040.0  # a Sentinel-2 tile origin (pixel corner)
@@ -56,8 +57,8 @@ def mean_dn(band: str) -> float:
 def make_stack(values: dict[str, np.ndarray], **kw) -> s2.S2Stack:
     names = tuple(values)
     arr = np.stack([np.asarray(v, np.float32) for v in values.values()])
-    return s2.S2Stack(array=arr, bands=names, crs=rasterio.crs.CRS.from_string(UTM),
-                      transform=Affine(10, 0, X0, 0, -10, Y0),
+    grid = Grid(rasterio.crs.CRS.from_string(UTM), Affine(10, 0, X0, 0, -10, Y0), arr.shape[2], arr.shape[1])
+    return s2.S2Stack(array=arr, bands=names, grid=grid,
                       valid=np.isfinite(arr).all(0), **kw)
 
 
