@@ -250,6 +250,7 @@ class _S2Source:
 
     def __init__(self, request) -> None:
         from .geo import sentinel2 as s2
+        from .geo.sentinel2_bands import MODEL_BANDS
 
         self.path = request.input
         self.request = request
@@ -258,7 +259,7 @@ class _S2Source:
             raise RasterError(f"input {request.input!r} does not exist")
         self.is_folder = p.is_dir()
         if self.is_folder:
-            g = s2.band_files_grid(p, 10, bands=s2.MODEL_BANDS)
+            g = s2.band_files_grid(p, 10, bands=MODEL_BANDS)
             crs, transform, width, height = g.crs, g.transform, g.width, g.height
         else:
             with _open(request.input) as src:
@@ -266,7 +267,7 @@ class _S2Source:
                 if src.count < 10 and request.bands is None:
                     raise InvalidRequest(
                         f"{request.input!r} has {src.count} band(s); super-resolution needs the Sentinel-2 bands "
-                        f"{', '.join(s2.MODEL_BANDS)} (a 12/13-band file, or name the file's bands with --bands)"
+                        f"{', '.join(MODEL_BANDS)} (a 12/13-band file, or name the file's bands with --bands)"
                     )
         if crs is None:
             raise RasterError(f"{request.input!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
@@ -274,9 +275,10 @@ class _S2Source:
 
     def read(self, window):
         from .geo import sentinel2 as s2
+        from .geo.sentinel2_bands import MODEL_BANDS
 
         if self.is_folder:
-            return s2.read_band_files(self.path, 10, bands=s2.MODEL_BANDS, window=window,
+            return s2.read_band_files(self.path, 10, bands=MODEL_BANDS, window=window,
                                       level=self.request.level, baseline=self.request.baseline)
         return s2.read_multiband(self.path, self.request.bands, window=window, level=self.request.level,
                                  baseline=self.request.baseline)
@@ -367,7 +369,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     """Sentinel-2 (10 m, L1C/L2A) -> RGB at ``factor`` times the resolution, tiled over the input."""
     from rasterio.windows import Window
 
-    from .geo.sentinel2 import to_model_input
+    from .geo.sentinel2_bands import to_model_input
     from .geo.tiles import tile_progress
     from .pipelines.text2img import Control
 
@@ -942,7 +944,7 @@ def check_inputs(request, model_px: int, located=None) -> Layout:
     for _, day in layout.frames:
         SatMetadata(date=day)
     if request.task == "superres":
-        from .geo.sentinel2 import to_model_input
+        from .geo.sentinel2_bands import to_model_input
 
         win = layout.window
         to_model_input(layout.source.read(Window(win.col_off, win.row_off, 1, 1)))

@@ -13,6 +13,9 @@ into one partial file per process.
 
 Units: all windows and sizes are in pixels; input windows in input pixels, ``out_*`` windows in
 output pixels (input pixels x ``factor``).
+
+A little over 500 lines: the accumulator, the encoding and the tile loop are one mechanism (the
+ring of rows, the flush alignment to writer blocks and the read-back all depend on each other).
 """
 
 from __future__ import annotations
