@@ -93,7 +93,7 @@ class S2Stack:
     source: str = ""
 
     def __post_init__(self) -> None:
-        if self.array.ndim == 3 and self.array.shape[1:] != self.grid.shape:
+        if self.array.ndim == 3 and self.array.shape[0] and self.array.shape[1:] != self.grid.shape:
             raise ValueError(f"the stack's array is {self.array.shape[1:]} px, its grid {self.grid.shape} px")
 
     @property
