@@ -632,7 +632,8 @@ class _MaskSource:
     """
 
     def __init__(self, request, grid: Grid) -> None:
-        from .geo.masks import check_raster_overlap, parse_mask_rule, vector_geometries, vector_no_overlap
+        from .geo.mask_rules import parse_mask_rule
+        from .geo.masks import check_raster_overlap, vector_geometries, vector_no_overlap
 
         self.request = request
         self.grid = Grid(grid.crs, grid.transform, grid.width, grid.height)
