@@ -93,8 +93,10 @@ def run_job(src: str, dest: str, tile: int, overlap: int) -> dict:
     """Tile ``src`` into a COG at ``dest``; returns timings and peak RSS."""
     import rasterio
 
+    from engine.geo.accumulate import raster_reader, run_tiled
     from engine.geo.cog import CogWriter
-    from engine.geo.tiling import output_grid, plan_tiles, raster_reader, run_tiled
+    from engine.geo.grid import Grid
+    from engine.geo.tiles import plan_tiles
 
     if not os.environ.get("BENCH_GLIBC_DEFAULTS"):
         from engine.runtime import configure_process
@@ -103,12 +105,8 @@ def run_job(src: str, dest: str, tile: int, overlap: int) -> dict:
     baseline = peak_rss_mib()  # after imports: the constant part
     with rasterio.open(src) as ds:
         tiles = plan_tiles(ds.width, ds.height, tile, overlap)
-        transform, width, height = output_grid(ds.transform, ds.width, ds.height, 1)
         t0 = time.perf_counter()
-        writer = CogWriter(
-            dest, width=width, height=height, count=3, dtype="uint8", crs=ds.crs,
-            transform=transform,
-        )
+        writer = CogWriter(dest, grid=Grid.of(ds), count=3, dtype="uint8")
         with writer as out:
             stats = run_tiled(raster_reader(ds, scale=1 / 255), box_blur_3x3, out, tiles)
             t1 = time.perf_counter()

@@ -32,6 +32,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from ..errors import DiskFull, RasterError
+from .grid import Grid
 
 #: Hidden run folders beside outputs: ``.diffusionsat-run-<pid>-<random>``.
 RUN_PREFIX = ".diffusionsat-run-"
@@ -237,10 +238,12 @@ class CogWriter:
 
     Use as a context manager::
 
-        with CogWriter(dest, width=w, height=h, count=3, dtype="uint8", crs=crs,
-                       transform=transform, tags=tags) as out:
+        with CogWriter(dest, grid=grid, count=3, dtype="uint8", tags=tags) as out:
             out.write(block, window)          # any number of windows, in any order
         # dest now exists and is a complete COG; on an exception nothing is at dest
+
+    The pixel grid is a :class:`~engine.geo.grid.Grid` (``grid=``), or its parts (``width=``,
+    ``height=``, ``crs=``, ``transform=``); :attr:`grid` is the grid written either way.
 
     Peak memory is one block: pixels go to a tiled scratch GeoTIFF on disk, not into RAM.
     """
@@ -249,12 +252,13 @@ class CogWriter:
         self,
         dest: str | os.PathLike,
         *,
-        width: int,
-        height: int,
+        grid: Optional[Grid] = None,
+        width: Optional[int] = None,
+        height: Optional[int] = None,
         count: int,
         dtype: str,
-        crs: Any,
-        transform: Any,
+        crs: Any = None,
+        transform: Any = None,
         tags: Optional[Mapping[str, Any]] = None,
         band_descriptions: Optional[Sequence[str]] = None,
         nodata: Optional[float] = None,
@@ -263,6 +267,8 @@ class CogWriter:
         colorinterp: Optional[Sequence[str]] = None,
     ) -> None:
         self.dest = Path(dest)
+        self.grid = _grid_of(grid, width, height, crs, transform)
+        width, height, crs, transform = self.grid.width, self.grid.height, self.grid.crs, self.grid.transform
         self.profile = dict(
             driver="GTiff",
             width=int(width),
@@ -371,30 +377,47 @@ class CogWriter:
             self._raise_write_error(err)
 
 
+def _grid_of(grid: Optional[Grid], width: Optional[int], height: Optional[int], crs: Any, transform: Any) -> Grid:
+    """The grid given whole, or built from its parts; not both, not neither."""
+    parts = (width, height, crs, transform)
+    if grid is not None:
+        if any(p is not None for p in parts):
+            raise TypeError("give the output's grid= or its width/height/crs/transform, not both")
+        return grid
+    if width is None or height is None or transform is None:
+        raise TypeError("give the output's grid= (or width=, height=, transform= and crs=)")
+    return Grid(crs, transform, int(width), int(height))
+
+
 def write_cog(
     dest: str | os.PathLike,
     array: np.ndarray,
     *,
-    crs: Any,
-    transform: Any,
+    crs: Any = None,
+    transform: Any = None,
+    grid: Optional[Grid] = None,
     tags: Optional[Mapping[str, Any]] = None,
     band_descriptions: Optional[Sequence[str]] = None,
     nodata: Optional[float] = None,
     colorinterp: Optional[Sequence[str]] = None,
 ) -> Path:
-    """Write a whole (bands, rows, cols) array as a COG at ``dest``, atomically."""
+    """Write a whole (bands, rows, cols) array as a COG at ``dest``, atomically, on ``grid`` (or
+    on ``crs`` and ``transform``, the array giving the size)."""
     if array.ndim == 2:
         array = array[None]
     count, height, width = array.shape
+    if grid is None:
+        grid = _grid_of(None, width, height, crs, transform)
+    elif crs is not None or transform is not None:
+        raise TypeError("give the output's grid= or its crs/transform, not both")
+    if grid.shape != (height, width):
+        raise ValueError(f"the array is {height}x{width} px, the grid {grid.height}x{grid.width} px")
     blocksize = 256 if max(width, height) > 256 else 128
     with CogWriter(
         dest,
-        width=width,
-        height=height,
+        grid=grid,
         count=count,
         dtype=str(array.dtype),
-        crs=crs,
-        transform=transform,
         tags=tags,
         band_descriptions=band_descriptions,
         nodata=nodata,

@@ -1,12 +1,14 @@
 """Masks: which pixels of an input raster to in-paint (or treat as invalid).
 
-Every function returns a bool array on a *target grid* (the input raster's CRS, transform and
-size, or a window of it) with True = masked (to in-paint / invalid). Sources:
+Every function returns a bool array on a target :class:`~engine.geo.grid.Grid` (the input
+raster's CRS, transform and size, or a window of it) with True = masked (to in-paint / invalid).
+Sources:
 
-- a QA / classification / probability raster and a rule (:func:`parse_mask_rule`): bit fields
-  (Landsat QA_PIXEL, Sentinel-2 QA60), class values (Sentinel-2 SCL, Fmask), thresholds
-  (cloud probability). The rule is evaluated on the mask raster's own grid and only the boolean
-  result is reprojected (nearest), so bit fields and class values are never interpolated.
+- a QA / classification / probability raster and a rule (:func:`engine.geo.mask_rules.parse_mask_rule`):
+  bit fields (Landsat QA_PIXEL, Sentinel-2 QA60), class values (Sentinel-2 SCL, Fmask),
+  thresholds (cloud probability). The rule is evaluated on the mask raster's own grid and only
+  the boolean result is reprojected (nearest), so bit fields and class values are never
+  interpolated.
 - a vector layer (any OGR format, read with pyogrio), reprojected and rasterized.
 - nodata of a raster or array.
 
@@ -17,323 +19,23 @@ soft edge outside the mask.
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
-from affine import Affine
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.warp import reproject, transform_bounds
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
+from .grid import Grid
 from .guard import inspect_vector, open_raster
+from .mask_rules import MaskRule, parse_mask_rule
 from .windows import parse_window
 
 PathLike = Union[str, Path]
-
-# ---------------------------------------------------------------------------------------------
-# Target grid
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TargetGrid:
-    """The pixel grid a mask is produced on.
-
-    Attributes:
-        crs: coordinate reference system.
-        transform: affine transform (pixel corner -> CRS coordinates, CRS units).
-        width, height: size in pixels.
-    """
-
-    crs: CRS
-    transform: Affine
-    width: int
-    height: int
-
-    @classmethod
-    def from_raster(cls, path: PathLike, window: Any = None) -> "TargetGrid":
-        """The grid of a raster file (or of a window of it, pixels)."""
-        try:
-            with open_raster(path) as src:
-                grid = cls(src.crs, src.transform, src.width, src.height)
-        except rasterio.errors.RasterioIOError as exc:
-            raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
-        return grid.window(window) if window is not None else grid
-
-    @classmethod
-    def of(cls, obj: Any, window: Any = None) -> "TargetGrid":
-        """A grid from a TargetGrid, a raster path, or anything with ``crs``, ``transform`` and
-        ``width``/``height`` (or ``shape``), e.g. an open rasterio dataset or an S2Stack."""
-        if isinstance(obj, (str, Path)):
-            return cls.from_raster(obj, window)
-        if isinstance(obj, TargetGrid):
-            grid = obj
-        else:
-            try:
-                if hasattr(obj, "width") and hasattr(obj, "height"):
-                    width, height = obj.width, obj.height
-                else:
-                    height, width = obj.shape[-2:]
-                crs = obj.crs if obj.crs is None or isinstance(obj.crs, CRS) else \
-                    CRS.from_user_input(obj.crs)
-                grid = cls(crs, obj.transform, int(width), int(height))
-            except AttributeError:
-                raise InvalidRequest(
-                    f"{obj!r} is not a target grid; give a TargetGrid, a raster path, or an "
-                    "object with crs, transform, width and height"
-                ) from None
-        return grid.window(window) if window is not None else grid
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(height, width), pixels."""
-        return self.height, self.width
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        """(left, bottom, right, top), CRS units."""
-        xs, ys = [], []
-        for col, row in ((0, 0), (self.width, 0), (0, self.height), (self.width, self.height)):
-            x, y = self.transform * (col, row)
-            xs.append(x)
-            ys.append(y)
-        return min(xs), min(ys), max(xs), max(ys)
-
-    def window(self, window: Any) -> "TargetGrid":
-        """The sub-grid of a window (rasterio ``Window`` or ``((r0, r1), (c0, c1))``, pixels)."""
-        window = parse_window(window)
-        col, row = int(window.col_off), int(window.row_off)
-        width, height = int(window.width), int(window.height)
-        if (col < 0 or row < 0 or width <= 0 or height <= 0 or col + width > self.width
-                or row + height > self.height):
-            raise InvalidRequest(
-                f"window {window} is outside the target raster ({self.width} x {self.height})"
-            )
-        return TargetGrid(self.crs, self.transform * Affine.translation(col, row), width, height)
-
-
-# ---------------------------------------------------------------------------------------------
-# Rules
-# ---------------------------------------------------------------------------------------------
-
-MASK_RULE_GRAMMAR = """\
-A mask rule is one or more terms joined by '|' (a pixel is masked when any term matches):
-  bits:LO-HI<op>N  unsigned field of bits LO..HI inclusive (bit 0 = least significant)
-                   compared with N; <op> is one of = != >= <= > <   e.g. bits:14-15=3, bits:8-9>=2
-  bits:B<op>N      the same for a single bit                          e.g. bits:3=0
-  bit:B            bit B is set                                       e.g. bit:3|bit:5
-  values:V,V,...   the pixel value is one of these (class values)     e.g. values:3,8,9,10
-  gt:X ge:X lt:X le:X  threshold on the value (e.g. a probability)    e.g. gt:0.4
-  nonzero          any value other than 0
-  nodata           the raster's nodata value (or NaN)
-  a preset name:   """
-
-#: Named rules: name -> (rule, what it means). Only rules whose product definitions we can cite.
-MASK_PRESETS: dict[str, tuple[str, str]] = {
-    "landsat-cloud": (
-        "bit:1|bit:2|bit:3|bit:4",
-        "Landsat Collection 2 QA_PIXEL: dilated cloud (bit 1), cirrus (2), cloud (3), "
-        "cloud shadow (4)",
-    ),
-    "landsat-fill": ("bit:0", "Landsat Collection 2 QA_PIXEL: fill (bit 0)"),
-    "s2-scl-cloud": (
-        "values:3,8,9,10",
-        "Sentinel-2 L2A scene classification (SCL): cloud shadows (3), cloud medium "
-        "probability (8), cloud high probability (9), thin cirrus (10)",
-    ),
-    "s2-scl-invalid": (
-        "values:0,1",
-        "Sentinel-2 L2A scene classification (SCL): no data (0), saturated or defective (1)",
-    ),
-    "s2-qa60-cloud": (
-        "bit:10|bit:11",
-        "Sentinel-2 L1C QA60 band: opaque clouds (bit 10), cirrus (bit 11)",
-    ),
-    "fmask-cloud": (
-        "values:2,4",
-        "Fmask 4 output classes: cloud shadow (2), cloud (4) "
-        "(0 clear land, 1 clear water, 3 snow, 255 no observation)",
-    ),
-}
-MASK_PRESETS["fmask"] = (MASK_PRESETS["fmask-cloud"][0], "same as fmask-cloud")
-
-
-def _grammar() -> str:
-    return MASK_RULE_GRAMMAR + ", ".join(sorted(MASK_PRESETS)) + "\n"
-
-
-_OPS = {
-    "=": np.equal, "==": np.equal, "!=": np.not_equal, ">=": np.greater_equal,
-    "<=": np.less_equal, ">": np.greater, "<": np.less,
-}
-_BITS_RE = re.compile(r"^bits:(\d+)(?:-(\d+))?\s*(==|=|!=|>=|<=|>|<)\s*(\d+)$")
-_BIT_RE = re.compile(r"^bit:(\d+)$")
-_VALUES_RE = re.compile(r"^values:(.+)$")
-_THRESH_RE = re.compile(r"^(gt|ge|lt|le):(.+)$")
-_THRESH_OPS = {"gt": np.greater, "ge": np.greater_equal, "lt": np.less, "le": np.less_equal}
-
-
-def _number(text: str) -> float | int:
-    text = text.strip()
-    try:
-        return int(text)
-    except ValueError:
-        value = float(text)  # ValueError is turned into InvalidRequest by the caller
-        if not math.isfinite(value):
-            raise ValueError(text)
-        return value
-
-
-@dataclass(frozen=True)
-class MaskTerm:
-    """One term of a :class:`MaskRule` (see :data:`MASK_RULE_GRAMMAR`)."""
-
-    kind: str  # "bits", "values", "threshold", "nonzero", "nodata"
-    lo: int = 0
-    hi: int = 0
-    op: str = "="
-    value: Any = None
-    text: str = ""
-
-    def evaluate(self, data: np.ndarray, nodata: Optional[float]) -> np.ndarray:
-        finite = np.isfinite(data) if data.dtype.kind == "f" else np.ones(data.shape, bool)
-        if self.kind == "nodata":
-            out = ~finite
-            if nodata is not None and not (isinstance(nodata, float) and math.isnan(nodata)):
-                out |= data == nodata
-            return out
-        if self.kind == "nonzero":
-            return finite & (data != 0)
-        if self.kind == "values":
-            return finite & np.isin(data, np.asarray(self.value))
-        if self.kind == "threshold":
-            with np.errstate(invalid="ignore"):
-                return finite & _THRESH_OPS[self.op](data, self.value)
-        # bit fields need integers; float rasters holding whole numbers (e.g. a QA band exported
-        # as float) are accepted, NaN never matches
-        ints = _as_integers(data, self.text, finite)
-        width = self.hi - self.lo + 1
-        field = (ints >> np.int64(self.lo)) & np.int64((1 << width) - 1)
-        return finite & _OPS[self.op](field, self.value)
-
-
-def _as_integers(data: np.ndarray, term: str, finite: np.ndarray) -> np.ndarray:
-    if data.dtype.kind in "iub":
-        return data.astype(np.int64)
-    if data.dtype.kind == "f":
-        values = data[finite]
-        if np.all(values == np.round(values)):
-            return np.where(finite, data, 0).astype(np.int64)
-    raise InvalidRequest(
-        f"the bit rule {term!r} needs a raster of whole numbers (a QA band); this one holds "
-        f"{data.dtype} values with fractions. Use gt:/ge:/values: for such rasters"
-    )
-
-
-@dataclass(frozen=True)
-class MaskRule:
-    """A parsed mask rule: masked where any term matches. Build with :func:`parse_mask_rule`."""
-
-    text: str
-    terms: tuple[MaskTerm, ...]
-
-    def __call__(self, data: np.ndarray, nodata: Optional[float] = None) -> np.ndarray:
-        """Evaluate on an array (any shape); True = masked."""
-        data = np.asarray(data)
-        out = np.zeros(data.shape, bool)
-        for term in self.terms:
-            out |= term.evaluate(data, nodata)
-        return out
-
-
-def _parse_term(term: str, rule_text: str, depth: int = 0) -> list[MaskTerm]:
-    def fail(why: str) -> InvalidRequest:
-        return InvalidRequest(f"mask rule {rule_text!r}: {why}\n{_grammar()}")
-
-    t = re.sub(r"\s+", "", term).lower()
-    if not t:
-        raise fail("empty term (two '|' in a row, or a '|' at an end)")
-    if t in MASK_PRESETS:
-        if depth > 2:
-            raise fail(f"preset {t!r} refers to itself")
-        out: list[MaskTerm] = []
-        for sub in MASK_PRESETS[t][0].split("|"):
-            out.extend(_parse_term(sub, rule_text, depth + 1))
-        return out
-    if t in ("nodata", "nonzero"):
-        return [MaskTerm(kind=t, text=t)]
-    m = _BITS_RE.match(t)
-    if m:
-        lo = int(m.group(1))
-        hi = int(m.group(2)) if m.group(2) is not None else lo
-        value = int(m.group(4))
-        if hi < lo:
-            raise fail(f"in {term!r} the first bit must not exceed the last")
-        if hi > 62:
-            raise fail(f"in {term!r} bit {hi} is beyond the 63 bits a pixel can hold")
-        if value >= 1 << (hi - lo + 1):
-            raise fail(f"in {term!r} {value} does not fit in {hi - lo + 1} bit(s)")
-        return [MaskTerm("bits", lo, hi, m.group(3), value, t)]
-    m = _BIT_RE.match(t)
-    if m:
-        bit = int(m.group(1))
-        if bit > 62:
-            raise fail(f"in {term!r} bit {bit} is beyond the 63 bits a pixel can hold")
-        return [MaskTerm("bits", bit, bit, "=", 1, t)]
-    m = _VALUES_RE.match(t)
-    if m:
-        try:
-            values = tuple(_number(v) for v in m.group(1).split(","))
-        except ValueError:
-            raise fail(f"{term!r} must list numbers separated by commas") from None
-        return [MaskTerm("values", value=values, text=t)]
-    m = _THRESH_RE.match(t)
-    if m:
-        try:
-            value = _number(m.group(2))
-        except ValueError:
-            raise fail(f"{term!r} needs a number after the colon") from None
-        return [MaskTerm("threshold", op=m.group(1), value=value, text=t)]
-    raise fail(f"term {term.strip()!r} is not understood")
-
-
-def parse_mask_rule(text: str) -> MaskRule:
-    """Parse a mask rule (grammar in :data:`MASK_RULE_GRAMMAR`; presets in
-    :data:`MASK_PRESETS`).
-
-    Raises:
-        InvalidRequest: the rule is malformed; the message shows the grammar.
-    """
-    if isinstance(text, MaskRule):
-        return text
-    if not isinstance(text, str) or not text.strip():
-        raise InvalidRequest(f"mask rule {text!r} is empty\n{_grammar()}")
-    terms: list[MaskTerm] = []
-    for part in text.split("|"):
-        terms.extend(_parse_term(part, text))
-    return MaskRule(text.strip(), tuple(terms))
-
-
-def mask_from_bits(qa_array: np.ndarray, rule: Union[str, MaskRule],
-                   nodata: Optional[float] = None) -> np.ndarray:
-    """Evaluate a mask rule on a QA / class / probability array (any shape).
-
-    Args:
-        qa_array: the raster values (e.g. Landsat QA_PIXEL, Sentinel-2 SCL, a 0..1 probability).
-        rule: a rule string or :class:`MaskRule`.
-        nodata: the value the ``nodata`` term matches (NaN always matches it).
-
-    Returns:
-        bool array of ``qa_array``'s shape, True = masked.
-    """
-    return parse_mask_rule(rule)(qa_array, nodata)
-
 
 # ---------------------------------------------------------------------------------------------
 # Sources
@@ -341,7 +43,7 @@ def mask_from_bits(qa_array: np.ndarray, rule: Union[str, MaskRule],
 
 
 def _no_overlap(what: str, path: PathLike, src_bounds: Sequence[float], src_crs: Any,
-                grid: TargetGrid) -> InvalidRequest:
+                grid: Grid) -> InvalidRequest:
     return InvalidRequest(
         f"the mask does not overlap the input raster: {what} {str(path)!r} covers "
         f"{tuple(round(v, 6) for v in src_bounds)} in {_crs_name(src_crs)}, the input raster "
@@ -387,7 +89,7 @@ def mask_from_raster(
     Args:
         path: the mask raster.
         rule: see :func:`parse_mask_rule`; None means ``nonzero`` (a 0/1 mask raster).
-        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
+        target_grid: the grid to produce the mask on (see :meth:`Grid.of <engine.geo.grid.Grid.of>`).
         band: band of the mask raster to read (1-based).
         window: only this window of the target grid (pixels).
         resampling: ``nearest`` (default), or ``max`` for a target coarser than the mask, which
@@ -404,7 +106,7 @@ def mask_from_raster(
         RasterError: the file cannot be read.
     """
     mask_rule = parse_mask_rule(rule if rule is not None else "nonzero")
-    grid = TargetGrid.of(target_grid, window)
+    grid = Grid.of(target_grid, window)
     if resampling not in ("nearest", "max"):
         raise InvalidRequest(f"resampling for masks must be nearest or max, not {resampling!r}")
     try:
@@ -426,12 +128,7 @@ def mask_from_raster(
         tf = src.transform
         if tf.b == 0 and tf.d == 0:
             # read only what covers the target, plus a pixel of margin for the warper
-            win = rasterio.windows.from_bounds(*overlap, transform=tf)
-            col0 = max(0, math.floor(win.col_off) - 1)
-            row0 = max(0, math.floor(win.row_off) - 1)
-            col1 = min(src.width, math.ceil(win.col_off + win.width) + 1)
-            row1 = min(src.height, math.ceil(win.row_off + win.height) + 1)
-            read_win = Window(col0, row0, col1 - col0, row1 - row0)
+            read_win = Grid(src_crs, tf, src.width, src.height).covering_window(overlap, margin=1)
         else:
             read_win = Window(0, 0, src.width, src.height)
         data = src.read(band, window=read_win)
@@ -457,7 +154,7 @@ def check_raster_overlap(path: PathLike, target_grid: Any) -> None:
     Reads only the raster's header: the check for a whole target before it is masked window by
     window (``mask_from_raster(..., outside_ok=True)``).
     """
-    grid = TargetGrid.of(target_grid)
+    grid = Grid.of(target_grid)
     try:
         src = rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
@@ -507,7 +204,7 @@ def vector_geometries(
     from pyproj import Transformer  # noqa: PLC0415
 
     pyogrio = _import_pyogrio()
-    grid = TargetGrid.of(target_grid)
+    grid = Grid.of(target_grid)
     info = _vector_info(path, layer)
     layer_crs = info.get("crs")
     src_crs = CRS.from_user_input(layer_crs) if layer_crs else grid.crs
@@ -559,7 +256,7 @@ def _vector_info(path: PathLike, layer: Union[str, int, None]) -> dict:
 def vector_no_overlap(path: PathLike, target_grid: Any,
                       layer: Union[str, int, None] = None) -> InvalidRequest:
     """The "does not overlap" error for a vector layer and a target (to raise)."""
-    grid = TargetGrid.of(target_grid)
+    grid = Grid.of(target_grid)
     info = _vector_info(path, layer)
     layer_crs = info.get("crs")
     total = info.get("total_bounds")
@@ -579,7 +276,7 @@ def rasterize_geometries(geoms: np.ndarray, target_grid: Any, *, window: Any = N
     import shapely  # noqa: PLC0415
     from rasterio.features import rasterize  # noqa: PLC0415
 
-    grid = TargetGrid.of(target_grid, window)
+    grid = Grid.of(target_grid, window)
     if len(geoms):
         geoms = geoms[shapely.intersects(geoms, shapely.box(*grid.bounds))]
     if not len(geoms):
@@ -608,7 +305,7 @@ def mask_from_vector(
 
     Args:
         path: the vector file.
-        target_grid: the grid to produce the mask on (see :meth:`TargetGrid.of`).
+        target_grid: the grid to produce the mask on (see :meth:`Grid.of <engine.geo.grid.Grid.of>`).
         layer: layer name or index (default: the first layer).
         where: an attribute filter in the format's SQL dialect (e.g. ``"class = 'cloud'"``).
         window: only this window of the target grid (pixels).
@@ -621,7 +318,7 @@ def mask_from_vector(
         InvalidRequest: the layer has no features, or none overlaps the target (window).
         RasterError: the file cannot be read, or pyogrio is not installed.
     """
-    grid = TargetGrid.of(target_grid, window)
+    grid = Grid.of(target_grid, window)
     geoms = vector_geometries(path, grid, layer, where=where)
     if not len(geoms):
         raise vector_no_overlap(path, grid, layer)
@@ -653,9 +350,8 @@ def mask_from_nodata(
         with src:
             win = None
             if window is not None:
-                grid = TargetGrid(src.crs, src.transform, src.width, src.height).window(window)
-                col, row = (~src.transform) * (grid.transform.c, grid.transform.f)
-                win = Window(round(col), round(row), grid.width, grid.height)
+                win = parse_window(window)
+                Grid(src.crs, src.transform, src.width, src.height).subgrid(win)  # refuses a window outside
             data = src.read(window=win)
             out = np.zeros(data.shape[1:], bool)
             if nodata is None:
@@ -756,20 +452,13 @@ def feather(mask: np.ndarray, pixels: int) -> np.ndarray:
 
 
 __all__ = [
-    "MASK_PRESETS",
-    "MASK_RULE_GRAMMAR",
-    "MaskRule",
-    "MaskTerm",
-    "TargetGrid",
     "check_raster_overlap",
     "dilate",
     "distance_to_mask",
     "feather",
-    "mask_from_bits",
     "mask_from_nodata",
     "mask_from_raster",
     "mask_from_vector",
-    "parse_mask_rule",
     "rasterize_geometries",
     "vector_geometries",
     "vector_no_overlap",

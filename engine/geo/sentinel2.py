@@ -1,32 +1,29 @@
-"""Sentinel-2 inputs: band table, readers, and the radiometry the super-resolution model expects.
+"""Sentinel-2 readers: a multiband GeoTIFF, a ``.SAFE`` product, or loose per-band JP2/GeoTIFF files
+read window by window onto one :class:`~engine.geo.grid.Grid`.
 
-The fMoW-Sentinel super-resolution checkpoint was trained on 13-band Level-1C digital numbers
-(DN) as fMoW-Sentinel stored them, i.e. *before* processing baseline 04.00 added a +1000 offset
-to every band (reference page §6). This module turns whatever the user has -- a multiband
-GeoTIFF, a ``.SAFE`` product, or loose per-band JP2/GeoTIFF files -- into exactly that:
+:func:`read_multiband` / :func:`read_band_files` read the bands (only the window asked for) onto
+one grid, resampling 20 m and 60 m bands onto the 10 m grid, and record the product level
+(L1C/L2A) and processing baseline found in the product (or stated by the user);
+:func:`band_files_grid` gives the grid of a product without reading pixels. The band table, the
+product level/baseline rules and the radiometry the model expects
+(:func:`~engine.geo.sentinel2_bands.to_model_input`) are in :mod:`engine.geo.sentinel2_bands`.
 
-1. :func:`read_multiband` / :func:`read_band_files` read the bands (only the window asked for)
-   onto one grid, resampling 20 m and 60 m bands onto the 10 m grid, and record the product
-   level (L1C/L2A) and processing baseline found in the product (or stated by the user).
-2. :func:`to_model_input` removes the baseline offset, fills nodata with the band mean (so one
-   bad pixel never blanks a tile), applies the reference per-band stretch
-   (:func:`normalise_bands`) and selects/reorders the 10 model bands
-   ``[B04, B03, B02, B05, B06, B07, B08, B8A, B11, B12]``.
+Nodata convention: an :class:`S2Stack` holds nodata as NaN (whatever the file used: the dataset
+nodata value, DN 0 -- Sentinel-2's own no-data value -- or NaN), and ``valid`` says which pixels
+are usable. The caller restores nodata in the output from the ``valid`` mask that
+:func:`~engine.geo.sentinel2_bands.to_model_input` returns.
 
-Nodata convention inside this module: an :class:`S2Stack` holds nodata as NaN (whatever the
-file used: the dataset nodata value, DN 0 -- Sentinel-2's own no-data value -- or NaN), and
-``valid`` says which pixels are usable. The caller restores nodata in the output from the
-``valid`` mask :func:`to_model_input` returns.
+Over 500 lines because the two readers share the stack, the band-file scan and the grid they
+read onto; split, each half would import the other's private helpers.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NamedTuple, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import rasterio
@@ -36,292 +33,29 @@ from rasterio.enums import Resampling
 from rasterio.warp import reproject
 from rasterio.windows import Window
 
-from ..errors import InputRefused, InvalidRequest, RasterError
-from .guard import inspect_file, open_raster
+from ..errors import InvalidRequest, RasterError
+from .grid import Grid
+from .guard import open_raster
+from .sentinel2_bands import (
+    BANDS,
+    BASELINE_04_OFFSET_DN,
+    L1C_ORDER,
+    L2A_ORDER,
+    MODEL_BANDS,
+    canonical_band_name,
+    is_band_name,
+    merge_info,
+    parse_baseline,
+    parse_level,
+    product_info_from_mtd,
+    product_info_from_name,
+    product_info_from_tags,
+    resolve_offset,
+    scale_offset_dn,
+)
 from .windows import parse_window
 
 PathLike = Union[str, Path]
-
-# ---------------------------------------------------------------------------------------------
-# Band table
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class S2Band:
-    """One Sentinel-2 MSI band.
-
-    Attributes:
-        name: canonical name, ``"B01"`` .. ``"B12"`` and ``"B8A"``.
-        wavelength_nm: central wavelength of Sentinel-2A, nanometres.
-        gsd_m: native ground sampling distance, metres (10, 20 or 60).
-        mean: reference mean of the L1C digital numbers (fMoW-Sentinel, reference §6).
-        std: reference standard deviation of the L1C digital numbers.
-    """
-
-    name: str
-    wavelength_nm: float
-    gsd_m: int
-    mean: float
-    std: float
-
-    @property
-    def lo(self) -> float:
-        """Lower end of the reference stretch, DN: ``mean - 2 std``."""
-        return self.mean - 2.0 * self.std
-
-    @property
-    def hi(self) -> float:
-        """Upper end of the reference stretch, DN: ``mean + 2 std``."""
-        return self.mean + 2.0 * self.std
-
-
-# Means and stds are copied digit for digit from the reference (fMoW-Sentinel statistics); the
-# stretch truncates to uint8, so rounding them would move pixels across integer boundaries.
-_BAND_ROWS = (
-    # name, wavelength (nm), GSD (m), mean (DN), std (DN)
-    ("B01", 442.7, 60, 1370.19151926, 633.15169573),
-    ("B02", 492.4, 10, 1184.3824625, 650.2842772),
-    ("B03", 559.8, 10, 1120.77120066, 712.12507725),
-    ("B04", 664.6, 10, 1136.26026392, 965.23119807),
-    ("B05", 704.1, 20, 1263.73947144, 948.9819932),
-    ("B06", 740.5, 20, 1645.40315151, 1108.06650639),
-    ("B07", 782.8, 20, 1846.87040806, 1258.36394548),
-    ("B08", 832.8, 10, 1762.59530783, 1233.1492281),
-    ("B8A", 864.7, 20, 1972.62420416, 1364.38688993),
-    ("B09", 945.1, 60, 582.72633433, 472.37967789),
-    ("B10", 1373.5, 60, 14.77112979, 14.3114637),
-    ("B11", 1613.7, 20, 1732.16362238, 1310.36996126),
-    ("B12", 2202.4, 20, 1247.91870117, 1087.6020813),
-)
-
-#: The 13 bands keyed by canonical name, in the L1C product order.
-BANDS: dict[str, S2Band] = {row[0]: S2Band(*row) for row in _BAND_ROWS}
-
-#: Band order of a 13-band Level-1C stack (also the order of the reference statistics).
-L1C_ORDER: tuple[str, ...] = tuple(BANDS)
-
-#: Band order of a 12-band Level-2A stack (L2A has no cirrus band B10).
-L2A_ORDER: tuple[str, ...] = tuple(b for b in L1C_ORDER if b != "B10")
-
-#: The 10 bands the super-resolution model takes, in the model's channel order (reference §6:
-#: B2/B4 swapped, B1, B9, B10 dropped).
-MODEL_BANDS: tuple[str, ...] = ("B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11", "B12")
-
-#: Offset (DN) that processing baseline >= 04.00 adds to every band.
-BASELINE_04_OFFSET_DN = 1000.0
-
-_BAND_RE = re.compile(r"^B?0*(\d{1,2})(A?)$", re.IGNORECASE)
-
-
-def canonical_band_name(name: str) -> str:
-    """Return the canonical name of a Sentinel-2 band given any usual spelling.
-
-    Accepts ``B1``/``B01``/``b01``/``1``, ``B8A``/``B8a``/``b8a``/``B08A``/``8A``.
-
-    Raises:
-        InvalidRequest: the name is not one of the 13 bands.
-    """
-    m = _BAND_RE.match(str(name).strip())
-    if m:
-        number, a_suffix = int(m.group(1)), bool(m.group(2))
-        if a_suffix and number == 8:
-            return "B8A"
-        if not a_suffix and 1 <= number <= 12:
-            return f"B{number:02d}"
-    raise InvalidRequest(
-        f"{name!r} is not a Sentinel-2 band; valid names are {', '.join(L1C_ORDER)} "
-        "(B1 for B01, B8a for B8A and lowercase are accepted too)"
-    )
-
-
-def band_info(name: str) -> S2Band:
-    """Look up a band in the table by any accepted spelling (see :func:`canonical_band_name`)."""
-    return BANDS[canonical_band_name(name)]
-
-
-def _is_band_name(text: Optional[str]) -> bool:
-    if not text:
-        return False
-    try:
-        canonical_band_name(text)
-    except InvalidRequest:
-        return False
-    return True
-
-
-# ---------------------------------------------------------------------------------------------
-# Product level and processing baseline
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_baseline(value: Any) -> Optional[str]:
-    """Normalise a processing baseline to ``"NN.NN"`` (e.g. ``"04.00"``).
-
-    Accepts ``"04.00"``, ``"4.0"``, ``"N0400"``, ``"0400"``, ``4``, ``4.0``; ``None`` -> ``None``.
-
-    Raises:
-        InvalidRequest: the value is not a baseline.
-    """
-    if value is None:
-        return None
-    text = str(value).strip().upper()
-    if text.startswith("N"):
-        text = text[1:]
-    if re.fullmatch(r"\d{4}", text):
-        return f"{text[:2]}.{text[2:]}"
-    try:
-        number = float(text)
-    except ValueError:
-        number = math.nan
-    if math.isfinite(number) and 0 <= number < 100:
-        return f"{number:05.2f}"
-    raise InvalidRequest(
-        f"processing baseline {value!r} is not understood; write it as in the product name "
-        "(N0400) or metadata (04.00)"
-    )
-
-
-def parse_level(value: Any) -> Optional[str]:
-    """Normalise a product level to ``"L1C"`` or ``"L2A"`` (accepts ``"1C"``, ``"Level-2A"``,
-    ``"MSIL2A"``, ``"S2MSI1C"``, any case); ``None`` -> ``None``.
-
-    Raises:
-        InvalidRequest: the value is neither level.
-    """
-    if value is None:
-        return None
-    text = str(value).strip().upper()
-    if text.endswith("1C"):
-        return "L1C"
-    if text.endswith("2A"):
-        return "L2A"
-    raise InvalidRequest(f"product level {value!r} is not understood; use L1C or L2A")
-
-
-def _baseline_value(baseline: Optional[str]) -> Optional[float]:
-    return None if baseline is None else float(baseline)
-
-
-_LEVEL_RE = re.compile(r"MSI_?L(1C|2A)|S2MSI(1C|2A)|LEVEL-(1C|2A)", re.IGNORECASE)
-# Current product names carry ``_N0400_``; granules of old (2015-2016) products end in ``_N02.01``.
-_BASELINE_RE = re.compile(r"_N(\d{2})\.?(\d{2})(?=[_.]|$)", re.IGNORECASE)
-
-
-def _product_info_from_name(text: str) -> dict[str, Any]:
-    info: dict[str, Any] = {}
-    m = _LEVEL_RE.search(text)
-    if m:
-        info["level"] = "L" + next(g for g in m.groups() if g).upper()
-    m = _BASELINE_RE.search(text)
-    if m:
-        info["baseline"] = f"{m.group(1)}.{m.group(2)}"
-    return info
-
-
-def _local_name(tag: str) -> str:
-    return tag.rsplit("}", 1)[-1]
-
-
-def _product_info_from_mtd(xml_path: Path) -> dict[str, Any]:
-    """Read level, baseline and ADD_OFFSET from a product MTD XML (MTD_MSIL1C.xml, ...)."""
-    info: dict[str, Any] = {}
-    try:
-        root = ET.parse(inspect_file(xml_path, what="metadata")).getroot()
-    except (ET.ParseError, OSError, InputRefused):  # outside a server's roots: not read, not used
-        return info
-    offsets: list[float] = []
-    for elem in root.iter():
-        name = _local_name(elem.tag)
-        text = (elem.text or "").strip()
-        if not text:
-            continue
-        if name == "PROCESSING_BASELINE" and "baseline" not in info:
-            try:
-                info["baseline"] = parse_baseline(text)
-            except InvalidRequest:
-                pass
-        elif name in ("PROCESSING_LEVEL", "PRODUCT_TYPE") and "level" not in info:
-            try:
-                info["level"] = parse_level(text)
-            except InvalidRequest:
-                pass
-        elif name in ("RADIO_ADD_OFFSET", "BOA_ADD_OFFSET"):
-            try:
-                offsets.append(float(text))
-            except ValueError:
-                pass
-    if offsets:
-        # The offset is the same (-1000) for every band in all baselines so far; keep the first.
-        info["add_offset"] = offsets[0]
-    return info
-
-
-def _product_info_from_tags(tags: Mapping[str, str]) -> dict[str, Any]:
-    """Level, baseline and ADD_OFFSET from GeoTIFF tags (SENTINEL2 driver names, or any tag
-    whose value is a product name)."""
-    info: dict[str, Any] = {}
-    for key, value in tags.items():
-        k = key.upper()
-        if "baseline" not in info and "PROCESSING_BASELINE" in k:
-            try:
-                info["baseline"] = parse_baseline(value)
-            except InvalidRequest:
-                pass
-        elif "level" not in info and k in ("PRODUCT_TYPE", "PROCESSING_LEVEL", "LEVEL",
-                                           "PRODUCT_LEVEL"):
-            try:
-                info["level"] = parse_level(value)
-            except InvalidRequest:
-                pass
-        elif "add_offset" not in info and "ADD_OFFSET" in k:
-            try:
-                info["add_offset"] = float(value)
-            except ValueError:
-                pass
-    for value in tags.values():
-        for k, v in _product_info_from_name(str(value)).items():
-            info.setdefault(k, v)
-    return info
-
-
-def _scale_offset_dn(scales: Sequence[float], offsets: Sequence[float]) -> Optional[float]:
-    """DN offset implied by band scale/offset metadata (physical = DN*scale + offset).
-
-    Only the Sentinel-2 +1000 DN offset is recognised (``offset/scale == -1000``, e.g. scale
-    0.0001 with offset -0.1); any other scaling is not ours to interpret.
-    """
-    for scale, offset in zip(scales or (), offsets or ()):
-        if scale and offset and abs(-offset / scale - BASELINE_04_OFFSET_DN) < 0.5:
-            return -BASELINE_04_OFFSET_DN
-    return None
-
-
-def _merge_info(*sources: Mapping[str, Any]) -> dict[str, Any]:
-    """First source that knows a field wins (sources in decreasing order of trust)."""
-    out: dict[str, Any] = {}
-    for src in sources:
-        for k, v in src.items():
-            if v is not None:
-                out.setdefault(k, v)
-    return out
-
-
-def _resolve_offset(user_baseline: Optional[str], info: Mapping[str, Any]) -> tuple[bool, float]:
-    """Decide whether the DNs carry the baseline >= 04.00 offset, and its size (DN).
-
-    A baseline stated by the user decides alone; otherwise a declared ADD_OFFSET wins over the
-    baseline found in the product, because the offset is what the pixels actually carry.
-    """
-    if user_baseline is not None:
-        return float(user_baseline) >= 4.0, BASELINE_04_OFFSET_DN
-    add_offset = info.get("add_offset")
-    if add_offset is not None:
-        return add_offset != 0, abs(float(add_offset)) or BASELINE_04_OFFSET_DN
-    baseline = _baseline_value(info.get("baseline"))
-    if baseline is not None:
-        return baseline >= 4.0, BASELINE_04_OFFSET_DN
-    return False, BASELINE_04_OFFSET_DN
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,8 +71,8 @@ class S2Stack:
         array: float32 (bands, H, W), digital numbers as stored in the product (including the
             +1000 offset of baseline >= 04.00 when ``offset_applied``); NaN where nodata.
         bands: canonical band names of ``array``'s first axis, in order.
-        crs: coordinate reference system of the grid.
-        transform: affine transform of the grid (pixel corner -> CRS coordinates, CRS units).
+        grid: the pixel grid of ``array`` (CRS, transform, width, height); ``crs`` and
+            ``transform`` read from it.
         valid: bool (H, W), True where every band in the stack holds data.
         level: ``"L1C"``, ``"L2A"`` or None when unknown.
         baseline: processing baseline ``"NN.NN"`` or None when unknown.
@@ -350,14 +84,27 @@ class S2Stack:
 
     array: np.ndarray
     bands: tuple[str, ...]
-    crs: Optional[CRS]
-    transform: Affine
+    grid: Grid
     valid: np.ndarray
     level: Optional[str] = None
     baseline: Optional[str] = None
     offset_applied: bool = False
     offset_dn: float = BASELINE_04_OFFSET_DN
     source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.array.ndim == 3 and self.array.shape[0] and self.array.shape[1:] != self.grid.shape:
+            raise ValueError(f"the stack's array is {self.array.shape[1:]} px, its grid {self.grid.shape} px")
+
+    @property
+    def crs(self) -> Optional[CRS]:
+        """Coordinate reference system of the grid."""
+        return self.grid.crs
+
+    @property
+    def transform(self) -> Affine:
+        """Affine transform of the grid (pixel corner -> CRS coordinates, CRS units)."""
+        return self.grid.transform
 
     @property
     def height(self) -> int:
@@ -402,39 +149,6 @@ def _valid_from(array: np.ndarray) -> np.ndarray:
     return np.isfinite(array).all(axis=0)
 
 
-
-
-def _window_for_bounds(transform: Affine, width: int, height: int, bounds: Sequence[float]
-                       ) -> Window:
-    """Smallest whole-pixel window of a north-up grid covering ``bounds`` (CRS units), clipped
-    to the grid."""
-    left, bottom, right, top = map(float, bounds)
-    if transform.b != 0 or transform.d != 0:
-        raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
-    inv = ~transform
-    c_a, r_a = inv * (left, top)
-    c_b, r_b = inv * (right, bottom)
-    # A tiny tolerance keeps bounds that sit exactly on pixel edges from growing by a pixel
-    # because of floating-point noise.
-    eps = 1e-6
-    c0 = math.floor(min(c_a, c_b) + eps)
-    c1 = math.ceil(max(c_a, c_b) - eps)
-    r0 = math.floor(min(r_a, r_b) + eps)
-    r1 = math.ceil(max(r_a, r_b) - eps)
-    c0, r0 = max(c0, 0), max(r0, 0)
-    c1, r1 = min(c1, width), min(r1, height)
-    if c1 <= c0 or r1 <= r0:
-        raise InvalidRequest(
-            f"bounds {tuple(bounds)} do not overlap the raster (its bounds are "
-            f"{_grid_bounds(transform, width, height)}); check the CRS of the bounds"
-        )
-    return Window(c0, r0, c1 - c0, r1 - r0)
-
-
-def _grid_bounds(transform: Affine, width: int, height: int) -> tuple[float, float, float, float]:
-    x0, y0 = transform * (0, 0)
-    x1, y1 = transform * (width, height)
-    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
 
 
 def _check_window(window: Window, width: int, height: int) -> Window:
@@ -514,7 +228,9 @@ def read_multiband(
         if bounds is not None:
             if window is not None:
                 raise InvalidRequest("give either a window or bounds, not both")
-            win = _window_for_bounds(src.transform, src.width, src.height, bounds)
+            if src.transform.b != 0 or src.transform.d != 0:
+                raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
+            win = Grid.of(src).covering_window(bounds)
         else:
             win = parse_window(window)
         if win is not None:
@@ -525,16 +241,15 @@ def read_multiband(
             data = src.read(idx, window=win)
             planes.append(_to_float_with_nan(data, src.nodatavals[idx - 1], zero_is_nodata))
         array = np.stack(planes) if planes else np.empty((0, 0, 0), np.float32)
-        transform = src.window_transform(win) if win is not None else src.transform
-        tag_info = _product_info_from_tags({**src.tags(), **src.tags(1)})
-        scale_dn = _scale_offset_dn(src.scales, src.offsets)
+        grid = Grid.of(src)
+        grid = grid.subgrid(win) if win is not None else grid
+        tag_info = product_info_from_tags({**src.tags(), **src.tags(1)})
+        scale_dn = scale_offset_dn(src.scales, src.offsets)
         if scale_dn is not None:
             tag_info.setdefault("add_offset", scale_dn)
-        crs = src.crs
     mtd_info = _find_mtd_near(Path(path))
-    info = _merge_info(mtd_info, tag_info, _product_info_from_name(str(Path(path).resolve())))
-    return _make_stack(array, tuple(n for n in names if n), crs, transform, info, level,
-                       baseline, str(path))
+    info = merge_info(mtd_info, tag_info, product_info_from_name(str(Path(path).resolve())))
+    return _make_stack(array, tuple(n for n in names if n), grid, info, level, baseline, str(path))
 
 
 _BAND_TOKEN_RE = re.compile(r"^B(0?[1-9]|1[0-2]|0?8A)$", re.IGNORECASE)
@@ -546,7 +261,7 @@ def _band_from_label(label: Optional[str]) -> Optional[str]:
     ``"B4, central wavelength 665 nm"``)."""
     if not label:
         return None
-    if _is_band_name(label):
+    if is_band_name(label):
         return canonical_band_name(label)
     for token in re.split(r"[\s,;:()\[\]/]+", label):
         if _BAND_TOKEN_RE.match(token):
@@ -586,15 +301,14 @@ def _find_mtd_near(path: Path) -> dict[str, Any]:
     for folder in [start] + ([safe_root] if safe_root is not None else []):
         for pattern in ("MTD_MSIL*.xml", "*MTD_SAFL*.xml"):
             for xml in sorted(folder.glob(pattern)):
-                return _product_info_from_mtd(xml)
+                return product_info_from_mtd(xml)
     return {}
 
 
 def _make_stack(
     array: np.ndarray,
     names: tuple[str, ...],
-    crs: Optional[CRS],
-    transform: Affine,
+    grid: Grid,
     info: Mapping[str, Any],
     level: Optional[str],
     baseline: Any,
@@ -602,12 +316,11 @@ def _make_stack(
 ) -> S2Stack:
     user_level = parse_level(level)
     user_baseline = parse_baseline(baseline)
-    offset_applied, offset_dn = _resolve_offset(user_baseline, info)
+    offset_applied, offset_dn = resolve_offset(user_baseline, info)
     return S2Stack(
         array=array,
         bands=names,
-        crs=crs,
-        transform=transform,
+        grid=grid,
         valid=_valid_from(array),
         level=user_level or info.get("level"),
         baseline=user_baseline or info.get("baseline"),
@@ -720,7 +433,7 @@ def read_band_files(
         InvalidRequest: no band files found, a requested band is missing, bounds/window outside.
         RasterError: a file cannot be read.
     """
-    hints, candidates, crs_of = _scan_band_files(paths_or_folder)
+    hints, candidates, grid_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands] if bands is not None else [
         b for b in L1C_ORDER if b in chosen]
@@ -731,19 +444,15 @@ def read_band_files(
             f"{', '.join(b for b in L1C_ORDER if b in chosen)}"
         )
 
-    ref_crs, grid_tf, grid_w, grid_h = _band_grid(chosen, wanted, crs_of, target_gsd)
+    grid = _band_grid(chosen, wanted, grid_of, target_gsd)
     if bounds is not None:
         if window is not None:
             raise InvalidRequest("give either a window or bounds, not both")
-        win = _window_for_bounds(grid_tf, grid_w, grid_h, bounds)
+        win = grid.covering_window(bounds)
     else:
         win = parse_window(window)
     if win is not None:
-        win = _check_window(win, grid_w, grid_h)
-        out_tf = grid_tf * Affine.translation(win.col_off, win.row_off)
-        out_w, out_h = int(win.width), int(win.height)
-    else:
-        out_tf, out_w, out_h = grid_tf, grid_w, grid_h
+        grid = grid.subgrid(_check_window(win, grid.width, grid.height))
 
     try:
         method = Resampling[resampling]
@@ -757,47 +466,45 @@ def read_band_files(
     for band in wanted:
         path = chosen[band][0]
         with open_raster(path) as src:
-            planes.append(_read_on_grid(src, ref_crs, out_tf, out_w, out_h, method,
-                                        zero_is_nodata))
-            for k, v in _product_info_from_tags(src.tags()).items():
+            planes.append(_read_on_grid(src, grid, method, zero_is_nodata))
+            for k, v in product_info_from_tags(src.tags()).items():
                 tag_info.setdefault(k, v)
     array = np.stack(planes)
 
     first = chosen[wanted[0]][0]
     mtd_info = _find_mtd_near(Path(paths_or_folder) if isinstance(paths_or_folder, (str, Path))
                               else first)
-    name_info = _product_info_from_name(str(first.resolve()))
-    info = _merge_info(mtd_info, tag_info, name_info, hints)
-    return _make_stack(array, tuple(wanted), ref_crs, out_tf, info, level, baseline,
-                       str(paths_or_folder))
+    name_info = product_info_from_name(str(first.resolve()))
+    info = merge_info(mtd_info, tag_info, name_info, hints)
+    return _make_stack(array, tuple(wanted), grid, info, level, baseline, str(paths_or_folder))
 
 
-def _band_grid(chosen, wanted, crs_of, target_gsd: float) -> tuple[Any, Affine, int, int]:
+def _band_grid(chosen, wanted, grid_of, target_gsd: float) -> Grid:
     """The output grid: the finest band's footprint at ``target_gsd``, same origin."""
     ref_path = min((chosen[b] for b in wanted), key=lambda pr: pr[1])[0]
-    ref_crs, ref_tf, ref_w, ref_h = crs_of[ref_path]
-    if ref_tf.b != 0 or ref_tf.d != 0:
+    ref = grid_of[ref_path]
+    if ref.transform.b != 0 or ref.transform.d != 0:
         raise RasterError("rotated rasters are not supported; warp the input to a north-up grid")
-    left, bottom, right, top = _grid_bounds(ref_tf, ref_w, ref_h)
+    left, bottom, right, top = ref.bounds
     gsd = float(target_gsd)
     if not gsd > 0:
         raise InvalidRequest(f"target_gsd must be a positive pixel size in metres, got {target_gsd}")
-    grid_tf = Affine(gsd, 0.0, left, 0.0, -gsd, top)
-    return ref_crs, grid_tf, max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd)))
+    return Grid(ref.crs, Affine(gsd, 0.0, left, 0.0, -gsd, top),
+                max(1, int(round((right - left) / gsd))), max(1, int(round((top - bottom) / gsd))))
 
 
 def _scan_band_files(paths_or_folder):
-    """(hints, band -> [(path, pixel size)], path -> (crs, transform, width, height)) of band files."""
+    """(hints, band -> [(path, pixel size)], path -> its Grid) of band files."""
     files, hints = _list_band_files(paths_or_folder)
     candidates: dict[str, list[tuple[Path, float]]] = {}
-    crs_of: dict[Path, Any] = {}
+    grid_of: dict[Path, Grid] = {}
     for path in files:
         band = band_from_filename(path)
         if band is None:
             continue
         try:
             with open_raster(path) as src:
-                crs_of[path] = (src.crs, src.transform, src.width, src.height)
+                grid_of[path] = Grid.of(src)
                 candidates.setdefault(band, []).append((path, abs(src.transform.a)))
         except rasterio.errors.RasterioIOError as exc:
             raise RasterError(f"cannot open {str(path)!r}: {exc}") from exc
@@ -806,7 +513,7 @@ def _scan_band_files(paths_or_folder):
             f"no Sentinel-2 band files found in {paths_or_folder!s}; file names must contain the "
             "band name (e.g. T33TTG_20210615T101031_B04.jp2, B8A.tif)"
         )
-    return hints, candidates, crs_of
+    return hints, candidates, grid_of
 
 
 def band_files_grid(
@@ -814,23 +521,23 @@ def band_files_grid(
     target_gsd: float = 10,
     *,
     bands: Optional[Sequence[str]] = None,
-) -> tuple[Any, Affine, int, int]:
-    """(crs, transform, width, height) of the grid :func:`read_band_files` reads onto, without
-    reading pixels: lets a caller plan tiles over a whole product and read it window by window."""
-    _, candidates, crs_of = _scan_band_files(paths_or_folder)
+) -> Grid:
+    """The grid :func:`read_band_files` reads onto, without reading pixels: lets a caller plan
+    tiles over a whole product and read it window by window."""
+    _, candidates, grid_of = _scan_band_files(paths_or_folder)
     chosen = {b: _pick_native(b, c) for b, c in candidates.items()}
     wanted = [canonical_band_name(b) for b in bands if canonical_band_name(b) in chosen] if bands else list(chosen)
-    return _band_grid(chosen, wanted or list(chosen), crs_of, target_gsd)
+    return _band_grid(chosen, wanted or list(chosen), grid_of, target_gsd)
 
 
-def _read_on_grid(src: Any, crs: Any, transform: Affine, width: int, height: int,
-                  method: Resampling, zero_is_nodata: bool) -> np.ndarray:
+def _read_on_grid(src: Any, grid: Grid, method: Resampling, zero_is_nodata: bool) -> np.ndarray:
     """One band of ``src`` on the output grid, float32 with NaN for nodata.
 
     A band already on the grid (same CRS, pixel size and pixel-aligned origin) is read through a
     window, bit for bit; any other band is warped, GDAL reading only the source blocks the output
     window needs.
     """
+    crs, transform, width, height = grid.crs, grid.transform, grid.width, grid.height
     nodata = src.nodata
     stf = src.transform
     same_grid = (
@@ -876,149 +583,10 @@ def _read_on_grid(src: Any, crs: Any, transform: Affine, width: int, height: int
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# Radiometry
-# ---------------------------------------------------------------------------------------------
-
-
-def normalise_bands(dn: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
-    """The reference per-band stretch of fMoW-Sentinel L1C digital numbers to [0, 1].
-
-    For each band b: ``x' = (x - lo) / (hi - lo) * 255`` with ``lo, hi = mean_b -/+ 2 std_b``,
-    clipped to 0..255, truncated to an integer (as the reference's cast to uint8), then ÷255.
-    Band order is kept (no selection or reordering; see :func:`model_bands`).
-
-    Args:
-        dn: (bands, H, W) or (bands,) digital numbers *without* the baseline >= 04.00 offset.
-            Non-finite values are treated as the band mean (mid-grey) so they cannot spread.
-        band_names: the band of each entry of ``dn``'s first axis.
-
-    Returns:
-        float32 array of ``dn``'s shape, values k/255 for integers k in 0..255.
-    """
-    dn = np.asarray(dn)
-    names = [canonical_band_name(b) for b in band_names]
-    if dn.shape[0] != len(names):
-        raise InvalidRequest(
-            f"{dn.shape[0]} bands given but {len(names)} band names ({', '.join(names)})"
-        )
-    out = np.empty(dn.shape, np.float32)
-    for i, name in enumerate(names):
-        info = BANDS[name]
-        # float64 as in the reference (uint16 DN minus float64 statistics): float32 would move
-        # values that sit near an integer across the truncation boundary.
-        x = dn[i].astype(np.float64)
-        x = np.where(np.isfinite(x), x, info.mean)
-        scaled = np.clip((x - info.lo) / (info.hi - info.lo) * 255.0, 0.0, 255.0)
-        out[i] = np.floor(scaled) / 255.0
-    return out
-
-
-def model_bands(dn: np.ndarray, band_names: Sequence[str]) -> np.ndarray:
-    """Select and normalise the model's 10 bands from offset-free DNs (pure function).
-
-    Equivalent to the reference's normalise-13, swap B2/B4, drop B1/B9/B10, since the stretch
-    is per band. Returns float32 (10, H, W) in :data:`MODEL_BANDS` order.
-
-    Raises:
-        InvalidRequest: a model band is missing (the message names missing and found bands).
-    """
-    names = [canonical_band_name(b) for b in band_names]
-    _require_model_bands(names)
-    idx = [names.index(b) for b in MODEL_BANDS]
-    return normalise_bands(np.asarray(dn)[idx], MODEL_BANDS)
-
-
-def _require_model_bands(names: Sequence[str]) -> None:
-    missing = [b for b in MODEL_BANDS if b not in names]
-    if missing:
-        raise InvalidRequest(
-            "the Sentinel-2 super-resolution model needs bands "
-            f"{', '.join(sorted(MODEL_BANDS, key=L1C_ORDER.index))}; missing: "
-            f"{', '.join(sorted(missing, key=L1C_ORDER.index))}; found: "
-            f"{', '.join(names) if names else 'none'}"
-        )
-
-
-class ModelInput(NamedTuple):
-    """What :func:`to_model_input` returns (unpacks as ``array, valid, warnings``)."""
-
-    #: float32 (10, H, W) in [0, 1], channels in :data:`MODEL_BANDS` order.
-    array: np.ndarray
-    #: bool (H, W): True where all 10 model bands hold data; elsewhere ``array`` is mid-grey
-    #: filler and the caller must write nodata.
-    valid: np.ndarray
-    #: human-readable warnings (radiometry differs from training, unknown baseline, ...).
-    warnings: list[str]
-
-
-def to_model_input(stack: S2Stack) -> ModelInput:
-    """Convert a stack into the fMoW-Sentinel super-resolution checkpoint's input (reference §6).
-
-    Removes the baseline >= 04.00 offset when the stack carries it, fills nodata with the band's
-    reference mean (so nodata never spreads; the pixels are reported in ``valid``), applies
-    :func:`normalise_bands` and selects/reorders to :data:`MODEL_BANDS`.
-
-    Raises:
-        InvalidRequest: a model band is missing from the stack.
-    """
-    names = list(stack.bands)
-    _require_model_bands(names)
-    warnings: list[str] = []
-    if stack.level == "L2A":
-        warnings.append(
-            "the input is Level-2A surface reflectance but the super-resolution checkpoint was "
-            "trained on Level-1C top-of-atmosphere digital numbers; colours and contrast may "
-            "differ from what the model expects (use the L1C product for best results)"
-        )
-    elif stack.level is None:
-        warnings.append(
-            "the product level is unknown; assuming Level-1C top-of-atmosphere digital numbers "
-            "(give --level L2A if the input is surface reflectance)"
-        )
-    if stack.baseline is None and not stack.offset_applied:
-        warnings.append(
-            "the processing baseline is unknown; assuming digital numbers without the +1000 "
-            "offset (baseline before 04.00, i.e. processed before 25 January 2022); give "
-            "--baseline 04.00 if the product is newer, or the image will look too bright"
-        )
-    offset = stack.offset_dn if stack.offset_applied else 0.0
-    idx = [names.index(b) for b in MODEL_BANDS]
-    array = np.empty((len(MODEL_BANDS), stack.height, stack.width), np.float32)
-    valid = np.ones(stack.shape, bool)
-    for out_i, (name, src_i) in enumerate(zip(MODEL_BANDS, idx)):
-        dn = stack.array[src_i]
-        ok = np.isfinite(dn)
-        valid &= ok
-        # offset removed before the fill so that filled pixels land exactly on the band mean
-        x = np.where(ok, dn.astype(np.float64) - offset, BANDS[name].mean)
-        array[out_i] = normalise_bands(x[None], (name,))[0]
-    n_bad = int((~valid).sum())
-    if n_bad:
-        warnings.append(
-            f"{n_bad} of {valid.size} pixels are nodata in at least one band; they are filled "
-            "for the model and written as nodata in the output"
-        )
-    return ModelInput(array, valid, warnings)
-
-
 __all__ = [
-    "BANDS",
-    "BASELINE_04_OFFSET_DN",
-    "L1C_ORDER",
-    "L2A_ORDER",
-    "MODEL_BANDS",
-    "ModelInput",
-    "S2Band",
     "S2Stack",
+    "band_files_grid",
     "band_from_filename",
-    "band_info",
-    "canonical_band_name",
-    "model_bands",
-    "normalise_bands",
-    "parse_baseline",
-    "parse_level",
     "read_band_files",
     "read_multiband",
-    "to_model_input",
 ]

@@ -23,75 +23,19 @@ from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
 from . import sentinel2 as s2
+from .sentinel2_bands import MODEL_BANDS
 from .guard import open_raster
+from .grid import Grid
+from .mask_rules import parse_mask_rule
 from .masks import (
-    TargetGrid,
     check_raster_overlap,
     dilate,
     mask_from_nodata,
     mask_from_raster,
-    parse_mask_rule,
     rasterize_geometries,
     vector_geometries,
     vector_no_overlap,
 )
-
-
-# The tiled tasks' Grid as it was, unchanged (its imports inside included): the one Grid of
-# engine/geo/grid.py takes its place.
-@dataclass
-class Grid:
-    """An output pixel grid: CRS, transform (pixel corners, CRS units), size in pixels."""
-
-    crs: Any
-    transform: Any
-    width: int
-    height: int
-
-    @property
-    def bounds(self) -> tuple[float, float, float, float]:
-        from rasterio.transform import array_bounds
-
-        west, south, east, north = array_bounds(self.height, self.width, self.transform)
-        return west, south, east, north
-
-    def window_bounds(self, window) -> tuple[float, float, float, float]:
-        from rasterio.windows import bounds
-
-        return bounds(window, self.transform)
-
-    def subset(self, bbox: Optional[Sequence[float]], bbox_crs: Optional[str]) -> tuple["Grid", Any]:
-        """The whole pixels of this grid covering ``bbox`` (in ``bbox_crs``, default the grid's CRS)."""
-        from rasterio.windows import Window, from_bounds
-
-        if bbox is None:
-            return self, Window(0, 0, self.width, self.height)
-        from ..metadata import parse_crs, validate_bbox
-
-        if not (bbox[0] < bbox[2] and bbox[1] < bbox[3]):
-            raise InvalidRequest(f"--bbox {tuple(bbox)} is not minx, miny, maxx, maxy with min < max; "
-                                 "give the lower-left corner first")
-        if bbox_crs:
-            validate_bbox(bbox, parse_crs(bbox_crs))
-            from rasterio.warp import transform_bounds
-
-            bbox = transform_bounds(bbox_crs, self.crs, *bbox, densify_pts=21)
-        win = from_bounds(*bbox, transform=self.transform)
-        eps = 1e-6  # a bbox on pixel edges must not gain a sliver pixel from rounding noise
-        col0 = max(0, math.floor(win.col_off + eps))
-        row0 = max(0, math.floor(win.row_off + eps))
-        col1 = min(self.width, math.ceil(win.col_off + win.width - eps))
-        row1 = min(self.height, math.ceil(win.row_off + win.height - eps))
-        if col1 <= col0 or row1 <= row0:
-            raise InvalidRequest(
-                f"--bbox {tuple(round(v, 6) for v in bbox)} does not overlap the input raster "
-                f"(bounds {tuple(round(v, 6) for v in self.bounds)} in its CRS); check the bbox and --crs"
-            )
-        win = Window(col0, row0, col1 - col0, row1 - row0)
-        from rasterio.windows import transform as window_transform
-
-        return Grid(self.crs, window_transform(win, self.transform), col1 - col0, row1 - row0), win
-
 
 
 def open_input(path: str):
@@ -209,14 +153,15 @@ class S2Source:
             raise RasterError(f"input {request.input!r} does not exist")
         self.is_folder = p.is_dir()
         if self.is_folder:
-            crs, transform, width, height = s2.band_files_grid(p, 10, bands=s2.MODEL_BANDS)
+            g = s2.band_files_grid(p, 10, bands=MODEL_BANDS)
+            crs, transform, width, height = g.crs, g.transform, g.width, g.height
         else:
             with open_input(request.input) as src:
                 crs, transform, width, height = src.crs, src.transform, src.width, src.height
                 if src.count < 10 and request.bands is None:
                     raise InvalidRequest(
                         f"{request.input!r} has {src.count} band(s); super-resolution needs the Sentinel-2 bands "
-                        f"{', '.join(s2.MODEL_BANDS)} (a 12/13-band file, or name the file's bands with --bands)"
+                        f"{', '.join(MODEL_BANDS)} (a 12/13-band file, or name the file's bands with --bands)"
                     )
         if crs is None:
             raise RasterError(f"{request.input!r} has no CRS; assign one (gdal_edit.py -a_srs) and retry")
@@ -224,7 +169,7 @@ class S2Source:
 
     def read(self, window):
         if self.is_folder:
-            return s2.read_band_files(self.path, 10, bands=s2.MODEL_BANDS, window=window,
+            return s2.read_band_files(self.path, 10, bands=MODEL_BANDS, window=window,
                                       level=self.request.level, baseline=self.request.baseline)
         return s2.read_multiband(self.path, self.request.bands, window=window, level=self.request.level,
                                  baseline=self.request.baseline)
@@ -244,7 +189,7 @@ class MaskSource:
 
     def __init__(self, request, grid: Grid) -> None:
         self.request = request
-        self.grid = TargetGrid(grid.crs, grid.transform, grid.width, grid.height)
+        self.grid = Grid(grid.crs, grid.transform, grid.width, grid.height)
         self.kind = "nodata" if request.mask == "nodata" else None
         self.geoms = None
         if self.kind is None:

@@ -1,7 +1,7 @@
 """What the tasks share: results, provenance tags, seeds, the tiled job, pixel checks and dated frames.
 
 The tiled tasks (super-resolution, temporal generation, in-painting) plan model-sized tiles over
-their output grid (``engine.geo.tiling``), feed every tile to the sampler with the conditioning the
+their output grid (``engine.geo.tiles``), feed every tile to the sampler with the conditioning the
 checkpoint was trained on, and blend the tiles into one COG without seams, reading and writing
 window by window so that memory does not grow with the raster. Under ``accelerate launch`` (or any
 launcher that sets ``RANK``/``WORLD_SIZE``) the tiles are split over the processes and rank 0
@@ -30,8 +30,10 @@ from .. import __version__
 from ..errors import InvalidRequest
 from ..geo.cog import CogWriter
 from ..geo.guard import display_text
-from ..geo.sources import Grid, footprint_overlap
-from ..geo.tiling import run_tiled, run_tiled_distributed
+from ..geo.accumulate import run_tiled
+from ..geo.grid import Grid
+from ..geo.sources import footprint_overlap
+from ..parallel import run_tiled_distributed
 from ..metadata import SatMetadata, _date_from_name, date_from_raster, derive_from_bbox
 from ..models.loading import auto_model
 from ..pipelines.text2img import Control, DiffusionSatPipeline, make_scheduler
@@ -195,7 +197,7 @@ class Layout:
     """Where a tiled task reads and writes, known before any model is loaded."""
 
     out_grid: Grid  #: the output raster's grid
-    tiles: list  #: model windows (engine.geo.tiling.Tile), in input pixels
+    tiles: list  #: model windows (engine.geo.tiles.Tile), in input pixels
     model_px: int  #: output pixels per tile side
     in_grid: Optional[Grid] = None  #: the input grid (or its --bbox subset)
     window: Any = None  #: that subset's window in the whole input

@@ -15,9 +15,10 @@ from rasterio.enums import ColorInterp
 
 from ..errors import InvalidRequest
 from ..geo.guard import display_name
-from ..geo.masks import TargetGrid, feather
-from ..geo.sources import Grid, MaskSource, RGBSource, grid_of, open_input
-from ..geo.tiling import plan_tiles, tile_progress
+from ..geo.grid import Grid
+from ..geo.masks import feather
+from ..geo.sources import MaskSource, RGBSource, grid_of, open_input
+from ..geo.tiles import plan_tiles, tile_progress
 from ..models.loading import request_resolution
 from ..pipelines.text2img import DiffusionSatPipeline, Inpaint
 from .common import (
@@ -103,7 +104,7 @@ class _OtherBands:
         valid = ~np.ma.getmaskarray(data).any(axis=0)
         values = np.ma.getdata(data).astype(np.float64)
         valid &= np.isfinite(values).all(axis=0)
-        coarse = TargetGrid(src.crs, src.transform * Affine.scale(src.width / w, src.height / h), w, h)
+        coarse = Grid(src.crs, src.transform * Affine.scale(src.width / w, src.height / h), w, h)
         valid &= ~mask.on(coarse)
         x = values[:3, valid].T
         design = np.column_stack([np.ones(len(x)), x])
@@ -185,7 +186,7 @@ class _CompositeWriter:
 
 @dataclass
 class _Tiles:
-    """The per-tile steps of an in-painting run: what :func:`engine.geo.tiling.run_tiled` calls."""
+    """The per-tile steps of an in-painting run: what :func:`engine.geo.accumulate.run_tiled` calls."""
 
     request: Any
     pipe: DiffusionSatPipeline

@@ -20,7 +20,7 @@ from ..device import resolve
 from ..errors import InvalidRequest, RasterError
 from ..geo.assign import assigned_inputs
 from ..geo.guard import check_output
-from ..geo.sentinel2 import to_model_input
+from ..geo.sentinel2_bands import to_model_input
 from ..geo.sources import MaskSource, RGBSource
 from ..metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
 from ..models.cache import ModelCache

@@ -11,9 +11,10 @@ from rasterio.windows import Window
 
 from ..errors import InvalidRequest
 from ..geo.guard import display_name
-from ..geo.sentinel2 import to_model_input
-from ..geo.sources import Grid, S2Source
-from ..geo.tiling import output_grid, plan_tiles, tile_progress
+from ..geo.sentinel2_bands import to_model_input
+from ..geo.grid import Grid
+from ..geo.sources import S2Source
+from ..geo.tiles import plan_tiles, tile_progress
 from ..models.loading import request_resolution
 from ..pipelines.text2img import Control
 from .common import (
@@ -45,9 +46,9 @@ def layout(request, model_px: int) -> Layout:
     source = S2Source(request)
     in_grid, window = source.grid.subset(request.bbox, request.crs)
     tiles = plan_tiles(in_grid.width, in_grid.height, in_tile, tile_overlap(request, in_tile), factor)
-    transform, width, height = output_grid(in_grid.transform, in_grid.width, in_grid.height, factor)
-    check_pixels(width, height, request.max_pixels, "a smaller --bbox or --factor")
-    return Layout(Grid(in_grid.crs, transform, width, height), tiles, model_px, in_grid, window, source)
+    out_grid = in_grid.scaled(factor)
+    check_pixels(out_grid.width, out_grid.height, request.max_pixels, "a smaller --bbox or --factor")
+    return Layout(out_grid, tiles, model_px, in_grid, window, source)
 
 
 def _resize(array: np.ndarray, size: int):

@@ -151,7 +151,7 @@ def test_progress_lines_of_a_tiled_run_end_once_and_show_no_fake_steps():
         for step in range(steps + 1):
             lines(Progress(step=step, total_steps=steps, tile=tile, total_tiles=tiles, message="denoising"))
             clock.now += 2.0
-        lines(Progress(0, 1, tile + 1, tiles, f"tile {tile + 1}/{tiles}"))  # as engine.geo.tiling.run_tiled
+        lines(Progress(0, 1, tile + 1, tiles, f"tile {tile + 1}/{tiles}"))  # as engine.geo.accumulate.run_tiled
     lines(Progress(0, 1, tiles, tiles, "writing the last rows"))
     text = stream.getvalue().splitlines()
     assert [line for line in text if "100%" in line] == [text[-1]]

@@ -1,5 +1,5 @@
 """Masks from QA bits, class rasters, vectors and nodata; dilation and feathering
-(engine/geo/masks.py)."""
+(engine/geo/masks.py, engine/geo/mask_rules.py)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from engine.errors import InvalidRequest
+from engine.geo import mask_rules as mr
 from engine.geo import masks as mk
+from engine.geo.grid import Grid
 
 UTM = CRS.from_epsg(32633)
 X0, Y0 = 500000.0, 4650000.0  # UTM 33N, about 15°E 42°N
-GRID = mk.TargetGrid(UTM, Affine(10, 0, X0, 0, -10, Y0), 100, 100)  # 1 km, 10 m pixels
+GRID = Grid(UTM, Affine(10, 0, X0, 0, -10, Y0), 100, 100)  # 1 km, 10 m pixels
 
 
 def write_raster(path: Path, data, crs, transform, nodata=None):
@@ -46,30 +48,30 @@ def test_bit_field_rules():
         1 << 8,             # bits 8-9 = 1
         0,
     ], np.uint16)
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bits:14-15=3"),
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bits:14-15=3"),
                                   [1, 0, 0, 0, 0, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bit:3"), [0, 0, 1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bits:8-9>=2"), [0, 0, 0, 1, 1, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bits:8-9 < 2"), [1, 1, 1, 0, 0, 1, 1])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bits:3=0"), [1, 1, 0, 1, 1, 1, 1])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bit:3 | BITS:14-15=1"),
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bit:3"), [0, 0, 1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bits:8-9>=2"), [0, 0, 0, 1, 1, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bits:8-9 < 2"), [1, 1, 1, 0, 0, 1, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bits:3=0"), [1, 1, 0, 1, 1, 1, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bit:3 | BITS:14-15=1"),
                                   [0, 1, 1, 0, 0, 0, 0])
 
 
 def test_value_threshold_nodata_and_nonzero_rules():
     scl = np.array([0, 3, 4, 8, 9, 10, 11], np.uint8)
-    np.testing.assert_array_equal(mk.mask_from_bits(scl, "values:3,8,9,10"),
+    np.testing.assert_array_equal(mr.mask_from_bits(scl, "values:3,8,9,10"),
                                   [0, 1, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(scl, "s2-scl-cloud"), [0, 1, 0, 1, 1, 1, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(scl, "nonzero"), [0, 1, 1, 1, 1, 1, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(scl, "s2-scl-cloud"), [0, 1, 0, 1, 1, 1, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(scl, "nonzero"), [0, 1, 1, 1, 1, 1, 1])
     prob = np.array([0.1, 0.4, 0.41, 0.5, np.nan], np.float32)
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "gt:0.4"), [0, 0, 1, 1, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "ge:0.5"), [0, 0, 0, 1, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "lt:0.4"), [1, 0, 0, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "le:0.4"), [1, 1, 0, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "nodata"), [0, 0, 0, 0, 1])
-    np.testing.assert_array_equal(mk.mask_from_bits(prob, "gt:0.45|nodata"), [0, 0, 0, 1, 1])
-    np.testing.assert_array_equal(mk.mask_from_bits(np.array([0, 255, 7]), "nodata", nodata=255),
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "gt:0.4"), [0, 0, 1, 1, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "ge:0.5"), [0, 0, 0, 1, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "lt:0.4"), [1, 0, 0, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "le:0.4"), [1, 1, 0, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "nodata"), [0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(prob, "gt:0.45|nodata"), [0, 0, 0, 1, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(np.array([0, 255, 7]), "nodata", nodata=255),
                                   [0, 1, 0])
 
 
@@ -79,15 +81,15 @@ def test_presets():
     assert bin(clear) == "0b101010101000000"
     qa = np.array([clear, clear | 1 << 1, clear | 1 << 2, clear | 1 << 3, clear | 1 << 4,
                    clear | 1 << 5, 1], np.uint16)
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "landsat-cloud"), [0, 1, 1, 1, 1, 0, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "landsat-fill"), [0, 0, 0, 0, 0, 0, 1])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "landsat-cloud"), [0, 1, 1, 1, 1, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "landsat-fill"), [0, 0, 0, 0, 0, 0, 1])
     qa60 = np.array([0, 1 << 10, 1 << 11, 1 << 9], np.uint16)
-    np.testing.assert_array_equal(mk.mask_from_bits(qa60, "s2-qa60-cloud"), [0, 1, 1, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa60, "s2-qa60-cloud"), [0, 1, 1, 0])
     fmask = np.array([0, 1, 2, 3, 4, 255], np.uint8)
-    np.testing.assert_array_equal(mk.mask_from_bits(fmask, "fmask"), [0, 0, 1, 0, 1, 0])
-    np.testing.assert_array_equal(mk.mask_from_bits(fmask, "fmask-cloud|values:255"),
+    np.testing.assert_array_equal(mr.mask_from_bits(fmask, "fmask"), [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(fmask, "fmask-cloud|values:255"),
                                   [0, 0, 1, 0, 1, 1])
-    assert mk.parse_mask_rule("Landsat-Cloud").terms == mk.parse_mask_rule(
+    assert mr.parse_mask_rule("Landsat-Cloud").terms == mr.parse_mask_rule(
         "bit:1|bit:2|bit:3|bit:4").terms
 
 
@@ -97,15 +99,15 @@ def test_presets():
 ])
 def test_invalid_rules_show_the_grammar(bad):
     with pytest.raises(InvalidRequest) as err:
-        mk.parse_mask_rule(bad)
+        mr.parse_mask_rule(bad)
     assert "bits:LO-HI" in str(err.value) and "landsat-cloud" in str(err.value)
 
 
 def test_bit_rules_on_float_rasters():
     qa = np.array([8.0, 0.0, np.nan], np.float32)
-    np.testing.assert_array_equal(mk.mask_from_bits(qa, "bit:3"), [1, 0, 0])
+    np.testing.assert_array_equal(mr.mask_from_bits(qa, "bit:3"), [1, 0, 0])
     with pytest.raises(InvalidRequest, match="whole numbers"):
-        mk.mask_from_bits(np.array([0.5, 8.0]), "bit:3")
+        mr.mask_from_bits(np.array([0.5, 8.0]), "bit:3")
 
 
 # ----------------------------------------------------------------------------- rasters
@@ -154,7 +156,7 @@ def test_rule_is_evaluated_before_reprojection(tmp_path):
     # QA with "max" would pick 16 on raw values and lose the cloud; evaluating first keeps it
     qa = np.tile(np.array([[16, 8]], np.uint16), (2, 1))
     path = write_raster(tmp_path / "qa.tif", qa, UTM, Affine(10, 0, X0, 0, -10, Y0))
-    coarse = mk.TargetGrid(UTM, Affine(20, 0, X0, 0, -20, Y0), 1, 1)
+    coarse = Grid(UTM, Affine(20, 0, X0, 0, -20, Y0), 1, 1)
     assert mk.mask_from_raster(path, "bit:3", coarse, resampling="max")[0, 0]
 
 
@@ -333,18 +335,18 @@ def test_feather_numbers():
 
 def test_target_grid_from_objects_and_windows(tmp_path):
     path = write_raster(tmp_path / "g.tif", np.zeros((1, 30, 40), np.uint8), UTM, GRID.transform)
-    g = mk.TargetGrid.from_raster(path)
+    g = Grid.from_raster(path)
     assert g.shape == (30, 40) and g.crs == UTM
     assert g.bounds == (X0, Y0 - 300, X0 + 400, Y0)
-    sub = g.window(((10, 20), (5, 15)))
+    sub = g.subgrid(((10, 20), (5, 15)))
     assert sub.shape == (10, 10) and sub.transform == Affine(10, 0, X0 + 50, 0, -10, Y0 - 100)
     with pytest.raises(InvalidRequest, match="outside"):
-        g.window(Window(35, 0, 10, 10))
+        g.subgrid(Window(35, 0, 10, 10))
 
     class Stack:  # anything with crs, transform and a (.., H, W) shape, e.g. an S2Stack
         crs = UTM
         transform = GRID.transform
         shape = (30, 40)
 
-    assert mk.TargetGrid.of(Stack()) == g
-    assert mk.TargetGrid.of(str(path), Window(0, 0, 5, 5)).shape == (5, 5)
+    assert Grid.of(Stack()) == g
+    assert Grid.of(str(path), Window(0, 0, 5, 5)).shape == (5, 5)

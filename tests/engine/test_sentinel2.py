@@ -1,4 +1,4 @@
-"""Sentinel-2 band table, readers and the reference radiometry (engine/geo/sentinel2.py).
+"""Sentinel-2 band table, readers and the reference radiometry (engine/geo/sentinel2.py, engine/geo/sentinel2_bands.py).
 
 All rasters are small synthetic files written into tmp_path in UTM zone 33N.
 """
@@ -15,6 +15,8 @@ from rasterio.windows import Window
 
 from engine.errors import InvalidRequest
 from engine.geo import sentinel2 as s2
+from engine.geo import sentinel2_bands as s2b
+from engine.geo.grid import Grid
 
 UTM = "EPSG:32633"
 X0, Y0 = 399960.0, 5000040.0  # a Sentinel-2 tile origin (pixel corner)
@@ -50,14 +52,14 @@ def jp2_available() -> bool:
 
 
 def mean_dn(band: str) -> float:
-    return s2.BANDS[band].mean
+    return s2b.BANDS[band].mean
 
 
 def make_stack(values: dict[str, np.ndarray], **kw) -> s2.S2Stack:
     names = tuple(values)
     arr = np.stack([np.asarray(v, np.float32) for v in values.values()])
-    return s2.S2Stack(array=arr, bands=names, crs=rasterio.crs.CRS.from_string(UTM),
-                      transform=Affine(10, 0, X0, 0, -10, Y0),
+    grid = Grid(rasterio.crs.CRS.from_string(UTM), Affine(10, 0, X0, 0, -10, Y0), arr.shape[2], arr.shape[1])
+    return s2.S2Stack(array=arr, bands=names, grid=grid,
                       valid=np.isfinite(arr).all(0), **kw)
 
 
@@ -65,16 +67,16 @@ def make_stack(values: dict[str, np.ndarray], **kw) -> s2.S2Stack:
 
 
 def test_band_table_has_the_thirteen_bands_with_reference_statistics():
-    assert s2.L1C_ORDER == ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
+    assert s2b.L1C_ORDER == ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A",
                             "B09", "B10", "B11", "B12")
-    assert s2.L2A_ORDER == tuple(b for b in s2.L1C_ORDER if b != "B10")
-    assert [s2.BANDS[b].gsd_m for b in s2.L1C_ORDER] == [60, 10, 10, 10, 20, 20, 20, 10, 20,
+    assert s2b.L2A_ORDER == tuple(b for b in s2b.L1C_ORDER if b != "B10")
+    assert [s2b.BANDS[b].gsd_m for b in s2b.L1C_ORDER] == [60, 10, 10, 10, 20, 20, 20, 10, 20,
                                                           60, 60, 20, 20]
-    waves = [s2.BANDS[b].wavelength_nm for b in s2.L1C_ORDER]
+    waves = [s2b.BANDS[b].wavelength_nm for b in s2b.L1C_ORDER]
     assert waves == sorted(waves)
-    assert s2.BANDS["B04"].mean == 1136.26026392 and s2.BANDS["B04"].std == 965.23119807
-    assert s2.BANDS["B10"].mean == 14.77112979 and s2.BANDS["B12"].std == 1087.6020813
-    assert s2.MODEL_BANDS == ("B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11",
+    assert s2b.BANDS["B04"].mean == 1136.26026392 and s2b.BANDS["B04"].std == 965.23119807
+    assert s2b.BANDS["B10"].mean == 14.77112979 and s2b.BANDS["B12"].std == 1087.6020813
+    assert s2b.MODEL_BANDS == ("B04", "B03", "B02", "B05", "B06", "B07", "B08", "B8A", "B11",
                               "B12")
 
 
@@ -83,14 +85,14 @@ def test_band_table_has_the_thirteen_bands_with_reference_statistics():
     ("B8a", "B8A"), ("b8a", "B8A"), ("B08A", "B8A"), ("b12", "B12"), (" B4 ", "B04"),
 ])
 def test_band_aliases(alias, canon):
-    assert s2.canonical_band_name(alias) == canon
-    assert s2.band_info(alias).name == canon
+    assert s2b.canonical_band_name(alias) == canon
+    assert s2b.band_info(alias).name == canon
 
 
 @pytest.mark.parametrize("bad", ["B13", "B0", "B4A", "8B", "red", ""])
 def test_unknown_band_is_refused_with_the_valid_names(bad):
     with pytest.raises(InvalidRequest, match="B8A"):
-        s2.canonical_band_name(bad)
+        s2b.canonical_band_name(bad)
 
 
 def test_band_from_filename():
@@ -103,14 +105,14 @@ def test_band_from_filename():
 
 def test_parse_baseline_and_level():
     for text in ("04.00", "4.0", "N0400", "0400", 4):
-        assert s2.parse_baseline(text) == "04.00"
-    assert s2.parse_baseline("N0301") == "03.01"
-    assert s2.parse_baseline(None) is None
+        assert s2b.parse_baseline(text) == "04.00"
+    assert s2b.parse_baseline("N0301") == "03.01"
+    assert s2b.parse_baseline(None) is None
     with pytest.raises(InvalidRequest):
-        s2.parse_baseline("new")
-    assert s2.parse_level("Level-2A") == "L2A" and s2.parse_level("S2MSI1C") == "L1C"
+        s2b.parse_baseline("new")
+    assert s2b.parse_level("Level-2A") == "L2A" and s2b.parse_level("S2MSI1C") == "L1C"
     with pytest.raises(InvalidRequest):
-        s2.parse_level("L3")
+        s2b.parse_level("L3")
 
 
 # ----------------------------------------------------------------------------- multiband
@@ -151,8 +153,8 @@ def test_read_multiband_standard_orders_and_unknown_count(tmp_path):
     p12 = write_raster(tmp_path / "l2a.tif", np.ones((12, 3, 3), np.uint16), 10)
     p5 = write_raster(tmp_path / "five.tif", np.ones((5, 3, 3), np.uint16), 10,
                       descriptions=["red", "green", "blue", "nir", "swir"])
-    assert s2.read_multiband(p13).bands == s2.L1C_ORDER
-    assert s2.read_multiband(p12).bands == s2.L2A_ORDER
+    assert s2.read_multiband(p13).bands == s2b.L1C_ORDER
+    assert s2.read_multiband(p12).bands == s2b.L2A_ORDER
     with pytest.raises(InvalidRequest, match=r"5 bands.*--bands"):
         s2.read_multiband(p5)
 
@@ -195,12 +197,12 @@ def test_product_info_from_geotiff_tags(tmp_path):
 def test_nodata_zero_nan_and_dataset_nodata_never_spread(tmp_path):
     h, w = 6, 7
     data = np.zeros((13, h, w), np.float32)
-    for i, b in enumerate(s2.L1C_ORDER):
-        data[i] = s2.BANDS[b].mean + 100.0
-    data[s2.L1C_ORDER.index("B03"), 1, 1] = 0          # Sentinel-2's own no-data DN
-    data[s2.L1C_ORDER.index("B11"), 2, 3] = np.nan     # NaN
-    data[s2.L1C_ORDER.index("B8A"), 4, 5] = -9999      # the dataset's nodata value
-    data[s2.L1C_ORDER.index("B01"), 5, 0] = 0          # a band the model does not use
+    for i, b in enumerate(s2b.L1C_ORDER):
+        data[i] = s2b.BANDS[b].mean + 100.0
+    data[s2b.L1C_ORDER.index("B03"), 1, 1] = 0          # Sentinel-2's own no-data DN
+    data[s2b.L1C_ORDER.index("B11"), 2, 3] = np.nan     # NaN
+    data[s2b.L1C_ORDER.index("B8A"), 4, 5] = -9999      # the dataset's nodata value
+    data[s2b.L1C_ORDER.index("B01"), 5, 0] = 0          # a band the model does not use
     path = write_raster(tmp_path / "nd.tif", data, 10, nodata=-9999,
                         tags={"PROCESSING_BASELINE": "03.01", "PRODUCT_TYPE": "S2MSI1C"})
     stack = s2.read_multiband(path)
@@ -208,20 +210,20 @@ def test_nodata_zero_nan_and_dataset_nodata_never_spread(tmp_path):
     assert not stack.valid[5, 0]
     assert int((~stack.valid).sum()) == 4
 
-    x, valid, warnings = s2.to_model_input(stack)
+    x, valid, warnings = s2b.to_model_input(stack)
     assert np.isfinite(x).all() and x.min() >= 0 and x.max() <= 1
     expected_invalid = np.zeros((h, w), bool)
     expected_invalid[1, 1] = expected_invalid[2, 3] = expected_invalid[4, 5] = True
     np.testing.assert_array_equal(~valid, expected_invalid)  # B01 is not a model band
     # the filled pixels sit at the band mean (127/255); every other pixel is untouched
-    c = s2.MODEL_BANDS.index
+    c = s2b.MODEL_BANDS.index
     assert x[c("B03"), 1, 1] == np.float32(127 / 255)
     assert x[c("B11"), 2, 3] == np.float32(127 / 255)
     assert x[c("B8A"), 4, 5] == np.float32(127 / 255)
-    for k, band in enumerate(s2.MODEL_BANDS):
+    for k, band in enumerate(s2b.MODEL_BANDS):
         good = np.ones((h, w), bool)
         good[[1, 2, 4], [1, 3, 5]] = False
-        ref = s2.normalise_bands(np.array([[[s2.BANDS[band].mean + 100.0]]]), [band])[0, 0, 0]
+        ref = s2b.normalise_bands(np.array([[[s2b.BANDS[band].mean + 100.0]]]), [band])[0, 0, 0]
         assert (x[k][good] == ref).all()
     assert any("3 of 42 pixels are nodata" in w for w in warnings)
 
@@ -349,10 +351,10 @@ def fake_l1c_safe(root: Path, name: str, dn_offset: int, *, mtd_baseline=None) -
     img = safe / "GRANULE" / "L1C_T33TTG_A026000_20220301T101029" / "IMG_DATA"
     use_jp2 = jp2_available()
     ext, driver = (".jp2", "JP2OpenJPEG") if use_jp2 else (".tif", "GTiff")
-    for band in s2.L1C_ORDER:
-        res = s2.BANDS[band].gsd_m
+    for band in s2b.L1C_ORDER:
+        res = s2b.BANDS[band].gsd_m
         n = SIZE_M // res
-        value = round(s2.BANDS[band].mean) + dn_offset
+        value = round(s2b.BANDS[band].mean) + dn_offset
         write_raster(img / f"T33TTG_20220301T101029_{band}{ext}",
                      np.full((n, n), value, np.uint16), res, driver=driver)
     write_raster(img / f"T33TTG_20220301T101029_TCI{ext}", np.zeros((3, 24, 24), np.uint8), 10,
@@ -371,10 +373,10 @@ def test_fake_l1c_safe_with_baseline_offset(tmp_path):
     safe = fake_l1c_safe(tmp_path, "S2B_MSIL1C_20220301T101029_N0400_R022_T33TTG_20220301T121545"
                                    ".SAFE", dn_offset=1000, mtd_baseline="04.00")
     stack = s2.read_band_files(safe)
-    assert stack.bands == s2.L1C_ORDER
+    assert stack.bands == s2b.L1C_ORDER
     assert stack.shape == (24, 24)
     assert (stack.level, stack.baseline, stack.offset_applied) == ("L1C", "04.00", True)
-    x, valid, warnings = s2.to_model_input(stack)
+    x, valid, warnings = s2b.to_model_input(stack)
     assert x.shape == (10, 24, 24) and valid.all()
     # DN = round(mean) + 1000; after removing the offset it is within 0.5 DN of the mean
     assert (x == np.float32(127 / 255)).all()
@@ -384,15 +386,15 @@ def test_fake_l1c_safe_with_baseline_offset(tmp_path):
 def test_baseline_from_safe_name_alone(tmp_path):
     safe = fake_l1c_safe(tmp_path, "S2A_MSIL1C_20210615T101031_N0300_R022_T33TTG_20210615T121545"
                                    ".SAFE", dn_offset=0)
-    stack = s2.read_band_files(safe, bands=s2.MODEL_BANDS)
-    assert stack.bands == s2.MODEL_BANDS
+    stack = s2.read_band_files(safe, bands=s2b.MODEL_BANDS)
+    assert stack.bands == s2b.MODEL_BANDS
     assert (stack.level, stack.baseline, stack.offset_applied) == ("L1C", "03.00", False)
-    x, valid, _ = s2.to_model_input(stack)
+    x, valid, _ = s2b.to_model_input(stack)
     assert (x == np.float32(127 / 255)).all()
     # the user stating a baseline overrides the product name
-    stack = s2.read_band_files(safe, bands=s2.MODEL_BANDS, baseline="04.00")
+    stack = s2.read_band_files(safe, bands=s2b.MODEL_BANDS, baseline="04.00")
     assert stack.offset_applied
-    x, _, _ = s2.to_model_input(stack)
+    x, _, _ = s2b.to_model_input(stack)
     assert (x < np.float32(127 / 255)).all()
 
 
@@ -411,13 +413,13 @@ def test_fake_l2a_safe_takes_native_resolutions_and_warns(tmp_path):
     ext, driver = (".jp2", "JP2OpenJPEG") if use_jp2 else (".tif", "GTiff")
     # L2A ships the 10 m bands resampled at 20 m and 60 m too, and 20 m bands at 60 m; mark
     # each copy so that the test sees which one was read
-    for band in s2.L2A_ORDER:
-        native = s2.BANDS[band].gsd_m
+    for band in s2b.L2A_ORDER:
+        native = s2b.BANDS[band].gsd_m
         for res in (10, 20, 60):
             if res < native or (res == 10 and native != 10):
                 continue
             n = SIZE_M // res
-            value = round(s2.BANDS[band].mean) + 1000 + (0 if res == native else 777)
+            value = round(s2b.BANDS[band].mean) + 1000 + (0 if res == native else 777)
             write_raster(img / f"R{res}m" / f"T33TTG_20220615T101029_{band}_{res}m{ext}",
                          np.full((n, n), value, np.uint16), res, driver=driver)
     write_raster(img / "R20m" / f"T33TTG_20220615T101029_SCL_20m{ext}",
@@ -425,11 +427,11 @@ def test_fake_l2a_safe_takes_native_resolutions_and_warns(tmp_path):
     (safe / "MTD_MSIL2A.xml").write_text(MTD_L2A)
 
     stack = s2.read_band_files(safe)
-    assert stack.bands == s2.L2A_ORDER
+    assert stack.bands == s2b.L2A_ORDER
     assert (stack.level, stack.baseline, stack.offset_applied) == ("L2A", "04.00", True)
-    for band in s2.L2A_ORDER:
-        assert (stack.band(band) == round(s2.BANDS[band].mean) + 1000).all(), band
-    x, valid, warnings = s2.to_model_input(stack)
+    for band in s2b.L2A_ORDER:
+        assert (stack.band(band) == round(s2b.BANDS[band].mean) + 1000).all(), band
+    x, valid, warnings = s2b.to_model_input(stack)
     assert x.shape == (10, 24, 24) and valid.all()
     assert (x == np.float32(127 / 255)).all()
     assert len(warnings) == 1 and "Level-2A" in warnings[0] and "Level-1C" in warnings[0]
@@ -439,66 +441,66 @@ def test_fake_l2a_safe_takes_native_resolutions_and_warns(tmp_path):
 
 
 def test_normalise_bands_golden_numbers():
-    b4 = s2.BANDS["B04"]
+    b4 = s2b.BANDS["B04"]
     dn = np.array([b4.mean, b4.lo, b4.hi, b4.lo - 500, b4.hi + 500, b4.mean + b4.std, 2000.0,
                    np.nan])[None, None, :]
-    out = s2.normalise_bands(dn.reshape(1, 1, -1), ["B4"])[0, 0]
+    out = s2b.normalise_bands(dn.reshape(1, 1, -1), ["B4"])[0, 0]
     assert out.dtype == np.float32
     # mean -> 127.5 truncated to 127; lo -> 0; hi -> 255; outside clipped; mean + std -> 191.25
     # -> 191; DN 2000 -> 184.55 -> 184; NaN is treated as the mean
     expected = np.array([127, 0, 255, 0, 255, 191, 184, 127], np.float32) / np.float32(255)
     np.testing.assert_array_equal(out, expected)
     # B02 DN 1000: (1000 - (1184.3824625 - 2 * 650.2842772)) / (4 * 650.2842772) * 255 = 109.42
-    assert s2.normalise_bands(np.array([[[1000.0]]]), ["B02"])[0, 0, 0] == np.float32(109 / 255)
+    assert s2b.normalise_bands(np.array([[[1000.0]]]), ["B02"])[0, 0, 0] == np.float32(109 / 255)
     with pytest.raises(InvalidRequest, match="2 bands given but 1"):
-        s2.normalise_bands(np.zeros((2, 1, 1)), ["B02"])
+        s2b.normalise_bands(np.zeros((2, 1, 1)), ["B02"])
 
 
 def test_model_bands_matches_the_reference_recipe():
     rng = np.random.default_rng(0)
     dn = rng.integers(1, 6000, size=(13, 9, 11)).astype(np.uint16)
     # the reference, literally: stretch all 13 with uint8 truncation, swap 1..3, drop 0, 9, 10
-    mean = np.array([s2.BANDS[b].mean for b in s2.L1C_ORDER])[:, None, None]
-    std = np.array([s2.BANDS[b].std for b in s2.L1C_ORDER])[:, None, None]
+    mean = np.array([s2b.BANDS[b].mean for b in s2b.L1C_ORDER])[:, None, None]
+    std = np.array([s2b.BANDS[b].std for b in s2b.L1C_ORDER])[:, None, None]
     lo, hi = mean - 2 * std, mean + 2 * std
     ref = (np.clip((dn - lo) / (hi - lo) * 255, 0, 255).astype(np.uint8) / 255).astype(
         np.float32)
     ref[[1, 2, 3]] = ref[[3, 2, 1]]
     ref = np.delete(ref, [0, 9, 10], axis=0)
-    np.testing.assert_array_equal(s2.model_bands(dn, s2.L1C_ORDER), ref)
+    np.testing.assert_array_equal(s2b.model_bands(dn, s2b.L1C_ORDER), ref)
     # the same through a stack (no offset, L1C, baseline known: no warnings)
-    stack = make_stack(dict(zip(s2.L1C_ORDER, dn.astype(np.float32))), level="L1C",
+    stack = make_stack(dict(zip(s2b.L1C_ORDER, dn.astype(np.float32))), level="L1C",
                        baseline="03.01")
-    x, valid, warnings = s2.to_model_input(stack)
+    x, valid, warnings = s2b.to_model_input(stack)
     np.testing.assert_array_equal(x, ref)
     assert valid.all() and warnings == []
 
 
 def test_baseline_offset_is_removed():
-    bands = {b: np.full((2, 2), s2.BANDS[b].mean + 1000) for b in s2.MODEL_BANDS}
+    bands = {b: np.full((2, 2), s2b.BANDS[b].mean + 1000) for b in s2b.MODEL_BANDS}
     new = make_stack(bands, level="L1C", baseline="04.00", offset_applied=True)
-    x, _, _ = s2.to_model_input(new)
+    x, _, _ = s2b.to_model_input(new)
     assert (x == np.float32(127 / 255)).all()
     old = make_stack(bands, level="L1C", baseline="03.01", offset_applied=False)
-    x_old, _, _ = s2.to_model_input(old)
+    x_old, _, _ = s2b.to_model_input(old)
     assert (x_old > np.float32(127 / 255)).all()
 
 
 def test_missing_model_band_names_missing_and_found():
     stack = make_stack({b: np.ones((2, 2)) for b in ("B02", "B03", "B04", "B08")})
     with pytest.raises(InvalidRequest) as err:
-        s2.to_model_input(stack)
+        s2b.to_model_input(stack)
     msg = str(err.value)
     assert "missing: B05, B06, B07, B8A, B11, B12" in msg
     assert "found: B02, B03, B04, B08" in msg
 
 
 def test_unknown_level_and_baseline_warn():
-    stack = make_stack({b: np.full((2, 2), 1500.0) for b in s2.MODEL_BANDS})
-    _, _, warnings = s2.to_model_input(stack)
+    stack = make_stack({b: np.full((2, 2), 1500.0) for b in s2b.MODEL_BANDS})
+    _, _, warnings = s2b.to_model_input(stack)
     assert any("product level is unknown" in w and "--level L2A" in w for w in warnings)  # the CLI's own flags
     assert any("baseline is unknown" in w and "--baseline 04.00" in w for w in warnings)
-    l2a = make_stack({b: np.full((2, 2), 1500.0) for b in s2.MODEL_BANDS}, level="L2A",
+    l2a = make_stack({b: np.full((2, 2), 1500.0) for b in s2b.MODEL_BANDS}, level="L2A",
                      baseline="03.00")
-    _, _, warnings = s2.to_model_input(l2a)
+    _, _, warnings = s2b.to_model_input(l2a)
     assert len(warnings) == 1 and "Level-2A" in warnings[0]

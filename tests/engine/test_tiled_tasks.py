@@ -81,7 +81,7 @@ def test_superres_grid_tags_and_nodata(tmp_path, models):
 def test_superres_band_files_at_mixed_resolutions(tmp_path, models):
     folder = tmp_path / "bands"
     folder.mkdir()
-    from engine.geo.sentinel2 import BANDS
+    from engine.geo.sentinel2_bands import BANDS
 
     for name, band in BANDS.items():
         factor = int(band.gsd_m // 10)

@@ -18,18 +18,11 @@ from rasterio.transform import from_origin
 from rasterio.windows import Window
 
 from engine.errors import Cancelled, InvalidRequest, RasterError
+from engine.geo.accumulate import raster_reader, run_tiled
 from engine.geo.cog import CogWriter
-from engine.geo.tiling import (
-    accumulate_partial,
-    blend_weights,
-    merge_partials,
-    output_grid,
-    plan_tiles,
-    raster_reader,
-    run_tiled,
-    run_tiled_distributed,
-    tiles_for_rank,
-)
+from engine.geo.grid import Grid
+from engine.geo.tiles import blend_weights, plan_tiles
+from engine.parallel import accumulate_partial, merge_partials, run_tiled_distributed, tiles_for_rank
 from engine.progress import CancelToken
 
 CRS = "EPSG:32633"
@@ -295,9 +288,9 @@ def test_superres_factor_2_grid_and_values(tmp_path):
 
     dest = tmp_path / "sr.tif"
     with rasterio.open(src) as ds:
-        transform, w, h = output_grid(ds.transform, ds.width, ds.height, 2)
+        out_grid = Grid.of(ds).scaled(2)
         tiles = plan_tiles(ds.width, ds.height, 32, 8, factor=2)
-        with writer(dest, w, h, transform=transform) as out:
+        with writer(dest, out_grid.width, out_grid.height, transform=out_grid.transform) as out:
             run_tiled(raster_reader(ds, scale=1 / 255), nearest_x2, out, tiles)
         in_bounds, in_crs, in_res = ds.bounds, ds.crs, ds.res
     with rasterio.open(dest) as ds:
@@ -407,7 +400,7 @@ def test_cancel_mid_run_leaves_nothing(tmp_path):
 
 
 def test_writer_size_must_match_the_tiles(tmp_path):
-    with pytest.raises(InvalidRequest, match="output_grid"):
+    with pytest.raises(InvalidRequest, match=r"Grid\.scaled"):
         with writer(tmp_path / "o.tif", 100, 100) as out:
             run_tiled(zeros_reader, global_denoiser, out, plan_tiles(100, 100, 64, 16, factor=2))
 

@@ -44,7 +44,7 @@ __all__ = ["find_geotiffs", "GeoTiffFolder", "RasterInfo", "CLOUD_BANDS"]
 
 GEOTIFF_SUFFIXES = (".tif", ".tiff")
 
-#: QA band description -> (cloud rule, invalid-pixel rule) in engine.geo.masks grammar.
+#: QA band description -> (cloud rule, invalid-pixel rule) in engine.geo.mask_rules grammar.
 CLOUD_BANDS: dict[str, tuple[str, Optional[str]]] = {
     # Landsat Collection 2: dilated cloud (1), cirrus (2), cloud (3); fill (0)
     "QA_PIXEL": ("bit:1|bit:2|bit:3", "bit:0"),
@@ -298,7 +298,7 @@ class GeoTiffFolder:
     def _cloud_fraction(info: RasterInfo, qa: Optional[np.ndarray]) -> Optional[float]:
         if qa is None or info.qa_rules is None:
             return None
-        from engine.geo.masks import mask_from_bits
+        from engine.geo.mask_rules import mask_from_bits
 
         cloud_rule, invalid_rule = info.qa_rules
         cloudy = mask_from_bits(qa, cloud_rule)

@@ -401,7 +401,7 @@ def parse_superres_sample(sample: Mapping[str, Any], rng: np.random.Generator,
     8 bit, bands [B4, B3, B2, B5, B6, B7, B8, B8A, B11, B12]; its metadata is the target's with the
     GSD set to 10 m (not rescaled).
     """
-    from engine.geo.sentinel2 import L1C_ORDER, model_bands
+    from engine.geo.sentinel2_bands import L1C_ORDER, model_bands
 
     key = sample["__key__"]
     if "multispectral.npy" not in sample or "rgb.npy" not in sample:

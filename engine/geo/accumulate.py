@@ -1,0 +1,534 @@
+"""The on-disk accumulator and the tile loop: blend a fixed-size model's tiles into one raster.
+
+Memory does not grow with the raster: the weighted sums live in a file on disk (a ring of one
+tile height of output rows for a single process, :func:`run_tiled`; one band of rows per process
+when the work is split, :mod:`engine.parallel`), rows are normalised and written to the
+:class:`~engine.geo.cog.CogWriter` as soon as no later tile can touch them, and every array in
+RAM is the size of a tile or of a fixed chunk. Tiles and their blend weights come from
+:mod:`engine.geo.tiles`.
+
+:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`tile_contribution` and
+:func:`check_writer` are shared with :mod:`engine.parallel`, which accumulates the same way
+into one partial file per process.
+
+Units: all windows and sizes are in pixels; input windows in input pixels, ``out_*`` windows in
+output pixels (input pixels x ``factor``).
+
+A little over 500 lines: the accumulator, the encoding and the tile loop are one mechanism (the
+ring of rows, the flush alignment to writer blocks and the read-back all depend on each other).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+
+from ..errors import InvalidRequest, RasterError
+from ..progress import CancelToken, Progress, ProgressCallback, report
+from .cog import active_run_dir, disk_full, is_disk_full
+from .tiles import Tile, output_size, row_major
+
+#: Accumulator precision. float64 rather than float32 because a split run sums the same
+#: contributions in a different order than a single process; in float64 the two agree to far
+#: below output precision, so split and single runs write identical pixels.
+ACCUMULATOR_DTYPE = np.dtype(np.float64)
+
+#: Output (rows, cols) normalised and written at once when the writer has no block grid; with
+#: one, a chunk is one writer block (at least 256 px wide). Bounds RAM during flushes
+#: independently of the raster width.
+FLUSH_CHUNK = (256, 256)
+
+
+# --------------------------------------------------------------------------------------------
+# The on-disk accumulator
+
+
+class Accumulator:
+    """Weighted sums and weight sums for a band of output rows, in a file, not in RAM.
+
+    Layout: pixel-interleaved rows of ``width`` x (``bands`` + 1) values (the last channel is
+    the weight sum), so one tile row is one contiguous read. In ring mode the file holds only
+    ``nrows`` rows and output row ``y`` lives at file row ``y mod nrows``; rows must be released
+    (:meth:`release`, after they were flushed and zeroed) before they are reused.
+
+    Plain reads and writes rather than ``np.memmap``: pages of a mapped file count as the
+    process's resident memory, which would grow with the raster; pages written through the page
+    cache do not.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        width: int,
+        bands: int,
+        row0: int,
+        nrows: int,
+        ring: bool,
+        create: bool,
+    ) -> None:
+        self.path = path
+        self.width = width
+        self.bands = bands
+        self.channels = bands + 1
+        self.row0 = row0  # first output row held (ring: lowest row not yet released)
+        self.nrows = max(0, nrows)
+        self.ring = ring
+        self.itemsize = ACCUMULATOR_DTYPE.itemsize
+        self.rowbytes = width * self.channels * self.itemsize
+        self._f = open(path, "w+b" if create else "rb", buffering=0)
+        if create:
+            self._f.truncate(self.nrows * self.rowbytes)  # sparse: reads as zeros
+
+    def close(self) -> None:
+        if not self._f.closed:
+            self._f.close()
+
+    def sync(self) -> None:
+        os.fsync(self._f.fileno())
+
+    def _check_rows(self, y0: int, h: int) -> None:
+        if y0 < self.row0 or y0 + h > self.row0 + self.nrows:
+            raise RuntimeError(
+                f"rows {y0}..{y0 + h} are outside the accumulator's rows "
+                f"{self.row0}..{self.row0 + self.nrows}; tiles must be processed row-major"
+            )
+
+    def _runs(self, y0: int, h: int) -> Iterable[tuple[int, int, int]]:
+        """(file row, first block row, row count) runs that are contiguous in the file."""
+        if not self.ring:
+            yield y0 - self.row0, 0, h
+            return
+        i = 0
+        while i < h:
+            frow = (y0 + i) % self.nrows
+            count = min(h - i, self.nrows - frow)
+            yield frow, i, count
+            i += count
+
+    def _io(self, y0: int, x0: int, block: np.ndarray, write: bool) -> None:
+        h, w = block.shape[:2]
+        self._check_rows(y0, h)
+        col = x0 * self.channels * self.itemsize
+        full_rows = x0 == 0 and w == self.width
+        for frow, i, count in self._runs(y0, h):
+            rows = range(i, i + count)
+            if full_rows:  # the whole run is one contiguous span of the file
+                self._span(frow * self.rowbytes, block[i : i + count], write)
+            else:
+                for k, r in enumerate(rows):
+                    self._span((frow + k) * self.rowbytes + col, block[r], write)
+
+    def _span(self, offset: int, part: np.ndarray, write: bool) -> None:
+        view = memoryview(part).cast("B")
+        self._f.seek(offset)
+        done = 0
+        while done < len(view):
+            n = self._f.write(view[done:]) if write else self._f.readinto(view[done:])
+            if not n:
+                raise RasterError(f"short {'write to' if write else 'read from'} {self.path}; disk full?")
+            done += n
+
+    def read(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+        """Rows ``y0..y0+h``, cols ``x0..x0+w`` as an (h, w, bands + 1) array."""
+        block = np.empty((h, w, self.channels), dtype=ACCUMULATOR_DTYPE)
+        self._io(y0, x0, block, write=False)
+        return block
+
+    def write(self, y0: int, x0: int, block: np.ndarray) -> None:
+        self._io(y0, x0, np.ascontiguousarray(block, dtype=ACCUMULATOR_DTYPE), write=True)
+
+    def add(self, y0: int, x0: int, values: np.ndarray, weights: np.ndarray) -> None:
+        """Add ``values`` (bands, h, w) x ``weights`` (h, w) and ``weights`` at (y0, x0)."""
+        h, w = weights.shape
+        block = self.read(y0, x0, h, w)
+        block[..., : self.bands] += np.moveaxis(values, 0, -1) * weights[..., None]
+        block[..., self.bands] += weights
+        self.write(y0, x0, block)
+
+    def zero(self, y0: int, x0: int, h: int, w: int) -> None:
+        """Reset rows ``y0..y0+h``, cols ``x0..x0+w`` to 0 (ring rows about to be reused)."""
+        row = np.zeros((1, w, self.channels), dtype=ACCUMULATOR_DTYPE)
+        for y in range(y0, y0 + h):
+            self._io(y, x0, row, write=True)
+
+    def release(self, y_to: int) -> None:
+        """Rows below ``y_to`` were flushed and zeroed; their file rows may hold later rows."""
+        self.row0 = max(self.row0, y_to)
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding and flushing
+
+
+@dataclass(frozen=True)
+class Encoding:
+    dtype: np.dtype
+    nodata: Optional[float]
+    scale: float
+    offset: float
+
+
+def encoding(writer: Any, scale: Optional[float], offset: float) -> Encoding:
+    dtype = np.dtype(writer.profile["dtype"])
+    if scale is None:
+        if dtype == np.uint8:
+            scale = 255.0  # model outputs are 0..1
+        elif dtype.kind == "f":
+            scale = 1.0
+        else:
+            raise InvalidRequest(
+                f"say how model values map to {dtype.name} output: pass scale= (and offset=)"
+            )
+    nodata = writer.profile.get("nodata")
+    return Encoding(dtype, None if nodata is None else float(nodata), float(scale), float(offset))
+
+
+def _encode(values: np.ndarray, valid: np.ndarray, enc: Encoding) -> np.ndarray:
+    """(bands, h, w) normalised float64 values -> output dtype; invalid pixels become nodata.
+
+    Works in place on ``values`` (a chunk-sized temporary) to keep the flush's RAM small.
+    """
+    x = values
+    if enc.scale != 1.0:
+        x *= enc.scale
+    if enc.offset != 0.0:
+        x += enc.offset
+    if enc.dtype.kind in "iu":
+        info = np.iinfo(enc.dtype)
+        np.rint(x, out=x)
+        np.clip(x, info.min, info.max, out=x)
+        if enc.nodata is not None and info.min <= enc.nodata <= info.max:
+            # A real pixel that rounds onto the nodata value would vanish from the map; move it
+            # one step into the range instead.
+            bump = 1 if enc.nodata < info.max else -1
+            x[(x == enc.nodata) & valid[None]] += bump
+    out = x.astype(enc.dtype, order="C")
+    if not valid.all():
+        if enc.nodata is not None:
+            fill = enc.nodata
+        else:
+            fill = np.nan if enc.dtype.kind == "f" else 0
+        out[:, ~valid] = fill
+    return out
+
+
+def _chunking(writer: Any) -> tuple[int, int]:
+    """(rows, cols) of a flush chunk: the writer's block, so every block is written once, whole."""
+    prof = writer.profile
+    by, bx = prof.get("blockysize"), prof.get("blockxsize")
+    if not (prof.get("tiled") and by and bx):
+        return FLUSH_CHUNK
+    return int(by), int(bx) * max(1, 256 // int(bx))
+
+
+def _steps(start: int, stop: int, step: int) -> Iterable[tuple[int, int]]:
+    """(offset, length) pieces of ``start..stop`` cut on multiples of ``step``."""
+    y = start
+    while y < stop:
+        end = min(stop, (y // step + 1) * step)
+        yield y, end - y
+        y = end
+
+
+def flush(
+    sources: Sequence[Accumulator],
+    y_from: int,
+    y_to: int,
+    width: int,
+    bands: int,
+    writer: Any,
+    enc: Encoding,
+    cancel: Optional[CancelToken],
+    zero_after: bool,
+) -> int:
+    """Normalise rows ``y_from..y_to`` (summed over ``sources``) and write them; returns nodata px."""
+    nodata_px = 0
+    ch, cw = _chunking(writer)
+    for y, h in _steps(y_from, y_to, ch):
+        for x, w in _steps(0, width, cw):
+            if cancel is not None:
+                cancel.raise_if_cancelled()
+            total: Optional[np.ndarray] = None
+            for src in sources:
+                lo, hi = max(y, src.row0), min(y + h, src.row0 + src.nrows)
+                if lo >= hi:
+                    continue
+                block = src.read(lo, x, hi - lo, w)
+                if zero_after:
+                    src.zero(lo, x, hi - lo, w)
+                if total is None and (lo, hi) == (y, y + h):
+                    total = block  # the common single-source case: no extra chunk in RAM
+                else:
+                    if total is None:
+                        total = np.zeros((h, w, bands + 1), dtype=ACCUMULATOR_DTYPE)
+                    total[lo - y : hi - y] += block
+            if total is None:
+                total = np.zeros((h, w, bands + 1), dtype=ACCUMULATOR_DTYPE)
+            wsum = total[..., bands]
+            # Weight sums are exactly 0 only where every contribution was masked (nodata):
+            # blending weights themselves are never 0.
+            valid = wsum > 0
+            values = np.moveaxis(total[..., :bands], -1, 0)
+            values /= np.where(valid, wsum, 1.0)[None]
+            nodata_px += int(valid.size - np.count_nonzero(valid))
+            writer.write(_encode(values, valid, enc), Window(x, y, w, h))
+    return nodata_px
+
+
+# --------------------------------------------------------------------------------------------
+# Per-tile work shared by the single and split runs
+
+ReadFn = Callable[[Tile], Union[np.ndarray, "tuple[np.ndarray, Optional[np.ndarray]]"]]
+ProcessFn = Callable[[Tile, np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class TilingStats:
+    """What a tiled run did."""
+
+    tiles: int  #: tiles run through the model
+    skipped_tiles: int  #: tiles with no valid input pixel (not run; written as nodata)
+    nodata_pixels: int  #: output px written as nodata (0 for partial runs: rank 0 counts)
+    seconds: float  #: wall time of this call, s
+
+
+def _pad(array: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    h, w = array.shape[-2:]
+    if (h, w) == (rows, cols):
+        return array
+    pad = [(0, 0)] * (array.ndim - 2) + [(0, rows - h), (0, cols - w)]
+    # Reflection keeps texture statistics at the edge, so the model does not react to a flat or
+    # black border that is not in the data.
+    return np.pad(array, pad, mode="reflect")
+
+
+def _read_tile(read_fn: ReadFn, tile: Tile, fill_nodata: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Model input (C, size, size) and the valid mask (size, size) for ``tile``."""
+    got = read_fn(tile)
+    array, mask = got if isinstance(got, tuple) else (got, None)
+    array = np.asarray(array)
+    if array.ndim == 2:
+        array = array[None]
+    rows, cols = tile.shape
+    vh, vw = int(tile.valid.height), int(tile.valid.width)
+    if array.shape[-2:] not in ((rows, cols), (vh, vw)):
+        raise RasterError(
+            f"read_fn returned {array.shape[-2:]} px for tile {tile.index}; expected the tile "
+            f"({rows}x{cols}) or its valid part ({vh}x{vw})"
+        )
+    valid = np.ones(array.shape[-2:], dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    if valid.shape != array.shape[-2:]:
+        raise RasterError(f"read_fn's mask is {valid.shape}, its array {array.shape[-2:]}")
+    if array.dtype.kind == "f":
+        valid = valid & np.isfinite(array).all(axis=0)
+    array, valid = _pad(array, rows, cols), _pad(valid, rows, cols)
+    if fill_nodata and not valid.all() and valid.any():
+        # The model must not see nodata values (or NaN, which would blank the whole tile): fill
+        # with each band's mean over the tile's valid pixels; the mask restores nodata later.
+        array = array.astype(np.float32, copy=True)
+        means = array[:, valid].mean(axis=1)
+        array[:, ~valid] = means[:, None]
+    return array, valid
+
+
+def tile_contribution(
+    read_fn: ReadFn, process_fn: ProcessFn, tile: Tile, bands: int, fill_nodata: bool
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(values (bands, h, w), weights (h, w)) over the tile's valid output part; None if empty."""
+    array, valid_in = _read_tile(read_fn, tile, fill_nodata)
+    rs, cs = tile.valid_slices
+    valid_in = valid_in[rs, cs]
+    if not valid_in.any():
+        return None
+    out = np.asarray(process_fn(tile, array))
+    if out.ndim == 2:
+        out = out[None]
+    if out.shape != (bands, *tile.out_shape):
+        raise RasterError(
+            f"process_fn returned {out.shape} for tile {tile.index}; expected "
+            f"({bands}, {tile.out_shape[0]}, {tile.out_shape[1]}) = (bands, rows*factor, cols*factor)"
+        )
+    ors, ocs = tile.out_valid_slices
+    values = out[:, ors, ocs].astype(ACCUMULATOR_DTYPE)
+    f = tile.factor
+    ok = np.repeat(np.repeat(valid_in, f, axis=0), f, axis=1) if f > 1 else valid_in
+    ok = ok & np.isfinite(values).all(axis=0)
+    weights = np.where(ok, tile.weights()[ors, ocs], 0.0).astype(ACCUMULATOR_DTYPE)
+    # Zero the masked values too: NaN x 0 is NaN, and it would spread into the neighbours' sums.
+    values[:, ~ok] = 0.0
+    return values, weights
+
+
+def check_writer(writer: Any, width: int, height: int) -> int:
+    prof = writer.profile
+    if (int(prof["width"]), int(prof["height"])) != (width, height):
+        raise InvalidRequest(
+            f"the output is {prof['width']}x{prof['height']} px but the tiles cover "
+            f"{width}x{height} px; size the output with Grid.scaled(factor)"
+        )
+    return int(prof["count"])
+
+
+
+# --------------------------------------------------------------------------------------------
+# Single process
+
+
+def run_tiled(
+    read_fn: ReadFn,
+    process_fn: ProcessFn,
+    writer: Any,
+    tiles: Sequence[Tile],
+    *,
+    scale: Optional[float] = None,
+    offset: float = 0.0,
+    fill_nodata: bool = True,
+    scratch_dir: Optional[Union[str, os.PathLike]] = None,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelToken] = None,
+) -> TilingStats:
+    """Run ``process_fn`` over every tile and write the blended result into ``writer``.
+
+    Args:
+        read_fn: ``read_fn(tile)`` returns the model input for ``tile.valid`` or the whole
+            (padded) ``tile.window``: an array (bands, rows, cols), or ``(array, valid)`` with a
+            boolean (rows, cols) mask of valid pixels. Missing padding is added by reflection.
+            Non-finite input pixels count as invalid.
+        process_fn: ``process_fn(tile, array)`` returns (bands_out, rows*factor, cols*factor)
+            floats. Invalid input pixels were filled (see ``fill_nodata``); non-finite output
+            pixels count as invalid.
+        writer: an open :class:`~engine.geo.cog.CogWriter` (or anything with ``profile`` and
+            ``write(array, window)``) sized like the tiles' output (see :meth:`~engine.geo.grid.Grid.scaled`).
+        tiles: from :func:`plan_tiles`; processed row-major.
+        scale, offset: output = value x scale + offset, rounded and clipped for integer
+            outputs. ``scale`` defaults to 255 for uint8 (values 0..1) and 1 for floats.
+        fill_nodata: fill invalid input pixels with the tile's band means before the model.
+        scratch_dir: folder for the accumulator file (default: the system temp folder). While
+            a :class:`~engine.geo.cog.CogWriter` is open in this thread its run folder is used
+            instead, so one hidden folder holds all scratch of a run.
+        progress: called after every tile with ``Progress(tile=done, total_tiles=n)``.
+        cancel: polled before every tile and every written chunk.
+
+    Pixels with no valid contribution are written as the writer's nodata (NaN for float outputs
+    without nodata, 0 for integer outputs without nodata; counted in the returned stats).
+
+    Raises:
+        Cancelled: ``cancel`` was set; the writer's context then leaves nothing at its
+            destination.
+        DiskFull: no space for the accumulator (nothing is left behind).
+    """
+    start = time.perf_counter()
+    tiles = row_major(tiles)
+    if not tiles:
+        raise InvalidRequest("no tiles to run")
+    width, height = output_size(tiles)
+    bands = check_writer(writer, width, height)
+    enc = encoding(writer, scale, offset)
+    n = len(tiles)
+    align = _chunking(writer)[0]
+    # The ring holds one tile height of rows plus the rows kept back to finish a writer block.
+    strip = max(t.out_shape[0] for t in tiles) + align
+
+    done = skipped = nodata_px = 0
+    with _scratch_folder(scratch_dir) as (tmp, shown):
+        acc = Accumulator(
+            Path(tmp) / "acc.bin", width=width, bands=bands, row0=0, nrows=strip, ring=True, create=True
+        )
+        try:
+            flushed = 0
+            for i, tile in enumerate(tiles):
+                if cancel is not None:
+                    cancel.raise_if_cancelled()
+                # Rows above a new tile row are final. Flush only whole rows of writer blocks, so
+                # each block is written once and complete (no read-back, little GDAL cache).
+                ready = int(tile.out_window.row_off) // align * align
+                if ready > flushed:
+                    nodata_px += flush([acc], flushed, ready, width, bands, writer, enc, cancel, True)
+                    acc.release(ready)
+                    flushed = ready
+                contribution = tile_contribution(read_fn, process_fn, tile, bands, fill_nodata)
+                if contribution is None:
+                    skipped += 1
+                else:
+                    values, weights = contribution
+                    acc.add(int(tile.out_valid.row_off), int(tile.out_valid.col_off), values, weights)
+                    done += 1
+                report(progress, Progress(0, 1, i + 1, n, f"tile {i + 1}/{n}"))
+            report(progress, Progress(0, 1, n, n, "writing the last rows"))
+            nodata_px += flush([acc], flushed, height, width, bands, writer, enc, cancel, False)
+        except OSError as err:
+            if is_disk_full(err):
+                raise disk_full(shown, strip * acc.rowbytes, "the tiling accumulator") from None
+            raise
+        finally:
+            acc.close()
+            Path(tmp, "acc.bin").unlink(missing_ok=True)
+    return TilingStats(done, skipped, nodata_px, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def _scratch_folder(scratch_dir: Optional[Union[str, os.PathLike]]) -> Iterator[tuple[Path, Path]]:
+    """(folder for the accumulator, folder to name in messages): the active run folder of the
+    output being written when there is one, else a temporary folder in ``scratch_dir``."""
+    run = active_run_dir()
+    if run is not None:
+        yield run, run.parent
+        return
+    with tempfile.TemporaryDirectory(prefix="diffusionsat-tiling-", dir=scratch_dir) as tmp:
+        yield Path(tmp), Path(scratch_dir or tempfile.gettempdir())
+
+
+# --------------------------------------------------------------------------------------------
+# Reading from rasterio
+
+
+def raster_reader(
+    dataset: Any,
+    *,
+    indexes: Optional[Sequence[int]] = None,
+    scale: float = 1.0,
+    offset: float = 0.0,
+) -> ReadFn:
+    """A ``read_fn`` over an open rasterio dataset: the tile's valid window as float32.
+
+    Values are ``raw x scale + offset`` (e.g. ``scale=1/255`` for 8-bit imagery into 0..1). A
+    pixel is valid where every band's mask is valid (nodata, internal masks, alpha) and finite.
+    """
+    bands = list(indexes) if indexes is not None else list(range(1, dataset.count + 1))
+    masked = any(MaskFlags.all_valid not in dataset.mask_flag_enums[b - 1] for b in bands)
+
+    def read(tile: Tile) -> tuple[np.ndarray, Optional[np.ndarray]]:
+        array = dataset.read(bands, window=tile.valid, out_dtype="float32")
+        if scale != 1.0 or offset != 0.0:
+            array = array * np.float32(scale) + np.float32(offset)
+        valid = None
+        if masked:
+            valid = (dataset.read_masks(bands, window=tile.valid) > 0).all(axis=0)
+        return array, valid
+
+    return read
+
+
+__all__ = [
+    "ACCUMULATOR_DTYPE",
+    "Accumulator",
+    "ProcessFn",
+    "ReadFn",
+    "TilingStats",
+    "check_writer",
+    "encoding",
+    "flush",
+    "raster_reader",
+    "run_tiled",
+    "tile_contribution",
+]
