@@ -234,14 +234,14 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
 
 def request_resolution(bundle, request) -> int:
     """The tile size: --resolution, else what the task's model was trained at (engine.models.loading)."""
-    from .models.loading import request_resolution as resolution
+    from .models.registry import request_resolution as resolution
 
     return resolution(bundle, request)
 
 
 def _bundle_for(models, request):
     """The request's model (cached), on this process's device."""
-    from .models.loading import auto_model
+    from .models.registry import auto_model
 
     return models.get(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet,
                       device=_device_for_rank(request.device), dtype=request.dtype)
@@ -253,7 +253,7 @@ def _frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: fl
     import torch
 
     from .metadata import SatMetadata
-    from .pipelines.text2img import Control
+    from .pipelines.controlnet import Control
 
     t = len(dates)
     image = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).reshape(t, 3, *frames.shape[1:])
@@ -263,9 +263,12 @@ def _frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: fl
 
 
 def _pipeline(bundle, request, controlnet=None):
-    from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
+    from .pipelines.controlnet import DiffusionSatControlNetPipeline
+    from .pipelines.inpaint import DiffusionSatInpaintPipeline
+    from .schedulers import make_scheduler
 
-    pipe = DiffusionSatPipeline.from_bundle(bundle, controlnet=controlnet)
+    cls = DiffusionSatInpaintPipeline if request.task == "inpaint" else DiffusionSatControlNetPipeline
+    pipe = cls.from_bundle(bundle, controlnet=controlnet)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     return pipe
 
@@ -419,7 +422,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
 
     from .geo.sentinel2 import to_model_input
     from .geo.tiling import tile_progress
-    from .pipelines.text2img import Control
+    from .pipelines.controlnet import Control
 
     bundle, placement = _bundle_for(models, request)
     controlnet = bundle.controlnet_for("superres")
@@ -877,7 +880,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
 
     from .geo.masks import feather
     from .geo.tiling import tile_progress
-    from .pipelines.text2img import Inpaint
+    from .pipelines.inpaint import Inpaint
 
     bundle, placement = _bundle_for(models, request)
     model_px = request_resolution(bundle, request)

@@ -20,10 +20,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from .device import DTYPE_NAMES
 from .errors import InvalidRequest, RasterError
 from .progress import CancelToken, Progress, ProgressCallback
+from .schedulers import SCHEDULER_NAMES
 
 DEFAULT_PROMPT = "a satellite image"
-#: the samplers: default = the checkpoint's own (engine.pipelines.text2img.make_scheduler builds them)
-SCHEDULER_NAMES = ("default", "ddim", "dpm++", "unipc", "euler", "pndm", "ddpm")
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")
@@ -307,7 +306,8 @@ def generate(
     from .geo.cog import write_cog
     from .metadata import derive_from_bbox, grid_transform, parse_crs
     from .models.cache import ModelCache
-    from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
+    from .pipelines.text2img import DiffusionSatPipeline
+    from .schedulers import make_scheduler
 
     started = time.perf_counter()
     out = check(request, out).out  # everything refusable is refused before the model is loaded
@@ -320,7 +320,7 @@ def generate(
     )
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
-    from .models.loading import request_resolution
+    from .models.registry import request_resolution
 
     model_px = request_resolution(bundle, request)
     width = request.width or request.size or model_px
@@ -519,14 +519,8 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     """
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
-    from .models.loading import (
-        auto_model,
-        controlnet_task_of,
-        locate_model,
-        missing_controlnet,
-        plan_resolution,
-        request_resolution,
-    )
+    from .models.bundle import missing_controlnet
+    from .models.registry import auto_model, controlnet_task_of, locate_model, plan_resolution, request_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)
