@@ -32,10 +32,13 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
+from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import BaseOutput
 
 from ..errors import InvalidRequest
 from ..progress import CancelToken, Progress, ProgressCallback, report
+from ..models.loading import load_model
+from ..models.weights import atomic_folder
 from ..schedulers import set_timesteps
 
 
@@ -64,8 +67,9 @@ class SamplingRun:
         return self.guidance_scale > 1.0
 
 
-class DiffusionSatBasePipeline(DiffusionPipeline):
-    """The shared base of the DiffusionSat pipelines (not used on its own)."""
+class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
+    """The shared base of the DiffusionSat pipelines (not used on its own). ``StableDiffusionMixin``
+    adds diffusers' FreeU and fused-QKV switches (the UNet is a ``UNet2DConditionModel``)."""
 
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components: list[str] = []
@@ -101,8 +105,6 @@ class DiffusionSatBasePipeline(DiffusionPipeline):
         constructor (``match_reference_fp16``; the ControlNet pipelines' ``controlnet_task``).
         The bundle's notices (what was assumed while loading) are in ``pipe.notices``.
         """
-        from ..models.loading import load_model
-
         bundle = load_model(str(pretrained_model_name_or_path), unet=unet, base=base, controlnet=controlnet)
         pipe = cls._from_loaded_bundle(bundle, **kwargs)
         if torch_dtype is not None:
@@ -113,6 +115,26 @@ class DiffusionSatBasePipeline(DiffusionPipeline):
     @classmethod
     def _from_loaded_bundle(cls, bundle, **kwargs: Any) -> "DiffusionSatBasePipeline":
         return cls.from_bundle(bundle, **kwargs)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """diffusers' ``save_pretrained`` (``model_index.json`` + one folder per component), written
+        atomically: into a temporary folder beside ``save_directory``, then renamed into place."""
+        with atomic_folder(save_directory) as tmp:
+            super().save_pretrained(tmp, **kwargs)
+
+    def enable_vae_slicing(self) -> None:
+        """Decode a batch one image at a time (less memory, same images)."""
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self) -> None:
+        self.vae.disable_slicing()
+
+    def enable_vae_tiling(self) -> None:
+        """Decode large images in overlapping tiles (less memory; seams blended by the VAE)."""
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self) -> None:
+        self.vae.disable_tiling()
 
     @property
     def dtype(self) -> torch.dtype:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from ..errors import InvalidRequest
+from ..models.bundle import missing_controlnet
 from ..progress import CancelToken, ProgressCallback
 from .base import PipelineOutput, SamplingRun, rows
 from .text2img import DiffusionSatPipeline
@@ -38,9 +39,10 @@ class Control:
 
 class DiffusionSatControlNetPipeline(DiffusionSatPipeline):
     """:class:`DiffusionSatPipeline` plus a registered ``controlnet`` (a
-    :class:`~engine.models.controlnet.SatControlNet` or ``SatControlNet3D``) and ``control=``."""
+    :class:`~engine.models.controlnet.SatControlNet` or ``SatControlNet3D``) and ``control=``.
+    ``controlnet`` None runs the plain text + metadata loop (``control`` must then be None)."""
 
-    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet=None,
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet,
                  match_reference_fp16: bool = True):
         super().__init__(vae, text_encoder, tokenizer, unet, scheduler, match_reference_fp16=match_reference_fp16)
         self.register_modules(controlnet=controlnet)
@@ -49,8 +51,6 @@ class DiffusionSatControlNetPipeline(DiffusionSatPipeline):
     def _from_loaded_bundle(cls, bundle, controlnet_task: Optional[str] = None, **kwargs: Any):
         """The loaded model's ControlNet: the one for ``controlnet_task`` ("superres", "temporal"),
         else the only one (the tiny preset has two: name the task)."""
-        from ..models.loading import missing_controlnet
-
         if controlnet_task is not None:
             controlnet = bundle.controlnet_for(controlnet_task)
         elif len(bundle.controlnets) == 1:

@@ -35,6 +35,11 @@ class DiffusionSatInpaintPipeline(DiffusionSatControlNetPipeline):
 
     _optional_components = ["controlnet"]
 
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, controlnet=None,
+                 match_reference_fp16: bool = True):
+        super().__init__(vae, text_encoder, tokenizer, unet, scheduler, controlnet,
+                         match_reference_fp16=match_reference_fp16)
+
     @torch.no_grad()
     def __call__(
         self,
