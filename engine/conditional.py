@@ -234,7 +234,7 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
 
 def request_resolution(bundle, request) -> int:
     """The tile size: --resolution, else what the task's model was trained at (engine.models.loading)."""
-    from .models.registry import request_resolution as resolution
+    from .models.resolution import request_resolution as resolution
 
     return resolution(bundle, request)
 

@@ -320,7 +320,7 @@ def generate(
     )
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
-    from .models.registry import request_resolution
+    from .models.resolution import request_resolution
 
     model_px = request_resolution(bundle, request)
     width = request.width or request.size or model_px
@@ -520,7 +520,8 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     from .device import resolve
     from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
     from .models.bundle import missing_controlnet
-    from .models.registry import auto_model, controlnet_task_of, locate_model, plan_resolution, request_resolution
+    from .models.registry import auto_model, controlnet_task_of, locate_model, plan_resolution
+    from .models.resolution import request_resolution
 
     if request.task == "generate":  # the request's own values first: no file is needed to refuse them
         crs = parse_crs(request.crs)

@@ -1,5 +1,5 @@
-"""What a loaded model is: :class:`ModelBundle` (the components a pipeline needs, where they came
-from) and :class:`Resolution` (a native resolution and its source)."""
+"""What a loaded model is: :class:`ModelBundle`, the components a pipeline needs and where they
+came from (its resolutions are :class:`~engine.models.resolution.Resolution`)."""
 
 from __future__ import annotations
 
@@ -10,22 +10,8 @@ from typing import Any, Optional
 import torch
 
 from ..errors import ModelNotFound
+from .resolution import Resolution
 from .unet import SatUNet
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """A model's native resolution (px) and where the engine got it from."""
-
-    px: int
-    #: "manifest", "recorded by training", "config", "built-in", "--resolution" or "default"
-    source: str
-    conditioning_px: Optional[int] = None
-    #: set when the value is a guess the user should know about (one line)
-    warning: Optional[str] = None
-
-    def as_dict(self) -> dict:
-        return {"px": self.px, "source": self.source, "conditioning_px": self.conditioning_px}
 
 
 @dataclass
