@@ -11,13 +11,12 @@ crash).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..errors import InvalidRequest
 from ..models.bundle import missing_controlnet
-from ..progress import CancelToken, ProgressCallback
 from .base import PipelineOutput, SamplingRun, rows
 from .text2img import DiffusionSatPipeline
 
@@ -65,35 +64,13 @@ class DiffusionSatControlNetPipeline(DiffusionSatPipeline):
         return cls.from_bundle(bundle, controlnet=controlnet, **kwargs)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str] = "a satellite image",
-        metadata: Any = None,
-        *,
-        control: Optional[Control] = None,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        generator: Optional[torch.Generator] = None,
-        latents: Optional[torch.Tensor] = None,
-        eta: float = 0.0,
-        output_type: str = "np",
-        return_dict: bool = True,
-        callback: Optional[ProgressCallback] = None,
-        cancel: Optional[CancelToken] = None,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> PipelineOutput:
-        """As :meth:`DiffusionSatPipeline.__call__`, conditioned on ``control`` (see :class:`Control`);
-        ``cancel`` is also polled before every ControlNet block."""
-        return self.generate(
-            prompt, metadata, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, eta=eta, output_type=output_type, return_dict=return_dict, callback=callback,
-            cancel=cancel, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, control=control)
+    def __call__(self, prompt: str | Sequence[str] = "a satellite image", metadata: Any = None, *,
+                 control: Optional[Control] = None, **kwargs: Any) -> PipelineOutput:
+        """As :meth:`DiffusionSatPipeline.__call__` (the same keyword arguments: ``height``,
+        ``width``, ``num_inference_steps``, ``guidance_scale``, ``generator``, ``callback_on_step_end``,
+        ...), conditioned on ``control`` (see :class:`Control`); ``cancel`` is also polled before
+        every ControlNet block."""
+        return self.generate(prompt, metadata, control=control, **kwargs)
 
     def prepare_conditioning(self, run: SamplingRun, prompts: int, n: int, control: Optional[Control] = None,
                              **conditioning: Any) -> None:

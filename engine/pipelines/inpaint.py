@@ -10,12 +10,11 @@ conditions through the temporal ControlNet (``controlnet`` is optional here).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
 from ..errors import InvalidRequest
-from ..progress import CancelToken, ProgressCallback
 from .base import PipelineOutput, SamplingRun, rows
 from .controlnet import Control, DiffusionSatControlNetPipeline
 
@@ -41,37 +40,11 @@ class DiffusionSatInpaintPipeline(DiffusionSatControlNetPipeline):
                          match_reference_fp16=match_reference_fp16)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        prompt: str | Sequence[str] = "a satellite image",
-        metadata: Any = None,
-        *,
-        inpaint: Inpaint,
-        control: Optional[Control] = None,
-        height: int = 512,
-        width: int = 512,
-        num_inference_steps: int = 20,
-        guidance_scale: float = 7.5,
-        num_images_per_prompt: int = 1,
-        generator: Optional[torch.Generator] = None,
-        latents: Optional[torch.Tensor] = None,
-        eta: float = 0.0,
-        output_type: str = "np",
-        return_dict: bool = True,
-        callback: Optional[ProgressCallback] = None,
-        cancel: Optional[CancelToken] = None,
-        callback_on_step_end: Optional[Callable] = None,
-        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-    ) -> PipelineOutput:
+    def __call__(self, prompt: str | Sequence[str] = "a satellite image", metadata: Any = None, *,
+                 inpaint: Inpaint, control: Optional[Control] = None, **kwargs: Any) -> PipelineOutput:
         """As :meth:`DiffusionSatControlNetPipeline.__call__`, keeping ``inpaint.image`` outside
         ``inpaint.mask`` (see :class:`Inpaint`)."""
-        return self.generate(
-            prompt, metadata, height=height, width=width, num_inference_steps=num_inference_steps,
-            guidance_scale=guidance_scale, num_images_per_prompt=num_images_per_prompt, generator=generator,
-            latents=latents, eta=eta, output_type=output_type, return_dict=return_dict, callback=callback,
-            cancel=cancel, callback_on_step_end=callback_on_step_end,
-            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, control=control,
-            inpaint=inpaint)
+        return self.generate(prompt, metadata, control=control, inpaint=inpaint, **kwargs)
 
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
