@@ -19,8 +19,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from engine.errors import Cancelled  # noqa: E402
-from engine.models.loading import build_tiny  # noqa: E402
-from engine.pipelines.text2img import DiffusionSatPipeline, make_scheduler  # noqa: E402
+from engine.models.tiny import build_tiny  # noqa: E402
+from engine.pipelines.text2img import DiffusionSatPipeline  # noqa: E402
+from engine.schedulers import make_scheduler  # noqa: E402
 from engine.progress import CancelToken  # noqa: E402
 
 

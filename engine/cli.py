@@ -518,7 +518,8 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.loading import installed_models, models_dirs, tiny_entry
+    from .models.registry import installed_models, models_dirs
+    from .models.tiny import tiny_entry
 
     models = installed_models()
     if args.json:

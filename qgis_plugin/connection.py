@@ -209,7 +209,7 @@ _PROBE = (
     "missing = [m for m in ('engine.server', 'fastapi', 'uvicorn', 'torch', 'diffusers', 'rasterio') "
     "if u.find_spec(m) is None]\n"
     "if missing: raise SystemExit('ModuleNotFoundError: No module named ' + ', '.join(repr(m) for m in missing))\n"
-    "from engine.models.loading import installed_models\n"
+    "from engine.models.registry import installed_models\n"
     "print(json.dumps({'version': engine.__version__, 'models': ['tiny'] + [m.name for m in installed_models()]}))\n"
 )
 

@@ -18,7 +18,7 @@ os.environ.setdefault("DIFFUSIONSAT_MODELS", os.path.join(os.path.dirname(__file
 
 @pytest.fixture(scope="session")
 def tiny_bundle():
-    from engine.models.loading import build_tiny
+    from engine.models.tiny import build_tiny
 
     return build_tiny()
 

@@ -133,7 +133,8 @@ def evaluate(
     Returns the result dict (and writes it to ``out`` as JSON when given, atomically).
     """
     from engine.device import resolve
-    from engine.models.loading import build_tiny, load_model
+    from engine.models.loading import load_model
+    from engine.models.tiny import build_tiny
     from engine.pipelines.text2img import DiffusionSatPipeline
 
     from .datasets import Transform, first_examples, open_source

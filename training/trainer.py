@@ -106,7 +106,8 @@ def _report_to(value: Optional[str]) -> Optional[str]:
 
 
 def _load_bundle(spec: str, components: Optional[str], use_metadata: Optional[bool]):
-    from engine.models.loading import build_tiny, load_model
+    from engine.models.loading import load_model
+    from engine.models.tiny import build_tiny
 
     if spec == "tiny":
         return build_tiny()

@@ -52,10 +52,12 @@ def run_validation(bundle: Any, unet: Any, controlnet: Any, samples: ValidationS
                    steps: int, guidance: float, seed: int, out_dir: Path, step: int,
                    tracker: Any = None) -> list[Path]:
     """Sample one image per validation entry with the current weights; returns the PNG paths."""
-    from engine.pipelines.text2img import Control, DiffusionSatPipeline, make_scheduler
+    from engine.pipelines.controlnet import Control, DiffusionSatControlNetPipeline
+    from engine.schedulers import make_scheduler
 
-    pipe = DiffusionSatPipeline(bundle.vae, bundle.text_encoder, bundle.tokenizer, unet,
-                                make_scheduler("default", bundle.scheduler), controlnet=controlnet)
+    # controlnet None (single-image training): the plain text + metadata loop
+    pipe = DiffusionSatControlNetPipeline(bundle.vae, bundle.text_encoder, bundle.tokenizer, unet,
+                                          make_scheduler("default", bundle.scheduler), controlnet=controlnet)
     was_training = [m.training for m in (unet, controlnet) if m is not None]
     for module in (unet, controlnet):
         if module is not None:

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from ..device import Placement, resolve
-from .loading import ModelBundle, load_model
+from .bundle import ModelBundle
+from .loading import load_model
 
 
 @dataclass(frozen=True)

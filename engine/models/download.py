@@ -24,7 +24,7 @@ from typing import Callable, Optional
 
 from ..errors import DiffusionSatError, InvalidRequest, ModelNotFound
 from . import releases
-from .loading import describe_folder, models_dirs
+from .registry import describe_folder, models_dirs
 
 ZENODO_API = "https://zenodo.org/api/records"
 

@@ -1,30 +1,10 @@
-"""Finding and loading models: official DiffusionSat folders, diffusers pipelines, hub ids, `tiny`.
+"""Loading models: the folders :func:`engine.models.registry.locate_model` found, read into a
+:class:`~engine.models.bundle.ModelBundle` (UNet, VAE, text encoder, tokenizer, scheduler, ControlNet),
+and written back in the official layout (:func:`save_bundle`).
 
-Model sources (``--model``):
-
-``tiny``
-    Built in, offline, random weights (seeded), every component each task needs. For tests,
-    smoke runs and a fresh machine. Its images are noise-like: it proves the plumbing, not quality.
-``auto`` (default)
-    The best installed model (see :func:`installed_models`), else ``tiny`` with a notice.
-a folder
-    * an official DiffusionSat checkpoint root (``model_index.json``, ``vae``, ``text_encoder``,
-      ``tokenizer``, ``scheduler`` and ``checkpoint-N/unet`` or ``unet``),
-    * a checkpoint folder ``checkpoint-N`` or a bare UNet folder (``config.json`` +
-      weights); the other components come from the folders above it or from ``base``,
-    * a diffusers pipeline folder (e.g. SD 2.1) together with ``unet=`` pointing at a UNet folder.
-``hf:owner/name[@revision]``
-    Downloaded once with ``huggingface_hub.snapshot_download`` into the hub cache, then loaded as
-    a folder. (Real download code; the tests exercise it only on local folders of the same layout.)
-
-Missing root components of an official folder (the released zips can be incomplete) are taken
-from ``base`` (an SD 2.1 folder), or the ``DIFFUSIONSAT_BASE`` environment variable.
-
-What a folder is (native resolution, tasks, the UNet a ControlNet pairs with) comes from
-:func:`model_facts` without loading weights: the ``diffusionsat.json`` record beside the weights,
-else the manifest of releases (:mod:`engine.models.releases`), else ``sample_size`` as a last
-resort. :func:`load_model` loads exactly those folders, and :func:`request_resolution` gives the
-run and the ``--dry-run`` plan the same tile size.
+Weights are read with safetensors or ``torch.load(weights_only=True)`` (:mod:`engine.models.weights`)
+into models built on the meta device; a mismatch between weights and config is refused with the
+counts of missing, unexpected and mis-shaped tensors.
 """
 
 from __future__ import annotations
@@ -32,99 +12,81 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
-from dataclasses import dataclass, field, replace
-from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..errors import ModelLoadError, ModelNotFound
-from . import releases
-from .controlnet import CONTROLNET_CLASSES, SatControlNet, SatControlNet3D
+from ..schedulers import normalise_scheduler, scheduler_from_config
+from .bundle import ModelBundle
+from .controlnet import CONTROLNET_CLASSES, SatControlNet3D
+from .registry import UNET_CLASSES, locate_model
+from .tiny import build_tiny
 from .unet import SatUNet, init_metadata_embedding
-from .weights import read_config, read_state_dict
+from .weights import atomic_folder, read_config, read_state_dict
 
 log = logging.getLogger(__name__)
 
-COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
-UNET_CLASSES = {"SatUNet", "UNet2DConditionModel"}
-TINY_SEED = 20240101
-TINY_RESOLUTION = 256  # tiny's UNet sample_size 32 x the VAE's factor 8
 
+def load_model(
+    spec: str = "auto",
+    *,
+    unet: Optional[str | os.PathLike] = None,
+    base: Optional[str | os.PathLike] = None,
+    controlnet: Optional[str | os.PathLike] = None,
+    use_metadata: Optional[bool] = None,
+) -> ModelBundle:
+    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) into a :class:`ModelBundle`.
 
-def resource_path(*parts: str) -> Path:
-    return Path(str(resources.files("engine") / "resources" / Path(*parts)))
-
-
-@dataclass
-class ModelBundle:
-    """Everything a pipeline needs, plus what the user should be told about where it came from."""
-
-    name: str
-    source: str
-    unet: SatUNet
-    vae: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-    native_resolution: int
-    is_tiny: bool = False
-    root: Optional[Path] = None
-    notices: list[str] = field(default_factory=list)
-    #: task name ("superres", "temporal", "control") -> ControlNet trained for it
-    controlnets: dict[str, Any] = field(default_factory=dict)
-    #: where ``native_resolution`` came from, and the ControlNet's own (see :func:`task_resolution`)
-    unet_resolution: Optional["Resolution"] = None
-    controlnet_resolution: Optional["Resolution"] = None
-
-    def __post_init__(self) -> None:
-        if self.unet_resolution is None:
-            self.unet_resolution = Resolution(self.native_resolution, "built-in" if self.is_tiny else "config")
-
-    @property
-    def tasks(self) -> list[str]:
-        """The tasks this bundle can run."""
-        tasks = ["generate", "inpaint"]
-        for task in ("superres", "temporal"):
-            if task in self.controlnets:
-                tasks.append(task)
-        return tasks
-
-    def controlnet_for(self, task: str) -> Any:
-        if task not in self.controlnets:
-            raise missing_controlnet(self.name, task, self.controlnets)
-        return self.controlnets[task]
-
-    def to(self, device: str, dtype: torch.dtype) -> "ModelBundle":
-        for module in (self.unet, self.vae, self.text_encoder, *self.controlnets.values()):
-            # only cast when needed: diffusers logs a warning on every dtype cast
-            if next(module.parameters()).dtype != dtype:
-                module.to(dtype=dtype)
-            module.to(device=device)
-            module.eval()
-            module.requires_grad_(False)
-        return self
-
-    @property
-    def uses_metadata(self) -> bool:
-        return bool(self.unet.config.get("use_metadata", False)) and self.unet.metadata_embedding is not None
-
-
-def missing_controlnet(name: str, task: str, have) -> ModelNotFound:
-    """The refusal of a task whose ControlNet the model lacks (``have``: the tasks it has)."""
-    listed = ", ".join(sorted(have)) or "none"
-    return ModelNotFound(
-        f"the model {name!r} has no ControlNet for {task} (it has: {listed}); pass --model "
-        f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
+    ``--model`` may also be a ControlNet checkpoint root (``controlnet/`` beside the pipeline
+    components, as released): its UNet then comes from ``--unet``, a UNet inside the root, the
+    UNet its training recorded, or the one the manifest names (the released ControlNets: the 512
+    model's checkpoint-100000). The bundle is on the CPU in fp32.
+    """
+    located = locate_model(spec, unet=unet, base=base, controlnet=controlnet, download=True)
+    notices = list(located.notices)
+    if located.tiny:
+        bundle = build_tiny()
+        bundle.notices.extend(notices)
+        return bundle
+    facts = located.facts
+    root, unet_folder, cn_folder, components = located.root, located.unet_folder, located.cn_folder, located.components
+    unet_model = load_unet(unet_folder, use_metadata=use_metadata)
+    parts = {name: _load_component(name, path) for name, path in components.items()}
+    note = normalise_scheduler(parts["scheduler"])
+    if note:
+        notices.append(f"{components['scheduler']}: {note}")
+    if not unet_model.config.get("use_metadata"):
+        notices.append(f"{unet_folder} has no metadata embeddings: metadata is ignored (SD baseline)")
+    text_dim = parts["text_encoder"].config.hidden_size
+    if unet_model.config.cross_attention_dim != text_dim:
+        raise ModelLoadError(
+            f"the UNet expects text embeddings of size {unet_model.config.cross_attention_dim} but the "
+            f"text encoder in {components['text_encoder']} gives {text_dim}: they belong to different models"
+        )
+    controlnets = {}
+    if cn_folder is not None:
+        cn = load_controlnet(cn_folder)
+        if list(cn.config.block_out_channels) != list(unet_model.config.block_out_channels):
+            raise ModelLoadError(f"the ControlNet in {cn_folder} does not match the UNet {unet_folder} (block channels)")
+        if cn.config.get("controlnet_conditioning_channel_order") == "bgr":
+            notices.append(f"{cn_folder} expects BGR conditioning: its channels are flipped, as the official code does")
+        controlnets[controlnet_task(cn)] = cn
+    return ModelBundle(
+        name=root.name,
+        source=f"UNet {unet_folder}; " + ", ".join(f"{k} {v}" for k, v in components.items())
+        + (f"; ControlNet {cn_folder}" if cn_folder else ""),
+        unet=unet_model,
+        native_resolution=facts.unet_resolution.px,
+        root=root,
+        notices=notices,
+        controlnets=controlnets,
+        unet_resolution=facts.unet_resolution,
+        controlnet_resolution=facts.controlnet_resolution,
+        **parts,
     )
-
-
-# --------------------------------------------------------------------------------------------
-# UNet
-# --------------------------------------------------------------------------------------------
 
 
 def load_unet(folder: str | os.PathLike, *, use_metadata: Optional[bool] = None) -> SatUNet:
@@ -212,11 +174,6 @@ def _load_into(
             raise ModelLoadError(f"buffer {name} of {folder} was not loaded; the model class is incompatible")
 
 
-# --------------------------------------------------------------------------------------------
-# Other components
-# --------------------------------------------------------------------------------------------
-
-
 def _load_component(name: str, folder: Path) -> Any:
     """Load one pipeline component from its folder with diffusers/transformers."""
     try:
@@ -243,168 +200,6 @@ def _load_component(name: str, folder: Path) -> Any:
     raise ValueError(name)
 
 
-def scheduler_from_config(config: dict) -> Any:
-    import diffusers
-
-    class_name = config.get("_class_name", "DDIMScheduler")
-    cls = getattr(diffusers, class_name, None)
-    if cls is None or not class_name.endswith("Scheduler"):
-        raise ModelLoadError(f"unknown scheduler class {class_name!r} in the scheduler config")
-    return cls.from_config(config)
-
-
-def _has_component(folder: Path, name: str) -> bool:
-    probe = {
-        "vae": "config.json",
-        "text_encoder": "config.json",
-        "tokenizer": "tokenizer_config.json",
-        "scheduler": "scheduler_config.json",
-    }[name]
-    sub = folder / name
-    if not (sub / probe).is_file():
-        return name == "tokenizer" and (sub / "vocab.json").is_file()
-    return True
-
-
-def find_unet_folder(path: Path) -> Path:
-    """The UNet folder that ``path`` designates (see the module docstring for the layouts)."""
-    config = path / "config.json"
-    if config.is_file():
-        try:
-            class_name = json.loads(config.read_text()).get("_class_name")
-        except ValueError as err:
-            raise ModelLoadError(f"{config} is not valid JSON ({err}); re-download or repair it") from err
-        if class_name in UNET_CLASSES:
-            return path
-    if (path / "unet" / "config.json").is_file():
-        return path / "unet"
-    checkpoints = sorted(
-        (p for p in path.glob("checkpoint-*") if (p / "unet" / "config.json").is_file()),
-        key=lambda p: int(re.sub(r"\D", "", p.name) or 0),
-    )
-    if checkpoints:
-        # The notebooks load checkpoint-N/unet (the non-EMA weights) of the last checkpoint.
-        return checkpoints[-1] / "unet"
-    raise ModelNotFound(
-        f"no UNet found in {path}: expected config.json of a UNet, a unet/ folder, or "
-        "checkpoint-N/unet/ (the official DiffusionSat layout)"
-    )
-
-
-def find_components(unet_folder: Path, model_root: Path, base: Optional[Path]) -> dict[str, Path]:
-    """Where each of vae/text_encoder/tokenizer/scheduler comes from.
-
-    Search order: the model root and the folders between it and the UNet folder, then ``base``
-    (or ``$DIFFUSIONSAT_BASE``).
-    """
-    search: list[Path] = []
-    for candidate in [model_root, *unet_folder.parents]:
-        if candidate not in search:
-            search.append(candidate)
-        if candidate == model_root.parent:
-            break
-    search = [p for p in search if p.is_dir()][:4]
-    env_base = os.environ.get("DIFFUSIONSAT_BASE")
-    bases = [b for b in (base, Path(env_base) if env_base else None) if b is not None]
-    for b in bases:
-        if not b.is_dir():
-            raise ModelNotFound(f"the base model folder {b} does not exist")
-    found: dict[str, Path] = {}
-    for name in COMPONENTS:
-        for folder in search + bases:
-            if _has_component(folder, name):
-                found[name] = folder / name
-                break
-    missing = [n for n in COMPONENTS if n not in found]
-    if missing:
-        raise ModelNotFound(
-            f"{model_root} lacks {', '.join(missing)}: give the Stable Diffusion 2.1 folder they "
-            "come from with --base (or set DIFFUSIONSAT_BASE)"
-        )
-    return found
-
-
-# --------------------------------------------------------------------------------------------
-# The tiny preset
-# --------------------------------------------------------------------------------------------
-
-
-def build_tiny(seed: int = TINY_SEED) -> ModelBundle:
-    """The built-in tiny model: SD-shaped components, a few MB, random weights from ``seed``."""
-    from diffusers import AutoencoderKL
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    def cfg(name: str) -> dict:
-        return json.loads(resource_path("tiny", f"{name}.json").read_text())
-
-    # fork_rng: building the tiny model must not disturb the caller's global RNG state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = SatUNet.from_config(cfg("unet"))
-        init_metadata_embedding(unet.metadata_embedding)
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL.from_config(cfg("vae"))
-        torch.manual_seed(seed + 2)
-        text_config = {k: v for k, v in cfg("text_encoder").items() if k not in ("architectures", "model_type")}
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
-        torch.manual_seed(seed + 3)
-        controlnets = {
-            # Sentinel-2 (10 bands) at half the output resolution, as the released SR checkpoint
-            "superres": _randomise_zero_convs(
-                SatControlNet.from_unet(unet, conditioning_in_channels=10, conditioning_scale=2)),
-            "temporal": _randomise_zero_convs(SatControlNet3D.from_unet(
-                unet, conditioning_in_channels=3, first_temporal_heads=2, first_temporal_head_dim=16)),
-        }
-    tokenizer = CLIPTokenizer.from_pretrained(resource_path("tiny", "tokenizer"))
-    scheduler = scheduler_from_config(cfg("scheduler"))
-    return ModelBundle(
-        controlnets=controlnets,
-        name="tiny",
-        source="built-in tiny model (random weights: noise-like images, for tests and smoke runs)",
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=scheduler,
-        native_resolution=unet.config.sample_size * vae_scale_factor(vae),
-        is_tiny=True,
-    )
-
-
-def _randomise_zero_convs(controlnet: Any) -> Any:
-    """Give a tiny ControlNet's zero-initialised outputs small random weights.
-
-    A trained ControlNet's output convolutions are not zero; a freshly initialised one's are, and
-    would make the tiny model ignore its conditioning. The tiny preset stands in for trained
-    weights, so its conditioning must reach the output (tests rely on it).
-    """
-    with torch.no_grad():
-        zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block,
-                      controlnet.controlnet_cond_embedding.conv_out]
-        for conv in zero_convs:
-            conv.weight.normal_(0.0, 0.5)
-            conv.bias.zero_()
-        for alpha in getattr(controlnet, "mixing_attns", []):
-            alpha.fill_(0.5)
-        # He-initialised conditioning convolutions without bias, so that differences between
-        # conditioning images survive the stack (default init lets the biases dominate).
-        embedding = controlnet.controlnet_cond_embedding
-        for conv in [embedding.conv_in, *embedding.blocks]:
-            fan_in = conv.weight[0].numel()
-            conv.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
-            conv.bias.zero_()
-    return controlnet
-
-
-def controlnet_task(controlnet: Any) -> str:
-    """The task a ControlNet serves: temporal (3D), superres (10-band Sentinel-2), else control."""
-    if isinstance(controlnet, SatControlNet3D):
-        return "temporal"
-    if controlnet.config.conditioning_in_channels == 10:
-        return "superres"
-    return "control"
-
-
 def load_controlnet(folder: str | os.PathLike) -> Any:
     """Load a ControlNet folder (official ``ControlNetModel``/``ControlNetModel3D`` or ours)."""
     folder = Path(folder)
@@ -421,8 +216,13 @@ def load_controlnet(folder: str | os.PathLike) -> Any:
     return model
 
 
-def vae_scale_factor(vae: Any) -> int:
-    return 2 ** (len(vae.config.block_out_channels) - 1)
+def controlnet_task(controlnet: Any) -> str:
+    """The task a ControlNet serves: temporal (3D), superres (10-band Sentinel-2), else control."""
+    if isinstance(controlnet, SatControlNet3D):
+        return "temporal"
+    if controlnet.config.conditioning_in_channels == 10:
+        return "superres"
+    return "control"
 
 
 def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder: Optional[str] = "unet",
@@ -433,8 +233,6 @@ def save_bundle(bundle: ModelBundle, dest: str | os.PathLike, *, unet_subfolder:
     leaves the UNet out (a ControlNet root). ``controlnet`` names the task whose ControlNet is
     written to ``controlnet/``.
     """
-    from .weights import atomic_folder
-
     with atomic_folder(dest) as tmp:
         bundle.vae.save_pretrained(tmp / "vae", safe_serialization=True)
         bundle.text_encoder.save_pretrained(tmp / "text_encoder", safe_serialization=True)
@@ -462,577 +260,3 @@ def model_index_json(scheduler: Any) -> str:
         "unet": ["engine.models.unet", "SatUNet"],
     }
     return json.dumps(index, indent=2) + "\n"
-
-
-# --------------------------------------------------------------------------------------------
-# Resolution of --model
-# --------------------------------------------------------------------------------------------
-
-
-def models_dirs() -> list[Path]:
-    """Folders searched for installed models: ``$DIFFUSIONSAT_MODELS`` (os.pathsep-separated),
-    else ``$XDG_DATA_HOME/diffusionsat/models`` (``~/.local/share/diffusionsat/models``)."""
-    env = os.environ.get("DIFFUSIONSAT_MODELS")
-    if env:
-        return [Path(p).expanduser() for p in env.split(os.pathsep) if p]
-    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return [Path(data) / "diffusionsat" / "models"]
-
-
-@dataclass(frozen=True)
-class Resolution:
-    """A model's native resolution (px) and where the engine got it from."""
-
-    px: int
-    #: "manifest", "recorded by training", "config", "built-in", "--resolution" or "default"
-    source: str
-    conditioning_px: Optional[int] = None
-    #: set when the value is a guess the user should know about (one line)
-    warning: Optional[str] = None
-
-    def as_dict(self) -> dict:
-        return {"px": self.px, "source": self.source, "conditioning_px": self.conditioning_px}
-
-
-#: SD 2.1's UNet sample_size (768 px), copied unchanged into every released DiffusionSat config.
-SD21_SAMPLE_SIZE = 96
-#: What a DiffusionSat folder with SD 2.1's sample_size most likely is (the 512 release).
-SD21_DERIVED_DEFAULT_PX = 512
-BUILT_IN = Resolution(TINY_RESOLUTION, "built-in")
-
-
-def _vae_factor_near(folder: Path) -> int:
-    """The VAE downsampling factor from the nearest ``vae/config.json`` (8 when there is none)."""
-    for candidate in [folder, *list(folder.parents)[:2]]:
-        cfg = candidate / "vae" / "config.json"
-        if cfg.is_file():
-            try:
-                return 2 ** (len(json.loads(cfg.read_text()).get("block_out_channels", [0] * 4)) - 1)
-            except (OSError, ValueError):
-                break
-    return 8
-
-
-def _record_resolution(record: dict, kind: str) -> Optional[Resolution]:
-    """The resolution a ``diffusionsat.json`` states for a model of ``kind``, if it applies."""
-    rec_kind = str(record.get("kind") or "")
-    if (kind == "single-image") == rec_kind.startswith("controlnet"):
-        return None  # a ControlNet run's record says nothing about its frozen UNet, and vice versa
-    if record.get("source") == "download" and releases.release(str(record.get("release"))):
-        rel = releases.release(str(record["release"]))
-        return Resolution(rel.resolution, "manifest", rel.conditioning_resolution)
-    if isinstance(record.get("resolution"), int) and record["resolution"] > 0:
-        cond = record.get("conditioning_resolution")
-        return Resolution(int(record["resolution"]), "recorded by training", cond if isinstance(cond, int) else None)
-    return None
-
-
-def _layout_release(config: dict, kind: str) -> Optional[releases.Release]:
-    """A ControlNet folder unzipped by hand under another name: recognised by its layout (the
-    only release of its kind, with SD 2.1's text width and the release's conditioning bands)."""
-    if not kind.startswith("controlnet") or config.get("cross_attention_dim") != 1024:
-        return None
-    channels = {"controlnet-superres": 10, "controlnet-temporal": 3}.get(kind)
-    if config.get("conditioning_in_channels", 3) != channels:
-        return None
-    matches = [r for r in releases.releases().values() if r.kind == kind]
-    return matches[0] if len(matches) == 1 else None
-
-
-def folder_resolution(folder: Path, config: dict, kind: str) -> tuple[Resolution, Optional[releases.Release]]:
-    """The native resolution of the model in ``folder`` (a UNet or ControlNet folder with
-    ``config``): the record next to the weights, else the manifest (folder name or layout), else
-    the config's ``sample_size`` (with a warning for SD 2.1's 96, which is never taken as 768)."""
-    record, _ = releases.find_record(folder)
-    if record is not None:
-        found = _record_resolution(record, kind)
-        if found is not None:
-            return found, releases.release(str(record.get("release"))) if record.get("release") else None
-    rel = releases.match_release(folder, kind) or _layout_release(config, kind)
-    if rel is not None:
-        return Resolution(rel.resolution, "manifest", rel.conditioning_resolution), rel
-    sample = config.get("sample_size")
-    factor = _vae_factor_near(folder)
-    if isinstance(sample, int) and sample == SD21_SAMPLE_SIZE and config.get("cross_attention_dim") == 1024:
-        px = SD21_DERIVED_DEFAULT_PX
-        return Resolution(px, "config", warning=(
-            f"{folder} says sample_size {sample} ({sample * factor} px), Stable Diffusion 2.1's value that "
-            f"DiffusionSat copied unchanged; assuming {px} px (the 512 release): install it with "
-            "`diffusionsat download` or pass --resolution")), None
-    if isinstance(sample, int) and sample > 0:
-        cond = None
-        if kind == "controlnet-superres" and int(config.get("conditioning_scale") or 1) > 1:
-            cond = sample * factor // int(config["conditioning_scale"])
-        return Resolution(sample * factor, "config", cond), None
-    return Resolution(512, "default", warning=f"{folder} does not tell its resolution; assuming 512 px "
-                      "(pass --resolution)"), None
-
-
-@dataclass(frozen=True)
-class InstalledModel:
-    name: str
-    path: Path
-    resolution: int
-    kind: str  # "single-image", "controlnet-superres", "controlnet-temporal", "controlnet-control"
-    resolution_source: str = "config"
-    conditioning_resolution: Optional[int] = None
-    release: Optional[str] = None
-    #: single-image: the checkpoint a run uses; ControlNet: the UNet it pairs with
-    unet_checkpoint: Optional[str] = None
-    warning: Optional[str] = None
-
-    @property
-    def tasks(self) -> list[str]:
-        rel = releases.release(self.release) if self.release else None
-        if rel is not None:
-            return list(rel.tasks)
-        return {"single-image": ["generate", "inpaint"], "controlnet-superres": ["superres"],
-                "controlnet-temporal": ["temporal", "inpaint"]}.get(self.kind, [])
-
-    @property
-    def trained_against(self) -> Optional[str]:
-        """Which UNet a ControlNet was trained against (recorded by our training, else the manifest's)."""
-        if not self.kind.startswith("controlnet"):
-            return None
-        record = releases.read_record(self.path)
-        if record and record.get("trained_against_unet"):
-            return str(record["trained_against_unet"])
-        rel = releases.release(self.release) if self.release else None
-        pair = rel.paired_unet if rel else "diffusionsat-512/checkpoint-100000"
-        return f"{pair}/unet" if pair else None
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "path": str(self.path), "resolution": self.resolution, "kind": self.kind,
-                "resolution_source": self.resolution_source, "conditioning_resolution": self.conditioning_resolution,
-                "release": self.release, "tasks": self.tasks, "unet_checkpoint": self.unet_checkpoint,
-                "trained_against": self.trained_against, "warning": self.warning}
-
-
-def _controlnet_kind(config: dict) -> str:
-    if config.get("_class_name") in ("ControlNetModel3D", "SatControlNet3D"):
-        return "controlnet-temporal"
-    if config.get("conditioning_in_channels") == 10:
-        return "controlnet-superres"
-    return "controlnet-control"
-
-
-def describe_folder(path: Path) -> Optional[InstalledModel]:
-    """What an installed model folder holds, or None if it is not a loadable model."""
-    cn_folder = _controlnet_folder(path)
-    if cn_folder is not None:
-        try:
-            config = read_config(cn_folder)
-        except (ModelNotFound, ModelLoadError):
-            return None
-        kind = _controlnet_kind(config)
-        res, rel = folder_resolution(cn_folder, config, kind)
-        model = InstalledModel(name=path.name, path=path, resolution=res.px, kind=kind,
-                               resolution_source=res.source, conditioning_resolution=res.conditioning_px,
-                               release=rel.name if rel else None, warning=res.warning)
-        return replace(model, unet_checkpoint=model.trained_against)  # the UNet it pairs with
-    try:
-        unet_folder = find_unet_folder(path)
-        config = read_config(unet_folder)
-    except (ModelNotFound, ModelLoadError):
-        return None
-    res, rel = folder_resolution(unet_folder, config, "single-image")
-    checkpoint = unet_folder.parent.name if unet_folder.parent.name.startswith("checkpoint-") else None
-    return InstalledModel(name=path.name, path=path, resolution=res.px, kind="single-image",
-                          resolution_source=res.source, release=rel.name if rel else None,
-                          unet_checkpoint=checkpoint, warning=res.warning)
-
-
-def installed_models() -> list[InstalledModel]:
-    """Installed models, best first (highest native resolution, then name)."""
-    found = []
-    for folder in models_dirs():
-        if not folder.is_dir():
-            continue
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and not child.name.startswith("."):
-                info = describe_folder(child)
-                if info is not None:
-                    found.append(info)
-    return sorted(found, key=lambda m: (-m.resolution, m.name))
-
-
-def tiny_entry() -> dict:
-    """The built-in tiny model as ``diffusionsat models --json`` and ``GET /v1/models`` list it."""
-    return {"name": "tiny", "path": None, "resolution": TINY_RESOLUTION, "kind": "built-in",
-            "resolution_source": "built-in", "conditioning_resolution": None, "release": None,
-            "tasks": ["generate", "superres", "temporal", "inpaint"], "unet_checkpoint": None,
-            "trained_against": None, "warning": None}
-
-
-def _installed_singles() -> list[InstalledModel]:
-    return [m for m in installed_models() if m.kind == "single-image"]
-
-
-@dataclass
-class ModelFacts:
-    """What ``--model`` (+ ``--unet``, ``--controlnet``) designates, found on disk without loading
-    weights: the folders, their resolutions and the notices for rules the user did not ask for.
-    :func:`load_model` loads exactly these folders and :func:`plan_resolution` reads the same facts."""
-
-    root: Optional[Path]
-    unet_folder: Optional[Path]
-    cn_folder: Optional[Path]
-    unet_resolution: Resolution
-    controlnet_resolution: Optional[Resolution] = None
-    notices: list[str] = field(default_factory=list)
-
-
-def _paired_unet(cn_folder: Path, root: Path, notices: list[str]) -> Path:
-    """The UNet a ControlNet without ``--unet`` runs with: the one its training recorded, else the
-    one the manifest names (the released ControlNets: the 512 model's checkpoint-100000)."""
-    record = releases.read_record(root) or releases.read_record(cn_folder) or {}
-    recorded = record.get("trained_against_unet")
-    if recorded and recorded != "tiny" and Path(recorded).is_dir():
-        notices.append(f"the ControlNet {root.name} runs with the UNet it was trained against, {recorded} "
-                       "(pass --unet to change)")
-        return find_unet_folder(Path(recorded))
-    config = read_config(cn_folder)
-    kind = _controlnet_kind(config)
-    _, rel = folder_resolution(cn_folder, config, kind)
-    pair = (rel.pairs_with if rel else None) or {"release": "diffusionsat-512", "checkpoint": "checkpoint-100000"}
-    singles = _installed_singles()
-    if not singles:
-        raise ModelNotFound(
-            f"{root} is a ControlNet checkpoint without a UNet: give the single-image model it was "
-            f"trained against with --unet ({pair['release']}'s {pair['checkpoint']}/unet; "
-            f"`diffusionsat download {pair['release']}` installs it)"
-        )
-    wanted = [m for m in singles if m.release == pair["release"]]
-    for model in wanted:
-        folder = model.path / pair["checkpoint"] / "unet"
-        if (folder / "config.json").is_file():
-            notices.append(f"the ControlNet {root.name} runs with {model.name}/{pair['checkpoint']}/unet, "
-                           "the UNet it was trained against (pass --unet to change)")
-            return folder
-    fallback = (wanted or singles)[0]
-    folder = find_unet_folder(fallback.path)
-    notices.append(f"the ControlNet was trained against {pair['release']}'s {pair['checkpoint']}, which is not "
-                   f"installed; using {folder} instead (outputs will differ; pass --unet)")
-    return folder
-
-
-def model_facts(spec: str = "auto", *, unet: Optional[str | os.PathLike] = None,
-                controlnet: Optional[str | os.PathLike] = None, resolve_hub: bool = True) -> ModelFacts:
-    """Resolve ``--model``/``--unet``/``--controlnet`` to folders and resolutions (no weights).
-
-    ``spec`` "tiny" gives the built-in facts; "auto" the best installed single-image model (None
-    folders and tiny's facts when nothing is installed); ``resolve_hub=False`` answers the
-    default 512 px for an ``hf:`` id instead of downloading it (plans)."""
-    spec = (spec or "auto").strip()
-    notices: list[str] = []
-    if spec == "auto":
-        singles = _installed_singles()
-        if not singles:
-            if unet is not None or controlnet is not None:
-                raise ModelNotFound("--unet/--controlnet need --model: no installed model to combine them with")
-            return ModelFacts(None, None, None, BUILT_IN, BUILT_IN)
-        spec = str(singles[0].path)
-        notices.append(f"using the installed model {singles[0].name} ({singles[0].path})")
-    if spec == "tiny":
-        if unet is not None or controlnet is not None:
-            raise ModelNotFound("--unet/--controlnet cannot be combined with --model tiny; use --model <folder>")
-        return ModelFacts(None, None, None, BUILT_IN, BUILT_IN)
-    if spec.startswith("hf:") and not resolve_hub:
-        default = Resolution(512, "default")
-        return ModelFacts(None, None, None, default, default)
-    root = resolve_hub_id(spec) if spec.startswith("hf:") else _existing_folder(spec, "--model")
-    cn_folder = _controlnet_folder(_existing_folder(str(controlnet), "--controlnet")) if controlnet else None
-    if controlnet and cn_folder is None:
-        raise ModelNotFound(f"{controlnet} is not a ControlNet folder (no controlnet/config.json)")
-    if cn_folder is None:
-        cn_folder = _controlnet_folder(root)
-    if unet:
-        unet_folder = find_unet_folder(_existing_folder(str(unet), "--unet"))
-    else:
-        try:
-            unet_folder = find_unet_folder(root)
-        except ModelNotFound:
-            if cn_folder is None:
-                raise
-            unet_folder = _paired_unet(cn_folder, root, notices)
-    unet_res, _ = folder_resolution(unet_folder, read_config(unet_folder), "single-image")
-    cn_res = None
-    if cn_folder is not None:
-        cn_config = read_config(cn_folder)
-        cn_res, _ = folder_resolution(cn_folder, cn_config, _controlnet_kind(cn_config))
-        task = {"controlnet-superres": "superres", "controlnet-temporal": "temporal"}.get(
-            _controlnet_kind(cn_config), "control")
-        cond_px = cn_res.conditioning_px if cn_res.conditioning_px not in (None, cn_res.px) else None
-        if cn_res.px != unet_res.px or cond_px:
-            cond = f" with {cond_px} px conditioning" if cond_px else ""
-            notices.append(f"{task} tiles at {cn_res.px} px{cond}, the resolution its ControlNet was trained at "
-                           f"({cn_res.source}); pass --resolution to change it")
-    for res in (unet_res, cn_res):
-        if res is not None and res.warning and res.warning not in notices:
-            notices.append(res.warning)
-    return ModelFacts(root, unet_folder, cn_folder, unet_res, cn_res, notices)
-
-
-def task_resolution(facts: Any, task: str, references: bool = False) -> Resolution:
-    """The resolution ``task`` runs at for a bundle or :class:`ModelFacts`: a ControlNet task at
-    its ControlNet's (superres, temporal, in-painting with references), else the UNet's."""
-    uses_controlnet = task in ("superres", "temporal") or (task == "inpaint" and references)
-    cn = getattr(facts, "controlnet_resolution", None)
-    if uses_controlnet and cn is not None:
-        return cn
-    return facts.unet_resolution
-
-
-def request_resolution(facts: Any, request: Any) -> int:
-    """The tile (generate: default image) size in px for ``request``: its ``resolution`` when given,
-    else :func:`task_resolution`. The real run and :func:`plan_resolution` both call this."""
-    override = getattr(request, "resolution", None)
-    if override:
-        return int(override)
-    return task_resolution(facts, request.task, bool(getattr(request, "references", None))).px
-
-
-def controlnet_task_of(request: Any) -> Optional[str]:
-    """The ControlNet task a request needs: superres, temporal (also in-painting with references,
-    which condition through the temporal ControlNet), or None."""
-    if request.task in ("superres", "temporal"):
-        return request.task
-    if request.task == "inpaint" and getattr(request, "references", None):
-        return "temporal"
-    return None
-
-
-def auto_model(request: Any) -> str:
-    """The ``model`` a request runs with. ``auto`` for a ControlNet task (superres, temporal,
-    in-painting with references) without ``--controlnet`` is the installed ControlNet for that
-    task, when there is one (the best, as :func:`installed_models` orders them): the single-image
-    model ``auto`` otherwise picks has no ControlNet and would be refused. Anything else is kept."""
-    spec = (getattr(request, "model", None) or "auto").strip()
-    if spec != "auto" or getattr(request, "controlnet", None):
-        return spec
-    task = controlnet_task_of(request)
-    if task is None:
-        return spec
-    kind = f"controlnet-{task}"
-    for model in installed_models():
-        if model.kind == kind:
-            return str(model.path)
-    return spec
-
-
-def plan_resolution(request: Any) -> int:
-    """:func:`request_resolution` for ``request`` without loading weights or downloading."""
-    if getattr(request, "resolution", None):
-        return int(request.resolution)
-    facts = model_facts(auto_model(request), unet=request.unet, controlnet=getattr(request, "controlnet", None),
-                        resolve_hub=False)
-    return request_resolution(facts, request)
-
-
-def native_resolution(spec: str = "auto", unet: Optional[str] = None) -> int:
-    """The generate resolution (px) of ``--model`` without loading weights (for plans and estimates)."""
-    try:
-        return model_facts(spec, unet=unet, resolve_hub=False).unet_resolution.px
-    except (ModelNotFound, ModelLoadError):
-        return 512
-
-
-def _hub_repo(spec: str) -> str:
-    repo = spec[3:].partition("@")[0]
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise ModelNotFound(f"{spec!r} is not a hub id; write hf:owner/name or hf:owner/name@revision")
-    return repo
-
-
-def resolve_hub_id(spec: str) -> Path:
-    """Download ``hf:owner/name[@revision]`` (weights, configs, tokenizer) and return the local folder."""
-    repo, _, revision = spec[3:].partition("@")
-    _hub_repo(spec)
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            repo_id=repo,
-            revision=revision or None,
-            allow_patterns=["*.json", "*.txt", "*.safetensors", "*.model", "*/*.json", "*/*.txt",
-                            "*/*.safetensors", "*/*/*.json", "*/*/*.safetensors", "*.bin", "*/*.bin",
-                            "*/*/*.bin"],
-        )
-    except Exception as err:
-        raise ModelNotFound(
-            f"could not download {repo!r} from the Hugging Face hub ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:160]}); check the name and your network, or download the "
-            "folder yourself and pass its path"
-        ) from err
-    return Path(local)
-
-
-def _controlnet_folder(path: Path) -> Optional[Path]:
-    """``path`` itself or ``path/controlnet`` when it is a ControlNet folder, else None."""
-    for folder in (path, path / "controlnet"):
-        config = folder / "config.json"
-        if config.is_file():
-            try:
-                if json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASSES:
-                    return folder
-            except ValueError:
-                continue
-    return None
-
-
-def load_model(
-    spec: str = "auto",
-    *,
-    unet: Optional[str | os.PathLike] = None,
-    base: Optional[str | os.PathLike] = None,
-    controlnet: Optional[str | os.PathLike] = None,
-    use_metadata: Optional[bool] = None,
-) -> ModelBundle:
-    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) into a :class:`ModelBundle`.
-
-    ``--model`` may also be a ControlNet checkpoint root (``controlnet/`` beside the pipeline
-    components, as released): its UNet then comes from ``--unet``, a UNet inside the root, the
-    UNet its training recorded, or the one the manifest names (the released ControlNets: the 512
-    model's checkpoint-100000). The bundle is on the CPU in fp32.
-    """
-    located = locate_model(spec, unet=unet, base=base, controlnet=controlnet, download=True)
-    notices = list(located.notices)
-    if located.tiny:
-        bundle = build_tiny()
-        bundle.notices.extend(notices)
-        return bundle
-    facts = located.facts
-    root, unet_folder, cn_folder, components = located.root, located.unet_folder, located.cn_folder, located.components
-    unet_model = load_unet(unet_folder, use_metadata=use_metadata)
-    parts = {name: _load_component(name, path) for name, path in components.items()}
-    note = normalise_scheduler(parts["scheduler"])
-    if note:
-        notices.append(f"{components['scheduler']}: {note}")
-    if not unet_model.config.get("use_metadata"):
-        notices.append(f"{unet_folder} has no metadata embeddings: metadata is ignored (SD baseline)")
-    text_dim = parts["text_encoder"].config.hidden_size
-    if unet_model.config.cross_attention_dim != text_dim:
-        raise ModelLoadError(
-            f"the UNet expects text embeddings of size {unet_model.config.cross_attention_dim} but the "
-            f"text encoder in {components['text_encoder']} gives {text_dim}: they belong to different models"
-        )
-    controlnets = {}
-    if cn_folder is not None:
-        cn = load_controlnet(cn_folder)
-        if list(cn.config.block_out_channels) != list(unet_model.config.block_out_channels):
-            raise ModelLoadError(f"the ControlNet in {cn_folder} does not match the UNet {unet_folder} (block channels)")
-        if cn.config.get("controlnet_conditioning_channel_order") == "bgr":
-            notices.append(f"{cn_folder} expects BGR conditioning: its channels are flipped, as the official code does")
-        controlnets[controlnet_task(cn)] = cn
-    return ModelBundle(
-        name=root.name,
-        source=f"UNet {unet_folder}; " + ", ".join(f"{k} {v}" for k, v in components.items())
-        + (f"; ControlNet {cn_folder}" if cn_folder else ""),
-        unet=unet_model,
-        native_resolution=facts.unet_resolution.px,
-        root=root,
-        notices=notices,
-        controlnets=controlnets,
-        unet_resolution=facts.unet_resolution,
-        controlnet_resolution=facts.controlnet_resolution,
-        **parts,
-    )
-
-
-def normalise_scheduler(scheduler: Any) -> Optional[str]:
-    """Rewrite an old scheduler config as the official pipelines do before sampling
-    (``steps_offset`` -> 1, ``clip_sample`` -> False); returns a one-line notice or None."""
-    changes = {}
-    config = scheduler.config
-    if "steps_offset" in config and config["steps_offset"] != 1:
-        changes["steps_offset"] = 1
-    if config.get("clip_sample") is True:
-        changes["clip_sample"] = False
-    if not changes:
-        return None
-    before = ", ".join(f"{k}={config[k]}" for k in changes)
-    scheduler.register_to_config(**changes)
-    after = ", ".join(f"{k}={v}" for k, v in changes.items())
-    return f"old scheduler config ({before}) normalised to {after}, as the official pipelines do (deprecated values)"
-
-
-@dataclass
-class LocatedModel:
-    """Where a model's parts are, found without reading any weights (see :func:`locate_model`)."""
-
-    tiny: bool = False
-    hub: Optional[str] = None  #: an hf: id not yet downloaded
-    root: Optional[Path] = None
-    unet_folder: Optional[Path] = None
-    cn_folder: Optional[Path] = None
-    components: dict[str, Path] = field(default_factory=dict)
-    notices: list[str] = field(default_factory=list)
-    facts: Optional["ModelFacts"] = None  #: the resolutions and pairing (:func:`model_facts`)
-
-    def controlnet_tasks(self) -> Optional[list[str]]:
-        """The tasks of the model's ControlNet (as :func:`controlnet_task` names them); None: unknown."""
-        if self.tiny:
-            return ["superres", "temporal"]
-        if self.hub is not None:
-            return None
-        if self.cn_folder is None:
-            return []
-        try:
-            config = read_config(self.cn_folder)
-        except (ModelNotFound, ModelLoadError):
-            return None  # the load reports it
-        return [_controlnet_kind(config).removeprefix("controlnet-")]
-
-    def scheduler_class(self) -> Optional[str]:
-        """The checkpoint's own scheduler class name (``--scheduler default``), if known."""
-        if self.tiny:
-            config = resource_path("tiny", "scheduler.json")
-        elif "scheduler" in self.components:
-            config = self.components["scheduler"] / "scheduler_config.json"
-        else:
-            return None
-        try:
-            return json.loads(config.read_text()).get("_class_name")
-        except (OSError, ValueError):
-            return None
-
-
-def locate_model(
-    spec: str = "auto",
-    *,
-    unet: Optional[str | os.PathLike] = None,
-    base: Optional[str | os.PathLike] = None,
-    controlnet: Optional[str | os.PathLike] = None,
-    download: bool = False,
-) -> LocatedModel:
-    """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) to folders, refusing what
-    :func:`load_model` would refuse before it reads weights. Reads config files only; an ``hf:``
-    id is downloaded only with ``download=True``."""
-    spec = (spec or "auto").strip()
-    if spec.startswith("hf:") and not download:
-        _hub_repo(spec)  # the id's form is checked; the download waits for the real run
-        return LocatedModel(hub=spec)
-    facts = model_facts(spec, unet=unet, controlnet=controlnet)
-    notices = list(facts.notices)
-    if facts.root is None:
-        if spec == "auto":
-            notices.append(
-                "no DiffusionSat weights are installed, so the built-in tiny model (random weights) "
-                f"is used: install one with 'diffusionsat download diffusionsat-512' (into {models_dirs()[0]}; "
-                "'diffusionsat download --help' lists the releases) or pass --model <folder>"
-            )
-        return LocatedModel(tiny=True, notices=notices, facts=facts)
-    base_path = Path(base).expanduser() if base else None
-    components = find_components(facts.unet_folder, facts.root, base_path)
-    return LocatedModel(root=facts.root, unet_folder=facts.unet_folder, cn_folder=facts.cn_folder,
-                        components=components, notices=notices, facts=facts)
-
-
-def _existing_folder(spec: str, flag: str) -> Path:
-    path = Path(spec).expanduser()
-    if not path.exists():
-        hint = " (hub ids are written hf:owner/name)" if re.fullmatch(r"[\w.-]+/[\w.-]+", spec) else ""
-        raise ModelNotFound(f"{flag} folder {spec!r} does not exist{hint}; use --model tiny or a folder path")
-    if not path.is_dir():
-        raise ModelNotFound(f"{flag} {spec!r} is a file; give the model's folder")
-    return path

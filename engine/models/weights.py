@@ -13,14 +13,20 @@ import json
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 import torch
 
 from ..errors import ModelLoadError, ModelNotFound
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
+
+
+def resource_path(*parts: str) -> Path:
+    """A file shipped in ``engine/resources`` (the tiny preset's and SD 2.1's configs)."""
+    return Path(str(resources.files("engine") / "resources" / Path(*parts)))
 
 
 def weight_files(folder: Path, stem: str = WEIGHTS_STEM) -> list[Path]:
@@ -115,18 +121,3 @@ def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def save_model_folder(
-    model: torch.nn.Module,
-    dest: str | os.PathLike,
-    *,
-    safe_serialization: bool = True,
-    extra: Optional[Callable[[Path], None]] = None,
-) -> Path:
-    """``model.save_pretrained`` into ``dest`` atomically (config.json + weights)."""
-    with atomic_folder(dest) as tmp:
-        model.save_pretrained(tmp, safe_serialization=safe_serialization)
-        if extra is not None:
-            extra(tmp)
-    return Path(dest)

@@ -426,7 +426,8 @@ def create_app(config: ServerConfig, *, manager: Optional[JobManager] = None, ru
              tags=["engine"])
     def list_models() -> dict[str, Any]:
         """Models this engine can run: the built-in tiny one and the installed ones, best first."""
-        from ..models.loading import installed_models, tiny_entry
+        from ..models.registry import installed_models
+        from ..models.tiny import tiny_entry
 
         out = [{**tiny_entry(), "tasks": _model_tasks("built-in")}]
         for m in installed_models():

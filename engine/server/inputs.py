@@ -209,7 +209,7 @@ def output_pixels(request: Any) -> Optional[int]:
 
 
 def _check_model_paths(request: Any, config: ServerConfig) -> None:
-    from ..models.loading import describe_folder, models_dirs
+    from ..models.registry import describe_folder, models_dirs
 
     roots_for_models = list(config.allowed_roots) + [p.expanduser().resolve() for p in models_dirs()]
     for field in MODEL_PATH_FIELDS:

@@ -35,8 +35,10 @@ from ..geo.grid import Grid
 from ..geo.sources import footprint_overlap
 from ..parallel import run_tiled_distributed
 from ..metadata import SatMetadata, _date_from_name, date_from_raster, derive_from_bbox
-from ..models.loading import auto_model
-from ..pipelines.text2img import Control, DiffusionSatPipeline, make_scheduler
+from ..models.registry import auto_model
+from ..pipelines.controlnet import Control, DiffusionSatControlNetPipeline
+from ..pipelines.inpaint import DiffusionSatInpaintPipeline
+from ..schedulers import make_scheduler
 from ..progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +174,8 @@ def bundle_for(models, request):
 
 
 def pipeline(bundle, request, controlnet=None):
-    pipe = DiffusionSatPipeline.from_bundle(bundle, controlnet=controlnet)
+    cls = DiffusionSatInpaintPipeline if request.task == "inpaint" else DiffusionSatControlNetPipeline
+    pipe = cls.from_bundle(bundle, controlnet=controlnet)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     return pipe
 

@@ -17,8 +17,9 @@ from rasterio.crs import CRS
 from ..geo.cog import write_cog
 from ..metadata import derive_from_bbox, grid_transform, parse_crs
 from ..models.cache import ModelCache
-from ..models.loading import request_resolution
-from ..pipelines.text2img import DiffusionSatPipeline, make_scheduler
+from ..models.resolution import request_resolution
+from ..pipelines.text2img import DiffusionSatPipeline
+from ..schedulers import make_scheduler
 from ..progress import CancelToken, Progress, ProgressCallback
 from .common import TaskResult, new_seed, provenance_tags, spread_path
 from .requests import GenerateRequest

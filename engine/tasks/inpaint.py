@@ -19,8 +19,8 @@ from ..geo.grid import Grid
 from ..geo.masks import feather
 from ..geo.sources import MaskSource, RGBSource, grid_of, open_input
 from ..geo.tiles import plan_tiles, tile_progress
-from ..models.loading import request_resolution
-from ..pipelines.text2img import DiffusionSatPipeline, Inpaint
+from ..models.resolution import request_resolution
+from ..pipelines.inpaint import DiffusionSatInpaintPipeline, Inpaint
 from .common import (
     Layout,
     Outcome,
@@ -189,7 +189,7 @@ class _Tiles:
     """The per-tile steps of an in-painting run: what :func:`engine.geo.accumulate.run_tiled` calls."""
 
     request: Any
-    pipe: DiffusionSatPipeline
+    pipe: DiffusionSatInpaintPipeline
     grid: Grid
     tiles: list
     model_px: int

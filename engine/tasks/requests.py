@@ -14,10 +14,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ..device import DTYPE_NAMES
 from ..errors import InvalidRequest
+from ..schedulers import SCHEDULER_NAMES
 
 DEFAULT_PROMPT = "a satellite image"
-#: the samplers: default = the checkpoint's own (engine.pipelines.text2img.make_scheduler builds them)
-SCHEDULER_NAMES = ("default", "ddim", "dpm++", "unipc", "euler", "pndm", "ddpm")
 Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")

@@ -24,14 +24,9 @@ from ..geo.sentinel2_bands import to_model_input
 from ..geo.sources import MaskSource, RGBSource
 from ..metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
 from ..models.cache import ModelCache
-from ..models.loading import (
-    auto_model,
-    controlnet_task_of,
-    locate_model,
-    missing_controlnet,
-    plan_resolution,
-    request_resolution,
-)
+from ..models.bundle import missing_controlnet
+from ..models.registry import auto_model, controlnet_task_of, locate_model, plan_resolution
+from ..models.resolution import request_resolution
 from ..progress import CancelToken, ProgressCallback
 from . import layout_of, runner_of
 from .common import Layout, Outcome, TaskResult, _distributed, check_resample, date_of, spread_path
@@ -109,7 +104,7 @@ def _model_notes(located) -> tuple[str, tuple[str, ...]]:
 def check_inputs(request, model_px: int, located=None) -> Layout:
     """Open every input of a tiled request as its run will, and read one pixel of each:
     what would fail on the first tile fails here, before any model is loaded. ``located`` is the
-    :class:`engine.models.loading.LocatedModel` of the request's model (for its scheduler)."""
+    :class:`engine.models.registry.LocatedModel` of the request's model (for its scheduler)."""
     layout = layout_of(request.task)(request, model_px)
     grid = layout.out_grid
     first = Window(0, 0, 1, 1)

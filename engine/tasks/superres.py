@@ -15,8 +15,8 @@ from ..geo.sentinel2_bands import to_model_input
 from ..geo.grid import Grid
 from ..geo.sources import S2Source
 from ..geo.tiles import plan_tiles, tile_progress
-from ..models.loading import request_resolution
-from ..pipelines.text2img import Control
+from ..models.resolution import request_resolution
+from ..pipelines.controlnet import Control
 from .common import (
     Layout,
     Outcome,

@@ -10,7 +10,7 @@ import numpy as np
 from ..geo.guard import display_name
 from ..geo.sources import RGBSource, grid_of
 from ..geo.tiles import plan_tiles, tile_progress
-from ..models.loading import request_resolution
+from ..models.resolution import request_resolution
 from .common import (
     Layout,
     Outcome,

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from engine.errors import Cancelled
-from engine.pipelines.text2img import DiffusionSatPipeline, make_scheduler
+from engine.pipelines.text2img import DiffusionSatPipeline
+from engine.schedulers import make_scheduler
 from engine.progress import CancelToken
 
 

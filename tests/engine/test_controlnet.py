@@ -270,10 +270,10 @@ class ControlRecorder:
 
 @pytest.mark.parametrize("guess_mode", [False, True])
 def test_control_pipeline_cfg_halves(tiny_bundle, guess_mode):
-    from engine.pipelines.text2img import Control, DiffusionSatPipeline
+    from engine.pipelines.controlnet import Control, DiffusionSatControlNetPipeline
 
     rec = ControlRecorder(tiny_bundle.controlnets["superres"])
-    pipe = DiffusionSatPipeline.from_bundle(tiny_bundle, controlnet=rec)
+    pipe = DiffusionSatControlNetPipeline.from_bundle(tiny_bundle, controlnet=rec)
     image = torch.rand(1, 10, 32, 32)
     md = [500.0] * 7
     cond_md = torch.tensor([[100.0, 200, 10000, 0, 300, 500, 400]])
@@ -296,9 +296,9 @@ def test_control_pipeline_cfg_halves(tiny_bundle, guess_mode):
 
 
 def test_conditioning_changes_the_tiny_output(tiny_bundle):
-    from engine.pipelines.text2img import Control, DiffusionSatPipeline
+    from engine.pipelines.controlnet import Control, DiffusionSatControlNetPipeline
 
-    pipe = DiffusionSatPipeline.from_bundle(tiny_bundle, controlnet=tiny_bundle.controlnets["temporal"])
+    pipe = DiffusionSatControlNetPipeline.from_bundle(tiny_bundle, controlnet=tiny_bundle.controlnets["temporal"])
 
     def run(frames):
         return pipe("a satellite image", [500.0] * 7, height=64, width=64, num_inference_steps=2,

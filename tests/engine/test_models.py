@@ -11,7 +11,9 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from engine.errors import ModelLoadError, ModelNotFound
-from engine.models.loading import build_tiny, find_unet_folder, load_model, load_unet
+from engine.models.loading import load_model, load_unet
+from engine.models.registry import find_unet_folder
+from engine.models.tiny import build_tiny
 from engine.models.unet import SatUNet
 from engine.models.weights import read_state_dict
 

@@ -10,7 +10,8 @@ import torch
 
 from engine.errors import Cancelled, InvalidRequest
 from engine.metadata import SatMetadata
-from engine.pipelines.text2img import SCHEDULERS, DiffusionSatPipeline, make_scheduler
+from engine.pipelines.text2img import DiffusionSatPipeline
+from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 from engine.progress import CancelToken
 
 ROME = SatMetadata(lon_deg=12.485, lat_deg=41.905, gsd_m=1.0, cloud_cover=0.05, date=dt.date(2021, 6, 15))
@@ -131,7 +132,7 @@ def test_epsilon_and_v_prediction(pipe, prediction_type):
     assert np.abs(run(pipe, metadata=ROME) - images).max() > 1e-4
 
 
-@pytest.mark.parametrize("name", SCHEDULERS)
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
 def test_every_scheduler_runs(pipe, tiny_bundle, name):
     pipe.scheduler = make_scheduler(name, tiny_bundle.scheduler)
     assert pipe.scheduler.config.prediction_type == tiny_bundle.scheduler.config.prediction_type
@@ -171,7 +172,7 @@ def test_size_and_metadata_validation(pipe):
 
 
 def test_fp16_metadata_rounds_like_the_reference(tiny_bundle):
-    from engine.models.loading import build_tiny
+    from engine.models.tiny import build_tiny
 
     bundle = build_tiny()
     bundle.unet.half()
@@ -188,7 +189,7 @@ def test_fp16_metadata_rounds_like_the_reference(tiny_bundle):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_half_precision(dtype):
-    from engine.models.loading import build_tiny
+    from engine.models.tiny import build_tiny
 
     bundle = build_tiny().to("cuda", dtype)
     pipe = DiffusionSatPipeline.from_bundle(bundle)
@@ -202,7 +203,7 @@ def test_the_largest_step_count_stays_in_the_trained_timesteps(scheduler):
     steps_offset 1) asked diffusers for timestep 1000 of 0..999: an IndexError, an internal error."""
     from diffusers import DDIMScheduler
 
-    from engine.pipelines.text2img import make_scheduler, set_timesteps
+    from engine.schedulers import make_scheduler, set_timesteps
     from tests.official_layouts import SD21_DDIM
 
     sched = set_timesteps(make_scheduler(scheduler, DDIMScheduler.from_config(SD21_DDIM)), 1000)

@@ -18,8 +18,10 @@ from engine.cli import main
 from engine.models import releases
 from engine.models.cache import ModelCache
 from engine.models.download import RELEASES
-from engine.models.loading import (SD21_SAMPLE_SIZE, describe_folder, installed_models, load_model,
-                                   model_facts, normalise_scheduler, scheduler_from_config)
+from engine.models.loading import load_model
+from engine.models.registry import describe_folder, installed_models, model_facts
+from engine.models.resolution import SD21_SAMPLE_SIZE
+from engine.schedulers import normalise_scheduler, scheduler_from_config
 from engine.tasks import parse_request, plan, run_task
 from tests.official_layouts import OLD_PNDM, SD21_DDIM, ZIP_FOLDERS, build_parts, write_release
 

@@ -10,8 +10,9 @@ import json
 import pytest
 
 from engine.errors import InvalidRequest
-from engine.models.loading import resource_path, scheduler_from_config
-from engine.pipelines.text2img import make_scheduler
+from engine.models.weights import resource_path
+from engine.schedulers import scheduler_from_config
+from engine.schedulers import make_scheduler
 from engine.tasks import SCHEDULER_NAMES, GenerateRequest, parse_request
 
 MAX_STEPS = GenerateRequest.model_fields["steps"].metadata[1].le

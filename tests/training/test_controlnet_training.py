@@ -10,9 +10,10 @@ import torch
 
 from engine.cli import main
 from engine.models.controlnet import SatControlNet, SatControlNet3D
-from engine.models.loading import describe_folder, load_model
+from engine.models.loading import load_model
+from engine.models.registry import describe_folder
 from engine.models.weights import read_state_dict
-from engine.pipelines.text2img import Control, DiffusionSatPipeline
+from engine.pipelines.controlnet import Control, DiffusionSatControlNetPipeline
 from training.datasets.shards import ShardWriter
 
 SMOKE = ["--resolution", "32", "--batch-size", "2", "--max-steps", "2", "--checkpoint-every", "1",
@@ -73,7 +74,7 @@ def test_controlnet_training_smoke_and_loading(tmp_path, tiny_run, task):
     for bundle in (load_model(str(run)), load_model(str(run), unet=str(tiny_run))):
         controlnet = bundle.controlnet_for(task)
         assert isinstance(controlnet, SatControlNet3D if task == "temporal" else SatControlNet)
-        pipe = DiffusionSatPipeline.from_bundle(bundle, controlnet=controlnet)
+        pipe = DiffusionSatControlNetPipeline.from_bundle(bundle, controlnet=controlnet)
         cond = torch.rand(1, 10, 16, 16) if task == "superres" else torch.rand(1, 3, 3, 32, 32)
         image = pipe("a satellite image", None, height=32, width=32, num_inference_steps=1, guidance_scale=1.0,
                      control=Control(image=cond)).images

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from engine.cli import main
-from engine.models.loading import describe_folder, find_unet_folder, load_model
+from engine.models.loading import load_model
+from engine.models.registry import describe_folder, find_unet_folder
 from engine.models.weights import read_state_dict
 from engine.pipelines.text2img import DiffusionSatPipeline
 from training.config import TrainConfig
@@ -82,7 +83,7 @@ def test_checkpoint_limit_and_refusing_to_overwrite(tmp_path, geotiffs, capsys):
 
 
 def test_snr_weightings():
-    from engine.models.loading import build_tiny
+    from engine.models.tiny import build_tiny
 
     scheduler = build_tiny().scheduler
     t = torch.tensor([0, 500, 999])
