@@ -16,7 +16,6 @@ from engine.cli import _float, _int
 from engine.errors import InvalidRequest
 from engine.tasks import GenerateRequest
 
-
 EPILOG_TRAIN = """\
 examples:
   diffusionsat train image --data shards/{000..099}.tar --base <SD 2.1 or DiffusionSat folder> --out runs/md7
