@@ -2,7 +2,8 @@
 
 Every error a user can cause derives from :class:`DiffusionSatError` and carries a message that
 names the problem and the fix. The CLI maps these to one line and exit code 2 (``engine/cli.py``);
-the server maps them to 4xx JSON responses. Anything else is a bug in the engine.
+the server maps them to 4xx JSON responses (the one table of statuses and codes is in
+``engine/server/errors.py``: these classes know nothing of HTTP). Anything else is a bug in the engine.
 """
 
 from __future__ import annotations
@@ -11,14 +12,9 @@ from __future__ import annotations
 class DiffusionSatError(Exception):
     """Base class: an error the user can act on. ``str(err)`` is the whole message."""
 
-    #: HTTP status the server answers with for this kind of error.
-    http_status = 400
-
 
 class InvalidRequest(DiffusionSatError, ValueError):
     """A request field is out of range, malformed or inconsistent with another field."""
-
-    http_status = 422
 
 
 class InvalidMetadata(InvalidRequest):
@@ -28,34 +24,24 @@ class InvalidMetadata(InvalidRequest):
 class ModelNotFound(DiffusionSatError, FileNotFoundError):
     """A model name, folder or hub id does not resolve to loadable weights."""
 
-    http_status = 404
-
 
 class ModelLoadError(DiffusionSatError):
     """Weights or configuration exist but cannot be loaded (corrupt, incompatible, partial)."""
 
-    http_status = 422
-
 
 class RasterError(DiffusionSatError):
     """An input raster cannot be read, or an output raster cannot be written."""
-
-    http_status = 422
 
 
 class DiskFull(RasterError):
     """No space left where an output, a scratch file or an upload is written. The message names the
     folder and the space needed. Nothing half-written is left behind."""
 
-    http_status = 507
-
 
 class InputRefused(DiffusionSatError):
     """An input the engine may not open here: outside the allowed folders, or a file that makes
     GDAL read other files (a VRT, a raw band, a GDAL network path). Nothing was read from it.
     ``path`` and ``roots`` name the file and the folders the engine may read."""
-
-    http_status = 403
 
     def __init__(self, message: str, *, path: str = "", roots: str = "") -> None:
         super().__init__(message)
@@ -69,5 +55,3 @@ class DeviceError(DiffusionSatError):
 
 class Cancelled(DiffusionSatError):
     """The user cancelled a running job. Not a failure: nothing is written."""
-
-    http_status = 409

@@ -34,7 +34,7 @@ from .geo.accumulate import (
     flush,
     tile_contribution,
 )
-from .geo.cog import disk_full, is_disk_full
+from .atomic import disk_full, is_disk_full, write_text_atomic
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
 
@@ -106,12 +106,6 @@ def _part(folder: Path, run_id: str, rank: int, suffix: str) -> Path:
     return folder / f"tiling-{run_id}-rank{rank}.{suffix}"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def accumulate_partial(
     read_fn: ReadFn,
     process_fn: ProcessFn,
@@ -179,10 +173,10 @@ def accumulate_partial(
             tiles=done,
             skipped_tiles=skipped,
         )
-        _write_atomically(_part(folder, run_id, rank, "done"), json.dumps(header))
+        write_text_atomic(_part(folder, run_id, rank, "done"), json.dumps(header))
     except BaseException as err:
         with contextlib.suppress(OSError):  # on a full disk even the marker may not fit
-            _write_atomically(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
+            write_text_atomic(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
         if isinstance(err, OSError):
             if is_disk_full(err):
                 _part(folder, run_id, rank, "acc").unlink(missing_ok=True)

@@ -6,7 +6,9 @@
 - :mod:`training.trainer`: :func:`~training.trainer.train`, single-image and ControlNet loops.
 - :mod:`training.checkpoints`: the run folder layout, atomic checkpoints, resuming.
 - :mod:`training.evaluate`: :func:`~training.evaluate.evaluate` (SSIM, PSNR, FID, LPIPS).
+- :mod:`training.cli`: the ``train``, ``evaluate`` and ``prepare`` commands.
 
-This package imports :mod:`engine`; the engine never imports it at import time (the CLI imports
-it lazily in the ``train``, ``evaluate`` and ``prepare`` commands). See ``docs/training.md``.
+This package imports :mod:`engine`; the engine never imports it: :mod:`training.cli` adds the
+``train``, ``evaluate`` and ``prepare`` commands to ``diffusionsat`` through the
+``diffusionsat.commands`` entry point. See ``docs/training.md``.
 """

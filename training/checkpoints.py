@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 import torch
 
+from engine.atomic import atomic_folder, write_json_atomic, write_text_atomic
 from engine.errors import InvalidRequest
 
 __all__ = [
@@ -68,9 +69,7 @@ class TrainingState:
     ema_updates: int = 0
 
     def write(self, folder: Path) -> None:
-        tmp = folder / (STATE_FILE + ".partial")
-        tmp.write_text(json.dumps(asdict(self), indent=2) + "\n")
-        os.replace(tmp, folder / STATE_FILE)
+        write_json_atomic(folder / STATE_FILE, asdict(self))
 
     @classmethod
     def read(cls, folder: Path) -> "TrainingState":
@@ -145,8 +144,6 @@ def write_components(bundle: Any, run: Path) -> None:
     Skipped when the run already has them (a resumed run). Each component is written atomically.
     """
     from engine.models.loading import model_index_json
-    from engine.models.weights import atomic_folder
-
     run.mkdir(parents=True, exist_ok=True)
     for name in ("vae", "text_encoder"):
         if not (run / name / "config.json").is_file():
@@ -160,12 +157,4 @@ def write_components(bundle: Any, run: Path) -> None:
             bundle.scheduler.save_pretrained(tmp)
     index = run / "model_index.json"
     if not index.is_file():
-        tmp = index.with_suffix(".json.partial")
-        tmp.write_text(model_index_json(bundle.scheduler))
-        os.replace(tmp, index)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+        write_text_atomic(index, model_index_json(bundle.scheduler))

@@ -8,11 +8,11 @@ resolution (learning rate, steps, loss weighting, EMA).
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from engine.atomic import write_json_atomic
 from engine.errors import InvalidRequest
 
 CONTROLNET_TASKS = ("superres", "temporal", "control")
@@ -175,4 +175,4 @@ class TrainConfig:
         return out
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.as_json(), indent=2, sort_keys=True, default=str) + "\n")
+        write_json_atomic(path, self.as_json(), sort_keys=True, default=str)

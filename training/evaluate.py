@@ -18,7 +18,6 @@ seed, so that two runs can be compared.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from engine.atomic import write_json_atomic
 from engine.errors import InvalidRequest
 
 __all__ = ["evaluate", "METRICS"]
@@ -189,9 +189,7 @@ def evaluate(
     if out is not None:
         path = Path(out)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomic(path, result)
     return result
 
 

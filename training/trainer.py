@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import sys
@@ -31,6 +30,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
+from engine.atomic import atomic_folder, publish_folder, write_json_atomic, write_text_atomic
 from engine.errors import InvalidRequest
 
 from .checkpoints import (
@@ -41,7 +41,6 @@ from .checkpoints import (
     list_checkpoints,
     prune_checkpoints,
     write_components,
-    write_json_atomic,
 )
 from .config import TrainConfig
 from .ema import EMA
@@ -242,11 +241,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = _stderr, bundle: 
         if c.kind == "controlnet":
             unet_dir = run / "unet"
             if not (unet_dir / "config.json").is_file():
-                from engine.models.weights import atomic_folder
-
                 with atomic_folder(unet_dir) as tmp:
                     export_model(frozen_unet, frozen_unet.state_dict(), tmp)
-            write_json_atomic(run / "diffusionsat.json", {
+            write_json_atomic(run / "diffusionsat.json", default=str, value={
                 "source": "training",
                 "trained_against_unet": "tiny" if c.unet == "tiny" else str(Path(c.unet).expanduser().resolve()),
                 "task": c.task, "kind": "controlnet", "resolution": c.resolution,
@@ -255,7 +252,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = _stderr, bundle: 
         else:
             # the resolution this run trains at, which its UNet config alone does not prove
             # (the released models kept SD 2.1's sample_size): see engine.models.releases
-            write_json_atomic(run / "diffusionsat.json", {
+            write_json_atomic(run / "diffusionsat.json", default=str, value={
                 "source": "training", "kind": "single-image", "task": "generate", "resolution": c.resolution,
             })
     accelerator.wait_for_everyone()
@@ -405,14 +402,9 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = _stderr, bundle: 
                           num_processes=accelerator.num_processes, batch_size=c.batch_size,
                           gradient_accumulation_steps=c.gradient_accumulation_steps, kind=c.kind, task=c.task,
                           ema_updates=ema.updates if ema is not None else 0).write(tmp)
-            if final.exists():  # the same step saved again (e.g. SIGTERM right after a checkpoint)
-                old = run / f".checkpoint-{step}.old.partial"
-                os.replace(final, old)
-                shutil.rmtree(old, ignore_errors=True)
-            os.replace(tmp, final)
+            # the same step may be saved again (e.g. SIGTERM right after a checkpoint): replaced whole
+            publish_folder(tmp, final)
             if c.kind == "controlnet":
-                from engine.models.weights import atomic_folder
-
                 with atomic_folder(run / "controlnet") as latest:
                     shutil.copytree(final / "controlnet", latest, dirs_exist_ok=True)
             for path in prune_checkpoints(run, c.checkpoints_total_limit):
@@ -512,6 +504,4 @@ def _truncate_losses(path: Path, step: int) -> None:
                 kept.append(line)
         except (ValueError, KeyError):
             continue  # a line cut short by the kill
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in kept))

@@ -15,6 +15,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from engine.atomic import atomic_path
+
 __all__ = ["ValidationSet", "run_validation", "save_png"]
 
 
@@ -42,9 +44,8 @@ def save_png(image: np.ndarray, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     data = np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
-    tmp = path.with_name(path.name + ".partial")
-    Image.fromarray(data).save(tmp, format="PNG")
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        Image.fromarray(data).save(tmp, format="PNG")
 
 
 @torch.no_grad()

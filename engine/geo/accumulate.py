@@ -34,7 +34,8 @@ from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
 from ..progress import CancelToken, Progress, ProgressCallback, report
-from .cog import active_run_dir, disk_full, is_disk_full
+from ..atomic import disk_full, is_disk_full
+from .cog import active_run_dir
 from .tiles import Tile, output_size, row_major
 
 #: Accumulator precision. float64 rather than float32 because a split run sums the same

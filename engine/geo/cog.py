@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import errno
 import os
 import re
 import shutil
@@ -31,14 +30,15 @@ from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..errors import DiskFull, RasterError
+from ..atomic import atomic_path as atomic_file
+from ..atomic import disk_full, is_disk_full
+from ..errors import RasterError
 from .grid import Grid
 
 #: Hidden run folders beside outputs: ``.diffusionsat-run-<pid>-<random>``.
 RUN_PREFIX = ".diffusionsat-run-"
 _RUN_NAME = re.compile(r"^\.diffusionsat-run-(\d+)-")
 _RUN_DIR: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("diffusionsat_run_dir", default=None)
-_NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 def _write_error_types() -> tuple[type[BaseException], ...]:
@@ -130,37 +130,6 @@ def sweep_stale_runs(folder: str | os.PathLike) -> int:
     return removed
 
 
-def _mib(n: float) -> str:
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{max(1, round(n / 1024))} KiB"
-
-
-def disk_full(folder: Path, needed: Optional[int], what: str) -> DiskFull:
-    """The :class:`DiskFull` error for ``folder``: the space needed and the space free."""
-    try:
-        free = shutil.disk_usage(folder).free
-    except OSError:
-        free = None
-    need = f"about {_mib(needed)} needed" if needed else "more space needed"
-    have = f", {_mib(free)} free" if free is not None else ""
-    return DiskFull(f"no space left in {str(folder)!r} to write {what} ({need}{have}); free some space "
-                    "or write to another folder (--out); nothing was written")
-
-
-def is_disk_full(err: BaseException, folder: Optional[Path] = None, needed: Optional[int] = None) -> bool:
-    """Whether ``err`` (an OSError or a GDAL error) comes from a full disk or quota."""
-    if isinstance(err, OSError) and err.errno in _NO_SPACE:
-        return True
-    text = str(err).lower()
-    if "no space left" in text or "disk full" in text or "quota exceeded" in text:
-        return True
-    if folder is not None and needed:  # GDAL often words a failed write differently
-        try:
-            return shutil.disk_usage(folder).free < needed
-        except OSError:
-            return False
-    return False
-
-
 @contextlib.contextmanager
 def run_folder(folder: str | os.PathLike) -> Iterator[Path]:
     """A fresh hidden run folder in ``folder`` (made after removing stale ones), removed on exit."""
@@ -204,10 +173,8 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]
         )
     if not os.access(folder, os.W_OK):
         raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
-    with run_folder(folder) as run:
-        tmp_path = run / (dest.stem + ".partial" + suffix)
+    with run_folder(folder) as run, atomic_file(dest, suffix, tmp_dir=run) as tmp_path:
         yield tmp_path
-        os.replace(tmp_path, dest)
 
 
 def _cog_options(blocksize: int, overviews: bool) -> dict[str, Any]:

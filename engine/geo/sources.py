@@ -9,10 +9,8 @@ then gives one window at a time, so memory does not grow with the raster.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Sequence
 
 import numpy as np
 import rasterio

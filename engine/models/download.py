@@ -22,6 +22,7 @@ import zipfile
 from pathlib import Path
 from typing import Callable, Optional
 
+from ..atomic import publish_folder
 from ..errors import DiffusionSatError, InvalidRequest, ModelNotFound
 from . import releases
 from .registry import describe_folder, models_dirs
@@ -35,8 +36,6 @@ RELEASES = releases.releases()
 
 class DownloadError(DiffusionSatError):
     """The download failed or did not verify; nothing was installed."""
-
-    http_status = 502
 
 
 def _get(url: str, timeout: float = 60):
@@ -139,9 +138,7 @@ def download_release(
         if describe_folder(root) is None:
             raise ModelNotFound(f"release {name} was downloaded but holds no model the engine recognises; "
                                 "nothing was installed (report this)")
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(root, dest)
+        publish_folder(root, dest)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return dest

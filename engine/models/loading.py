@@ -25,7 +25,8 @@ from .controlnet import CONTROLNET_CLASSES, SatControlNet3D
 from .registry import UNET_CLASSES, locate_model
 from .tiny import build_tiny
 from .unet import SatUNet, init_metadata_embedding
-from .weights import atomic_folder, read_config, read_state_dict
+from ..atomic import atomic_folder
+from .weights import read_config, read_state_dict
 
 log = logging.getLogger(__name__)
 

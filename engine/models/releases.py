@@ -15,12 +15,13 @@ recognised by :func:`match_release` from its folder name (the zip's) or its layo
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
+
+from ..atomic import write_json_atomic
 
 RECORD_FILE = "diffusionsat.json"
 
@@ -113,10 +114,7 @@ def find_record(folder: Path, levels: int = 2) -> tuple[Optional[dict], Optional
 def write_record(folder: Path, record: dict) -> Path:
     """Write ``folder/diffusionsat.json`` atomically."""
     folder = Path(folder)
-    tmp = folder / (RECORD_FILE + ".partial")
-    tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, folder / RECORD_FILE)
-    return folder / RECORD_FILE
+    return write_json_atomic(folder / RECORD_FILE, record, sort_keys=True)
 
 
 def download_record(rel: Release) -> dict:

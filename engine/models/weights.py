@@ -8,14 +8,10 @@ official checkpoints' ``diffusion_pytorch_model.bin``; ``.fp16`` variants and sh
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -99,25 +95,3 @@ def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
     return config
 
 
-@contextlib.contextmanager
-def atomic_folder(dest: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary folder beside ``dest``; on success it replaces ``dest`` in one rename.
-
-    A crash while writing leaves ``dest`` untouched (the previous complete folder, or none).
-    """
-    dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".partial", dir=dest.parent))
-    try:
-        yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-            os.rmdir(old)
-            os.replace(dest, old)
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

@@ -38,7 +38,7 @@ from diffusers.utils import BaseOutput
 from ..errors import InvalidRequest
 from ..progress import CancelToken, Progress, ProgressCallback, report
 from ..models.loading import load_model
-from ..models.weights import atomic_folder
+from ..atomic import atomic_folder
 from ..schedulers import set_timesteps
 
 

@@ -2,11 +2,12 @@
 
     diffusionsat serve                        # 127.0.0.1, a free port, token in a user-only file
 
-Modules: :mod:`.app` (the FastAPI app and its endpoints), :mod:`.jobs` (the FIFO queue and its
+Modules: :mod:`.app` (builds the FastAPI app), :mod:`.routes` (its endpoints, one APIRouter per
+concern), :mod:`.schemas` (the response shapes), :mod:`.jobs` (the FIFO queue and its
 single worker), :mod:`.inputs` (uploads, upload refs, allowed roots, early request checks),
 :mod:`.security` (the token file and the bearer check), :mod:`.run` (uvicorn, the ready line),
-:mod:`.config` and :mod:`.errors`. FastAPI and uvicorn are imported only by :mod:`.app` and
-:mod:`.run` (the ``server`` extra), so the rest imports without them.
+:mod:`.config` and :mod:`.errors`. FastAPI is imported only by :mod:`.app` and :mod:`.routes`,
+uvicorn only by :mod:`.run` (the ``server`` extra), so the rest imports without them.
 """
 
 from .config import ServerConfig

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
+from ..atomic import publish_file
 from ..errors import InvalidRequest, ModelNotFound, RasterError
 from ..geo.guard import inspect_input
 from .config import ServerConfig
@@ -125,7 +126,7 @@ class UploadStore:
                 f"the upload is not a readable GeoTIFF ({first}); send the raw bytes of a .tif file "
                 "with Content-Type image/tiff"
             ) from None
-        os.replace(partial, final)
+        publish_file(partial, final, what="the upload")
         return info
 
     def path(self, upload_id: str) -> Path:
@@ -266,11 +267,15 @@ def resolve_request(
     config: ServerConfig,
     uploads: UploadStore,
     parse: Optional[Callable[[dict], Any]] = None,
+    *,
+    check: bool = True,
 ) -> Any:
     """Turn a job's JSON body into a validated request model the worker can run.
 
     ``parse`` is :func:`engine.tasks.parse_request` unless given (tests pass their own request
     models). The server's ``--model``/``--device``/``--dtype`` fill fields the body leaves out.
+    ``check``: run :func:`engine.tasks.check` at the end (``POST /v1/plan`` leaves it to
+    :func:`engine.tasks.plan`, which runs it, so that it runs once).
     """
     engine_models = parse is None
     if parse is None:
@@ -298,8 +303,8 @@ def resolve_request(
         # Tasks whose output size follows from their inputs check it themselves once they have
         # read them: hand them the engine's limit.
         request = request.model_copy(update={"max_pixels": config.max_pixels})
-    if engine_models:
-        from ..tasks import check
+    if engine_models and check:
+        from ..tasks import check as run_checks
 
-        check(request)  # the run's own checks before its first model call, so that it fails now, with a 4xx
+        run_checks(request)  # the run's own checks before its first model call, so that it fails now, with a 4xx
     return request

@@ -14,6 +14,8 @@ import stat
 from pathlib import Path
 from typing import Optional
 
+from ..atomic import write_text_atomic
+from ..errors import DiskFull
 from .errors import Forbidden, ServerConfigError, Unauthorized
 
 #: A shorter token is refused: it could be guessed by trying.
@@ -75,15 +77,15 @@ def ensure_token_file(path: str | os.PathLike) -> str:
             _check_folder(parent)
         token = secrets.token_urlsafe(32)
         try:
-            # O_EXCL: two servers starting at once must not overwrite each other's token.
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            # exclusive: two servers starting at once must not overwrite each other's token;
+            # atomic: a crash while writing leaves no empty token file behind.
+            write_text_atomic(path, token + "\n", mode=0o600, exclusive=True)
         except FileExistsError:
             return read_token_file(path)
-        except OSError as err:
-            raise ServerConfigError(f"cannot create the token file {path}: {err.strerror}; "
+        except (OSError, DiskFull) as err:
+            reason = err.strerror if isinstance(err, OSError) else "no space left on its disk"
+            raise ServerConfigError(f"cannot create the token file {path}: {reason}; "
                                     "choose another place with --token-file") from None
-        with os.fdopen(fd, "w") as fh:
-            fh.write(token + "\n")
         return token
     return read_token_file(path)
 

@@ -55,7 +55,9 @@ def _refused(path, policy, *words):
         open_raster(path)
     for word in words:
         assert word in str(info.value)
-    assert info.value.http_status == 403
+    from engine.server.errors import error_code, error_status
+
+    assert error_status(info.value) == 403 and error_code(info.value) == "input_refused"
     return info.value
 
 

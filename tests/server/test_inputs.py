@@ -17,7 +17,14 @@ from pydantic import BaseModel, ConfigDict
 from engine.errors import Cancelled, InvalidRequest, RasterError
 from engine.progress import Progress
 from engine.server.config import ServerConfig
-from engine.server.errors import InputNotFound, PathNotAllowed, ServerConfigError, TooLarge
+from engine.server.errors import (
+    InputNotFound,
+    PathNotAllowed,
+    ServerConfigError,
+    TooLarge,
+    error_code,
+    error_status,
+)
 from engine.server.inputs import UploadStore, resolve_request, resolve_upload_refs
 from engine.server.jobs import JobManager
 from engine.server.security import check_bearer, ensure_token_file
@@ -132,7 +139,7 @@ def test_allowed_roots_confine_input_paths(tmp_path, uploads):
     assert resolve_request({"input": str(good)}, config, uploads, parse=parse_fake).input == str(good)
     with pytest.raises(PathNotAllowed, match="outside the folders") as err:
         resolve_request({"input": str(good), "mask": str(outside)}, config, uploads, parse=parse_fake)
-    assert err.value.http_status == 403
+    assert error_status(err.value) == 403 and error_code(err.value) == "path_not_allowed"
     # '..' and symlinks are resolved before the check.
     with pytest.raises(PathNotAllowed):
         resolve_request({"input": str(inside / ".." / "b.tif")}, config, uploads, parse=parse_fake)

@@ -335,6 +335,37 @@ def test_enospc_during_an_upload_is_507_and_leaves_nothing(inproc, tmp_path):
     assert call(srv, "GET", "/v1/health", token=None).status == 200
 
 
+def test_plan_and_submit_run_the_checks_once(inproc, monkeypatch):
+    """POST /v1/plan and POST /v1/jobs run engine.tasks.check once each (it reads headers, configs and
+    pixels of every input: twice is twice the wait), and still refuse what it refuses."""
+    import engine.tasks
+    import engine.tasks.run
+
+    srv = inproc()
+    calls = []
+    real_check = engine.tasks.run.check
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].task)
+        return real_check(*args, **kwargs)
+
+    # both ways in: the package's name (the server's resolve_request) and run.py's own (plan())
+    monkeypatch.setattr(engine.tasks, "check", counted)
+    monkeypatch.setattr(engine.tasks.run, "check", counted)
+    planned = call(srv, "POST", "/v1/plan", json_body=generate_request())
+    assert planned.status == 200, planned.body
+    assert planned.json["width"] == 64 and calls == ["generate"]
+    submitted = call(srv, "POST", "/v1/jobs", json_body=generate_request())
+    assert submitted.status == 202 and calls == ["generate", "generate"]
+    call(srv, "DELETE", f"/v1/jobs/{submitted.json['id']}")
+    # a refusal of check itself, and the step limit after it, as before
+    bad = call(srv, "POST", "/v1/plan", json_body=generate_request(model="no-such-model-anywhere"))
+    assert_error(bad, 404, "model_not_found")
+    steps = call(srv, "POST", "/v1/plan", json_body=generate_request(steps=srv.config.max_steps + 1))
+    assert_error(steps, 422, "invalid_request")
+    assert "--max-steps" in steps.json["detail"]
+
+
 def _closed_by_peer(sock: socket.socket, timeout: float) -> bool:
     sock.settimeout(timeout)
     try:

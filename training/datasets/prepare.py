@@ -15,7 +15,6 @@ the GeoTIFFs see the same images and metadata (up to the 8-bit rounding of ``inp
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from engine.atomic import write_json_atomic
 from engine.errors import InvalidRequest
 
 from .geotiff import GeoTiffFolder, find_geotiffs
@@ -90,5 +90,5 @@ def prepare_shards(
         shards = writer.close()
     summary = {"samples": writer.count, "resolution": resolution, "crop_size": crop_size or resolution,
                "shards": [p.name for p in shards], "layout": "image (input.npy uint8, metadata.json)"}
-    (out / "prepare.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json_atomic(out / "prepare.json", summary)
     return PrepareResult(shards=shards, samples=writer.count, seconds=time.perf_counter() - started)

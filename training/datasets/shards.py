@@ -13,6 +13,7 @@ Why not the ``webdataset`` package: reading this layout takes ~100 lines on top 
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from typing import IO, Any, Iterator, Optional, Sequence
 
 import numpy as np
 
+from engine.atomic import atomic_path
 from engine.errors import InvalidRequest
 
 __all__ = ["expand_braces", "shard_list", "open_shard", "iter_tar_samples", "decode_field", "ShardWriter"]
@@ -170,8 +172,8 @@ def encode_field(field: str, value: Any) -> bytes:
 class ShardWriter:
     """Write samples into numbered shards ``<prefix>-000000.tar``, ``maxcount`` samples each.
 
-    Each shard is written to ``.<name>.partial`` and renamed when complete, so a crash leaves
-    only whole shards behind.
+    Each shard is written to a temporary file beside it (:func:`engine.atomic.atomic_path`) and
+    renamed when complete, so a crash leaves only whole shards behind.
     """
 
     def __init__(self, folder: str | os.PathLike, maxcount: int = 1000, prefix: str = "shard"):
@@ -184,21 +186,22 @@ class ShardWriter:
         self.shards: list[Path] = []
         self.count = 0
         self._tar: Optional[tarfile.TarFile] = None
-        self._tmp: Optional[Path] = None
+        self._publish: Optional[contextlib.ExitStack] = None
         self._in_shard = 0
 
     def _open(self) -> None:
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        self._tmp = self.folder / f".{name}.partial"
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.PAX_FORMAT)
+        self._publish = contextlib.ExitStack()
+        tmp = self._publish.enter_context(atomic_path(self.folder / name))
+        self._tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT)
         self.shards.append(self.folder / name)
         self._in_shard = 0
 
     def _close(self) -> None:
         if self._tar is not None:
             self._tar.close()
-            os.replace(self._tmp, self.shards[-1])
             self._tar = None
+            self._publish.close()  # fsync and rename into place
 
     def write(self, key: str, fields: dict[str, Any]) -> None:
         """Add one sample; ``key`` must not contain dots (the key ends at the first dot)."""
@@ -229,5 +232,6 @@ class ShardWriter:
             self.close()
         elif self._tar is not None:
             self._tar.close()
-            self._tmp.unlink(missing_ok=True)
+            self._tar = None
+            self._publish.__exit__(exc_type, exc, tb)  # removes the temporary file
             self.shards.pop()
