@@ -73,8 +73,9 @@ class GenerateRequest(_Request):
         None, description="cloud cover fraction 0..1 to condition on (default: unknown, as training's dropped value)")
     width: Optional[int] = Field(None, description="output width in px, a multiple of 8 (overrides size)")
     height: Optional[int] = Field(None, description="output height in px, a multiple of 8 (overrides size)")
-    size: Optional[int] = Field(None, description="output width and height in px, a multiple of 8 "
-                                "(default: the model's native size)")
+    size: Optional[int] = Field(None, description="longest side of the output in px, a multiple of 8; the "
+                                "other side follows the bbox's shape on the ground (default: the model's "
+                                "native size)")
     prompt: str = PROMPT
     steps: int = STEPS
     guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
@@ -102,8 +103,13 @@ class GenerateRequest(_Request):
 
     @model_validator(mode="after")
     def _pixels(self) -> "GenerateRequest":
-        w = self.width or self.size or 512
-        h = self.height or self.size or 512
+        from .errors import DiffusionSatError
+        from .metadata import output_size
+
+        try:
+            w, h = output_size(self.bbox, self.crs, self.size, self.width, self.height, 512)
+        except DiffusionSatError:  # a bad bbox or CRS: check() refuses it with its own message
+            return self
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} px is more than {MAX_PIXELS} pixels for one generated image")
         return self
@@ -305,7 +311,7 @@ def generate(
 
     from .conditional import provenance_tags
     from .geo.cog import write_cog
-    from .metadata import derive_from_bbox, grid_transform, parse_crs
+    from .metadata import derive_from_bbox, grid_transform, output_size, parse_crs
     from .models.cache import ModelCache
     from .pipelines.text2img import DiffusionSatPipeline, make_scheduler
 
@@ -323,8 +329,7 @@ def generate(
     from .models.loading import request_resolution
 
     model_px = request_resolution(bundle, request)
-    width = request.width or request.size or model_px
-    height = request.height or request.size or model_px
+    width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
     metadata = derive_from_bbox(
         request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover
     )
@@ -518,7 +523,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     when given (the server picks its own).
     """
     from .device import resolve
-    from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, parse_crs, validate_bbox
+    from .metadata import SatMetadata, derive_from_bbox, ground_pixel_size, output_size, parse_crs, validate_bbox
     from .models.loading import (
         auto_model,
         controlnet_task_of,
@@ -546,8 +551,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     if needs is not None and have is not None and needs not in have:
         raise missing_controlnet(located.root.name, needs, have)
     if request.task == "generate":
-        width = request.width or request.size or model_px
-        height = request.height or request.size or model_px
+        width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
         return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,
