@@ -315,7 +315,8 @@ def test_dry_run_plans_without_a_model_or_output(tmp_path, capsys):
     code = main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--size", "512", "--model", "tiny", "--dry-run",
                  "--out", str(tmp_path / "g.tif")])
     text = capsys.readouterr().out
-    assert code == 0 and "512x512 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()
+    # --size is the longest side: Rome's 5.8 x 5.6 km bbox is 512 x 488 px (square pixels on the ground)
+    assert code == 0 and "512x488 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()
 
 
 @pytest.mark.parametrize("task", ["superres", "inpaint"])
