@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import machine_description, write_section  # noqa: E402
 from engine.models.tiny import build_tiny  # noqa: E402
-from engine.models.weights import resource_path  # noqa: E402
+from engine.models.configs import resource_path  # noqa: E402
 
 # SD 2.1's VAE and text encoder shapes (stabilityai/stable-diffusion-2-1 configs).
 SD21_VAE = {

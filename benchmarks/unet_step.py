@@ -27,7 +27,7 @@ from diffusers import UNet2DConditionModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import machine_description, write_section  # noqa: E402
-from engine.models.weights import resource_path  # noqa: E402
+from engine.models.configs import resource_path  # noqa: E402
 from engine.models.unet import SatUNet  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

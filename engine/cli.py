@@ -12,7 +12,16 @@ import os
 import sys
 import types
 from dataclasses import dataclass
-from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
+from typing import (
+    Any,
+    Callable,
+    Literal,
+    Optional,
+    Sequence,
+    Union,
+    get_args,
+    get_origin,
+)
 
 from . import __version__
 from .errors import Cancelled, DiffusionSatError
@@ -393,15 +402,19 @@ def _notify(args, lines: Sequence[str]) -> None:
 
 def _run(args: argparse.Namespace, fields: dict) -> int:
     """Validate ``fields`` as a task request, run it with a progress bar, report the result."""
-    from .tasks import parse_request, run_task
+    from .tasks import parse_request  # run_task after the checks: it imports torch
 
     request = parse_request(fields)
     _check_out(args, request)  # before --dry-run too: it refuses what the run refuses
     if args.dry_run:
         return _print_plan(args, request)
+    from .parallel import RunContext
+    from .tasks import run_task
+
     update, close = _progress(args)
     try:
-        result = run_task(request, args.out, progress=update)
+        # the one place a launcher's RANK/WORLD_SIZE are read: a split run's context, given to the task
+        result = run_task(request, args.out, progress=update, context=RunContext.from_env(request.device))
     finally:
         close()
     if result is None:  # a non-zero rank of a split run: rank 0 reports
@@ -466,12 +479,14 @@ def cmd_task(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .tasks import parse_request, run_task
+    from .tasks import parse_request  # run_task after the checks: it imports torch
 
     request = parse_request(_request_fields(args))
     _check_out(args, request)  # before --dry-run too: it refuses what the run refuses
     if args.dry_run:
         return _print_plan(args, request)
+    from .tasks import run_task
+
     update, close = _progress(args)
 
     def loaded(bundle, placement) -> None:
@@ -530,8 +545,7 @@ def cmd_download(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from .models.registry import installed_models, models_dirs
-    from .models.tiny import tiny_entry
+    from .models.registry import installed_models, models_dirs, tiny_entry
 
     models = installed_models()
     if args.json:

@@ -41,6 +41,7 @@ __all__ = [
     "parse_crs",
     "validate_bbox",
     "ground_pixel_size",
+    "output_size",
     "footprint_centre",
     "derive_from_bbox",
     "grid_transform",
@@ -706,6 +707,42 @@ def ground_pixel_size(bbox: Any, crs: Any, width: int, height: int) -> tuple[flo
     lons, lats = to_ll.transform(np.full_like(t, cx), miny + (maxy - miny) * t)
     height_m = _GEOD.line_length(lons, lats)
     return width_m / width, height_m / height
+
+
+def output_size(
+    bbox: Any,
+    crs: Any,
+    size: int | None = None,
+    width: int | None = None,
+    height: int | None = None,
+    default: int = 512,
+) -> tuple[int, int]:
+    """Width and height in px of an image generated over ``bbox`` in ``crs``: the one rule of
+    the CLI, the server and the QGIS plugin (which sends ``size`` and lets the engine decide).
+
+    ``size`` (``default`` when None) is the longer side; the other side follows the bbox's shape
+    on the ground (the geodesic mid-lines of :func:`ground_pixel_size`), so that pixels are
+    square on the ground, also for degrees; it is rounded to a multiple of 8, at least 8.
+    ``width`` and ``height`` override: both given, they are the size; one given, it is that side
+    and the other follows the shape.
+    """
+    if width and height:
+        return int(width), int(height)
+    ground_w, ground_h = ground_pixel_size(bbox, crs, 1, 1)
+    if not (ground_w > 0 and ground_h > 0):
+        raise InvalidRequest("the bbox has no extent on the ground; give a larger bbox")
+
+    def other(side: int, ratio: float) -> int:
+        return max(8, int(round(side * ratio / 8.0)) * 8)
+
+    if width:
+        return int(width), other(int(width), ground_h / ground_w)
+    if height:
+        return other(int(height), ground_w / ground_h), int(height)
+    longest = _as_size("size", size if size else default)
+    if ground_w >= ground_h:
+        return longest, other(longest, ground_h / ground_w)
+    return other(longest, ground_w / ground_h), longest
 
 
 def derive_from_bbox(

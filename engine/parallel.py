@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from .atomic import disk_full, is_disk_full, write_text_atomic
 from .errors import Cancelled, InvalidRequest, RasterError
 from .geo.accumulate import (
     ACCUMULATOR_DTYPE,
@@ -34,7 +35,6 @@ from .geo.accumulate import (
     flush,
     tile_contribution,
 )
-from .atomic import disk_full, is_disk_full, write_text_atomic
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
 

@@ -93,9 +93,6 @@ from qgis.core import QgsProcessing, QgsProcessingParameterDefinition, QgsProces
 PARAM_ADVANCED = _first((Qgis, "ProcessingParameterFlag.Advanced"),
                         (QgsProcessingParameterDefinition, "Flag.FlagAdvanced"),
                         (QgsProcessingParameterDefinition, "FlagAdvanced"))
-PARAM_OPTIONAL = _first((Qgis, "ProcessingParameterFlag.Optional"),
-                        (QgsProcessingParameterDefinition, "Flag.FlagOptional"),
-                        (QgsProcessingParameterDefinition, "FlagOptional"))
 NUMBER_INTEGER = _first((Qgis, "ProcessingNumberParameterType.Integer"),
                         (QgsProcessingParameterNumber, "Type.Integer"),
                         (QgsProcessingParameterNumber, "Integer"))

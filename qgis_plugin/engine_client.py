@@ -46,6 +46,9 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 16
+#: OpenAPI documents by (engine URL, token): read once per engine (EngineClient.openapi).
+_OPENAPI_CACHE: Dict[Any, Dict[str, Any]] = {}
+_OPENAPI_LOCK = threading.Lock()
 #: Variables QGIS sets for its own Python, GDAL and PROJ; inherited, they make the engine's
 #: Python load QGIS's modules or its GDAL/PROJ data of another version (crashes, wrong CRSs).
 _DROPPED_ENV = ("PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PROJ_LIB", "PROJ_DATA", "GDAL_DATA",
@@ -204,6 +207,18 @@ class EngineClient:
     def models(self) -> Dict[str, Any]:
         """``{"models": [{"name", "tasks", "resolution", "kind", "path"}, ...], "default": ...}``."""
         return self._json("GET", "/v1/models")
+
+    def openapi(self) -> Dict[str, Any]:
+        """The engine's OpenAPI document (its request fields' defaults and limits: see
+        ``schema.py``), fetched once per engine URL and token and then kept."""
+        key = (self.url, self.token)
+        with _OPENAPI_LOCK:
+            doc = _OPENAPI_CACHE.get(key)
+        if doc is None:
+            doc = self._json("GET", "/v1/openapi.json")
+            with _OPENAPI_LOCK:
+                _OPENAPI_CACHE[key] = doc
+        return doc
 
     def submit(self, request: Mapping[str, Any]) -> str:
         """Queue a task request dict; return the job id."""

@@ -212,6 +212,22 @@ def result_group(project: QgsProject, name: str = GROUP_NAME):
     return group if group is not None else root.insertGroup(0, name)
 
 
+def move_to_result_group(layer, project: Optional[QgsProject] = None) -> bool:
+    """Put ``layer``, loaded at the top level of the layer tree (as Processing loads its results),
+    at the top of the "DiffusionSat" group, where the dock puts its results. A layer inside
+    another group (Processing's own results group, when the user set one) stays there. False when
+    the layer is not in the tree (yet)."""
+    project = project or QgsProject.instance()
+    root = project.layerTreeRoot()
+    node = root.findLayer(layer.id()) if layer is not None else None
+    if node is None:
+        return False
+    if node.parent() is root:
+        result_group(project).insertChildNode(0, node.clone())
+        root.removeChildNode(node)
+    return True
+
+
 def style_result(layer: QgsRasterLayer, *, date: Optional[_dt.date] = None,
                  info: Optional[Mapping[str, Any]] = None, warnings=()) -> None:
     """Style, temporal range and provenance for an output layer (also used by Processing)."""

@@ -19,6 +19,7 @@ try:  # Qt6 (QGIS 4) moved QAction to QtGui
 except ImportError:
     from qgis.PyQt.QtWidgets import QAction
 
+from . import schema
 from .checks import in_dock_words
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_SUCCESS, MSG_WARNING, icon, resource_path
 from .connection import EngineConfigError, resolve_spec, shared_manager
@@ -330,6 +331,10 @@ class DiffusionSatPlugin:
 
     def _task_done(self, task: EngineTask) -> None:
         self._tasks.discard(task)
+        if task.engine_limits is not None:  # the engine answered: its defaults and ranges from now on
+            schema.remember(task.engine_limits)
+            if self.dock is not None:
+                self.dock.apply_limits(task.engine_limits)
         if self.dock is not None:
             self.dock.refresh_engine_label()
             self.dock.show_progress(None, "done" if task.outcome is not None else

@@ -71,17 +71,26 @@ def add_hints(request: dict[str, Any], layer, path: str) -> None:
         request.setdefault(key, value)
 
 
-def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *, width: int, height: int,
-                     output_path: str, name: str = "", date: Optional[_dt.date] = None,
+def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *, size: Optional[int] = None,
+                     width: Optional[int] = None, height: Optional[int] = None, output_path: str, name: str = "", date: Optional[_dt.date] = None,
                      cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
                      guidance: Optional[float] = None, seed: Optional[int] = None,
                      scheduler: str = "default", model: Optional[str] = None) -> PreparedJob:
-    request = generate_request(extent, crs, width=width, height=height, date=date, cloud_cover=cloud_cover,
+    request = generate_request(extent, crs, size=size, width=width, height=height, date=date,
+                               cloud_cover=cloud_cover,
                                prompt=prompt, steps=steps, guidance=guidance, seed=seed,
                                scheduler=scheduler, model=model)
     label = name or (f"Generated {date.isoformat()}" if date else "Generated")
     return PreparedJob("generate", request, output_path, label, date=date,
-                       title=f"DiffusionSat: generate {width}×{height} px")
+                       title=f"DiffusionSat: generate {_size_text(request)}")
+
+
+def _size_text(request: dict[str, Any]) -> str:
+    if request.get("width") and request.get("height"):
+        return f"{request['width']}×{request['height']} px"
+    if request.get("size"):
+        return f"{request['size']} px"
+    return "at the model's size"
 
 
 def prepare_superres(*, output_path: str, layer=None, band_layers: Sequence = (),

@@ -1,12 +1,13 @@
 """QGIS state (extent, CRS, layers, dates) → engine request dicts.
 
-The plugin sends the *target grid* (bbox in a CRS, width, height) and the date; it never derives
-longitude/latitude or the ground sample distance for the model: the engine does that in one
-place for the CLI and the plugin alike. :func:`grid_info` measures the grid only to *show* the
-size and GSD in the dock.
+The plugin sends the *target extent* (bbox in a CRS) with the longest side in px (``size``, or
+exact ``width``/``height``) and the date; it never derives the grid, longitude/latitude or the
+ground sample distance for the model: the engine does that in one place
+(``engine.metadata.output_size``) for the CLI and the plugin alike. :func:`output_size` and
+:func:`grid_info` estimate the grid only to *show* the size and GSD in the dock.
 
 Every builder returns a plain dict that matches the engine's request models
-(``engine/tasks.py``); values the user left unset are left out, so the engine's documented
+(``engine/tasks/requests.py``); values the user left unset are left out, so the engine's documented
 defaults apply.
 """
 
@@ -17,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
@@ -25,7 +26,6 @@ from qgis.core import (
     QgsDistanceArea,
     QgsPointXY,
     QgsProject,
-    QgsRasterLayer,
     QgsRectangle,
 )
 
@@ -33,8 +33,6 @@ from .compat import WKT2_2019
 
 #: Longest side of a generated image when nothing else is said (the models' native size).
 DEFAULT_SIZE = 512
-#: Largest side the dock offers for one generated image.
-MAX_SIDE = 4096
 
 
 class RequestError(ValueError):
@@ -160,10 +158,15 @@ def round8(value: float) -> int:
 
 
 def output_size(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, longest: int = DEFAULT_SIZE,
-                project: Optional[QgsProject] = None) -> tuple[int, int]:
+                project: Optional[QgsProject] = None, max_side: Optional[int] = None) -> tuple[int, int]:
     """Width and height in px for ``extent`` with ``longest`` px on its longer side, so that
-    pixels are square on the ground (also for degrees), both multiples of 8."""
-    longest = round8(min(max(longest, 8), MAX_SIDE))
+    pixels are square on the ground (also for degrees), both multiples of 8: the dock's
+    estimate of the grid the engine makes from ``size`` (``engine.metadata.output_size``)."""
+    if max_side is None:
+        from .schema import current
+
+        max_side = current().max_side
+    longest = round8(min(max(longest, 8), max_side))
     width_m, height_m = ground_size(extent, crs, project)
     if width_m <= 0 or height_m <= 0:
         raise RequestError("the extent has no area on the ground")
@@ -363,8 +366,9 @@ def generate_request(
     extent: QgsRectangle,
     crs: QgsCoordinateReferenceSystem,
     *,
-    width: int,
-    height: int,
+    size: Optional[int] = None,
+    width: Optional[int] = None,
+    height: Optional[int] = None,
     date: Optional[_dt.date] = None,
     cloud_cover: Optional[float] = None,
     prompt: str = "",
@@ -377,25 +381,32 @@ def generate_request(
     """The ``generate`` request for ``extent`` in ``crs`` (the output lands exactly on it).
 
     Args:
-        width, height: output size in px (multiples of 8).
+        size: the longest side in px (rounded to a multiple of 8); the engine makes the other
+            side follow the extent's shape on the ground. None = the model's native size.
+        width, height: exact output sides in px (multiples of 8), overriding ``size``.
         cloud_cover: fraction 0..1, None = unknown.
         prompt: text prompt; empty = the engine's default prompt.
     """
-    if width <= 0 or height <= 0 or width % 8 or height % 8:
-        raise RequestError(f"{width}×{height} px: width and height must be positive multiples of 8")
+    for name, value in (("width", width), ("height", height)):
+        if value is not None and (value <= 0 or value % 8):
+            raise RequestError(f"{name} {value} px: width and height must be positive multiples of 8")
     if cloud_cover is not None and not 0.0 <= cloud_cover <= 1.0:
         raise RequestError(f"cloud cover is a fraction 0..1, got {cloud_cover}")
     req: dict[str, Any] = {
         "task": "generate",
         "bbox": bbox_of(extent),
         "crs": crs_ref(crs),
-        "width": int(width),
-        "height": int(height),
         "date": iso(date),
         "cloud_cover": cloud_cover,
         "scheduler": scheduler or "default",
         **_common(model),
     }
+    if size is not None:
+        req["size"] = round8(size)
+    if width is not None:
+        req["width"] = int(width)
+    if height is not None:
+        req["height"] = int(height)
     if prompt and prompt.strip():
         req["prompt"] = prompt.strip()
     if steps is not None:
@@ -526,6 +537,3 @@ def guess_band_name(text: str) -> Optional[str]:
     token = m.group(1).upper()
     return "B8A" if token == "8A" else f"B{int(token):02d}"
 
-
-def layer_names(layers: Iterable[QgsRasterLayer]) -> list[str]:
-    return [lyr.name() for lyr in layers]

@@ -43,8 +43,7 @@ class PluginSettings:
     upload: str = "auto"
     output_dir: str = ""  # for unsaved projects; default ~/DiffusionSat
     size: int = 512  # longest side of a generated image, px
-    steps: int = 20
-    guidance: float = 7.5
+    steps: int = 0  # the forms' first steps; 0 = the engine's default (its OpenAPI: see schema.py)
     # Pre-flight limits: a larger job is run only when the user confirms it (dock) or sets
     # ALLOW_LARGE (Processing); 0 turns a limit off.
     max_output_mpx: float = 100.0  # output megapixels

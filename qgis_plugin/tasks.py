@@ -22,6 +22,7 @@ from . import preflight as pf
 from .connection import EngineConfigError, EngineManager, EngineSpec
 from .inputs import as_geotiff, rasterize_mask, remove_quietly
 from .requests import PreparedJob, RequestError
+from .schema import Limits, limits_of
 
 LOG_TAG = "DiffusionSat"
 
@@ -137,11 +138,16 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
     refused plan has ``stage == "plan"``).
     """
     from .engine_client import EngineError
+    from .schema import OutOfRange
 
     temps: list[str] = []
     plan = None
     try:
         request = dict(prepared.request)
+        try:  # the live engine's ranges (its OpenAPI, read once per engine)
+            limits_of(client).check(prepared.task, request)
+        except OutOfRange as err:
+            raise RequestError(str(err)) from None
         if prepared.rasterize:
             spec = prepared.rasterize
             request[spec["field"]] = rasterize_mask(spec["vector"], spec["like"])
@@ -243,6 +249,7 @@ class EngineTask(QgsTask):
         self.manager = manager
         self.on_done = on_done
         self.outcome: Optional[JobOutcome] = None
+        self.engine_limits: Optional[Limits] = None  # the engine's defaults and ranges, once it answered
         self.error: Optional[str] = None
         self.was_cancelled = False
         self.cancel_stopped_s: Optional[float] = None
@@ -292,6 +299,7 @@ class EngineTask(QgsTask):
 
         try:
             client = self.manager.client(self.spec)
+            self.engine_limits = limits_of(client)  # the dock takes the engine's ranges from them (main thread)
             if self.isCanceled():
                 return self._cancelled(0.0)
             on_plan = (lambda request, plan: self._on_plan(client, request, plan)) if self.plan_first else None

@@ -99,7 +99,7 @@ def build_parts(dest: Path) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from engine.models.controlnet import SatControlNet, SatControlNet3D
-    from engine.models.weights import resource_path
+    from engine.models.configs import resource_path
     from engine.models.unet import SatUNet, init_metadata_embedding
 
     with torch.random.fork_rng(devices=[]):

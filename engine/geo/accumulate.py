@@ -32,9 +32,9 @@ import numpy as np
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
+from ..atomic import disk_full, is_disk_full
 from ..errors import InvalidRequest, RasterError
 from ..progress import CancelToken, Progress, ProgressCallback, report
-from ..atomic import disk_full, is_disk_full
 from .cog import active_run_dir
 from .tiles import Tile, output_size, row_major
 

@@ -42,7 +42,9 @@ _RUN_DIR: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("diffu
 
 
 def _write_error_types() -> tuple[type[BaseException], ...]:
-    from rasterio._err import CPLE_BaseError  # GDAL errors raised as such are no RasterioError
+    from rasterio._err import (
+        CPLE_BaseError,  # GDAL errors raised as such are no RasterioError
+    )
     from rasterio.errors import RasterioError
 
     return (RasterioError, CPLE_BaseError, OSError)

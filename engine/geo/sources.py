@@ -21,9 +21,8 @@ from rasterio.windows import Window
 
 from ..errors import InvalidRequest, RasterError
 from . import sentinel2 as s2
-from .sentinel2_bands import MODEL_BANDS
-from .guard import open_raster
 from .grid import Grid
+from .guard import open_raster
 from .mask_rules import parse_mask_rule
 from .masks import (
     check_raster_overlap,
@@ -34,6 +33,7 @@ from .masks import (
     vector_geometries,
     vector_no_overlap,
 )
+from .sentinel2_bands import MODEL_BANDS
 
 
 def open_input(path: str):

@@ -9,7 +9,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..errors import ModelNotFound
+from .registry import missing_controlnet
 from .resolution import Resolution
 from .unet import SatUNet
 
@@ -66,15 +66,6 @@ class ModelBundle:
     @property
     def uses_metadata(self) -> bool:
         return bool(self.unet.config.get("use_metadata", False)) and self.unet.metadata_embedding is not None
-
-
-def missing_controlnet(name: str, task: str, have) -> ModelNotFound:
-    """The refusal of a task whose ControlNet the model lacks (``have``: the tasks it has)."""
-    listed = ", ".join(sorted(have)) or "none"
-    return ModelNotFound(
-        f"the model {name!r} has no ControlNet for {task} (it has: {listed}); pass --model "
-        f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
-    )
 
 
 def vae_scale_factor(vae: Any) -> int:

@@ -18,12 +18,22 @@ import json
 from typing import Any, Optional
 
 import torch
-from diffusers.models.controlnets.controlnet import ControlNetModel, ControlNetOutput, zero_module
+from diffusers.models.controlnets.controlnet import (
+    ControlNetModel,
+    ControlNetOutput,
+    zero_module,
+)
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 from torch import nn
 
 from ._config import extends_config_of, undecorated_init
-from .unet import NUM_METADATA, embed_metadata, metadata_embedding_like, prepare_metadata
+from .configs import CONTROLNET_CLASS_NAMES
+from .unet import (
+    NUM_METADATA,
+    embed_metadata,
+    metadata_embedding_like,
+    prepare_metadata,
+)
 
 #: Heads x head width of the temporal transformer on the first residual (conv_in's output).
 FIRST_TEMPORAL_HEADS, FIRST_TEMPORAL_HEAD_DIM = 8, 64
@@ -418,5 +428,5 @@ class SatControlNet3D(SatControlNet):
         return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
 
 
-CONTROLNET_CLASSES = {"ControlNetModel": SatControlNet, "ControlNetModel3D": SatControlNet3D,
-                      "SatControlNet": SatControlNet, "SatControlNet3D": SatControlNet3D}
+_OURS = {"SatControlNet": SatControlNet, "SatControlNet3D": SatControlNet3D}
+CONTROLNET_CLASSES = {name: _OURS[ours] for name, ours in CONTROLNET_CLASS_NAMES.items()}

@@ -18,15 +18,16 @@ from typing import Any, Optional
 
 import torch
 
+from ..atomic import atomic_folder
 from ..errors import ModelLoadError, ModelNotFound
 from ..schedulers import normalise_scheduler, scheduler_from_config
 from .bundle import ModelBundle
+from .configs import read_config
 from .controlnet import CONTROLNET_CLASSES, SatControlNet3D
 from .registry import UNET_CLASSES, locate_model
 from .tiny import build_tiny
 from .unet import SatUNet, init_metadata_embedding
-from ..atomic import atomic_folder
-from .weights import read_config, read_state_dict
+from .weights import read_state_dict
 
 log = logging.getLogger(__name__)
 

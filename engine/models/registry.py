@@ -37,15 +37,26 @@ from typing import Any, Optional
 
 from ..errors import ModelLoadError, ModelNotFound
 from . import releases
-from .controlnet import CONTROLNET_CLASSES
+from .configs import CONTROLNET_CLASS_NAMES, read_config, resource_path
 from .hub import hub_repo, resolve_hub_id
-from .resolution import Resolution, folder_resolution, request_resolution
-from .tiny import TINY_RESOLUTION
-from .weights import read_config, resource_path
-
+from .resolution import (
+    TINY_RESOLUTION,
+    Resolution,
+    folder_resolution,
+    request_resolution,
+)
 
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
 UNET_CLASSES = {"SatUNet", "UNet2DConditionModel"}
+
+
+def missing_controlnet(name: str, task: str, have) -> ModelNotFound:
+    """The refusal of a task whose ControlNet the model lacks (``have``: the tasks it has)."""
+    listed = ", ".join(sorted(have)) or "none"
+    return ModelNotFound(
+        f"the model {name!r} has no ControlNet for {task} (it has: {listed}); pass --model "
+        f"with a {task} ControlNet checkpoint folder (controlnet/ inside), or --model tiny to try the task"
+    )
 
 
 def _has_component(folder: Path, name: str) -> bool:
@@ -130,6 +141,14 @@ def models_dirs() -> list[Path]:
 
 
 BUILT_IN = Resolution(TINY_RESOLUTION, "built-in")
+
+
+def tiny_entry() -> dict:
+    """The built-in tiny model as ``diffusionsat models --json`` and ``GET /v1/models`` list it."""
+    return {"name": "tiny", "path": None, "resolution": TINY_RESOLUTION, "kind": "built-in",
+            "resolution_source": "built-in", "conditioning_resolution": None, "release": None,
+            "tasks": ["generate", "superres", "temporal", "inpaint"], "unet_checkpoint": None,
+            "trained_against": None, "warning": None}
 
 
 @dataclass(frozen=True)
@@ -380,7 +399,7 @@ def _controlnet_folder(path: Path) -> Optional[Path]:
         config = folder / "config.json"
         if config.is_file():
             try:
-                if json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASSES:
+                if json.loads(config.read_text()).get("_class_name") in CONTROLNET_CLASS_NAMES:
                     return folder
             except ValueError:
                 continue

@@ -12,6 +12,8 @@ from typing import Any, Optional
 
 from . import releases
 
+TINY_RESOLUTION = 256  # the built-in tiny model: its UNet sample_size 32 x the VAE factor 8
+
 
 @dataclass(frozen=True)
 class Resolution:

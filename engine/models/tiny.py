@@ -13,13 +13,11 @@ import torch
 
 from ..schedulers import scheduler_from_config
 from .bundle import ModelBundle, vae_scale_factor
+from .configs import resource_path
 from .controlnet import SatControlNet, SatControlNet3D
 from .unet import SatUNet, init_metadata_embedding
-from .weights import resource_path
-
 
 TINY_SEED = 20240101
-TINY_RESOLUTION = 256  # tiny's UNet sample_size 32 x the VAE's factor 8
 
 
 def build_tiny(seed: int = TINY_SEED) -> ModelBundle:
@@ -87,11 +85,3 @@ def _randomise_zero_convs(controlnet: Any) -> Any:
             conv.weight.normal_(0.0, (2.0 / fan_in) ** 0.5)
             conv.bias.zero_()
     return controlnet
-
-
-def tiny_entry() -> dict:
-    """The built-in tiny model as ``diffusionsat models --json`` and ``GET /v1/models`` list it."""
-    return {"name": "tiny", "path": None, "resolution": TINY_RESOLUTION, "kind": "built-in",
-            "resolution_source": "built-in", "conditioning_resolution": None, "release": None,
-            "tasks": ["generate", "superres", "temporal", "inpaint"], "unet_checkpoint": None,
-            "trained_against": None, "warning": None}

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -18,11 +17,6 @@ import torch
 from ..errors import ModelLoadError, ModelNotFound
 
 WEIGHTS_STEM = "diffusion_pytorch_model"
-
-
-def resource_path(*parts: str) -> Path:
-    """A file shipped in ``engine/resources`` (the tiny preset's and SD 2.1's configs)."""
-    return Path(str(resources.files("engine") / "resources" / Path(*parts)))
 
 
 def weight_files(folder: Path, stem: str = WEIGHTS_STEM) -> list[Path]:
@@ -80,18 +74,3 @@ def _read_file(file: Path) -> dict[str, torch.Tensor]:
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ModelLoadError(f"the weight file {file} does not hold a plain state dict of tensors")
     return state
-
-
-def read_config(folder: str | os.PathLike, name: str = "config.json") -> dict:
-    path = Path(folder) / name
-    if not path.is_file():
-        raise ModelNotFound(f"{path} is missing: not a model folder in the diffusers layout")
-    try:
-        config = json.loads(path.read_text())
-    except ValueError as err:
-        raise ModelLoadError(f"{path} is not valid JSON ({err}); re-download or repair it") from err
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path} does not hold a JSON object")
-    return config
-
-

@@ -35,10 +35,10 @@ from diffusers import DiffusionPipeline
 from diffusers.pipelines.pipeline_utils import StableDiffusionMixin
 from diffusers.utils import BaseOutput
 
-from ..errors import InvalidRequest
-from ..progress import CancelToken, Progress, ProgressCallback, report
-from ..models.loading import load_model
 from ..atomic import atomic_folder
+from ..errors import InvalidRequest
+from ..models.loading import load_model
+from ..progress import CancelToken, Progress, ProgressCallback, report
 from ..schedulers import set_timesteps
 
 

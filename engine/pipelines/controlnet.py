@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import InvalidRequest
-from ..models.bundle import missing_controlnet
+from ..models.registry import missing_controlnet
 from .base import PipelineOutput, SamplingRun, rows
 from .text2img import DiffusionSatPipeline
 

@@ -51,12 +51,14 @@ def _format_request_validation(exc: RequestValidationError) -> str:
 
 def _job_request_schemas() -> tuple[dict[str, Any], dict[str, Any]]:
     """The body schema of POST /v1/jobs (one of the task request models) and its components."""
-    from ..tasks import REQUEST_MODELS
+    from ..tasks import MAX_PIXELS, REQUEST_MODELS
 
     components: dict[str, Any] = {}
     refs = []
     for task, model in REQUEST_MODELS.items():
         schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        if task == "generate":  # the pixel limit of one image (a model validator, not a field's range)
+            schema["x-max-pixels"] = MAX_PIXELS
         components.update(schema.pop("$defs", {}))
         components[model.__name__] = schema
         refs.append((task, {"$ref": f"#/components/schemas/{model.__name__}"}))

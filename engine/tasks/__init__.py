@@ -1,8 +1,9 @@
 """The user-level tasks: typed requests in, georeferenced rasters out.
 
 - :mod:`engine.tasks.requests`: the request models, the one schema of the CLI and the server.
-- :mod:`engine.tasks.run`: :func:`check` / :func:`plan` (every refusal before the first model
-  call) and :func:`run_task` (any request, through the registry below).
+- :mod:`engine.tasks.checks`: :func:`check` / :func:`plan` (every refusal before the first model
+  call; no torch), and :mod:`engine.tasks.run`: :func:`run_task` (any request, through the
+  registry below).
 - one module per task: :mod:`~engine.tasks.generate`, :mod:`~engine.tasks.superres`,
   :mod:`~engine.tasks.temporal`, :mod:`~engine.tasks.inpaint`; what the tiled ones share
   (provenance, seeds, the tiled job, results) is :mod:`engine.tasks.common`.
@@ -67,9 +68,9 @@ def layout_of(task: str) -> Callable:
 #: public names defined in the heavy modules -> their module, imported on first use (PEP 562) so
 #: that ``import engine.tasks`` loads neither torch nor rasterio.
 _LAZY = {
-    "Checked": "run",
-    "check": "run",
-    "plan": "run",
+    "Checked": "checks",
+    "check": "checks",
+    "plan": "checks",
     "run_task": "run",
     "TaskResult": "common",
     "Outcome": "common",

@@ -3,9 +3,11 @@
 The tiled tasks (super-resolution, temporal generation, in-painting) plan model-sized tiles over
 their output grid (``engine.geo.tiles``), feed every tile to the sampler with the conditioning the
 checkpoint was trained on, and blend the tiles into one COG without seams, reading and writing
-window by window so that memory does not grow with the raster. Under ``accelerate launch`` (or any
-launcher that sets ``RANK``/``WORLD_SIZE``) the tiles are split over the processes and rank 0
-merges them (no concurrent writes to one file).
+window by window so that memory does not grow with the raster. In a split run (a
+:class:`engine.parallel.RunContext` of several processes, which the CLI reads from what
+``accelerate launch`` sets) the tiles are split over the processes and rank 0 merges them (no
+concurrent writes to one file). No torch here: checks and plans use this module too; the model
+side is :mod:`engine.tasks.sampling`.
 
 Task modules import from here, never from each other.
 """
@@ -15,30 +17,23 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import hashlib
-import os
 import secrets
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-import numpy as np
-import torch
 from rasterio.windows import Window
 
 from .. import __version__
 from ..errors import InvalidRequest
-from ..geo.cog import CogWriter
-from ..geo.guard import display_text
 from ..geo.accumulate import run_tiled
+from ..geo.cog import CogWriter
 from ..geo.grid import Grid
+from ..geo.guard import display_text
 from ..geo.sources import footprint_overlap
-from ..parallel import run_tiled_distributed
-from ..metadata import SatMetadata, _date_from_name, date_from_raster, derive_from_bbox
-from ..models.registry import auto_model
-from ..pipelines.controlnet import Control, DiffusionSatControlNetPipeline
-from ..pipelines.inpaint import DiffusionSatInpaintPipeline
-from ..schedulers import make_scheduler
+from ..metadata import _date_from_name, date_from_raster, derive_from_bbox
+from ..parallel import RunContext, run_tiled_distributed, split_run_id
 from ..progress import CancelToken, ProgressCallback
 
 # --------------------------------------------------------------------------------------------
@@ -129,55 +124,14 @@ def new_seed() -> int:
     return secrets.randbelow(2**31)
 
 
-def _distributed() -> tuple[int, int]:
-    """(rank, world_size) when launched by accelerate/torchrun, else (0, 1)."""
-    try:
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        rank = int(os.environ.get("RANK", "0"))
-    except ValueError:
-        return 0, 1
-    return (rank, world) if world > 1 else (0, 1)
-
-
-def _device_for_rank(device: str) -> str:
-    """Each process of a multi-GPU launch takes its own GPU."""
-    if device == "auto" and _distributed()[1] > 1:
-        if torch.cuda.is_available():
-            return f"cuda:{int(os.environ.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
-    return device
-
-
-def seed_for(request) -> int:
+def seed_for(request, context: RunContext) -> int:
     """The request's seed, or a fresh one; in a split run every process must draw the same, so it
     is derived from the request itself there (all ranks see the same request)."""
     if request.seed is not None:
         return request.seed
-    if _distributed()[1] > 1:
+    if context.distributed:
         return int(hashlib.sha256(request.model_dump_json().encode()).hexdigest()[:8], 16) % (2**31)
     return secrets.randbelow(2**31)
-
-
-def tile_generator(seed: int, tile_index: int):
-    # Each tile gets its own reproducible noise; a split run draws the same noise per tile.
-    return torch.Generator("cpu").manual_seed((seed * 1_000_003 + tile_index) % (2**63))
-
-
-# --------------------------------------------------------------------------------------------
-# Model and pipeline of a tiled task
-# --------------------------------------------------------------------------------------------
-
-
-def bundle_for(models, request):
-    """The request's model (cached), on this process's device."""
-    return models.get(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet,
-                      device=_device_for_rank(request.device), dtype=request.dtype)
-
-
-def pipeline(bundle, request, controlnet=None):
-    cls = DiffusionSatInpaintPipeline if request.task == "inpaint" else DiffusionSatControlNetPipeline
-    pipe = cls.from_bundle(bundle, controlnet=controlnet)
-    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    return pipe
 
 
 def check_resample(request, scheduler_class: Optional[str]) -> None:
@@ -300,16 +254,6 @@ def check_same_place(paths: Sequence[str], grid: Grid, minimum: float = 0.5) -> 
             )
 
 
-def frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: float):
-    """ControlNet3D conditioning: (3*T, H, W) frames in [0, 1], stacked frame-major, each with its
-    own date and the tile's place and GSD -> a Control of (1, 3, T, H, W) and (1, 7, T)."""
-    t = len(dates)
-    image = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32)).reshape(t, 3, *frames.shape[1:])
-    frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for d in dates]
-    return Control(image=image.permute(1, 0, 2, 3)[None],
-                   cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None], scale=scale)
-
-
 # --------------------------------------------------------------------------------------------
 # The tiled job
 # --------------------------------------------------------------------------------------------
@@ -338,8 +282,9 @@ class TiledJob:
     out_bands: Optional[int] = None  #: bands of the written file, when wrap_writer widens the tiles' ``bands``
 
 
-def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optional[CancelToken]):
-    """Run a tiled job in this process, or this rank's share of a split run."""
+def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallback],
+            cancel: Optional[CancelToken]):
+    """Run a tiled job in this process, or this rank's share of a split run (``context``)."""
 
     @contextlib.contextmanager
     def open_target():
@@ -351,13 +296,13 @@ def run_job(job: TiledJob, progress: Optional[ProgressCallback], cancel: Optiona
         ) as writer:
             yield job.wrap_writer(writer) if job.wrap_writer else writer
 
-    rank, world = _distributed()
-    if world == 1:
+    rank, world = context.rank, context.world_size
+    if not context.distributed:
         with open_target() as target:
             return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
                              fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
                              cancel=cancel)
-    run_id = hashlib.sha256(f"{job.out.resolve()}|{job.run_key}".encode()).hexdigest()[:32]
+    run_id = split_run_id(job.out, job.run_key)
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
     stats = run_tiled_distributed(

@@ -15,15 +15,15 @@ import torch
 from rasterio.crs import CRS
 
 from ..geo.cog import write_cog
-from ..metadata import derive_from_bbox, grid_transform, parse_crs
+from ..metadata import derive_from_bbox, grid_transform, output_size, parse_crs
 from ..models.cache import ModelCache
 from ..models.resolution import request_resolution
 from ..pipelines.text2img import DiffusionSatPipeline
-from ..schedulers import make_scheduler
 from ..progress import CancelToken, Progress, ProgressCallback
+from ..schedulers import make_scheduler
+from .checks import check
 from .common import TaskResult, new_seed, provenance_tags, spread_path
 from .requests import GenerateRequest
-from .run import check
 
 
 def rasterio_crs(crs: Any):
@@ -59,8 +59,7 @@ def generate(
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
     model_px = request_resolution(bundle, request)
-    width = request.width or request.size or model_px
-    height = request.height or request.size or model_px
+    width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
     metadata = derive_from_bbox(
         request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover
     )

@@ -14,35 +14,33 @@ from affine import Affine
 from rasterio.enums import ColorInterp
 
 from ..errors import InvalidRequest
-from ..geo.guard import display_name
 from ..geo.grid import Grid
+from ..geo.guard import display_name
 from ..geo.masks import feather
 from ..geo.sources import MaskSource, RGBSource, grid_of, open_input
 from ..geo.tiles import plan_tiles, tile_progress
 from ..models.resolution import request_resolution
+from ..parallel import RunContext
 from ..pipelines.inpaint import DiffusionSatInpaintPipeline, Inpaint
 from .common import (
     Layout,
     Outcome,
     TiledJob,
-    bundle_for,
     check_pixels,
     check_resample,
     check_same_place,
     date_of,
     dated_frames,
-    frames_control,
     metadata_tags,
-    pipeline,
     provenance_tags,
     run_job,
     seed_for,
-    tile_generator,
     tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
+from .sampling import bundle_for, frames_control, pipeline, tile_generator
 
 
 def layout(request, model_px: int) -> Layout:
@@ -230,9 +228,9 @@ class _Tiles:
         return soft * generated + (1 - soft) * image
 
 
-def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+def inpaint(request, out: Path, *, models, context: RunContext, progress=None, cancel=None) -> Outcome:
     """Fill the masked pixels of a raster; every other pixel is written back unchanged."""
-    bundle, placement = bundle_for(models, request)
+    bundle, placement = bundle_for(models, request, context)
     model_px = request_resolution(bundle, request)
     controlnet = bundle.controlnet_for("temporal") if request.references else None
     tiling = layout(request, model_px)
@@ -240,7 +238,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     source = RGBSource(request.input, grid, request.rgb_bands)
     ref_sources = [RGBSource(p, grid) for p, _ in refs]
     date = date_of(request.input, request.date)
-    seed = seed_for(request)
+    seed = seed_for(request, context)
     pipe = pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)
     check_resample(request, type(bundle.scheduler).__name__)
@@ -253,7 +251,7 @@ def inpaint(request, out: Path, *, models, progress=None, cancel=None) -> Outcom
     writers: list[_CompositeWriter] = []
     job = _job(request, out, steps, tags, others, writers)
     try:
-        run_job(job, progress, cancel)
+        run_job(job, context, progress, cancel)
     finally:
         source.close()
         for s in ref_sources:

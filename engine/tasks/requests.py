@@ -10,7 +10,14 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from ..device import DTYPE_NAMES
 from ..errors import InvalidRequest
@@ -66,8 +73,9 @@ class GenerateRequest(_Request):
         None, description="cloud cover fraction 0..1 to condition on (default: unknown, as training's dropped value)")
     width: Optional[int] = Field(None, description="output width in px, a multiple of 8 (overrides size)")
     height: Optional[int] = Field(None, description="output height in px, a multiple of 8 (overrides size)")
-    size: Optional[int] = Field(None, description="output width and height in px, a multiple of 8 "
-                                "(default: the model's native size)")
+    size: Optional[int] = Field(None, description="longest side of the output in px, a multiple of 8; the "
+                                "other side follows the bbox's shape on the ground (default: the model's "
+                                "native size)")
     prompt: str = PROMPT
     steps: int = STEPS
     guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
@@ -95,8 +103,14 @@ class GenerateRequest(_Request):
 
     @model_validator(mode="after")
     def _pixels(self) -> "GenerateRequest":
-        w = self.width or self.size or 512
-        h = self.height or self.size or 512
+        # engine.metadata (pyproj) is imported here, not at the top: this module must stay light
+        from ..errors import DiffusionSatError
+        from ..metadata import output_size
+
+        try:
+            w, h = output_size(self.bbox, self.crs, self.size, self.width, self.height, 512)
+        except DiffusionSatError:  # a bad bbox or CRS: check() refuses it with its own message
+            return self
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} px is more than {MAX_PIXELS} pixels for one generated image")
         return self

@@ -10,31 +10,30 @@ import torch
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest
+from ..geo.grid import Grid
 from ..geo.guard import display_name
 from ..geo.sentinel2_bands import to_model_input
-from ..geo.grid import Grid
 from ..geo.sources import S2Source
 from ..geo.tiles import plan_tiles, tile_progress
 from ..models.resolution import request_resolution
+from ..parallel import RunContext
 from ..pipelines.controlnet import Control
 from .common import (
     Layout,
     Outcome,
     TiledJob,
-    bundle_for,
     check_pixels,
     date_of,
     metadata_tags,
-    pipeline,
     provenance_tags,
     run_job,
     seed_for,
-    tile_generator,
     tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
+from .sampling import bundle_for, pipeline, tile_generator
 
 
 def layout(request, model_px: int) -> Layout:
@@ -60,16 +59,16 @@ def _resize(array: np.ndarray, size: int):
                                            align_corners=False).clamp(0, 1)
 
 
-def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+def superres(request, out: Path, *, models, context: RunContext, progress=None, cancel=None) -> Outcome:
     """Sentinel-2 (10 m, L1C/L2A) -> RGB at ``factor`` times the resolution, tiled over the input."""
-    bundle, placement = bundle_for(models, request)
+    bundle, placement = bundle_for(models, request, context)
     controlnet = bundle.controlnet_for("superres")
     model_px = request_resolution(bundle, request)
     cond_px = model_px // int(controlnet.config.conditioning_scale)
     tiling = layout(request, model_px)
     source, window, tiles, out_grid = tiling.source, tiling.window, tiling.tiles, tiling.out_grid
     date = date_of(request.input, request.date)
-    seed = seed_for(request)
+    seed = seed_for(request, context)
     pipe = pipeline(bundle, request, controlnet)
     warnings: list[str] = list(bundle.notices)
     if date is None:
@@ -101,7 +100,7 @@ def superres(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     tags = _tags(request, provenance_tags("superres", bundle, placement, request, seed), tiling.in_grid, centre)
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
-    run_job(job, progress, cancel)
+    run_job(job, context, progress, cancel)
     warnings += centre.out_of_range_warnings("superres")
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 

@@ -11,26 +11,24 @@ from ..geo.guard import display_name
 from ..geo.sources import RGBSource, grid_of
 from ..geo.tiles import plan_tiles, tile_progress
 from ..models.resolution import request_resolution
+from ..parallel import RunContext
 from .common import (
     Layout,
     Outcome,
     TiledJob,
-    bundle_for,
     check_pixels,
     check_same_place,
     dated_frames,
-    frames_control,
     metadata_tags,
-    pipeline,
     provenance_tags,
     run_job,
     seed_for,
-    tile_generator,
     tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
+from .sampling import bundle_for, frames_control, pipeline, tile_generator
 
 
 def layout(request, model_px: int) -> Layout:
@@ -43,15 +41,15 @@ def layout(request, model_px: int) -> Layout:
     return Layout(grid, tiles, model_px, grid, window, frames=frames)
 
 
-def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outcome:
+def temporal(request, out: Path, *, models, context: RunContext, progress=None, cancel=None) -> Outcome:
     """Generate the image of a place for a new date from dated images of it (ControlNet3D)."""
-    bundle, placement = bundle_for(models, request)
+    bundle, placement = bundle_for(models, request, context)
     controlnet = bundle.controlnet_for("temporal")
     model_px = request_resolution(bundle, request)
     tiling = layout(request, model_px)
     frames, grid, tiles = tiling.frames, tiling.out_grid, tiling.tiles
     sources = [RGBSource(p, grid) for p, _ in frames]
-    seed = seed_for(request)
+    seed = seed_for(request, context)
     pipe = pipeline(bundle, request, controlnet)
 
     def read(tile):
@@ -75,7 +73,7 @@ def temporal(request, out: Path, *, models, progress=None, cancel=None) -> Outco
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
                    run_key=request.model_dump_json())
     try:
-        run_job(job, progress, cancel)
+        run_job(job, context, progress, cancel)
     finally:
         for s in sources:
             s.close()

@@ -23,11 +23,13 @@ from qgis.core import (
     QgsProcessingParameterBoolean,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterString,
+    QgsProject,
 )
+from qgis.PyQt.QtCore import QTimer
 
 from ..compat import icon, set_advanced
 from ..connection import EngineConfigError, resolve_spec, shared_manager
-from ..layers import provenance, style_result
+from ..layers import move_to_result_group, provenance, style_result
 from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
 from ..requests import PreparedJob, RequestError, parse_date
 from ..tasks import friendly_error, run_job
@@ -67,6 +69,11 @@ class ResultStyler(QgsProcessingLayerPostProcessorInterface):
     def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
         if layer is not None and layer.isValid():
             style_result(layer, date=self.date, info=self.info, warnings=self.warnings)
+            project = context.project() or QgsProject.instance()
+            if not move_to_result_group(layer, project):
+                # QGIS versions that put the layer in the tree after this call: once they did
+                layer_id = layer.id()
+                QTimer.singleShot(0, lambda: move_to_result_group(project.mapLayer(layer_id), project))
 
 
 class EngineAlgorithm(QgsProcessingAlgorithm):

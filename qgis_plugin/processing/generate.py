@@ -11,9 +11,10 @@ from qgis.core import (
     QgsProject,
 )
 
+from .. import schema
 from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, set_advanced
 from ..prepare import prepare_generate
-from ..requests import DEFAULT_SIZE, MAX_SIDE, RequestError, output_size, round8
+from ..requests import DEFAULT_SIZE, round8
 from .base import ENGINE_HELP, EngineAlgorithm
 
 
@@ -29,14 +30,19 @@ class GenerateAlgorithm(EngineAlgorithm):
             "its place and ground resolution (derived by the engine from the extent, the CRS and "
             "the size), the DATE, the CLOUD_COVER fraction and an optional PROMPT.</p>"
             "<p>SIZE is the longest side in pixels; the other side follows the extent's shape on "
-            "the ground. WIDTH and HEIGHT (advanced) set both exactly. The output CRS is CRS, "
-            "or the extent's CRS.</p>"
+            "the ground (the engine decides the grid, as for the command line's --size). WIDTH and "
+            "HEIGHT (advanced) set a side exactly. The output CRS is CRS, or the extent's CRS.</p>"
             "<p>From the command line: <code>qgis_process run diffusionsat:generate -- "
             "EXTENT='12.45,12.52,41.88,41.93 [EPSG:4326]' DATE=2021-06-15 SIZE=512 "
             "OUTPUT=/tmp/rome.tif</code> (extent order: xmin,xmax,ymin,ymax).</p>" + ENGINE_HELP
         )
 
     def initAlgorithm(self, config=None) -> None:  # noqa: N802
+        # Defaults and ranges: the engine's, as far as known when the provider loads (the fallback
+        # table before any engine answered); every run is checked against the live engine's.
+        limits = schema.current()
+        steps, guidance = limits.get("generate", "steps"), limits.get("generate", "guidance")
+        seed = limits.get("generate", "seed")
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent"))
         self.addParameter(QgsProcessingParameterCrs("CRS", "Output CRS (default: the extent's)", optional=True))
         self.addParameter(QgsProcessingParameterString("DATE", "Date (YYYY-MM-DD; empty = unknown)", optional=True))
@@ -45,16 +51,20 @@ class GenerateAlgorithm(EngineAlgorithm):
         self.addParameter(cloud)
         self.addParameter(QgsProcessingParameterString("PROMPT", "Prompt", optional=True))
         self.addParameter(QgsProcessingParameterNumber("SIZE", "Longest side (px, multiple of 8)", NUMBER_INTEGER,
-                                                       defaultValue=DEFAULT_SIZE, minValue=8, maxValue=MAX_SIDE))
+                                                       defaultValue=DEFAULT_SIZE, minValue=8,
+                                                       maxValue=limits.max_side))
         for name, label in (("WIDTH", "Width (px; overrides SIZE)"), ("HEIGHT", "Height (px; overrides SIZE)")):
             self.addParameter(set_advanced(QgsProcessingParameterNumber(
-                name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=MAX_SIDE)))
+                name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=limits.max_side)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=20, minValue=1, maxValue=999)))
+            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=steps.default, minValue=steps.minimum,
+            maxValue=steps.maximum)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "GUIDANCE", "Guidance scale", NUMBER_DOUBLE, defaultValue=7.5, minValue=0.0, maxValue=50.0)))
+            "GUIDANCE", "Guidance scale", NUMBER_DOUBLE, defaultValue=guidance.default, minValue=guidance.minimum,
+            maxValue=guidance.maximum)))
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "SEED", "Seed (empty = random, recorded in the output)", NUMBER_INTEGER, optional=True, minValue=0)))
+            "SEED", "Seed (empty = random, recorded in the output)", NUMBER_INTEGER, optional=True,
+            minValue=seed.minimum)))
         self.addParameter(set_advanced(QgsProcessingParameterString(
             "SCHEDULER", "Scheduler (default, ddim, dpm++, unipc, euler, pndm)", defaultValue="default",
             optional=True)))
@@ -74,17 +84,12 @@ class GenerateAlgorithm(EngineAlgorithm):
         extent = self.parameterAsExtent(parameters, "EXTENT", context, crs)
         width = self.optional_number(parameters, "WIDTH", context, integer=True)
         height = self.optional_number(parameters, "HEIGHT", context, integer=True)
-        if width and height:
-            width, height = round8(width), round8(height)
-        else:
-            try:
-                width, height = output_size(extent, crs, self.parameterAsInt(parameters, "SIZE", context))
-            except RequestError as err:
-                raise QgsProcessingException(str(err)) from None
+        size = self.parameterAsInt(parameters, "SIZE", context)
         date = self.date_value(parameters, "DATE", context)
         options = self.options_value(parameters, context)
         job = prepare_generate(
-            extent, crs, width=width, height=height,
+            extent, crs, size=size, width=round8(width) if width else None,
+            height=round8(height) if height else None,
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             date=date,
             cloud_cover=self.optional_number(parameters, "CLOUD_COVER", context),
@@ -96,5 +101,7 @@ class GenerateAlgorithm(EngineAlgorithm):
             model=self.model_value(parameters, context),
         )
         job.request.update(options)
-        feedback.pushInfo(f"Target grid: {width}×{height} px in {job.request['crs'][:60]}")
+        sides = f"{job.request['width'] if width else '…'}×{job.request['height'] if height else '…'} px" \
+            if width or height else f"{size} px on the longest side"
+        feedback.pushInfo(f"Target grid: {sides} in {job.request['crs'][:60]} (the engine's plan below)")
         return job

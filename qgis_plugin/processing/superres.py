@@ -11,6 +11,7 @@ from qgis.core import (
     QgsProcessingParameterString,
 )
 
+from .. import schema
 from ..compat import NUMBER_INTEGER, SOURCE_RASTER
 from ..prepare import prepare_superres
 from ..requests import guess_band_name, layer_date, parse_band_names
@@ -42,8 +43,9 @@ class SuperresAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterString("BANDS", "Band names in order (e.g. B02,B03,B04,B08)",
                                                        optional=True))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent (empty = whole layer)", optional=True))
-        self.addParameter(QgsProcessingParameterNumber("FACTOR", "Factor", NUMBER_INTEGER, defaultValue=4,
-                                                       minValue=1, maxValue=64))
+        factor = schema.current().get("superres", "factor")  # the engine's (see generate.py)
+        self.addParameter(QgsProcessingParameterNumber("FACTOR", "Factor", NUMBER_INTEGER, defaultValue=factor.default,
+                                                       minValue=factor.minimum, maxValue=factor.maximum))
         self.addParameter(QgsProcessingParameterString(
             "DATE", "Acquisition date (YYYY-MM-DD; empty = the layer's temporal properties or tags, "
             "else unknown)", optional=True))

@@ -39,7 +39,7 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from .. import memory
+from .. import memory, schema
 from ..checks import RangeWarning, cloud_warning, date_warning, gsd_warning
 from ..compat import LAYER_POLYGON, LAYER_RASTER, icon
 from ..results import band_name_of, band_names_of, sort_by_band
@@ -55,7 +55,6 @@ from ..prepare import (
 )
 from ..requests import (
     DEFAULT_SIZE,
-    MAX_SIDE,
     PreparedJob,
     RequestError,
     default_date,
@@ -76,6 +75,26 @@ MASK_PRESETS = [
     ("nonzero", "Any non-zero pixel of the mask raster (a 0/1 mask, a probability > 0)"),
 ]
 PRESET_HELP = dict(MASK_PRESETS)
+#: The largest value a QSpinBox holds.
+_INT_MAX = 2**31 - 1
+
+
+def _apply_bounds(widget, bounds, old_default=None, initial=None) -> None:
+    """Give a spin box the engine's range; ``initial`` (else the engine's default, when the box
+    still shows the previous default ``old_default``) becomes its value."""
+    if widget is None:
+        return
+    untouched = old_default is not None and widget.value() == old_default
+    integer = isinstance(widget, QSpinBox)
+    lo = widget.minimum() if bounds.minimum is None else bounds.minimum
+    hi = widget.maximum() if bounds.maximum is None else bounds.maximum
+    if integer:
+        widget.setRange(int(lo), int(min(hi, _INT_MAX)))
+    else:
+        widget.setRange(float(lo), float(hi))
+    value = initial if initial is not None else (bounds.default if untouched else None)
+    if value is not None:
+        widget.setValue(int(value) if integer else float(value))
 
 
 def _get(w):
@@ -164,7 +183,28 @@ class _Tab(QWidget):
         self.run_button.setObjectName(f"run_{self.task}")
         self.run_button.clicked.connect(self.run)
         self.layout_.addWidget(self.run_button)
+        self.apply_limits(schema.current(), initial=True)
         self.restore_values()
+
+    def apply_limits(self, limits: "schema.Limits", initial: bool = False) -> None:
+        """The engine's ranges on this tab's fields (:mod:`..schema`); its defaults where the user
+        left the previous default (or, ``initial``, where the settings name no value)."""
+        old = getattr(self, "limits", None)
+        self.limits = limits
+        for name in ("steps", "guidance", "factor"):
+            widget = getattr(self, name, None)
+            if widget is None:
+                continue
+            bounds = limits.get(self.task, name)
+            start = None
+            if initial:
+                start = (getattr(self.dock.settings(), name, 0) or None) if name == "steps" else None
+                start = start if start is not None else bounds.default
+            _apply_bounds(widget, bounds, old.default(self.task, name) if old is not None else None, start)
+        seed = getattr(self, "seed", None)
+        if seed is not None:  # -1 is "random": the engine's minimum (0) is the first seed
+            top = limits.get(self.task, "seed").maximum
+            seed.setMaximum(int(min(top if top is not None else _INT_MAX, _INT_MAX)))
 
     # -- remembered values ----------------------------------------------------------------------
 
@@ -192,12 +232,10 @@ class _Tab(QWidget):
         box.setObjectName(f"advanced_{self.task}")
         box.setCollapsed(True)
         adv = QFormLayout(box)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 999)  # the engine takes at most 999
-        self.steps.setValue(int(self.dock.settings().steps))
+        self.steps = QSpinBox()  # range and default: the engine's (apply_limits)
         adv.addRow("Steps", self.steps)
         self.seed = QSpinBox()
-        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setRange(-1, _INT_MAX)
         self.seed.setValue(-1)
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
@@ -253,7 +291,8 @@ class _Tab(QWidget):
     def options(self) -> dict:
         """Request fields the conditional tasks share: steps, seed, date; RGB bands, level, baseline."""
         steps = getattr(self, "steps", None)
-        opts: dict = {"steps": int(steps.value() if steps is not None else self.dock.settings().steps)}
+        chosen = steps.value() if steps is not None else self.dock.settings().steps  # 0: the engine's default
+        opts: dict = {"steps": int(chosen)} if chosen else {}
         seed = getattr(self, "seed", None)
         if seed is not None and seed.value() >= 0:
             opts["seed"] = int(seed.value())
@@ -332,7 +371,7 @@ class GenerateTab(_Tab):
         self.layout_.insertWidget(1, self.info)
 
         self.size = QSpinBox()
-        self.size.setRange(8, MAX_SIDE)
+        self.size.setRange(8, schema.current().max_side)  # and apply_limits
         self.size.setSingleStep(64)
         self.size.setValue(int(settings.size or DEFAULT_SIZE))
         self.size.setSuffix(" px")
@@ -369,17 +408,13 @@ class GenerateTab(_Tab):
         advanced = QgsCollapsibleGroupBox("Advanced")
         advanced.setCollapsed(True)
         adv = QFormLayout(advanced)
-        self.steps = QSpinBox()
-        self.steps.setRange(1, 999)  # the engine takes at most 999
-        self.steps.setValue(int(settings.steps))
+        self.steps = QSpinBox()  # ranges and defaults: the engine's (apply_limits)
         adv.addRow("Steps", self.steps)
         self.guidance = QDoubleSpinBox()
-        self.guidance.setRange(0.0, 50.0)
         self.guidance.setSingleStep(0.5)
-        self.guidance.setValue(float(settings.guidance))
         adv.addRow("Guidance", self.guidance)
         self.seed = QSpinBox()
-        self.seed.setRange(-1, 2**31 - 1)
+        self.seed.setRange(-1, _INT_MAX)
         self.seed.setValue(-1)
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
@@ -443,7 +478,7 @@ class GenerateTab(_Tab):
         width, height = self.target_size()
         info = grid_info(self.extent, self.extent_crs, width, height)
         found = [gsd_warning(info.gsd_m, longest_px=max(width, height), ground_m=max(info.width_m, info.height_m),
-                             max_px=MAX_SIDE),
+                             max_px=self.limits.max_side),
                  date_warning(_pydate(self.date.date())), cloud_warning(self.cloud_cover())]
         return [w for w in found if w is not None]
 
@@ -455,7 +490,11 @@ class GenerateTab(_Tab):
     def target_size(self) -> tuple[int, int]:
         if self.extent is None:
             raise RequestError("draw the extent to generate on the map first (Draw extent)")
-        return output_size(self.extent, self.extent_crs, self.size.value())
+        return output_size(self.extent, self.extent_crs, self.size.value(), max_side=self.limits.max_side)
+
+    def apply_limits(self, limits: "schema.Limits", initial: bool = False) -> None:
+        super().apply_limits(limits, initial)
+        self.size.setMaximum(limits.max_side)
 
     def refresh_info(self) -> None:
         if self.extent is None:
@@ -473,11 +512,11 @@ class GenerateTab(_Tab):
         return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
 
     def prepare(self) -> PreparedJob:
-        width, height = self.target_size()
+        self.target_size()  # an extent is drawn and has an area; the engine sizes the grid from `size`
         date = _pydate(self.date.date())
         seed = self.seed.value()
         return prepare_generate(
-            self.extent, self.extent_crs, width=width, height=height, output_path=self.output_path(date),
+            self.extent, self.extent_crs, size=self.size.value(), output_path=self.output_path(date),
             date=date, cloud_cover=self.cloud_cover(), prompt=self.prompt.text(), steps=self.steps.value(),
             guidance=self.guidance.value(), seed=seed if seed >= 0 else None, model=self.dock.settings().model,
         )
@@ -635,9 +674,7 @@ class SuperresTab(_Tab):
             self.extent.setMapCanvas(dock.canvas())
         self.layout_.addWidget(QLabel("Extent (layer, canvas or drawn; empty = whole layer)"))
         self.layout_.addWidget(self.extent)
-        self.factor = QSpinBox()
-        self.factor.setRange(1, 64)
-        self.factor.setValue(4)
+        self.factor = QSpinBox()  # range and default: the engine's (apply_limits)
         self.factor.setPrefix("× ")
         self.form.addRow("Factor", self.factor)
         self.mode_multi.toggled.connect(self._update)
@@ -955,6 +992,11 @@ class DiffusionSatDock(QgsDockWidget):
 
     def tabs_of(self) -> list:
         return [self.generate, self.inpaint, self.superres, self.temporal]
+
+    def apply_limits(self, limits: "schema.Limits") -> None:
+        """The ranges and defaults of the engine the plugin talks to (read from its OpenAPI)."""
+        for tab in self.tabs_of():
+            tab.apply_limits(limits)
 
     def restore_values(self) -> None:
         """The remembered form values of the current project (after a project is opened)."""

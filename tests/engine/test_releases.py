@@ -143,7 +143,8 @@ def test_generate_runs_at_512_and_256_with_no_size(installed, tmp_path, capsys):
     argv = ["generate", "--bbox", BBOX, "--steps", "1", "--guidance", "1", "--seed", "1", "--quiet", "--json"]
     assert main([*argv, "--out", str(out)]) == 0  # --model auto
     result = json.loads(capsys.readouterr().out)
-    assert (result["model"], result["width"], result["height"]) == (ZIP_FOLDERS["diffusionsat-512"], 512, 512)
+    # the model's 512 px on the longest side of Rome's 5.8 x 5.6 km bbox (the other side follows its shape)
+    assert (result["model"], result["width"], result["height"]) == (ZIP_FOLDERS["diffusionsat-512"], 512, 488)
     fresh = tmp_path / "g2.tif"  # (an existing --out is refused by --dry-run as by the run)
     assert main([*argv, "--model", str(installed["diffusionsat-256"]), "--dry-run", "--out", str(fresh)]) == 0
     assert json.loads(capsys.readouterr().out)["width"] == 256

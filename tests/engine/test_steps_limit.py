@@ -10,7 +10,7 @@ import json
 import pytest
 
 from engine.errors import InvalidRequest
-from engine.models.weights import resource_path
+from engine.models.configs import resource_path
 from engine.schedulers import scheduler_from_config
 from engine.schedulers import make_scheduler
 from engine.tasks import SCHEDULER_NAMES, GenerateRequest, parse_request

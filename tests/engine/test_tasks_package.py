@@ -20,6 +20,16 @@ def test_importing_the_task_api_and_the_request_schema_loads_no_heavy_library():
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
 
 
+def test_the_checks_and_the_model_registry_load_no_model_library():
+    """check() and plan() (every refusal, --dry-run, POST /v1/plan) and the models listing read
+    files, not weights: they must answer without paying seconds for torch, diffusers, transformers."""
+    code = ("import json, sys; import engine.tasks.checks, engine.tasks.common, engine.models.registry; "
+            "print(json.dumps([m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
 def test_every_task_has_a_runner_and_every_tiled_task_a_layout():
     from engine.tasks import LAYOUTS, REQUEST_MODELS, RUNNERS, layout_of, runner_of
     from engine.tasks.common import Layout
@@ -34,10 +44,10 @@ def test_every_task_has_a_runner_and_every_tiled_task_a_layout():
 
 def test_the_heavy_public_names_resolve_from_the_package():
     import engine.tasks
-    from engine.tasks import common, run
+    from engine.tasks import checks, common, run
 
-    assert engine.tasks.run_task is run.run_task and engine.tasks.plan is run.plan
-    assert engine.tasks.check is run.check and engine.tasks.TaskResult is common.TaskResult
+    assert engine.tasks.run_task is run.run_task and engine.tasks.plan is checks.plan
+    assert engine.tasks.check is checks.check and engine.tasks.TaskResult is common.TaskResult
     try:
         engine.tasks.no_such_name  # noqa: B018 - the lookup itself is the test
     except AttributeError as err:

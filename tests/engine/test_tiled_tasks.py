@@ -282,8 +282,11 @@ def test_split_over_two_processes_equals_one(tmp_path, models):
     single = run_task(parse_request(request), tmp_path / "single.tif", models=models)
     assert single is not None
     split_out = tmp_path / "split.tif"
+    # the context comes from the launcher's variables through RunContext.from_env, as the CLI does
     code = ("import json,sys; from engine.tasks import parse_request, run_task; "
-            f"r = run_task(parse_request(json.loads(sys.argv[1])), {str(split_out)!r}); "
+            "from engine.parallel import RunContext; "
+            f"r = run_task(parse_request(json.loads(sys.argv[1])), {str(split_out)!r}, "
+            "context=RunContext.from_env('cpu')); "
             "print('REPORTS', r is not None)")
     procs = []
     for rank in (0, 1):
@@ -315,7 +318,8 @@ def test_dry_run_plans_without_a_model_or_output(tmp_path, capsys):
     code = main(["generate", "--bbox", "12.45,41.88,12.52,41.93", "--size", "512", "--model", "tiny", "--dry-run",
                  "--out", str(tmp_path / "g.tif")])
     text = capsys.readouterr().out
-    assert code == 0 and "512x512 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()
+    # --size is the longest side: Rome's 5.8 x 5.6 km bbox is 512 x 488 px (square pixels on the ground)
+    assert code == 0 and "512x488 px" in text and "40 UNet evaluations" in text and not (tmp_path / "g.tif").exists()
 
 
 @pytest.mark.parametrize("task", ["superres", "inpaint"])

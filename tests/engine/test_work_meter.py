@@ -23,7 +23,8 @@ def test_generate_work_scales_with_pixels_and_the_steps_are_counted(tmp_path, mo
     big = plan(parse_request({**FAST, "task": "generate", "bbox": BBOX, "crs": "EPSG:32633", "width": 3576,
                               "height": 4096, "steps": 2}))
     assert big["unet_evaluations"] == small["unet_evaluations"]  # what the old estimate counted
-    assert big["work_mpx"] / small["work_mpx"] == pytest.approx(3576 * 4096 / (64 * 64), rel=1e-3)
+    assert (small["width"], small["height"]) == (56, 64)  # size is the longest side (the bbox is 5 x 5.6 km)
+    assert big["work_mpx"] / small["work_mpx"] == pytest.approx(3576 * 4096 / (56 * 64), rel=1e-3)
     result = run_task(parse_request({**FAST, "task": "generate", "bbox": BBOX, "crs": "EPSG:32633",
                                      "size": 64, "steps": 2}), tmp_path / "g.tif", models=models)
     assert result.denoise_steps == 2 and result.denoise_seconds > 0

@@ -83,6 +83,9 @@ def test_generate_run_and_load_results_styles_and_dates_the_layer(provider, engi
     assert layer.temporalProperties().fixedTemporalRange().begin().date() == QDate(2020, 2, 29)
     assert "synthetic" in layer.metadata().keywords().get("DiffusionSat", [])
     assert layer.renderer().type() == "multibandcolor"
+    # in the "DiffusionSat" group with the dock's results (it was loaded at the top level)
+    node = QgsProject.instance().layerTreeRoot().findLayer(layer.id())
+    assert node is not None and node.parent().name() == "DiffusionSat"
 
 
 class CancelOnProgress(QgsProcessingFeedback):

@@ -339,19 +339,19 @@ def test_plan_and_submit_run_the_checks_once(inproc, monkeypatch):
     """POST /v1/plan and POST /v1/jobs run engine.tasks.check once each (it reads headers, configs and
     pixels of every input: twice is twice the wait), and still refuse what it refuses."""
     import engine.tasks
-    import engine.tasks.run
+    import engine.tasks.checks
 
     srv = inproc()
     calls = []
-    real_check = engine.tasks.run.check
+    real_check = engine.tasks.checks.check
 
     def counted(*args, **kwargs):
         calls.append(args[0].task)
         return real_check(*args, **kwargs)
 
-    # both ways in: the package's name (the server's resolve_request) and run.py's own (plan())
+    # both ways in: the package's name (the server's resolve_request) and checks.py's own (plan())
     monkeypatch.setattr(engine.tasks, "check", counted)
-    monkeypatch.setattr(engine.tasks.run, "check", counted)
+    monkeypatch.setattr(engine.tasks.checks, "check", counted)
     planned = call(srv, "POST", "/v1/plan", json_body=generate_request())
     assert planned.status == 200, planned.body
     assert planned.json["width"] == 64 and calls == ["generate"]

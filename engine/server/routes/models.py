@@ -29,8 +29,7 @@ def model_tasks(kind: str, model: Any = None) -> list[str]:
             tags=["engine"])
 def list_models(request: Request) -> dict[str, Any]:
     """Models this engine can run: the built-in tiny one and the installed ones, best first."""
-    from ...models.registry import installed_models
-    from ...models.tiny import tiny_entry
+    from ...models.registry import installed_models, tiny_entry
 
     out = [{**tiny_entry(), "tasks": model_tasks("built-in")}]
     for m in installed_models():
