@@ -30,10 +30,10 @@ from .geo.accumulate import (
     ProcessFn,
     ReadFn,
     TilingStats,
+    add_tile,
     check_writer,
     encoding,
     flush,
-    tile_contribution,
 )
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
@@ -148,13 +148,10 @@ def accumulate_partial(
             for i, tile in enumerate(mine):
                 if cancel is not None:
                     cancel.raise_if_cancelled()
-                contribution = tile_contribution(read_fn, process_fn, tile, bands, fill_nodata)
-                if contribution is None:
-                    skipped += 1
-                else:
-                    values, weights = contribution
-                    acc.add(int(tile.out_valid.row_off), int(tile.out_valid.col_off), values, weights)
+                if add_tile(acc, read_fn, process_fn, tile, bands, fill_nodata):
                     done += 1
+                else:
+                    skipped += 1
                 report(progress, Progress(0, 1, i + 1, len(mine), f"rank {rank}: tile {i + 1}/{len(mine)}"))
             acc.sync()  # the data must be on disk before the marker says so (shared file systems)
         finally:

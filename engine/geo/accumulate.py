@@ -7,7 +7,7 @@ when the work is split, :mod:`engine.parallel`), rows are normalised and written
 RAM is the size of a tile or of a fixed chunk. Tiles and their blend weights come from
 :mod:`engine.geo.tiles`.
 
-:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`tile_contribution` and
+:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`add_tile` and
 :func:`check_writer` are shared with :mod:`engine.parallel`, which accumulates the same way
 into one partial file per process.
 
@@ -370,6 +370,18 @@ def tile_contribution(
     return values, weights
 
 
+def add_tile(acc: "Accumulator", read_fn: ReadFn, process_fn: ProcessFn, tile: Tile, bands: int,
+             fill_nodata: bool) -> bool:
+    """Run one tile and add its contribution to ``acc``; False when the tile had no valid input
+    (skipped: nothing read was valid, the model was not called)."""
+    contribution = tile_contribution(read_fn, process_fn, tile, bands, fill_nodata)
+    if contribution is None:
+        return False
+    values, weights = contribution
+    acc.add(int(tile.out_valid.row_off), int(tile.out_valid.col_off), values, weights)
+    return True
+
+
 def check_writer(writer: Any, width: int, height: int) -> int:
     prof = writer.profile
     if (int(prof["width"]), int(prof["height"])) != (width, height):
@@ -457,13 +469,10 @@ def run_tiled(
                     nodata_px += flush([acc], flushed, ready, width, bands, writer, enc, cancel, True)
                     acc.release(ready)
                     flushed = ready
-                contribution = tile_contribution(read_fn, process_fn, tile, bands, fill_nodata)
-                if contribution is None:
-                    skipped += 1
-                else:
-                    values, weights = contribution
-                    acc.add(int(tile.out_valid.row_off), int(tile.out_valid.col_off), values, weights)
+                if add_tile(acc, read_fn, process_fn, tile, bands, fill_nodata):
                     done += 1
+                else:
+                    skipped += 1
                 report(progress, Progress(0, 1, i + 1, n, f"tile {i + 1}/{n}"))
             report(progress, Progress(0, 1, n, n, "writing the last rows"))
             nodata_px += flush([acc], flushed, height, width, bands, writer, enc, cancel, False)
@@ -531,5 +540,6 @@ __all__ = [
     "flush",
     "raster_reader",
     "run_tiled",
+    "add_tile",
     "tile_contribution",
 ]
