@@ -2,6 +2,11 @@
 
 Every user error ends in one line on stderr and exit code 2, with nothing written; ``--debug``
 shows tracebacks. ``--json`` prints one JSON object on stdout (progress stays on stderr).
+
+Why one module of this size: it is the parser (built from the request schema), one small handler
+per command and the shared reporting (progress, notices, errors), read top to bottom; the task
+logic lives in :mod:`engine.tasks`. Imports of the engine's heavy parts sit inside the handlers
+on purpose, so that ``--help`` and argument errors answer without loading torch.
 """
 
 from __future__ import annotations

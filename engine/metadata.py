@@ -3,10 +3,14 @@
 DiffusionSat conditions on ``[longitude, latitude, gsd, cloud_cover, year, month, day]`` of the
 image *as fed to the model* (reference page §2). This module is the one place where physical
 values (degrees, metres per pixel, a 0..1 fraction, a date) become that normalised vector, and
-where they are derived from what users actually have: a bbox in some CRS plus a pixel size, or a
-georeferenced raster.
+where they are derived from what users actually have: a bbox in some CRS plus a pixel size (a
+georeferenced raster's own date and fields are :mod:`engine.geo.raster_metadata`'s).
 
-Everything here is CPU-only and cheap (pyproj, rasterio); nothing imports torch.
+Everything here is CPU-only and cheap (pyproj, numpy); nothing reads files or imports torch.
+
+Why one module of this size: the normalisation, its validation and the bbox derivations must agree
+to the last digit with what the checkpoints were trained on; keeping them side by side (the
+SatMetadata class, the parsers, then the bbox → place and GSD maths) is what makes that checkable.
 """
 
 from __future__ import annotations
@@ -15,10 +19,8 @@ import dataclasses
 import datetime as dt
 import math
 import numbers
-import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ import pyproj
 from pyproj.enums import TransformDirection
 from pyproj.exceptions import CRSError
 
-from .errors import InvalidMetadata, InvalidRequest, RasterError
+from .errors import InvalidMetadata, InvalidRequest
 
 __all__ = [
     "FIELDS",
@@ -45,8 +47,7 @@ __all__ = [
     "footprint_centre",
     "derive_from_bbox",
     "grid_transform",
-    "derive_from_raster",
-    "date_from_raster",
+    "as_size",
 ]
 
 #: Field order of the normalised vector, exactly as the checkpoints expect it.
@@ -276,8 +277,8 @@ class SatMetadata:
         The reference multiplies the native GSD by ``native / model``: a 1024 px image fed to a
         512 px model has twice the native GSD. An unknown GSD stays unknown.
         """
-        native = _as_size("native_size_px", native_size_px)
-        model = _as_size("model_size_px", model_size_px)
+        native = as_size("native_size_px", native_size_px)
+        model = as_size("model_size_px", model_size_px)
         if self.gsd_m is None:
             return self
         return self.with_gsd(self.gsd_m * native / model)
@@ -522,7 +523,7 @@ def _as_bbox(bbox: Any) -> tuple[float, float, float, float]:
     return parse_bbox(bbox)
 
 
-def _as_size(name: str, value: Any) -> int:
+def as_size(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise InvalidRequest(f"{name} must be a positive whole number of pixels, got {value!r}")
     return int(value)
@@ -695,8 +696,8 @@ def ground_pixel_size(bbox: Any, crs: Any, width: int, height: int) -> tuple[flo
     not inflate with Web Mercator's 1/cos(latitude) scale.
     """
     box = validate_bbox(bbox, crs)
-    width = _as_size("width", width)
-    height = _as_size("height", height)
+    width = as_size("width", width)
+    height = as_size("height", height)
     crs = _horizontal(parse_crs(crs))
     to_ll = _to_lonlat(crs)
     minx, miny, maxx, maxy = box
@@ -739,7 +740,7 @@ def output_size(
         return int(width), other(int(width), ground_h / ground_w)
     if height:
         return other(int(height), ground_w / ground_h), int(height)
-    longest = _as_size("size", size if size else default)
+    longest = as_size("size", size if size else default)
     if ground_w >= ground_h:
         return longest, other(longest, ground_h / ground_w)
     return other(longest, ground_w / ground_h), longest
@@ -782,153 +783,4 @@ def grid_transform(bbox: Any, width: int, height: int):
         raise InvalidRequest(
             f"bbox {minx:g},{miny:g},{maxx:g},{maxy:g} is inverted or empty; give min < max"
         )
-    return from_bounds(minx, miny, maxx, maxy, _as_size("width", width), _as_size("height", height))
-
-
-# --------------------------------------------------------------------------------------------
-# Rasters
-# --------------------------------------------------------------------------------------------
-
-# Tag keys holding an *acquisition* date, most specific first (compared case-insensitively).
-_DATE_TAG_KEYS = (
-    "metadata_date",
-    "ACQUISITION_DATE",
-    "ACQUISITIONDATE",
-    "DATE_ACQUIRED",
-    "SENSING_TIME",
-    "DATATAKE_SENSING_START",
-    "DATATAKE_1_DATATAKE_SENSING_START",
-    "PRODUCT_START_TIME",
-    "ACQUISITION_START_TIME",
-    "DATE",
-)
-# TIFFTAG_DATETIME is the file's creation time by the TIFF spec: for processed products that is
-# the processing date, so it is trusted less than a date in a Sentinel-2/Landsat file name.
-_WEAK_DATE_TAG_KEYS = ("TIFFTAG_DATETIME",)
-
-# A date at the start of a tag value: 2021-06-15, 2021:06:15 (TIFF), 2021/06/15, 20210615.
-_TAG_DATE = re.compile(r"^\s*(\d{4})([-:/.]?)(\d{2})\2(\d{2})(?!\d)")
-# A date inside a file name, optionally followed by a time (Sentinel-2's 20210615T101031).
-_NAME_DATE = re.compile(r"(?<!\d)(\d{4})([-_.]?)(\d{2})\2(\d{2})(?:T?\d{6})?(?!\d)")
-
-
-def _plausible_date(year: str, month: str, day: str) -> dt.date | None:
-    try:
-        value = dt.date(int(year), int(month), int(day))
-    except ValueError:
-        return None
-    return value if MIN_DATE <= value <= MAX_DATE else None
-
-
-def _date_from_tag_value(text: str) -> dt.date | None:
-    match = _TAG_DATE.match(str(text))
-    if match is None:
-        return None
-    return _plausible_date(match.group(1), match.group(3), match.group(4))
-
-
-def _date_from_name(name: str) -> dt.date | None:
-    """The first plausible date (1980..2100) in a file name, in reading order."""
-    for match in _NAME_DATE.finditer(name):
-        value = _plausible_date(match.group(1), match.group(3), match.group(4))
-        if value is not None:
-            return value
-    return None
-
-
-def _open(path: str | os.PathLike):
-    from rasterio.errors import RasterioError
-
-    if not Path(path).exists():
-        raise RasterError(f"raster {str(path)!r} does not exist; check the path")
-    from .geo.guard import open_raster
-
-    try:
-        return open_raster(path)
-    except (RasterioError, OSError) as err:
-        raise RasterError(
-            f"cannot read raster {str(path)!r} ({err}); give a GeoTIFF or another GDAL-readable "
-            "raster"
-        ) from None
-
-
-def _date_from_tags(tags: Mapping[str, str], keys: Iterable[str]) -> tuple[dt.date | None, str]:
-    by_upper = {str(k).upper(): (k, v) for k, v in tags.items()}
-    for key in keys:
-        hit = by_upper.get(key.upper())
-        if hit is None:
-            continue
-        value = _date_from_tag_value(hit[1])
-        if value is not None:
-            return value, f"tag {hit[0]}={hit[1]!r}"
-    return None, ""
-
-
-def date_from_raster(path: str | os.PathLike) -> tuple[dt.date | None, str]:
-    """Acquisition date of a raster, and a short description of where it was found.
-
-    Order: acquisition-date tags (``metadata_date``, ``ACQUISITION_DATE``, ``DATE_ACQUIRED``,
-    ``SENSING_TIME``, ``DATATAKE_SENSING_START``, ``DATE``, ... case-insensitive), then the first
-    plausible date (1980..2100) in the file name (``2021-06-15``, ``20210615``,
-    ``20210615T101031``, Landsat ``..._20210615_...``), then ``TIFFTAG_DATETIME`` (a file
-    creation time, so last). Returns ``(None, "no date ...")`` when nothing is found.
-    """
-    with _open(path) as src:
-        tags = dict(src.tags())
-    value, source = _date_from_tags(tags, _DATE_TAG_KEYS)
-    if value is not None:
-        return value, source
-    name = Path(path).name
-    # A DiffusionSat output's name and file time are not acquisitions (undated outputs stay undated).
-    synthetic = str(tags.get("synthetic", "")).lower() == "true" or str(tags.get("software", "")).startswith("diffusionsat")
-    value = None if synthetic else _date_from_name(name)
-    if value is not None:
-        return value, f"file name {name!r}"
-    value, source = _date_from_tags(tags, () if synthetic else _WEAK_DATE_TAG_KEYS)
-    if value is not None:
-        return value, source + " (file creation time)"
-    return None, "no date in the raster's tags or file name"
-
-
-def derive_from_raster(
-    path: str | os.PathLike,
-    date: dt.date | str | None = None,
-    model_size_px: int | None = None,
-    cloud_cover: float | None = None,
-) -> SatMetadata:
-    """Metadata of a georeferenced raster, as the model would see it.
-
-    Centre and native GSD come from the raster's CRS and bounds exactly as in
-    :func:`derive_from_bbox`. With ``model_size_px`` the GSD is rescaled by
-    ``min(height, width) / model_size_px`` (the image will be resized to the model). ``date``
-    wins over anything found in the raster; otherwise :func:`date_from_raster` decides.
-
-    Raises :class:`RasterError` when the file cannot be read, has no CRS, or is not north-up.
-    """
-    with _open(path) as src:
-        if src.crs is None:
-            raise RasterError(
-                f"raster {str(path)!r} has no CRS, so its location and pixel size are unknown; "
-                "assign one (QGIS: Layer Properties > Source > Assigned CRS, then Export > Save "
-                "As; or gdal_edit.py -a_srs EPSG:xxxx FILE)"
-            )
-        transform = src.transform
-        if transform.b != 0.0 or transform.d != 0.0:
-            raise RasterError(
-                f"raster {str(path)!r} has a rotated geotransform; warp it to north-up first "
-                "(QGIS: Raster > Projections > Warp, or gdalwarp)"
-            )
-        crs = pyproj.CRS.from_user_input(src.crs.to_wkt())
-        left, bottom, right, top = src.bounds
-        height, width = src.height, src.width
-    bbox = (min(left, right), min(bottom, top), max(left, right), max(bottom, top))
-    try:
-        meta = derive_from_bbox(bbox, crs, width, height, cloud_cover=cloud_cover)
-    except InvalidMetadata:
-        raise
-    except InvalidRequest as err:
-        raise RasterError(f"raster {str(path)!r}: {err}") from None
-    if model_size_px is not None:
-        meta = meta.rescaled_to(min(height, width), _as_size("model_size_px", model_size_px))
-    when = parse_date(date) if date is not None else date_from_raster(path)[0]
-    return dataclasses.replace(meta, date=when)
+    return from_bounds(minx, miny, maxx, maxy, as_size("width", width), as_size("height", height))

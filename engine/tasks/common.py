@@ -31,8 +31,9 @@ from ..geo.accumulate import run_tiled
 from ..geo.cog import CogWriter
 from ..geo.grid import Grid
 from ..geo.guard import display_text
+from ..geo.raster_metadata import date_from_name, date_from_raster
 from ..geo.sources import footprint_overlap
-from ..metadata import _date_from_name, date_from_raster, derive_from_bbox
+from ..metadata import derive_from_bbox
 from ..parallel import RunContext, run_tiled_distributed, split_run_id
 from ..progress import CancelToken, ProgressCallback
 
@@ -223,7 +224,7 @@ def date_of(path: str, given: Optional[_dt.date]) -> Optional[_dt.date]:
         return given
     p = Path(path)
     if p.is_dir():
-        return _date_from_name(p.name)
+        return date_from_name(p.name)
     found, _ = date_from_raster(p)
     return found
 

@@ -7,8 +7,8 @@ import torch
 
 from engine.errors import Cancelled
 from engine.pipelines.text2img import DiffusionSatPipeline
-from engine.schedulers import make_scheduler
 from engine.progress import CancelToken
+from engine.schedulers import make_scheduler
 
 
 @pytest.fixture()

@@ -10,7 +10,11 @@ import torch
 from diffusers import ControlNetModel
 from diffusers.models.transformers.transformer_temporal import TransformerTemporalModel
 
-from engine.models.controlnet import SatControlNet, SatControlNet3D, conditioning_strides
+from engine.models.controlnet import (
+    SatControlNet,
+    SatControlNet3D,
+    conditioning_strides,
+)
 from engine.models.loading import load_controlnet
 from engine.models.unet import SatUNet
 

@@ -61,7 +61,7 @@ def _temporal_examples() -> list[str]:
 def test_temporal_examples_name_inputs_whose_dates_can_be_found():
     """A temporal example without --input-date runs only if each input's name holds a date
     (``--input 2019.tif`` was refused: a year is not a date)."""
-    from engine.metadata import _date_from_name
+    from engine.geo.raster_metadata import date_from_name
 
     examples = _temporal_examples()
     assert examples
@@ -69,7 +69,7 @@ def test_temporal_examples_name_inputs_whose_dates_can_be_found():
         if "--input-date" in example:
             continue
         for name in re.findall(r"--input (\S+)", example):
-            assert _date_from_name(Path(name).name) is not None, f"{name!r} in {example!r} has no date in its name"
+            assert date_from_name(Path(name).name) is not None, f"{name!r} in {example!r} has no date in its name"
 
 
 def test_a_ten_band_stack_without_names_is_shown_a_ten_band_example(tmp_path, capsys):

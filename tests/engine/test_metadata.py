@@ -12,13 +12,12 @@ import rasterio
 from rasterio.transform import from_bounds
 
 from engine.errors import InvalidMetadata, InvalidRequest, RasterError
+from engine.geo.raster_metadata import date_from_raster, derive_from_raster
 from engine.metadata import (
     FIELDS,
     NORMALISED_ZERO,
     SatMetadata,
-    date_from_raster,
     derive_from_bbox,
-    derive_from_raster,
     footprint_centre,
     grid_transform,
     ground_pixel_size,

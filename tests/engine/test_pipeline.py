@@ -11,8 +11,8 @@ import torch
 from engine.errors import Cancelled, InvalidRequest
 from engine.metadata import SatMetadata
 from engine.pipelines.text2img import DiffusionSatPipeline
-from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 from engine.progress import CancelToken
+from engine.schedulers import SCHEDULER_NAMES, make_scheduler
 
 ROME = SatMetadata(lon_deg=12.485, lat_deg=41.905, gsd_m=1.0, cloud_cover=0.05, date=dt.date(2021, 6, 15))
 SAHARA = SatMetadata(lon_deg=10.0, lat_deg=25.0, gsd_m=8.0, cloud_cover=0.0, date=dt.date(2005, 1, 2))

@@ -23,7 +23,13 @@ from engine.models.registry import describe_folder, installed_models, model_fact
 from engine.models.resolution import SD21_SAMPLE_SIZE
 from engine.schedulers import normalise_scheduler, scheduler_from_config
 from engine.tasks import parse_request, plan, run_task
-from tests.official_layouts import OLD_PNDM, SD21_DDIM, ZIP_FOLDERS, build_parts, write_release
+from tests.official_layouts import (
+    OLD_PNDM,
+    SD21_DDIM,
+    ZIP_FOLDERS,
+    build_parts,
+    write_release,
+)
 
 from .test_tiled_tasks import s2_dn, write
 

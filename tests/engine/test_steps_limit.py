@@ -11,8 +11,7 @@ import pytest
 
 from engine.errors import InvalidRequest
 from engine.models.configs import resource_path
-from engine.schedulers import scheduler_from_config
-from engine.schedulers import make_scheduler
+from engine.schedulers import make_scheduler, scheduler_from_config
 from engine.tasks import SCHEDULER_NAMES, GenerateRequest, parse_request
 
 MAX_STEPS = GenerateRequest.model_fields["steps"].metadata[1].le

@@ -22,7 +22,12 @@ from engine.geo.accumulate import raster_reader, run_tiled
 from engine.geo.cog import CogWriter
 from engine.geo.grid import Grid
 from engine.geo.tiles import blend_weights, plan_tiles
-from engine.parallel import accumulate_partial, merge_partials, run_tiled_distributed, tiles_for_rank
+from engine.parallel import (
+    accumulate_partial,
+    merge_partials,
+    run_tiled_distributed,
+    tiles_for_rank,
+)
 from engine.progress import CancelToken
 
 CRS = "EPSG:32633"

@@ -8,7 +8,7 @@ drawn anew each epoch). For every crop:
   in metres. The transform later rescales the GSD to the model resolution, exactly as the
   reference did for its images (§2);
 - the date comes from a sidecar ``<name>.json`` (``"date"``), else the raster's tags, else its
-  file name (:func:`engine.metadata.date_from_raster`);
+  file name (:func:`engine.geo.raster_metadata.date_from_raster`);
 - cloud cover comes from the sidecar (``"cloud_cover"``, a fraction 0..1), else from a QA band
   when the raster has one (a band described as ``QA_PIXEL``, ``SCL``, ``QA60``, ``FMASK`` or
   ``CLOUD_MASK``: the fraction of the crop's valid pixels flagged cloud), else unknown;
@@ -33,7 +33,8 @@ import numpy as np
 import pyproj
 
 from engine.errors import InvalidMetadata, InvalidRequest, RasterError
-from engine.metadata import SatMetadata, date_from_raster, derive_from_bbox, parse_date
+from engine.geo.raster_metadata import date_from_raster
+from engine.metadata import SatMetadata, derive_from_bbox, parse_date
 
 from .captions import Caption, subject_caption
 from .samples import Example
