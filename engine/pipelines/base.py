@@ -91,7 +91,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs: Any) -> "DiffusionSatBasePipeline":
-        """A pipeline over a :class:`~engine.models.loading.ModelBundle`'s parts (shared, not copied)."""
+        """A pipeline over a :class:`~engine.models.bundle.ModelBundle`'s parts (shared, not copied)."""
         return cls(bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet, bundle.scheduler, **kwargs)
 
     @classmethod
