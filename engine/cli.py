@@ -32,7 +32,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 EPILOG_GENERATE = """\
 examples:
-  # Rome, a 0.07 x 0.05 degree box, 512 x 512 px, mid-June 2021, 5 % cloud
+  # Rome, a 0.07 x 0.05 degree box, 512 x 488 px (--size is the longest side), mid-June 2021, 5 % cloud
   diffusionsat generate --bbox 12.45,41.88,12.52,41.93 --crs EPSG:4326 --date 2021-06-15 \\
       --cloud-cover 0.05 --prompt "a satellite image of a stadium" --size 512 --out rome.tif
 
