@@ -2,6 +2,11 @@
 
 Every user error ends in one line on stderr and exit code 2, with nothing written; ``--debug``
 shows tracebacks. ``--json`` prints one JSON object on stdout (progress stays on stderr).
+
+Over 500 lines because it is every command's parser with its examples (epilogs), the task options
+generated from the request models, output and progress formatting, and the process frame (signals,
+one-line errors, library logging); the commands' work lives in :mod:`engine.tasks`,
+:mod:`engine.server` and :mod:`engine.models`, and training adds its commands by entry point.
 """
 
 from __future__ import annotations

@@ -7,6 +7,11 @@ where they are derived from what users actually have: a bbox in some CRS plus a 
 georeferenced raster.
 
 Everything here is CPU-only and cheap (pyproj, rasterio); nothing imports torch.
+
+Over 500 lines on purpose: the design's rule is that lon/lat/GSD/date are derived in one place for
+the CLI, the server and the plugin alike, so the field checks, the normalisation, bbox and CRS
+parsing and validation, the footprint and ground-pixel-size maths, ``output_size`` and the dates
+read from rasters sit together (most of the length is the messages that say how to fix an input).
 """
 
 from __future__ import annotations
