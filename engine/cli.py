@@ -3,10 +3,10 @@
 Every user error ends in one line on stderr and exit code 2, with nothing written; ``--debug``
 shows tracebacks. ``--json`` prints one JSON object on stdout (progress stays on stderr).
 
-Why one module of this size: it is the parser (built from the request schema), one small handler
-per command and the shared reporting (progress, notices, errors), read top to bottom; the task
-logic lives in :mod:`engine.tasks`. Imports of the engine's heavy parts sit inside the handlers
-on purpose, so that ``--help`` and argument errors answer without loading torch.
+Over 500 lines because it is every command's parser with its examples (epilogs), the task options
+generated from the request models, output and progress formatting, and the process frame (signals,
+one-line errors, library logging); the commands' work lives in :mod:`engine.tasks`,
+:mod:`engine.server` and :mod:`engine.models`, and training adds its commands by entry point.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 EPILOG_GENERATE = """\
 examples:
-  # Rome, a 0.07 x 0.05 degree box, 512 x 512 px, mid-June 2021, 5 % cloud
+  # Rome, a 0.07 x 0.05 degree box, 512 x 488 px (--size is the longest side), mid-June 2021, 5 % cloud
   diffusionsat generate --bbox 12.45,41.88,12.52,41.93 --crs EPSG:4326 --date 2021-06-15 \\
       --cloud-cover 0.05 --prompt "a satellite image of a stadium" --size 512 --out rome.tif
 

@@ -8,9 +8,10 @@ georeferenced raster's own date and fields are :mod:`engine.geo.raster_metadata`
 
 Everything here is CPU-only and cheap (pyproj, numpy); nothing reads files or imports torch.
 
-Why one module of this size: the normalisation, its validation and the bbox derivations must agree
-to the last digit with what the checkpoints were trained on; keeping them side by side (the
-SatMetadata class, the parsers, then the bbox → place and GSD maths) is what makes that checkable.
+Over 500 lines on purpose: the design's rule is that lon/lat/GSD/date are derived in one place for
+the CLI, the server and the plugin alike, so the field checks, the normalisation, bbox and CRS
+parsing and validation, the footprint and ground-pixel-size maths and ``output_size`` sit
+together (most of the length is the messages that say how to fix an input).
 """
 
 from __future__ import annotations

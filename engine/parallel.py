@@ -126,7 +126,7 @@ def accumulate_partial(
     rows) into ``folder``, which every rank can reach, then the marker ``...rank<rank>.done``
     (a JSON header). On failure it writes ``...rank<rank>.failed`` with the message, so rank 0
     stops waiting at once, and re-raises. ``bands`` is the number of bands ``process_fn``
-    returns. See :func:`run_tiled` for the other arguments.
+    returns. See :func:`~engine.geo.accumulate.run_tiled` for the other arguments.
     """
     start = time.perf_counter()
     _check_run_id(run_id)
@@ -228,7 +228,7 @@ def merge_partials(
     Waits up to ``timeout_s`` seconds (polling every ``poll_s``) for the ``.done`` markers of
     ranks ``0..world_size-1``; a ``.failed`` marker stops the wait at once. ``cleanup`` removes
     this run's partial files afterwards, whatever the outcome. ``scale``/``offset`` as in
-    :func:`run_tiled`.
+    :func:`~engine.geo.accumulate.run_tiled`.
 
     Raises:
         RasterError: a rank failed, did not finish in time, or the partials disagree in size.
@@ -303,7 +303,7 @@ def run_tiled_distributed(
     ``open_writer()`` is called on rank 0 only and must return a not-yet-entered
     :class:`~engine.geo.cog.CogWriter`; the COG appears at its destination when the merge
     succeeds, and nothing does otherwise. Returns the merge's stats on rank 0, None elsewhere.
-    With ``world_size == 1`` this is :func:`run_tiled` through one partial file.
+    With ``world_size == 1`` this is :func:`~engine.geo.accumulate.run_tiled` through one partial file.
     """
     mine = accumulate_partial(
         read_fn,

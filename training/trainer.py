@@ -166,7 +166,7 @@ def train(config: TrainConfig, *, log: Callable[[str], None] = _stderr, bundle: 
           on_step: Optional[Callable[[int, float], None]] = None) -> TrainResult:
     """Run (or resume) a training run described by ``config``; see the module docstring.
 
-    ``bundle``: a :class:`~engine.models.loading.ModelBundle` to train from instead of loading
+    ``bundle``: a :class:`~engine.models.bundle.ModelBundle` to train from instead of loading
     ``config.base`` (image) / ``config.unet`` (ControlNet); it is modified in place.
     ``on_step(step, loss)`` is called after every optimizer step (benchmarks, notebooks).
 

@@ -422,7 +422,7 @@ def run_tiled(
             pixels count as invalid.
         writer: an open :class:`~engine.geo.cog.CogWriter` (or anything with ``profile`` and
             ``write(array, window)``) sized like the tiles' output (see :meth:`~engine.geo.grid.Grid.scaled`).
-        tiles: from :func:`plan_tiles`; processed row-major.
+        tiles: from :func:`~engine.geo.tiles.plan_tiles`; processed row-major.
         scale, offset: output = value x scale + offset, rounded and clipped for integer
             outputs. ``scale`` defaults to 255 for uint8 (values 0..1) and 1 for floats.
         fill_nodata: fill invalid input pixels with the tile's band means before the model.

@@ -77,7 +77,7 @@ class S2Stack:
         level: ``"L1C"``, ``"L2A"`` or None when unknown.
         baseline: processing baseline ``"NN.NN"`` or None when unknown.
         offset_applied: True when the DNs include the baseline >= 04.00 offset, which
-            :func:`to_model_input` removes.
+            :func:`~engine.geo.sentinel2_bands.to_model_input` removes.
         offset_dn: size of that offset, DN (1000 for every baseline so far).
         source: where the stack came from (for messages and provenance tags).
     """

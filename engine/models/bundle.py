@@ -31,7 +31,8 @@ class ModelBundle:
     notices: list[str] = field(default_factory=list)
     #: task name ("superres", "temporal", "control") -> ControlNet trained for it
     controlnets: dict[str, Any] = field(default_factory=dict)
-    #: where ``native_resolution`` came from, and the ControlNet's own (see :func:`task_resolution`)
+    #: where ``native_resolution`` came from, and the ControlNet's own
+    #: (see :func:`~engine.models.resolution.task_resolution`)
     unet_resolution: Optional["Resolution"] = None
     controlnet_resolution: Optional["Resolution"] = None
 

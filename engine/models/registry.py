@@ -247,7 +247,8 @@ def _installed_singles() -> list[InstalledModel]:
 class ModelFacts:
     """What ``--model`` (+ ``--unet``, ``--controlnet``) designates, found on disk without loading
     weights: the folders, their resolutions and the notices for rules the user did not ask for.
-    :func:`load_model` loads exactly these folders and :func:`plan_resolution` reads the same facts."""
+    :func:`~engine.models.loading.load_model` loads exactly these folders and :func:`plan_resolution`
+    reads the same facts."""
 
     root: Optional[Path]
     unet_folder: Optional[Path]
@@ -420,7 +421,8 @@ class LocatedModel:
     facts: Optional["ModelFacts"] = None  #: the resolutions and pairing (:func:`model_facts`)
 
     def controlnet_tasks(self) -> Optional[list[str]]:
-        """The tasks of the model's ControlNet (as :func:`controlnet_task` names them); None: unknown."""
+        """The tasks of the model's ControlNet (as :func:`~engine.models.loading.controlnet_task` names
+        them); None: unknown."""
         if self.tiny:
             return ["superres", "temporal"]
         if self.hub is not None:
@@ -456,7 +458,7 @@ def locate_model(
     download: bool = False,
 ) -> LocatedModel:
     """Resolve ``--model`` (+ ``--unet``, ``--base``, ``--controlnet``) to folders, refusing what
-    :func:`load_model` would refuse before it reads weights. Reads config files only; an ``hf:``
+    :func:`~engine.models.loading.load_model` would refuse before it reads weights. Reads config files only; an ``hf:``
     id is downloaded only with ``download=True``."""
     spec = (spec or "auto").strip()
     if spec.startswith("hf:") and not download:

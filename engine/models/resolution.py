@@ -104,7 +104,7 @@ def folder_resolution(folder: Path, config: dict, kind: str) -> tuple[Resolution
 
 
 def task_resolution(facts: Any, task: str, references: bool = False) -> Resolution:
-    """The resolution ``task`` runs at for a bundle or :class:`ModelFacts`: a ControlNet task at
+    """The resolution ``task`` runs at for a bundle or :class:`~engine.models.registry.ModelFacts`: a ControlNet task at
     its ControlNet's (superres, temporal, in-painting with references), else the UNet's."""
     uses_controlnet = task in ("superres", "temporal") or (task == "inpaint" and references)
     cn = getattr(facts, "controlnet_resolution", None)
@@ -115,7 +115,7 @@ def task_resolution(facts: Any, task: str, references: bool = False) -> Resoluti
 
 def request_resolution(facts: Any, request: Any) -> int:
     """The tile (generate: default image) size in px for ``request``: its ``resolution`` when given,
-    else :func:`task_resolution`. The real run and :func:`plan_resolution` both call this."""
+    else :func:`task_resolution`. The real run and :func:`~engine.models.registry.plan_resolution` both call this."""
     override = getattr(request, "resolution", None)
     if override:
         return int(override)

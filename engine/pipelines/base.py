@@ -91,7 +91,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
 
     @classmethod
     def from_bundle(cls, bundle, **kwargs: Any) -> "DiffusionSatBasePipeline":
-        """A pipeline over a :class:`~engine.models.loading.ModelBundle`'s parts (shared, not copied)."""
+        """A pipeline over a :class:`~engine.models.bundle.ModelBundle`'s parts (shared, not copied)."""
         return cls(bundle.vae, bundle.text_encoder, bundle.tokenizer, bundle.unet, bundle.scheduler, **kwargs)
 
     @classmethod
@@ -127,6 +127,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         self.vae.enable_slicing()
 
     def disable_vae_slicing(self) -> None:
+        """Decode the whole batch at once again (the default)."""
         self.vae.disable_slicing()
 
     def enable_vae_tiling(self) -> None:
@@ -134,6 +135,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         self.vae.enable_tiling()
 
     def disable_vae_tiling(self) -> None:
+        """Decode each image in one pass again (the default)."""
         self.vae.disable_tiling()
 
     @property
@@ -198,6 +200,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         return self.unet.embed_metadata(metadata, metadata.shape[0], self.dtype)
 
     def check_size(self, height: int, width: int) -> None:
+        """Refuse an image size (px) that is not a positive multiple of the VAE's factor (8)."""
         multiple = self.vae_scale_factor
         for name, value in (("height", height), ("width", width)):
             if value <= 0 or value % multiple:
@@ -206,6 +209,8 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     def prepare_latents(
         self, batch: int, height: int, width: int, generator: Optional[torch.Generator], latents=None
     ) -> torch.Tensor:
+        """Initial latents (batch, 4, height/8, width/8) for an image of ``height`` x ``width`` px,
+        scaled by the scheduler's ``init_noise_sigma``; ``latents`` given: checked and scaled."""
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             # Noise is drawn on the CPU in fp32 so a seed gives the same image on every device.

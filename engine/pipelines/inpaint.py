@@ -21,7 +21,8 @@ from .controlnet import Control, DiffusionSatControlNetPipeline
 
 @dataclass
 class Inpaint:
-    """In-painting inputs: ``image`` (b, 3, H, W) in [0, 1]; ``mask`` (b, 1, H, W), 1 = generate."""
+    """In-painting inputs: ``image`` (b, 3, H, W) in [0, 1]; ``mask`` (b, 1, H, W), 1 = generate;
+    ``resample``: extra re-noising passes per step (RePaint-style harmonisation; DDIM/DDPM only)."""
 
     image: torch.Tensor
     mask: torch.Tensor

@@ -42,10 +42,23 @@ class DiffusionSatPipeline(DiffusionSatBasePipeline):
         callback_on_step_end: Optional[Callable] = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> PipelineOutput:
-        """Sample images. ``metadata`` is a SatMetadata, a list of them (one per prompt), or
-        normalised values (7 or (b, 7)). ``callback`` gets a :class:`~engine.progress.Progress`
-        per step; ``cancel`` is polled before every step and before every UNet and VAE-decoder
-        block; ``callback_on_step_end(pipe, i, t, tensors)`` is diffusers' (it may return new
+        """Sample images: ``.images`` is (b, H, W, 3) float32 in [0, 1] for ``output_type="np"``,
+        (b, 3, H, W) for ``"pt"``, the (b, 4, H/8, W/8) latents for ``"latent"``; b = prompts x
+        ``num_images_per_prompt``.
+
+        ``metadata`` is an :class:`engine.metadata.SatMetadata` (lon/lat in degrees, GSD in m/px,
+        cloud cover 0..1, date), a list of them (one per prompt), or the 7 normalised values the
+        model sees (7 or (b, 7), in :data:`engine.metadata.FIELDS` order, as
+        :meth:`SatMetadata.normalised <engine.metadata.SatMetadata.normalised>` computes them);
+        None conditions on metadata 0 (unknown). ``height``/``width`` are in px, positive
+        multiples of 8; the model's native resolution (512 or 256 px for the releases, as
+        ``diffusionsat models`` lists it) gives the best images. ``latents``: initial
+        noise of the latent shape above (unscaled; drawn on the CPU in fp32 from ``generator``
+        when None, so a seed gives the same image on every device).
+
+        ``callback`` gets a :class:`~engine.progress.Progress` per step; ``cancel`` is polled
+        before every step and before every UNet and VAE-decoder block;
+        ``callback_on_step_end(pipe, i, t, tensors)`` is diffusers' (it may return new
         ``latents``/``prompt_embeds``)."""
         return self.generate(
             prompt, metadata, height=height, width=width, num_inference_steps=num_inference_steps,

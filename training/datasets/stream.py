@@ -50,7 +50,8 @@ class Source(Protocol):
 
 @dataclass
 class MapSource:
-    """A source with random access (``len`` and ``load(index, rng)``), e.g. :class:`GeoTiffFolder`."""
+    """A source with random access (``len`` and ``load(index, rng)``), e.g.
+    :class:`~training.datasets.geotiff.GeoTiffFolder`."""
 
     dataset: Any
 
