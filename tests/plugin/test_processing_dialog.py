@@ -112,3 +112,15 @@ def test_dialog_results_of_a_layer_are_named_after_that_layer(provider, engine_e
     assert ok and loaded, feedback.textLog()
     (layer,) = layers_from(out)
     assert layer.name().startswith("big scene · in-painted · "), layer.name()
+    if engine_env.supports("superres")[0]:
+        from .helpers import make_s2_geotiff
+        from .test_dock import S2_BANDS
+
+        s2 = QgsRasterLayer(str(make_s2_geotiff(tmp_path / "s2.tif", bands=S2_BANDS)), "T33TTG bands")
+        QgsProject.instance().addMapLayer(s2)
+        out = tmp_path / "sharp.tif"
+        ok, _, loaded, feedback = run_like_the_dialog(qtbot, "diffusionsat:superres", {
+            "INPUT": s2.id(), "FACTOR": 2, "MODEL": "tiny", "OPTIONS": '{"steps": 2}', "OUTPUT": str(out)})
+        assert ok and loaded, feedback.textLog()
+        (layer,) = layers_from(out)
+        assert layer.name().startswith("T33TTG bands · super-resolved · ×2 · "), layer.name()
