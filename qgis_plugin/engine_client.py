@@ -177,7 +177,9 @@ class EngineClient:
             hint = ("no token was sent: set the engine's token in the plugin settings"
                     if err.code == 401 else
                     "the token does not match this engine's: copy it again from the engine's token file")
-            return EngineAuthError(f"{hint} ({message})", err.code, code)
+            # The engine's own detail already says what to do: the hint only stands in for it
+            # (another server, or no detail), not around it (the advice came twice).
+            return EngineAuthError(detail if detail else f"{hint} ({message})", err.code, code)
         return EngineError(message, err.code, code)
 
     def _json(self, method: str, path: str, payload: Any = None, auth: bool = True) -> Any:

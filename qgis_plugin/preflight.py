@@ -36,6 +36,10 @@ DEFAULT_SECONDS_PER_MPX = {"cuda": 0.2, "mps": 1.2, "cpu": 4.0}
 TINY_SECONDS_PER_MPX = {"cuda": 0.02, "cpu": 0.3}
 #: Weight of the newest job in the running average of seconds per evaluation.
 NEW_WEIGHT = 0.5
+#: A job with less work than this (megapixels through the UNet, all steps) does not teach the
+#: rate: its time is the per-step overhead, not pixels (a 16 x 8 px job measured 3,700 s per
+#: megapixel, and the next large job's estimate became hours). 0.05 Mpx: 2 steps of 128 x 128 px.
+MIN_LEARN_MPX = 0.05
 ESTIMATES = PREFIX + "estimates/"
 
 
@@ -80,12 +84,14 @@ def record_rate(engine: str, model: str, seconds: Any, work_mpx: Any,
                 qsettings: Optional[QgsSettings] = None) -> Optional[float]:
     """Fold a finished job (``seconds`` of denoising over the ``work_mpx`` megapixels it ran
     through the UNet) into the engine's running estimate; returns the new seconds per megapixel
-    (None if unusable)."""
+    (None if unusable, or too small to measure: :data:`MIN_LEARN_MPX`)."""
     try:
         seconds, work_mpx = float(seconds), float(work_mpx)
     except (TypeError, ValueError):
         return None
     if not (seconds > 0 and math.isfinite(seconds)) or not (work_mpx > 0 and math.isfinite(work_mpx)):
+        return None
+    if work_mpx < MIN_LEARN_MPX:
         return None
     measured = seconds / work_mpx
     s = qsettings or QgsSettings()

@@ -75,7 +75,7 @@ class InpaintAlgorithm(EngineAlgorithm):
         if self.optional_value(parameters, "EXTENT") is not None:
             extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
             extent = self.parameterAsExtent(parameters, "EXTENT", context)
-        return prepare_inpaint(
+        prepared = prepare_inpaint(
             layer, output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             mask_kind=kind, mask_layer=mask_layer,
             mask_rule=self.parameterAsString(parameters, "MASK_RULE", context) or None,
@@ -85,3 +85,5 @@ class InpaintAlgorithm(EngineAlgorithm):
             model=self.model_value(parameters, context), options=self.options_value(parameters, context),
             date=self.date_value(parameters, "DATE", context) or (layer_date(layer)[0] if layer is not None else None),
         )
+        prepared.source_name = layer.name() if layer is not None else ""  # the result is named after it
+        return prepared

@@ -68,10 +68,12 @@ class SuperresAlgorithm(EngineAlgorithm):
         source_layer = layer or (band_layers[0] if band_layers else None)
         date = self.date_value(parameters, "DATE", context) or (
             layer_date(source_layer)[0] if source_layer is not None else None)
-        return prepare_superres(
+        prepared = prepare_superres(
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             layer=layer, band_layers=band_layers, band_names=names, extent=extent, extent_crs=extent_crs,
             factor=self.parameterAsInt(parameters, "FACTOR", context),
             model=self.model_value(parameters, context), options=self.options_value(parameters, context),
             date=date,
         )
+        prepared.source_name = source_layer.name() if source_layer is not None else ""  # as the dock's
+        return prepared

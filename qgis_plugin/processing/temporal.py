@@ -54,9 +54,11 @@ class TemporalAlgorithm(EngineAlgorithm):
         if self.optional_value(parameters, "EXTENT") is not None:
             extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
             extent = self.parameterAsExtent(parameters, "EXTENT", context)
-        return prepare_temporal(
+        prepared = prepare_temporal(
             layers, dates, self.date_value(parameters, "DATE", context, required=True),
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             extent=extent, extent_crs=extent_crs,
             model=self.model_value(parameters, context), options=self.options_value(parameters, context),
         )
+        prepared.source_name = layers[0].name() if layers else ""  # as the dock's (its first layer)
+        return prepared

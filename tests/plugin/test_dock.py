@@ -206,6 +206,9 @@ def test_wrong_token_gives_a_clear_message(plugin, engine_server, monkeypatch, q
     assert _responsive_while(qtbot, task) > 0
     errors = qgis_iface.messageBar().get_messages(MSG_WARNING)
     assert errors and "refused the token" in errors[-1]
+    # Seen in the GUI: the advice came twice, the plugin's hint around the engine's own
+    # ("… copy it again from the engine's token file (the token is not this engine's: copy it again …)").
+    assert task.error.count("copy it again") == 1, task.error
 
 
 def test_missing_extent_and_missing_engine_settings_are_explained(plugin, qgis_iface, monkeypatch):

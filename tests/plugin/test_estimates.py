@@ -50,3 +50,15 @@ def test_the_engine_plans_the_work_and_reports_what_it_ran(engine_env):
     plan = _plan(client, 64, 64)
     assert plan["mpx_per_step"] == pytest.approx(2 * 64 * 64 / 1e6)
     assert plan["work_mpx"] == pytest.approx(20 * plan["mpx_per_step"])
+
+
+def test_a_job_too_small_to_measure_pixels_does_not_teach_the_rate(plugin_settings):
+    # Seen with qgis_process: a 16 × 8 px generate (0.0005 Mpx through the UNet, ~2 s of
+    # per-step overhead) taught "3.74e+03 s per megapixel"; the next 4096 × 2048 px job was
+    # then estimated at 17 h and refused before running.
+    engine = "http://cpu-box:8765"
+    assert pf.record_rate(engine, "tiny", 1.9, 0.000512) is None
+    assert pf.stored_rate(engine, "tiny") is None
+    assert pf.record_rate(engine, "tiny", 1.3, 1.0) == pytest.approx(1.3)
+    assert pf.record_rate(engine, "tiny", 2.0, 0.001) is None  # leaves the learned rate as it was
+    assert pf.stored_rate(engine, "tiny") == (pytest.approx(1.3), 1)

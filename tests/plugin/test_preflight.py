@@ -37,6 +37,7 @@ def shown(plugin, monkeypatch):
 def test_generate_shows_the_plan_and_learns_the_time_per_megapixel(plugin, engine_env, shown, qtbot):
     tab = plugin.dock.generate
     tab.set_extent(UTM_EXTENT, UTM)
+    tab.size.setValue(128)  # enough work to measure (preflight.MIN_LEARN_MPX), still a quick job
     width, height = tab.target_size()
     task = tab.run()
     wait_for_task(qtbot, task)

@@ -94,3 +94,33 @@ def test_engine_status_opens_a_dialog_and_reports_as_its_output(provider, engine
     text = report.read_text(encoding="utf-8")
     assert str(health["version"]) in text and "tiny" in text
     assert "tiny" in results["STATUS"] and str(health["version"]) in results["STATUS"]
+
+
+def test_dialog_results_of_a_layer_are_named_after_that_layer(provider, engine_env, tmp_path, qgis_new_project,  # noqa: F811
+                                                             qtbot):
+    # Seen in the GUI: the in-paint dialog's result over "big scene" was loaded as
+    # "layer · in-painted · 2021-06-15 · seed … [synthetic]" (the dock names it after its input).
+    from .conftest import require_task
+    from .helpers import make_rgb_geotiff
+
+    require_task(engine_env, "inpaint")
+    scene = QgsRasterLayer(str(make_rgb_geotiff(tmp_path / "scene.tif", hole=True)), "big scene")
+    QgsProject.instance().addMapLayer(scene)
+    out = tmp_path / "filled.tif"
+    ok, _, loaded, feedback = run_like_the_dialog(qtbot, "diffusionsat:inpaint", {
+        "INPUT": scene.id(), "MASK_KIND": 3, "MODEL": "tiny", "OPTIONS": '{"steps": 2}', "OUTPUT": str(out)})
+    assert ok and loaded, feedback.textLog()
+    (layer,) = layers_from(out)
+    assert layer.name().startswith("big scene · in-painted · "), layer.name()
+    if engine_env.supports("superres")[0]:
+        from .helpers import make_s2_geotiff
+        from .test_dock import S2_BANDS
+
+        s2 = QgsRasterLayer(str(make_s2_geotiff(tmp_path / "s2.tif", bands=S2_BANDS)), "T33TTG bands")
+        QgsProject.instance().addMapLayer(s2)
+        out = tmp_path / "sharp.tif"
+        ok, _, loaded, feedback = run_like_the_dialog(qtbot, "diffusionsat:superres", {
+            "INPUT": s2.id(), "FACTOR": 2, "MODEL": "tiny", "OPTIONS": '{"steps": 2}', "OUTPUT": str(out)})
+        assert ok and loaded, feedback.textLog()
+        (layer,) = layers_from(out)
+        assert layer.name().startswith("T33TTG bands · super-resolved · ×2 · "), layer.name()
