@@ -174,12 +174,12 @@ class EngineClient:
         message = detail or f"the engine answered HTTP {err.code} {err.reason}"
         # 403 also answers a path outside the engine's --allowed-root: not a token problem
         if err.code == 401 or (err.code == 403 and code in (None, "forbidden", "unauthorized")):
+            # The hint says what the plugin's user does (the settings); the engine's own detail
+            # follows it for the rest. The hint must not repeat the engine's advice (it came twice).
             hint = ("no token was sent: set the engine's token in the plugin settings"
                     if err.code == 401 else
-                    "the token does not match this engine's: copy it again from the engine's token file")
-            # The engine's own detail already says what to do: the hint only stands in for it
-            # (another server, or no detail), not around it (the advice came twice).
-            return EngineAuthError(detail if detail else f"{hint} ({message})", err.code, code)
+                    "the token does not match this engine's: set the right one in the plugin settings")
+            return EngineAuthError(f"{hint} ({message})", err.code, code)
         return EngineError(message, err.code, code)
 
     def _json(self, method: str, path: str, payload: Any = None, auth: bool = True) -> Any:
