@@ -21,6 +21,7 @@ from qgis.core import (
     QgsContrastEnhancement,
     QgsDateTimeRange,
     QgsLayerMetadata,
+    QgsLayerTreeRegistryBridge,
     QgsMultiBandColorRenderer,
     QgsProject,
     QgsRasterLayer,
@@ -225,6 +226,11 @@ def move_to_result_group(layer, project: Optional[QgsProject] = None) -> bool:
     if node.parent() is root:
         result_group(project).insertChildNode(0, node.clone())
         root.removeChildNode(node)
+        # Processing made the result the current layer; removing its node moves QGIS's current
+        # item, and with it the point where new layers go, into the group. Seen in the GUI: every
+        # layer the user added afterwards landed in "DiffusionSat". New layers go to the top again.
+        project.layerTreeRegistryBridge().setLayerInsertionPoint(
+            QgsLayerTreeRegistryBridge.InsertionPoint(root, 0))
     return True
 
 

@@ -69,3 +69,26 @@ def test_rgb_bands_follow_band_descriptions():
     assert rgb_bands(["red", "green", "blue"], 3) == (1, 2, 3)
     assert rgb_bands(["", "", "", ""], 4) == (1, 2, 3)
     assert rgb_bands([""], 1) == (1, 1, 1)
+
+
+def test_layers_added_after_a_processing_result_go_to_the_top_not_into_the_group(tmp_path, qgis_new_project):
+    """Seen in the GUI: after a Processing result was moved into the "DiffusionSat" group, every layer
+    the user added next landed in that group too (QGIS's insertion point had followed the current
+    item into it). The move puts the insertion point back at the top of the tree."""
+    from qgis.core import QgsLayerTreeRegistryBridge
+
+    from qgis_plugin.layers import move_to_result_group, result_group
+
+    project = QgsProject.instance()
+    root = project.layerTreeRoot()
+    group = result_group(project)
+    result = QgsRasterLayer(str(make_rgb_geotiff(tmp_path / "result.tif")), "result", "gdal")
+    project.addMapLayer(result)  # at the top level, as Processing loads it
+    # what QGIS's layer tree view does when the current item ends up inside the group
+    project.layerTreeRegistryBridge().setLayerInsertionPoint(QgsLayerTreeRegistryBridge.InsertionPoint(group, 0))
+    assert move_to_result_group(result, project)
+    assert group.findLayer(result.id()) is not None
+    later = QgsRasterLayer(str(make_rgb_geotiff(tmp_path / "later.tif")), "later", "gdal")
+    project.addMapLayer(later)
+    node = root.findLayer(later.id())
+    assert node is not None and node.parent() is root, "the user's next layer went into the DiffusionSat group"
