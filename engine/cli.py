@@ -435,15 +435,13 @@ def _run(args: argparse.Namespace, fields: dict) -> int:
 
 def _check_out(args: argparse.Namespace, request) -> None:
     """Before any work: --out is no input (nor mask, reference), and exists only with --overwrite."""
-    from pathlib import Path
-
     from .geo.guard import check_output
-    from .tasks import spread_path
+    from .tasks.common import output_sidecars
 
     if args.out is None:  # --dry-run without --out: nothing to check
         return
-    sidecars = [spread_path(Path(args.out))] if getattr(request, "spread", None) else []
-    check_output(args.out, request.input_paths(), overwrite=args.overwrite, sidecars=sidecars)
+    check_output(args.out, request.input_paths(), overwrite=args.overwrite,
+                 sidecars=output_sidecars(request, args.out))
 
 
 def _print_plan(args: argparse.Namespace, request) -> int:

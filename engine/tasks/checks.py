@@ -39,7 +39,7 @@ from ..models.registry import (
 )
 from ..models.resolution import request_resolution
 from . import layout_of
-from .common import Layout, check_resample, date_of, spread_path
+from .common import Layout, check_resample, date_of, output_sidecars
 from .requests import _Request
 
 # --------------------------------------------------------------------------------------------
@@ -155,8 +155,7 @@ def _check_out(out, request=None) -> Path:
     if not os.access(folder, os.W_OK):
         raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
     if request is not None:  # never write over one of the run's inputs (an existing output is the caller's call)
-        sidecars = [spread_path(out)] if getattr(request, "spread", None) else []
-        check_output(out, request.input_paths(), sidecars=sidecars)
+        check_output(out, request.input_paths(), sidecars=output_sidecars(request, out))
     return out
 
 

@@ -96,6 +96,12 @@ def spread_path(out: Path) -> Path:
     return out.with_name(out.stem + ".spread.tif")
 
 
+def output_sidecars(request, out: Path) -> list[Path]:
+    """The files a run writes beside ``out`` (the spread map of ``generate --spread``): the output
+    checks guard them as they guard ``out`` itself."""
+    return [spread_path(Path(out))] if getattr(request, "spread", None) else []
+
+
 # --------------------------------------------------------------------------------------------
 # Provenance, seeds, processes
 # --------------------------------------------------------------------------------------------

@@ -32,10 +32,10 @@ def tiled_runner(name: str, body: Callable[..., Outcome]) -> Callable[..., Optio
         out = check(request, out).out  # everything refusable is refused before the model is loaded
         if models is None:  # not `models or ...`: an empty shared cache is falsy (it has __len__)
             models = ModelCache()
+        ctx = context or RunContext()  # one process unless the caller says otherwise
         with assigned_inputs(request, out.parent) as request:
-            outcome = body(request, out, models=models, context=context or RunContext(), progress=progress,
-                           cancel=cancel)
-        if context is not None and context.rank != 0:
+            outcome = body(request, out, models=models, context=ctx, progress=progress, cancel=cancel)
+        if ctx.rank != 0:
             return None  # a non-zero rank of a split run: rank 0 wrote the COG and reports
         grid = outcome.grid
         return TaskResult(
