@@ -30,7 +30,8 @@ from .geo.accumulate import (
     ProcessFn,
     ReadFn,
     TilingStats,
-    add_tile,
+    add_contribution,
+    contributions,
     check_writer,
     encoding,
     flush,
@@ -119,6 +120,7 @@ def accumulate_partial(
     fill_nodata: bool = True,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    batch_size: int = 1,
 ) -> TilingStats:
     """Accumulate this rank's share of ``tiles`` (the whole plan) into its own partial files.
 
@@ -145,10 +147,9 @@ def accumulate_partial(
             acc_path, width=width, bands=bands, row0=row0, nrows=row1 - row0, ring=False, create=True
         )
         try:
-            for i, tile in enumerate(mine):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
-                if add_tile(acc, read_fn, process_fn, tile, bands, fill_nodata):
+            results = contributions(read_fn, process_fn, mine, bands, fill_nodata, batch_size, cancel)
+            for i, (tile, contribution) in enumerate(results):
+                if add_contribution(acc, tile, contribution):
                     done += 1
                 else:
                     skipped += 1
@@ -297,6 +298,7 @@ def run_tiled_distributed(
     timeout_s: float = 3600.0,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    batch_size: int = 1,
 ) -> Optional[TilingStats]:
     """One rank's part of a split run: accumulate its tiles; rank 0 then merges and writes.
 
@@ -317,6 +319,7 @@ def run_tiled_distributed(
         fill_nodata=fill_nodata,
         progress=progress,
         cancel=cancel,
+        batch_size=batch_size,
     )
     if rank != 0:
         return None

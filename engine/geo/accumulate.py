@@ -7,7 +7,7 @@ when the work is split, :mod:`engine.parallel`), rows are normalised and written
 RAM is the size of a tile or of a fixed chunk. Tiles and their blend weights come from
 :mod:`engine.geo.tiles`.
 
-:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`add_tile` and
+:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`contributions`, :func:`add_contribution` and
 :func:`check_writer` are shared with :mod:`engine.parallel`, which accumulates the same way
 into one partial file per process.
 
@@ -342,16 +342,37 @@ def _read_tile(read_fn: ReadFn, tile: Tile, fill_nodata: bool) -> tuple[np.ndarr
     return array, valid
 
 
-def tile_contribution(
-    read_fn: ReadFn, process_fn: ProcessFn, tile: Tile, bands: int, fill_nodata: bool
-) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """(values (bands, h, w), weights (h, w)) over the tile's valid output part; None if empty."""
+def batched(process_fn: Callable) -> Callable:
+    """Mark ``process_fn`` as a batch function: ``process_fn(tiles, arrays)`` gets lists of tiles
+    and their model inputs and returns one output per tile, in order (one model call for several
+    tiles). Unmarked process functions are called one tile at a time, ``process_fn(tile, array)``."""
+    process_fn.batched = True
+    return process_fn
+
+
+def process_many(process_fn: Callable, tiles: Sequence[Tile], arrays: Sequence[np.ndarray]) -> list:
+    """The outputs of ``process_fn`` for ``tiles``: one batched call (see :func:`batched`) or one call per tile."""
+    if getattr(process_fn, "batched", False):
+        outs = list(process_fn(list(tiles), list(arrays)))
+        if len(outs) != len(tiles):
+            raise RasterError(f"a batched process_fn returned {len(outs)} outputs for {len(tiles)} tiles")
+        return outs
+    return [process_fn(tile, array) for tile, array in zip(tiles, arrays)]
+
+
+def _prepare(read_fn: ReadFn, tile: Tile, fill_nodata: bool) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(model input, valid input mask over the tile's valid part), or None for a tile with no valid pixel."""
     array, valid_in = _read_tile(read_fn, tile, fill_nodata)
     rs, cs = tile.valid_slices
     valid_in = valid_in[rs, cs]
     if not valid_in.any():
         return None
-    out = np.asarray(process_fn(tile, array))
+    return array, valid_in
+
+
+def _contribution(tile: Tile, out: Any, valid_in: np.ndarray, bands: int) -> tuple[np.ndarray, np.ndarray]:
+    """(values (bands, h, w), weights (h, w)) of a model output over the tile's valid output part."""
+    out = np.asarray(out)
     if out.ndim == 2:
         out = out[None]
     if out.shape != (bands, *tile.out_shape):
@@ -370,11 +391,39 @@ def tile_contribution(
     return values, weights
 
 
-def add_tile(acc: "Accumulator", read_fn: ReadFn, process_fn: ProcessFn, tile: Tile, bands: int,
-             fill_nodata: bool) -> bool:
-    """Run one tile and add its contribution to ``acc``; False when the tile had no valid input
-    (skipped: nothing read was valid, the model was not called)."""
-    contribution = tile_contribution(read_fn, process_fn, tile, bands, fill_nodata)
+def tile_contribution(
+    read_fn: ReadFn, process_fn: ProcessFn, tile: Tile, bands: int, fill_nodata: bool
+) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """(values (bands, h, w), weights (h, w)) over the tile's valid output part; None if empty."""
+    return next(contributions(read_fn, process_fn, [tile], bands, fill_nodata))[1]
+
+
+Contribution = Optional[tuple[np.ndarray, np.ndarray]]
+
+
+def contributions(
+    read_fn: ReadFn, process_fn: ProcessFn, tiles: Sequence[Tile], bands: int, fill_nodata: bool,
+    batch_size: int = 1, cancel: Optional[CancelToken] = None,
+) -> Iterator[tuple[Tile, Contribution]]:
+    """(tile, its contribution or None when it had no valid input) for every tile, in order.
+
+    Up to ``batch_size`` tiles are read, then the non-empty ones go to the model together
+    (:func:`process_many`); empty tiles never reach the model. ``cancel`` is polled before each batch.
+    """
+    size = max(1, int(batch_size))
+    for start in range(0, len(tiles), size):
+        if cancel is not None:
+            cancel.raise_if_cancelled()
+        chunk = tiles[start : start + size]
+        prepared = [_prepare(read_fn, tile, fill_nodata) for tile in chunk]
+        run = [(tile, p) for tile, p in zip(chunk, prepared) if p is not None]
+        outs = iter(process_many(process_fn, [t for t, _ in run], [p[0] for _, p in run]))
+        for tile, p in zip(chunk, prepared):
+            yield tile, None if p is None else _contribution(tile, next(outs), p[1], bands)
+
+
+def add_contribution(acc: "Accumulator", tile: Tile, contribution: Contribution) -> bool:
+    """Add a tile's contribution to ``acc``; False for a tile that had none (skipped)."""
     if contribution is None:
         return False
     values, weights = contribution
@@ -409,6 +458,7 @@ def run_tiled(
     scratch_dir: Optional[Union[str, os.PathLike]] = None,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
+    batch_size: int = 1,
 ) -> TilingStats:
     """Run ``process_fn`` over every tile and write the blended result into ``writer``.
 
@@ -430,7 +480,9 @@ def run_tiled(
             a :class:`~engine.geo.cog.CogWriter` is open in this thread its run folder is used
             instead, so one hidden folder holds all scratch of a run.
         progress: called after every tile with ``Progress(tile=done, total_tiles=n)``.
-        cancel: polled before every tile and every written chunk.
+        cancel: polled before every batch of tiles and every written chunk.
+        batch_size: tiles per ``process_fn`` call when it is :func:`batched` (the pixels do not
+            depend on it as long as ``process_fn``'s outputs do not).
 
     Pixels with no valid contribution are written as the writer's nodata (NaN for float outputs
     without nodata, 0 for integer outputs without nodata; counted in the returned stats).
@@ -459,9 +511,8 @@ def run_tiled(
         )
         try:
             flushed = 0
-            for i, tile in enumerate(tiles):
-                if cancel is not None:
-                    cancel.raise_if_cancelled()
+            results = contributions(read_fn, process_fn, tiles, bands, fill_nodata, batch_size, cancel)
+            for i, (tile, contribution) in enumerate(results):
                 # Rows above a new tile row are final. Flush only whole rows of writer blocks, so
                 # each block is written once and complete (no read-back, little GDAL cache).
                 ready = int(tile.out_window.row_off) // align * align
@@ -469,7 +520,7 @@ def run_tiled(
                     nodata_px += flush([acc], flushed, ready, width, bands, writer, enc, cancel, True)
                     acc.release(ready)
                     flushed = ready
-                if add_tile(acc, read_fn, process_fn, tile, bands, fill_nodata):
+                if add_contribution(acc, tile, contribution):
                     done += 1
                 else:
                     skipped += 1
@@ -540,6 +591,9 @@ __all__ = [
     "flush",
     "raster_reader",
     "run_tiled",
-    "add_tile",
+    "add_contribution",
+    "batched",
+    "contributions",
+    "process_many",
     "tile_contribution",
 ]

@@ -287,6 +287,7 @@ class TiledJob:
     fill_nodata: bool = True
     run_key: str = ""
     out_bands: Optional[int] = None  #: bands of the written file, when wrap_writer widens the tiles' ``bands``
+    batch_size: int = 1  #: tiles per model call (``process`` marked with engine.geo.accumulate.batched)
 
 
 def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallback],
@@ -308,14 +309,14 @@ def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallb
         with open_target() as target:
             return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
                              fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
-                             cancel=cancel)
+                             cancel=cancel, batch_size=job.batch_size)
     run_id = split_run_id(job.out, job.run_key)
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
     stats = run_tiled_distributed(
         job.read, job.process, job.tiles, bands=job.bands, folder=folder, rank=rank, world_size=world,
         run_id=run_id, open_writer=open_target, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
-        progress=progress, cancel=cancel,
+        progress=progress, cancel=cancel, batch_size=job.batch_size,
     )
     if rank == 0:
         shutil.rmtree(folder, ignore_errors=True)

@@ -49,6 +49,12 @@ class _Request(BaseModel):
         None, description="px the model runs at (tile size; generate's default size), a multiple of 8; "
         "default: what the model was trained at for this task (see `diffusionsat models`)")
 
+    batch_size: Optional[int] = Field(
+        None, ge=1, le=64, description="tiles (generate: samples) per model call; the output does not depend "
+        "on it; default: chosen from the device's free memory and the model's size (1 on the CPU)")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet (once per shape, reused "
+                          "across tiles and jobs): slower start, faster large jobs on CUDA")
+
     @field_validator("resolution")
     @classmethod
     def _resolution_multiple_of_8(cls, v: Optional[int]) -> Optional[int]:
