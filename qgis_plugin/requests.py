@@ -29,6 +29,7 @@ from qgis.core import (
     QgsRectangle,
 )
 
+from .checks import YEAR_RANGE
 from .compat import WKT2_2019
 
 #: Longest side of a generated image when nothing else is said (the models' native size).
@@ -209,9 +210,20 @@ def date_from_canvas(canvas) -> Optional[_dt.date]:
     return _dt.date(d.year(), d.month(), d.day())
 
 
-def default_date(canvas) -> _dt.date:
-    """The date the dock starts with: the temporal controller's, else today."""
-    return date_from_canvas(canvas) or _dt.date.today()
+def default_date(canvas, today: Optional[_dt.date] = None) -> _dt.date:
+    """The date the dock starts with: the temporal controller's, else today, or, when today is past
+    the training data's years (:data:`checks.YEAR_RANGE`), today's day in the last training year
+    (the same season, and no "outside the training data" question on the first run)."""
+    found = date_from_canvas(canvas)
+    if found is not None:
+        return found
+    today = today or _dt.date.today()
+    last = YEAR_RANGE[1]
+    if today.year <= last:
+        return today
+    if (today.month, today.day) == (2, 29):
+        return _dt.date(last, 2, 28 if last % 4 or (last % 100 == 0 and last % 400) else 29)
+    return today.replace(year=last)
 
 
 # Tags that hold an *acquisition* date (metadata_date is the engine's). TIFFTAG_DATETIME is the

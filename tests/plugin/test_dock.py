@@ -81,7 +81,14 @@ def test_draw_extent_with_the_map_tool_fills_the_dock(plugin, qgis_canvas, qtbot
 def test_date_defaults_to_the_temporal_controller(plugin, qgis_canvas):
     from qgis_plugin.requests import date_from_canvas, default_date
 
-    assert default_date(None) == dt.date.today()
+    from qgis_plugin.checks import YEAR_RANGE, date_warning
+
+    last = YEAR_RANGE[1]
+    assert default_date(None, today=dt.date(last - 1, 7, 1)) == dt.date(last - 1, 7, 1)
+    # Past the training years: the same day in the last one, so the first run asks nothing.
+    assert default_date(None, today=dt.date(last + 2, 12, 1)) == dt.date(last, 12, 1)
+    assert default_date(None, today=dt.date(2028, 2, 29)).month == 2
+    assert date_warning(default_date(None)) is None
     begin = QDateTime(QDate(2019, 3, 4), QTime(0, 0))
     qgis_canvas.setTemporalRange(QgsDateTimeRange(begin, begin.addDays(1)))
     settings = qgis_canvas.mapSettings()
