@@ -33,15 +33,18 @@ FALLBACK: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
     "superres": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
+        "guidance": {"default": 1.0, "minimum": 0.0, "maximum": 50.0},
         "factor": {"default": 4, "minimum": 1, "maximum": 64},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
     },
     "inpaint": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
+        "guidance": {"default": 7.5, "minimum": 0.0, "maximum": 50.0},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
     },
     "temporal": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
+        "guidance": {"default": 1.0, "minimum": 0.0, "maximum": 50.0},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
     },
 }

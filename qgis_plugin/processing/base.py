@@ -21,13 +21,15 @@ from qgis.core import (
     QgsProcessingOutputNumber,
     QgsProcessingOutputString,
     QgsProcessingParameterBoolean,
+    QgsProcessingParameterNumber,
     QgsProcessingParameterRasterDestination,
     QgsProcessingParameterString,
     QgsProject,
 )
 from qgis.PyQt.QtCore import QTimer
 
-from ..compat import icon, set_advanced
+from .. import schema
+from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, icon, set_advanced
 from ..connection import EngineConfigError, resolve_spec, shared_manager
 from ..layers import move_to_result_group, provenance, style_result
 from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
@@ -130,6 +132,34 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.addParameter(set_advanced(QgsProcessingParameterBoolean(
             self.ALLOW_LARGE, "Allow a job over the limits (output megapixels, estimated minutes in the "
             "engine settings)", defaultValue=False, optional=True)))
+
+    def add_sampling_parameters(self) -> None:
+        """STEPS, GUIDANCE and SEED (advanced), with this task's defaults and ranges from the engine's
+        schema as far as known when the provider loads; every run is checked against the live one."""
+        limits = schema.current()
+        steps, guidance, seed = (limits.get(self.TASK, name) for name in ("steps", "guidance", "seed"))
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=steps.default, minValue=steps.minimum,
+            maxValue=steps.maximum)))
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            "GUIDANCE", "Guidance scale", NUMBER_DOUBLE, defaultValue=guidance.default, minValue=guidance.minimum,
+            maxValue=guidance.maximum)))
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            "SEED", "Seed (empty = random, recorded in the output)", NUMBER_INTEGER, optional=True,
+            minValue=seed.minimum)))
+
+    def sampling_values(self, parameters, context) -> dict[str, Any]:
+        """{"steps", "guidance"[, "seed"]} from :meth:`add_sampling_parameters`' fields."""
+        values: dict[str, Any] = {"steps": self.parameterAsInt(parameters, "STEPS", context),
+                                  "guidance": self.parameterAsDouble(parameters, "GUIDANCE", context)}
+        seed = self.optional_number(parameters, "SEED", context, integer=True)
+        if seed is not None:
+            values["seed"] = seed
+        return values
+
+    def request_options(self, parameters, context) -> dict[str, Any]:
+        """The sampling fields, with OPTIONS (JSON, the explicit word) on top."""
+        return {**self.sampling_values(parameters, context), **self.options_value(parameters, context)}
 
     def model_value(self, parameters, context) -> Optional[str]:
         text = (self.parameterAsString(parameters, self.MODEL, context) or "").strip()

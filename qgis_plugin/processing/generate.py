@@ -41,8 +41,6 @@ class GenerateAlgorithm(EngineAlgorithm):
         # Defaults and ranges: the engine's, as far as known when the provider loads (the fallback
         # table before any engine answered); every run is checked against the live engine's.
         limits = schema.current()
-        steps, guidance = limits.get("generate", "steps"), limits.get("generate", "guidance")
-        seed = limits.get("generate", "seed")
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent"))
         self.addParameter(QgsProcessingParameterCrs("CRS", "Output CRS (default: the extent's)", optional=True))
         self.addParameter(QgsProcessingParameterString("DATE", "Date (YYYY-MM-DD; empty = unknown)", optional=True))
@@ -56,15 +54,7 @@ class GenerateAlgorithm(EngineAlgorithm):
         for name, label in (("WIDTH", "Width (px; overrides SIZE)"), ("HEIGHT", "Height (px; overrides SIZE)")):
             self.addParameter(set_advanced(QgsProcessingParameterNumber(
                 name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=limits.max_side)))
-        self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "STEPS", "Denoising steps", NUMBER_INTEGER, defaultValue=steps.default, minValue=steps.minimum,
-            maxValue=steps.maximum)))
-        self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "GUIDANCE", "Guidance scale", NUMBER_DOUBLE, defaultValue=guidance.default, minValue=guidance.minimum,
-            maxValue=guidance.maximum)))
-        self.addParameter(set_advanced(QgsProcessingParameterNumber(
-            "SEED", "Seed (empty = random, recorded in the output)", NUMBER_INTEGER, optional=True,
-            minValue=seed.minimum)))
+        self.add_sampling_parameters()
         self.addParameter(set_advanced(QgsProcessingParameterString(
             "SCHEDULER", "Scheduler (default, ddim, dpm++, unipc, euler, pndm)", defaultValue="default",
             optional=True)))
@@ -94,9 +84,7 @@ class GenerateAlgorithm(EngineAlgorithm):
             date=date,
             cloud_cover=self.optional_number(parameters, "CLOUD_COVER", context),
             prompt=self.parameterAsString(parameters, "PROMPT", context) or "",
-            steps=self.parameterAsInt(parameters, "STEPS", context),
-            guidance=self.parameterAsDouble(parameters, "GUIDANCE", context),
-            seed=self.optional_number(parameters, "SEED", context, integer=True),
+            **self.sampling_values(parameters, context),
             scheduler=(self.parameterAsString(parameters, "SCHEDULER", context) or "default").strip(),
             model=self.model_value(parameters, context),
         )

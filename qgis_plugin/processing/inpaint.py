@@ -53,6 +53,7 @@ class InpaintAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterString(
             "DATE", "Acquisition date of INPUT (YYYY-MM-DD; empty = the layer's temporal properties or "
             "tags, else unknown)", optional=True))
+        self.add_sampling_parameters()
         self.add_engine_options()
         self.add_output("In-painted image")
 
@@ -82,7 +83,7 @@ class InpaintAlgorithm(EngineAlgorithm):
             selected_only=self.parameterAsBool(parameters, "SELECTED_ONLY", context),
             extent=extent, extent_crs=extent_crs,
             prompt=self.parameterAsString(parameters, "PROMPT", context) or "",
-            model=self.model_value(parameters, context), options=self.options_value(parameters, context),
+            model=self.model_value(parameters, context), options=self.request_options(parameters, context),
             date=self.date_value(parameters, "DATE", context) or (layer_date(layer)[0] if layer is not None else None),
         )
         prepared.source_name = layer.name() if layer is not None else ""  # the result is named after it

@@ -49,6 +49,7 @@ class SuperresAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterString(
             "DATE", "Acquisition date (YYYY-MM-DD; empty = the layer's temporal properties or tags, "
             "else unknown)", optional=True))
+        self.add_sampling_parameters()
         self.add_engine_options()
         self.add_output("Super-resolved image")
 
@@ -72,7 +73,7 @@ class SuperresAlgorithm(EngineAlgorithm):
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             layer=layer, band_layers=band_layers, band_names=names, extent=extent, extent_crs=extent_crs,
             factor=self.parameterAsInt(parameters, "FACTOR", context),
-            model=self.model_value(parameters, context), options=self.options_value(parameters, context),
+            model=self.model_value(parameters, context), options=self.request_options(parameters, context),
             date=date,
         )
         prepared.source_name = source_layer.name() if source_layer is not None else ""  # as the dock's

@@ -37,6 +37,7 @@ class TemporalAlgorithm(EngineAlgorithm):
             "INPUT_DATES", "Input dates, comma-separated (empty = from the layers)", optional=True))
         self.addParameter(QgsProcessingParameterString("DATE", "Target date (YYYY-MM-DD)"))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent (empty = the first layer's)", optional=True))
+        self.add_sampling_parameters()
         self.add_engine_options()
         self.add_output("Image for the target date")
 
@@ -58,7 +59,7 @@ class TemporalAlgorithm(EngineAlgorithm):
             layers, dates, self.date_value(parameters, "DATE", context, required=True),
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             extent=extent, extent_crs=extent_crs,
-            model=self.model_value(parameters, context), options=self.options_value(parameters, context),
+            model=self.model_value(parameters, context), options=self.request_options(parameters, context),
         )
         prepared.source_name = layers[0].name() if layers else ""  # as the dock's (its first layer)
         return prepared

@@ -153,6 +153,25 @@ def test_engine_status(provider, engine_env):
     assert any(m["name"] == "tiny" for m in json.loads(result["MODELS"])["models"])
 
 
+def test_every_task_has_steps_guidance_and_seed_with_the_engines_defaults(provider):
+    """The dialogs of the conditional tasks have STEPS/GUIDANCE/SEED like generate's, each with
+    its own task's default from the schema (in-painting guides at 7.5, the ControlNets at 1)."""
+    from qgis_plugin import schema
+
+    limits = schema.current()
+    for task in ("generate", "superres", "inpaint", "temporal"):
+        alg = provider.algorithm(task)
+        for name, field in (("STEPS", "steps"), ("GUIDANCE", "guidance"), ("SEED", "seed")):
+            param = alg.parameterDefinition(name)
+            assert param is not None, f"{task} has no {name}"
+            bounds = limits.get(task, field)
+            assert param.minimum() == bounds.minimum
+            if bounds.default is not None:
+                assert param.defaultValue() == bounds.default, (task, name)
+    assert provider.algorithm("inpaint").parameterDefinition("GUIDANCE").defaultValue() != \
+        provider.algorithm("superres").parameterDefinition("GUIDANCE").defaultValue()
+
+
 def test_superres_inpaint_temporal_with_processing_run(provider, engine_env, tmp_path):
     import processing
 
@@ -160,14 +179,16 @@ def test_superres_inpaint_temporal_with_processing_run(provider, engine_env, tmp
     if engine_env.supports("superres")[0]:
         s2 = make_s2_geotiff(tmp_path / "s2.tif", bands=S2_BANDS, size=16)
         res = processing.run("diffusionsat:superres", {"INPUT": str(s2), "FACTOR": 2, "MODEL": "tiny",
-                                                       "OPTIONS": '{"steps": 2}', "OUTPUT": str(tmp_path / "sr.tif")})
+                                                       "STEPS": 2, "SEED": 11, "OUTPUT": str(tmp_path / "sr.tif")})
         assert QgsRasterLayer(res["OUTPUT"], "sr").width() == 32
+        assert res["SEED"] == 11  # the dialog's own SEED field reaches the engine
         done.append("superres")
     if engine_env.supports("inpaint")[0]:
         rgb = make_rgb_geotiff(tmp_path / "rgb.tif", hole=True)
         res = processing.run("diffusionsat:inpaint", {"INPUT": str(rgb), "MASK_KIND": 3, "MODEL": "tiny",
-                                                      "OPTIONS": '{"steps": 2}', "OUTPUT": str(tmp_path / "ip.tif")})
+                                                      "STEPS": 2, "SEED": 5, "OUTPUT": str(tmp_path / "ip.tif")})
         assert QgsRasterLayer(res["OUTPUT"], "ip").isValid()
+        assert res["SEED"] == 5
         done.append("inpaint")
     if engine_env.supports("temporal")[0]:
         a = make_rgb_geotiff(tmp_path / "a.tif", seed=1)
