@@ -58,17 +58,20 @@ def engine_key(spec) -> str:
     return str(getattr(spec, "url", "") or "unknown").rstrip("/")
 
 
-def _settings_key(engine: str, model: str) -> str:
+def _settings_key(engine: str, model: str, task: str) -> str:
     def clean(text: str) -> str:
         return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_")[:120] or "_"
 
-    return f"{ESTIMATES}{clean(engine)}/{clean(model or 'auto')}/"
+    return f"{ESTIMATES}{clean(engine)}/{clean(model or 'auto')}/{clean(task or 'generate')}/"
 
 
-def stored_rate(engine: str, model: str, qsettings: Optional[QgsSettings] = None) -> Optional[tuple[float, int]]:
-    """``(seconds per evaluation, number of jobs measured)`` for ``engine`` and ``model``, or None."""
+def stored_rate(engine: str, model: str, task: str,
+                qsettings: Optional[QgsSettings] = None) -> Optional[tuple[float, int]]:
+    """``(seconds per megapixel-step, number of jobs measured)`` for ``engine``, ``model`` and
+    ``task``, or None. Per task: a ControlNet task (super-resolution, temporal) runs a second
+    network beside the UNet at every step and measured ~5x generate's rate per megapixel."""
     s = qsettings or QgsSettings()
-    key = _settings_key(engine, model)
+    key = _settings_key(engine, model, task)
     try:
         # (the earlier "seconds_per_eval" counted evaluations of any size: not reused)
         rate = float(s.value(key + "seconds_per_mpx", 0.0) or 0.0)
@@ -80,7 +83,7 @@ def stored_rate(engine: str, model: str, qsettings: Optional[QgsSettings] = None
     return rate, runs
 
 
-def record_rate(engine: str, model: str, seconds: Any, work_mpx: Any,
+def record_rate(engine: str, model: str, task: str, seconds: Any, work_mpx: Any,
                 qsettings: Optional[QgsSettings] = None) -> Optional[float]:
     """Fold a finished job (``seconds`` of denoising over the ``work_mpx`` megapixels it ran
     through the UNet) into the engine's running estimate; returns the new seconds per megapixel
@@ -95,12 +98,12 @@ def record_rate(engine: str, model: str, seconds: Any, work_mpx: Any,
         return None
     measured = seconds / work_mpx
     s = qsettings or QgsSettings()
-    previous = stored_rate(engine, model, s)
+    previous = stored_rate(engine, model, task, s)
     if previous is None:
         rate, runs = measured, 1
     else:
         rate, runs = (1 - NEW_WEIGHT) * previous[0] + NEW_WEIGHT * measured, previous[1] + 1
-    key = _settings_key(engine, model)
+    key = _settings_key(engine, model, task)
     s.setValue(key + "seconds_per_mpx", rate)
     s.setValue(key + "jobs", runs)
     return rate
@@ -291,7 +294,7 @@ def evaluate(client, request: Mapping[str, Any], plan: Mapping[str, Any], *, eng
         device = ""
     model_px = plan.get("model_px")
     model = resolved_model(quick, request, model_px)
-    stored = stored_rate(engine, model)
+    stored = stored_rate(engine, model, str(plan.get("task") or request.get("task") or "generate"))
     if stored is not None:
         rate, runs = stored
         basis = f"measured on this engine ({runs} job{'s' if runs != 1 else ''})"
@@ -324,4 +327,4 @@ def record_outcome(preflight: Optional[Preflight], result: Mapping[str, Any]) ->
     if preflight is None or not preflight.engine:
         return None
     seconds, work = measured_work(preflight, result)
-    return record_rate(preflight.engine, preflight.model, seconds, work)
+    return record_rate(preflight.engine, preflight.model, preflight.task or "generate", seconds, work)

@@ -57,8 +57,8 @@ def test_a_job_too_small_to_measure_pixels_does_not_teach_the_rate(plugin_settin
     # per-step overhead) taught "3.74e+03 s per megapixel"; the next 4096 × 2048 px job was
     # then estimated at 17 h and refused before running.
     engine = "http://cpu-box:8765"
-    assert pf.record_rate(engine, "tiny", 1.9, 0.000512) is None
-    assert pf.stored_rate(engine, "tiny") is None
-    assert pf.record_rate(engine, "tiny", 1.3, 1.0) == pytest.approx(1.3)
-    assert pf.record_rate(engine, "tiny", 2.0, 0.001) is None  # leaves the learned rate as it was
-    assert pf.stored_rate(engine, "tiny") == (pytest.approx(1.3), 1)
+    assert pf.record_rate(engine, "tiny", "generate", 1.9, 0.000512) is None
+    assert pf.stored_rate(engine, "tiny", "generate") is None
+    assert pf.record_rate(engine, "tiny", "generate", 1.3, 1.0) == pytest.approx(1.3)
+    assert pf.record_rate(engine, "tiny", "generate", 2.0, 0.001) is None  # leaves the learned rate as it was
+    assert pf.stored_rate(engine, "tiny", "generate") == (pytest.approx(1.3), 1)

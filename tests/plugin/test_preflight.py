@@ -54,7 +54,7 @@ def test_generate_shows_the_plan_and_learns_the_time_per_megapixel(plugin, engin
         assert needle in summary, (needle, summary)
     # The dock line ends with the outcome, and the measured time is kept for this engine.
     key = pf.engine_key(task.spec)
-    stored = pf.stored_rate(key, "tiny")
+    stored = pf.stored_rate(key, "tiny", "generate")
     assert stored is not None and stored[1] == 1
     result = task.outcome.result
     # The engine's own measurement: its denoising steps and their time (not the model loading).
@@ -71,7 +71,7 @@ def test_generate_shows_the_plan_and_learns_the_time_per_megapixel(plugin, engin
     assert second.preflight.basis == "measured on this engine (1 job)"
     assert second.preflight.seconds_per_mpx == pytest.approx(stored[0])
     assert any("measured on this engine (1 job)" in t for t in shown if t.startswith("Plan:"))
-    assert pf.stored_rate(key, "tiny")[1] == 2
+    assert pf.stored_rate(key, "tiny", "generate")[1] == 2
 
 
 def test_over_the_limit_asks_and_a_declined_job_is_not_submitted(plugin, engine_env, qgis_iface, qtbot):
@@ -151,12 +151,20 @@ def test_estimates_defaults_running_average_and_limits(plugin_settings):
     assert pf.default_rate("cpu", "/models/diffusionsat", 512) == 4.0
     assert pf.default_rate("cpu", "tiny", 256) < 1.0
     engine = "http://gpu-box:8765"
-    assert pf.stored_rate(engine, "auto") is None
-    assert pf.record_rate(engine, "auto", 10.0, 100) == pytest.approx(0.1)
-    assert pf.record_rate(engine, "auto", 30.0, 100) == pytest.approx(0.2)  # running average
-    assert pf.stored_rate(engine, "auto") == (pytest.approx(0.2), 2)
-    assert pf.stored_rate(engine, "tiny") is None and pf.stored_rate("http://other:1", "auto") is None
-    assert pf.record_rate(engine, "auto", None, 100) is None and pf.record_rate(engine, "auto", 5.0, 0) is None
+    assert pf.stored_rate(engine, "auto", "generate") is None
+    assert pf.record_rate(engine, "auto", "generate", 10.0, 100) == pytest.approx(0.1)
+    assert pf.record_rate(engine, "auto", "generate", 30.0, 100) == pytest.approx(0.2)  # running average
+    assert pf.stored_rate(engine, "auto", "generate") == (pytest.approx(0.2), 2)
+    assert pf.stored_rate(engine, "tiny", "generate") is None
+    assert pf.stored_rate("http://other:1", "auto", "generate") is None
+    assert pf.record_rate(engine, "auto", "generate", None, 100) is None
+    assert pf.record_rate(engine, "auto", "generate", 5.0, 0) is None
+    # Each task learns its own rate: a super-resolution step runs the ControlNet too (seen at ~16 s
+    # per megapixel against generate's 1.3-3.6), and must not skew generate's estimates.
+    assert pf.stored_rate(engine, "auto", "superres") is None
+    assert pf.record_rate(engine, "auto", "superres", 160.0, 10) == pytest.approx(16.0)
+    assert pf.stored_rate(engine, "auto", "generate") == (pytest.approx(0.2), 2)
+    assert pf.stored_rate(engine, "auto", "superres") == (pytest.approx(16.0), 1)
 
     plan = {"task": "superres", "width": 12000, "height": 10000, "gsd_m": 2.5, "tiles": 900,
             "model_px": 512, "steps": 20, "unet_evaluations": 900 * 20, "output_megapixels": 120.0}
