@@ -91,6 +91,8 @@ class Job:
             result.pop("path", None)
             warnings = list(result.get("warnings", []))
             result["result_url"] = None if self.expired else f"/v1/jobs/{self.id}/result"
+            asked = getattr(self.request, "spread", None)
+            result["spread_url"] = None if self.expired or not asked else f"/v1/jobs/{self.id}/result/spread"
         return {
             "id": self.id,
             "task": self.task,

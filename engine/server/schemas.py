@@ -72,6 +72,8 @@ class JobResultOut(BaseModel):
     denoise_steps: Optional[int] = Field(None, description="denoising steps run, summed over tiles (skipped tiles run none)")
     denoise_seconds: Optional[float] = Field(None, description="seconds those steps took")
     result_url: Optional[str]
+    spread_url: Optional[str] = Field(None, description="the per-pixel spread map (float32 COG, std of "
+                                      "brightness over the seeds, 0..1) of a job submitted with spread")
 
 
 class PlanOut(BaseModel):

@@ -16,6 +16,7 @@ PROTECTED = [
     ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef"),
     ("DELETE", "/v1/jobs/0123456789abcdef0123456789abcdef"),
     ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef/result"),
+    ("GET", "/v1/jobs/0123456789abcdef0123456789abcdef/result/spread"),
     ("POST", "/v1/uploads"),
     ("GET", "/v1/openapi.json"),
 ]
@@ -124,6 +125,30 @@ def test_submit_poll_fetch(server, tmp_path):
 
     listed = call(server, "GET", "/v1/jobs").json["jobs"]
     assert job["id"] in [j["id"] for j in listed]
+
+
+def test_spread_map_is_downloadable_beside_the_result(server, tmp_path):
+    import numpy as np
+    import rasterio
+
+    job = wait_for(server, call(server, "POST", "/v1/jobs", json_body=generate_request(spread=2)).json["id"])
+    assert job["state"] == "done", job
+    url = job["result"]["spread_url"]
+    assert url == f"/v1/jobs/{job['id']}/result/spread"
+    reply = call(server, "GET", url)
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/tiff"
+    (tmp_path / "s.tif").write_bytes(reply.body)
+    (tmp_path / "r.tif").write_bytes(call(server, "GET", job["result"]["result_url"]).body)
+    with rasterio.open(tmp_path / "s.tif") as spread, rasterio.open(tmp_path / "r.tif") as image:
+        assert spread.dtypes == ("float32",) and (spread.transform, spread.crs) == (image.transform, image.crs)
+        values = spread.read(1)
+        assert np.isfinite(values).all() and values.max() > 0  # two seeds differ somewhere
+        assert image.tags()["spread_file"] == "generate.spread.tif"
+    # A job without spread has no spread map: 404 that says how to ask for one.
+    plain = wait_for(server, call(server, "POST", "/v1/jobs", json_body=generate_request()).json["id"])
+    assert plain["result"]["spread_url"] is None
+    body = assert_error(call(server, "GET", f"/v1/jobs/{plain['id']}/result/spread"), 404, "not_found")
+    assert '"spread"' in body["detail"]
 
 
 def test_model_default_filled_in(server):

@@ -67,18 +67,44 @@ def cancel_job(request: Request, job_id: str) -> dict[str, Any]:
     return job
 
 
+_TIFF = {200: {"content": {"image/tiff": {"schema": {"type": "string", "format": "binary"}}},
+               "description": "a Cloud-Optimized GeoTIFF"}, **ERROR_RESPONSES}
+
+
 @router.get("/jobs/{job_id}/result", dependencies=AUTH, tags=["jobs"], response_class=FileResponse,
-            responses={200: {"content": {"image/tiff": {"schema": {"type": "string", "format": "binary"}}},
-                             "description": "the result as a Cloud-Optimized GeoTIFF"}, **ERROR_RESPONSES})
+            responses=_TIFF)
 def get_result(request: Request, job_id: str):
     """The job's result, a Cloud-Optimized GeoTIFF on the requested grid."""
+    job = _finished_job(request, job_id)
+    return FileResponse(job.result_path, media_type="image/tiff",
+                        filename=f"diffusionsat-{job.task}-{job.id[:8]}.tif")
+
+
+@router.get("/jobs/{job_id}/result/spread", dependencies=AUTH, tags=["jobs"], response_class=FileResponse,
+            responses=_TIFF)
+def get_spread(request: Request, job_id: str):
+    """The per-pixel spread map of a job submitted with ``spread`` (a float32 COG beside the result
+    on the same grid: the standard deviation of brightness over the seeds, 0..1)."""
+    from ...tasks.common import spread_path
+
+    job = _finished_job(request, job_id)
+    path = spread_path(job.result_path)
+    if not getattr(job.request, "spread", None):
+        raise NotFound(f"job {short(job_id, 40)!r} was not asked for a spread map; submit it again with "
+                       '"spread": N (2..16 seeds)')
+    if not path.is_file():
+        raise Gone(f"the spread map of job {job_id} is gone; submit the job again")
+    return FileResponse(path, media_type="image/tiff", filename=f"diffusionsat-{job.task}-{job.id[:8]}.spread.tif")
+
+
+def _finished_job(request: Request, job_id: str):
+    """The job record of a job whose result is there to download; else the 4xx that says why."""
     _job_or_404(request, job_id)
     job = request.app.state.manager.get(job_id)
     retention_hours = request.app.state.config.retention_hours
     state = job.state
     if state == DONE and job.result_path is not None and job.result_path.is_file():
-        return FileResponse(job.result_path, media_type="image/tiff",
-                            filename=f"diffusionsat-{job.task}-{job.id[:8]}.tif")
+        return job
     if state == DONE:
         raise Gone(f"the result of job {job_id} was deleted after the retention time "
                    f"({retention_hours:g} h); submit the job again")
