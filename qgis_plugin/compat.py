@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-from qgis.core import Qgis, QgsCoordinateReferenceSystem, QgsRasterLayerTemporalProperties
+from qgis.core import Qgis, QgsColorRampShader, QgsCoordinateReferenceSystem, QgsRasterLayerTemporalProperties
 from qgis.PyQt.QtGui import QIcon
 
 
@@ -36,6 +36,13 @@ WKT2_2019 = _first(
     (Qgis, "CrsWktVariant.Wkt2_2019"),
     (QgsCoordinateReferenceSystem, "WktVariant.WKT2_2019"),
     (QgsCoordinateReferenceSystem, "WKT2_2019"),
+)
+
+#: A colour ramp interpolated between its stops (Qgis.ShaderInterpolationMethod since 3.28).
+RAMP_INTERPOLATED = _first(
+    (Qgis, "ShaderInterpolationMethod.Linear"),
+    (QgsColorRampShader, "Type.Interpolated"),
+    (QgsColorRampShader, "Interpolated"),
 )
 
 MSG_INFO = Qgis.MessageLevel.Info

@@ -254,15 +254,20 @@ class EngineClient:
         """Upload a GeoTIFF; return the ``"upload:<id>"`` ref to put in a request's path fields."""
         return self.upload_file(path)["path_ref"]
 
-    def download_result(self, job_id: str, dest_path: str) -> str:
+    def download_spread(self, job_id: str, dest_path: str) -> str:
+        """Save the spread map of a finished job submitted with ``spread`` at ``dest_path``."""
+        return self.download_result(job_id, dest_path, part="/spread")
+
+    def download_result(self, job_id: str, dest_path: str, part: str = "") -> str:
         """Save a finished job's GeoTIFF at ``dest_path`` (written to a temporary file, then renamed,
-        so an interrupted download never leaves a half file there). Returns ``dest_path``."""
+        so an interrupted download never leaves a half file there). Returns ``dest_path``.
+        ``part``: ``/spread`` for the job's spread map."""
         dest_path = os.path.abspath(dest_path)
         folder = os.path.dirname(dest_path)
         os.makedirs(folder, exist_ok=True)
         tmp = f"{dest_path}.{os.getpid()}.{threading.get_ident()}.part"
         try:
-            with self._request("GET", self._job_path(job_id) + "/result",
+            with self._request("GET", self._job_path(job_id) + "/result" + part,
                                headers={"Accept": "image/tiff"}) as resp, open(tmp, "wb") as out:
                 while True:
                     chunk = resp.read(_CHUNK)

@@ -8,6 +8,10 @@ the "DiffusionSat" group with:
   controller's range widened to include it when temporal navigation is on;
 - provenance in its metadata (abstract and keywords: synthetic, task, model, seed, prompt);
 - an RGB style (bands chosen by their descriptions, else 1/2/3; 0..255 for 8-bit data).
+
+A spread map (``spread``: the per-pixel standard deviation of brightness over several seeds) is
+added under its image with a colour ramp whose legend says what low and high values mean
+(:func:`style_spread`).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from typing import Any, Mapping, Optional
 
 from qgis.core import (
+    QgsColorRampShader,
     QgsContrastEnhancement,
     QgsDateTimeRange,
     QgsLayerMetadata,
@@ -25,10 +30,13 @@ from qgis.core import (
     QgsMultiBandColorRenderer,
     QgsProject,
     QgsRasterLayer,
+    QgsRasterShader,
+    QgsSingleBandPseudoColorRenderer,
+    QgsStyle,
 )
 from qgis.PyQt.QtCore import QDate, QDateTime, QTime
 
-from .compat import RASTER_FIXED_RANGE
+from .compat import RAMP_INTERPOLATED, RASTER_FIXED_RANGE
 
 GROUP_NAME = "DiffusionSat"
 KEYWORD_VOCABULARY = "DiffusionSat"
@@ -205,6 +213,74 @@ def apply_rgb_style(layer: QgsRasterLayer) -> None:
         ce.setMaximumValue(hi)
         setter(ce)
     layer.setRenderer(renderer)
+
+
+#: The spread map's colour ramp (QGIS's default style has it) and the legend's stops.
+SPREAD_RAMP = "Magma"
+SPREAD_STOPS = 5
+
+
+def style_spread(layer: QgsRasterLayer) -> list[tuple[float, str]]:
+    """A colour ramp on a spread map, from 0 (the seeds agree) to its 98th percentile (the model
+    guesses); the legend's labels say so. Returns the (value, label) stops."""
+    provider = layer.dataProvider()
+    _, hi = provider.cumulativeCut(1, 0.0, 0.98, layer.extent(), 250000)
+    hi = float(hi) if hi and hi > 0 else 1.0
+    ramp = QgsStyle.defaultStyle().colorRamp(SPREAD_RAMP)
+    stops = []
+    items = []
+    for i in range(SPREAD_STOPS):
+        value = hi * i / (SPREAD_STOPS - 1)
+        label = f"{value:.3f}"
+        if i == 0:
+            label += " (the seeds agree)"
+        elif i == SPREAD_STOPS - 1:
+            label += " or more (the model is guessing)"
+        stops.append((value, label))
+        colour = ramp.color(i / (SPREAD_STOPS - 1)) if ramp is not None else None
+        items.append(QgsColorRampShader.ColorRampItem(value, colour, label) if colour is not None else
+                     QgsColorRampShader.ColorRampItem(value, _grey(i), label))
+    shader_fn = QgsColorRampShader(0.0, hi)
+    shader_fn.setColorRampType(RAMP_INTERPOLATED)
+    shader_fn.setColorRampItemList(items)
+    shader_fn.setClip(False)  # values above the top stop take its colour
+    shader = QgsRasterShader()
+    shader.setRasterShaderFunction(shader_fn)
+    renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
+    renderer.setClassificationMin(0.0)
+    renderer.setClassificationMax(hi)
+    layer.setRenderer(renderer)
+    return stops
+
+
+def _grey(i: int):
+    from qgis.PyQt.QtGui import QColor
+
+    level = int(255 * i / (SPREAD_STOPS - 1))
+    return QColor(level, level, level)
+
+
+def add_spread_layer(path: str, name: str, *, image: Optional[QgsRasterLayer] = None,
+                     date: Optional[_dt.date] = None, info: Optional[Mapping[str, Any]] = None,
+                     project: Optional[QgsProject] = None) -> QgsRasterLayer:
+    """Add a spread map as a styled layer just under its image in the "DiffusionSat" group."""
+    project = project or QgsProject.instance()
+    layer = QgsRasterLayer(str(path), name, "gdal")
+    if not layer.isValid():
+        raise OSError(f"QGIS cannot open the spread map {path}")
+    style_spread(layer)
+    if date is not None:
+        set_temporal_range(layer, date)
+    set_provenance(layer, info or provenance(path))
+    project.addMapLayer(layer, False)
+    group = result_group(project)
+    below = 0
+    if image is not None:
+        node = group.findLayer(image.id())
+        if node is not None:
+            below = group.children().index(node) + 1
+    group.insertLayer(below, layer)
+    return layer
 
 
 def result_group(project: QgsProject, name: str = GROUP_NAME):

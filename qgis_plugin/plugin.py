@@ -23,9 +23,9 @@ from . import schema
 from .checks import in_dock_words
 from .compat import MSG_CRITICAL, MSG_INFO, MSG_SUCCESS, MSG_WARNING, icon, resource_path
 from .connection import EngineConfigError, resolve_spec, shared_manager
-from .layers import add_result_layer, provenance
+from .layers import add_result_layer, add_spread_layer, provenance
 from .preflight import Preflight, record_outcome
-from .results import copy_style, result_name
+from .results import copy_style, result_name, spread_name
 from .requests import PreparedJob
 from .settings import PluginSettings
 from .tasks import LOG_TAG, EngineTask
@@ -71,6 +71,7 @@ class DiffusionSatPlugin:
         self._settings: Optional[PluginSettings] = None
         self._tasks: set[EngineTask] = set()
         self.last_layer = None  # the last result layer added (tests and scripting)
+        self.last_spread_layer = None  # the spread map added with it, when the job asked for one
         self._previous_tool = None  # the map tool to go back to after drawing an extent
 
     # -- Processing -------------------------------------------------------------------------------
@@ -382,6 +383,14 @@ class DiffusionSatPlugin:
         if prepared.task == "inpaint":
             copy_style(source, layer)
         self.last_layer = layer
+        if outcome.spread_path:
+            try:
+                self.last_spread_layer = add_spread_layer(
+                    outcome.spread_path, spread_name(layer.name(), prepared.request.get("spread")), image=layer,
+                    date=prepared.date, info=provenance(outcome.spread_path, outcome.result, prepared.request),
+                    project=project)
+            except OSError as err:
+                warnings.append(str(err))
         if warnings:
             push_notice(bar, f"{layer.name()} added; " + "; ".join(warnings), MSG_WARNING, 15)
             if self.dock is not None:  # after the plan/outcome line, the whole text of the warnings

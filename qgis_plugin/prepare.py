@@ -75,11 +75,14 @@ def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *,
                      width: Optional[int] = None, height: Optional[int] = None, output_path: str, name: str = "", date: Optional[_dt.date] = None,
                      cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
                      guidance: Optional[float] = None, seed: Optional[int] = None,
-                     scheduler: str = "default", model: Optional[str] = None) -> PreparedJob:
+                     scheduler: str = "default", model: Optional[str] = None,
+                     spread: Optional[int] = None) -> PreparedJob:
     request = generate_request(extent, crs, size=size, width=width, height=height, date=date,
                                cloud_cover=cloud_cover,
                                prompt=prompt, steps=steps, guidance=guidance, seed=seed,
                                scheduler=scheduler, model=model)
+    if spread:
+        request["spread"] = int(spread)  # N seeds; their per-pixel spread comes back beside the image
     label = name or (f"Generated {date.isoformat()}" if date else "Generated")
     return PreparedJob("generate", request, output_path, label, date=date,
                        title=f"DiffusionSat: generate {_size_text(request)}")

@@ -52,6 +52,13 @@ def result_name(task: str, *, source: str = "", date: Optional[_dt.date] = None,
     return name
 
 
+def spread_name(image_name: str, seeds=None) -> str:
+    """The spread map's layer name: its image's, with what it shows before the synthetic marker."""
+    what = f"spread over {seeds} seeds" if seeds else "spread"
+    base = image_name.replace(f" {SYNTHETIC_MARK}", "")
+    return f"{base} · {what} {SYNTHETIC_MARK}"
+
+
 def copy_style(source: Optional[QgsRasterLayer], target: QgsRasterLayer) -> bool:
     """Give ``target`` the renderer of ``source`` when both have the same bands; True if copied."""
     if source is None or not source.isValid() or source.renderer() is None:

@@ -30,6 +30,7 @@ FALLBACK: Dict[str, Dict[str, Dict[str, Any]]] = {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
         "guidance": {"default": 7.5, "minimum": 0.0, "maximum": 50.0},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
+        "spread": {"default": None, "minimum": 2, "maximum": 16},
     },
     "superres": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},

@@ -37,6 +37,7 @@ class JobOutcome:
     job_id: str
     result: dict[str, Any] = field(default_factory=dict)
     plan: Optional[dict[str, Any]] = None
+    spread_path: Optional[str] = None  #: the downloaded spread map (a job submitted with ``spread``)
 
     @property
     def warnings(self) -> list[str]:
@@ -117,6 +118,12 @@ def plan_job(client, request: dict[str, Any], prepared: PreparedJob, *, upload: 
         raise err
 
 
+def spread_path_of(output_path: str) -> str:
+    """Where a job's spread map is saved: beside its image, as the engine names it (``<name>.spread.tif``)."""
+    path = Path(output_path)
+    return str(path.with_name(path.stem + ".spread.tif"))
+
+
 def run_job(client, prepared: PreparedJob, *, upload: bool = False,
             progress: Optional[ProgressFn] = None,
             cancelled: Callable[[], bool] = lambda: False,
@@ -177,8 +184,12 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
             raise EngineError(final.get("error") or "the engine job failed", None, "job_failed")
         Path(prepared.output_path).parent.mkdir(parents=True, exist_ok=True)
         path = client.download_result(job_id, prepared.output_path)
-        return JobOutcome(path=str(path or prepared.output_path), job_id=job_id,
-                          result=dict(final.get("result") or {}), plan=plan)
+        result = dict(final.get("result") or {})
+        spread = None
+        if request.get("spread") and result.get("spread_url"):
+            spread = client.download_spread(job_id, spread_path_of(prepared.output_path))
+        return JobOutcome(path=str(path or prepared.output_path), job_id=job_id, result=result, plan=plan,
+                          spread_path=spread)
     finally:
         remove_quietly(temps + list(prepared.temp_files))
 

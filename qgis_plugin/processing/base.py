@@ -31,11 +31,11 @@ from qgis.PyQt.QtCore import QTimer
 from .. import schema
 from ..compat import NUMBER_DOUBLE, NUMBER_INTEGER, icon, set_advanced
 from ..connection import EngineConfigError, resolve_spec, shared_manager
-from ..layers import move_to_result_group, provenance, style_result
+from ..layers import move_to_result_group, provenance, style_result, style_spread
 from ..preflight import PreflightRefused, engine_key, evaluate, record_outcome
 from ..requests import PreparedJob, RequestError, parse_date
 from ..tasks import friendly_error, run_job
-from ..results import result_name
+from ..results import result_name, spread_name
 
 ENGINE_HELP = (
     "<p>The engine is the one set in DiffusionSat → Engine settings, or, when set, the one in the "
@@ -74,6 +74,22 @@ class ResultStyler(QgsProcessingLayerPostProcessorInterface):
             project = context.project() or QgsProject.instance()
             if not move_to_result_group(layer, project):
                 # QGIS versions that put the layer in the tree after this call: once they did
+                layer_id = layer.id()
+                QTimer.singleShot(0, lambda: move_to_result_group(project.mapLayer(layer_id), project))
+
+
+class SpreadStyler(ResultStyler):
+    """Styles a loaded spread map (a colour ramp with a legend) and puts it in the results group."""
+
+    def postProcessLayer(self, layer, context, feedback) -> None:  # noqa: N802 - QGIS API
+        if layer is not None and layer.isValid():
+            style_spread(layer)
+            if self.date is not None:
+                from ..layers import set_temporal_range
+
+                set_temporal_range(layer, self.date)
+            project = context.project() or QgsProject.instance()
+            if not move_to_result_group(layer, project):
                 layer_id = layer.id()
                 QTimer.singleShot(0, lambda: move_to_result_group(project.mapLayer(layer_id), project))
 
@@ -317,11 +333,20 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
         self.register_load(context, prepared.output_path, outcome.path, name,
                            ResultStyler.create(prepared.date, info, outcome.warnings))
         seed = outcome.result.get("seed")
-        return {
+        outputs = {
             self.OUTPUT: outcome.path,
             "SEED": seed if isinstance(seed, (int, float)) else None,
             "WARNINGS": "\n".join(outcome.warnings),
         }
+        if outcome.spread_path:
+            outputs["SPREAD"] = outcome.spread_path
+            if context.willLoadLayerOnCompletion(outcome.path):  # loaded with its image, styled
+                details = context.layerToLoadOnCompletionDetails(outcome.path)
+                context.addLayerToLoadOnCompletion(outcome.spread_path, QgsProcessingContext.LayerDetails(
+                    spread_name(name, prepared.request.get("spread")), details.project, "SPREAD"))
+                context.layerToLoadOnCompletionDetails(outcome.spread_path).setPostProcessor(
+                    SpreadStyler.create(prepared.date, info, []))
+        return outputs
 
 
 def _remembering_dialog(self, parent=None):

@@ -6,6 +6,7 @@ from qgis.core import (
     QgsProcessingException,
     QgsProcessingParameterCrs,
     QgsProcessingParameterExtent,
+    QgsProcessingOutputRasterLayer,
     QgsProcessingParameterNumber,
     QgsProcessingParameterString,
     QgsProject,
@@ -55,11 +56,17 @@ class GenerateAlgorithm(EngineAlgorithm):
             self.addParameter(set_advanced(QgsProcessingParameterNumber(
                 name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=limits.max_side)))
         self.add_sampling_parameters()
+        spread = limits.get("generate", "spread")
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            "SPREAD", "Uncertainty seeds (empty = off; 2 or more: a spread map of that many seeds)",
+            NUMBER_INTEGER, optional=True, minValue=spread.minimum if spread.minimum is not None else 2,
+            maxValue=spread.maximum if spread.maximum is not None else 16)))
         self.addParameter(set_advanced(QgsProcessingParameterString(
             "SCHEDULER", "Scheduler (default, ddim, dpm++, unipc, euler, pndm)", defaultValue="default",
             optional=True)))
         self.add_engine_options()
         self.add_output("Generated image")
+        self.addOutput(QgsProcessingOutputRasterLayer("SPREAD", "Spread map (with SPREAD)"))
 
     def prepare(self, parameters, context, feedback):
         extent_crs = self.parameterAsExtentCrs(parameters, "EXTENT", context)
@@ -85,6 +92,7 @@ class GenerateAlgorithm(EngineAlgorithm):
             cloud_cover=self.optional_number(parameters, "CLOUD_COVER", context),
             prompt=self.parameterAsString(parameters, "PROMPT", context) or "",
             **self.sampling_values(parameters, context),
+            spread=self.optional_number(parameters, "SPREAD", context, integer=True),
             scheduler=(self.parameterAsString(parameters, "SCHEDULER", context) or "default").strip(),
             model=self.model_value(parameters, context),
         )

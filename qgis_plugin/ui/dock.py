@@ -418,9 +418,19 @@ class GenerateTab(_Tab):
         self.seed.setValue(-1)
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
+        self.spread = QSpinBox()  # 1 shows "off"; the top: the engine's (apply_limits)
+        self.spread.setObjectName("spread_generate")
+        self.spread.setRange(1, 16)
+        self.spread.setValue(1)
+        self.spread.setSpecialValueText("off")
+        self.spread.setSuffix(" seeds")
+        self.spread.setToolTip("Also sample this many seeds and add a layer of their per-pixel spread under the "
+                               "image: where it is high, the model is guessing (the job takes that many times longer)")
+        adv.addRow("Uncertainty", self.spread)
         self.layout_.addWidget(advanced)
         self.remembered.update(size=self.size, date=self.date, cloud_known=self.cloud_known, cloud=self.cloud,
-                               prompt=self.prompt, steps=self.steps, guidance=self.guidance, seed=self.seed)
+                               prompt=self.prompt, steps=self.steps, guidance=self.guidance, seed=self.seed,
+                               spread=self.spread)
         self.outline: Optional[QgsRubberBand] = None
         self.finish("Generate")
 
@@ -495,6 +505,9 @@ class GenerateTab(_Tab):
     def apply_limits(self, limits: "schema.Limits", initial: bool = False) -> None:
         super().apply_limits(limits, initial)
         self.size.setMaximum(limits.max_side)
+        top = limits.get("generate", "spread").maximum
+        if top is not None:
+            self.spread.setMaximum(int(top))
 
     def refresh_info(self) -> None:
         if self.extent is None:
@@ -519,6 +532,7 @@ class GenerateTab(_Tab):
             self.extent, self.extent_crs, size=self.size.value(), output_path=self.output_path(date),
             date=date, cloud_cover=self.cloud_cover(), prompt=self.prompt.text(), steps=self.steps.value(),
             guidance=self.guidance.value(), seed=seed if seed >= 0 else None, model=self.dock.settings().model,
+            spread=self.spread.value() if self.spread.value() > 1 else None,
         )
 
 

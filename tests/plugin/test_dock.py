@@ -147,6 +147,35 @@ def test_generate_end_to_end_adds_a_dated_layer_on_the_drawn_extent(plugin, engi
     assert not messages
 
 
+def test_uncertainty_adds_the_spread_map_styled_under_its_image(plugin, engine_env, qgis_iface, qtbot):
+    """Advanced → Uncertainty (off by default): N seeds, and their per-pixel spread comes back
+    as a second layer under the image, with a colour ramp whose legend says what it means."""
+    tab = plugin.dock.generate
+    assert tab.spread.value() == 1 and tab.spread.text() == "off"  # off by default: no spread sent
+    tab.set_extent(UTM_EXTENT, UTM)
+    tab.size.setValue(64)
+    tab.steps.setValue(2)
+    tab.seed.setValue(3)
+    assert "spread" not in tab.prepare().request
+    tab.spread.setValue(3)
+    task = run_and_wait(qtbot, tab)
+    assert task.error is None, task.error
+    image, spread = plugin.last_layer, plugin.last_spread_layer
+    assert spread is not None and spread.isValid() and spread is not image
+    assert spread.source().endswith(".spread.tif") and spread.bandCount() == 1
+    assert (spread.width(), spread.height()) == (image.width(), image.height())
+    assert spread.extent() == image.extent() and spread.crs() == image.crs()
+    assert spread.renderer().type() == "singlebandpseudocolor"
+    labels = [item.label for item in spread.renderer().shader().rasterShaderFunction().colorRampItemList()]
+    assert "seeds agree" in labels[0] and "guessing" in labels[-1]
+    assert "spread over 3 seeds" in spread.name() and spread.name().endswith("[synthetic]")
+    group = QgsProject.instance().layerTreeRoot().findGroup(GROUP_NAME)
+    ids = [child.layerId() for child in group.findLayers()]
+    assert ids.index(spread.id()) == ids.index(image.id()) + 1  # right under its image
+    assert spread.temporalProperties().isActive()
+    tab.spread.setValue(1)
+
+
 def tmp_outputs(plugin):
     return plugin.settings().default_output_dir()
 

@@ -88,6 +88,23 @@ def test_generate_run_and_load_results_styles_and_dates_the_layer(provider, engi
     assert node is not None and node.parent().name() == "DiffusionSat"
 
 
+def test_generate_with_spread_loads_the_styled_spread_map(provider, engine_env, tmp_path, qgis_new_project):
+    import processing
+
+    out = tmp_path / "with_spread.tif"
+    result = processing.runAndLoadResults("diffusionsat:generate", {
+        "EXTENT": UTM_EXTENT, "OUTPUT": str(out), "SPREAD": 2, **TINY})
+    assert result["SPREAD"] == str(tmp_path / "with_spread.spread.tif")
+    layers = {lyr.source(): lyr for lyr in QgsProject.instance().mapLayers().values()}
+    spread = layers[result["SPREAD"]]
+    assert spread.renderer().type() == "singlebandpseudocolor" and "spread over 2 seeds" in spread.name()
+    node = QgsProject.instance().layerTreeRoot().findLayer(spread.id())
+    assert node is not None and node.parent().name() == "DiffusionSat"
+    # without SPREAD there is no spread map
+    plain = processing.run("diffusionsat:generate", {"EXTENT": UTM_EXTENT, "OUTPUT": str(tmp_path / "p.tif"), **TINY})
+    assert not plain.get("SPREAD") and not (tmp_path / "p.spread.tif").exists()
+
+
 class CancelOnProgress(QgsProcessingFeedback):
     """Cancels as soon as the engine reports progress, like the Cancel button of the dialog."""
 
