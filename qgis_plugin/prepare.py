@@ -75,7 +75,7 @@ def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *,
                      width: Optional[int] = None, height: Optional[int] = None, output_path: str, name: str = "", date: Optional[_dt.date] = None,
                      cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
                      guidance: Optional[float] = None, seed: Optional[int] = None,
-                     scheduler: str = "default", model: Optional[str] = None,
+                     scheduler: Optional[str] = None, model: Optional[str] = None,
                      spread: Optional[int] = None) -> PreparedJob:
     request = generate_request(extent, crs, size=size, width=width, height=height, date=date,
                                cloud_cover=cloud_cover,

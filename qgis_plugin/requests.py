@@ -387,7 +387,7 @@ def generate_request(
     steps: Optional[int] = None,
     guidance: Optional[float] = None,
     seed: Optional[int] = None,
-    scheduler: str = "default",
+    scheduler: Optional[str] = None,
     model: Optional[str] = None,
 ) -> dict[str, Any]:
     """The ``generate`` request for ``extent`` in ``crs`` (the output lands exactly on it).
@@ -398,6 +398,7 @@ def generate_request(
         width, height: exact output sides in px (multiples of 8), overriding ``size``.
         cloud_cover: fraction 0..1, None = unknown.
         prompt: text prompt; empty = the engine's default prompt.
+        scheduler: a sampler name; None = the engine's default (not sent).
     """
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
@@ -410,9 +411,10 @@ def generate_request(
         "crs": crs_ref(crs),
         "date": iso(date),
         "cloud_cover": cloud_cover,
-        "scheduler": scheduler or "default",
         **_common(model),
     }
+    if scheduler and scheduler.strip():
+        req["scheduler"] = scheduler.strip()
     if size is not None:
         req["size"] = round8(size)
     if width is not None:

@@ -62,8 +62,8 @@ class GenerateAlgorithm(EngineAlgorithm):
             NUMBER_INTEGER, optional=True, minValue=spread.minimum if spread.minimum is not None else 2,
             maxValue=spread.maximum if spread.maximum is not None else 16)))
         self.addParameter(set_advanced(QgsProcessingParameterString(
-            "SCHEDULER", "Scheduler (default, ddim, dpm++, unipc, euler, pndm)", defaultValue="default",
-            optional=True)))
+            "SCHEDULER", "Scheduler (empty = the engine's default; or e.g. ddim, dpm++, unipc, euler, pndm, "
+            "default = the checkpoint's own)", optional=True)))
         self.add_engine_options()
         self.add_output("Generated image")
         self.addOutput(QgsProcessingOutputRasterLayer("SPREAD", "Spread map (with SPREAD)"))
@@ -93,7 +93,7 @@ class GenerateAlgorithm(EngineAlgorithm):
             prompt=self.parameterAsString(parameters, "PROMPT", context) or "",
             **self.sampling_values(parameters, context),
             spread=self.optional_number(parameters, "SPREAD", context, integer=True),
-            scheduler=(self.parameterAsString(parameters, "SCHEDULER", context) or "default").strip(),
+            scheduler=(self.parameterAsString(parameters, "SCHEDULER", context) or "").strip() or None,
             model=self.model_value(parameters, context),
         )
         job.request.update(options)

@@ -131,3 +131,11 @@ def test_dates_and_band_names_from_text():
     assert guess_band_name("band 4") is None
     assert parse_band_names("B02, B03 B04") == ["B02", "B03", "B04"]
     assert parse_band_names("  ") is None
+
+
+def test_generate_request_leaves_the_sampler_to_the_engine_unless_one_is_chosen():
+    """The plugin used to send "scheduler": "default" (the checkpoint's own sampler) on every
+    request, which overrode the engine's default sampler; now it sends one only when chosen."""
+    assert "scheduler" not in generate_request(UTM_EXTENT, UTM, size=64)
+    assert "scheduler" not in generate_request(UTM_EXTENT, UTM, size=64, scheduler="  ")
+    assert generate_request(UTM_EXTENT, UTM, size=64, scheduler="ddim")["scheduler"] == "ddim"
