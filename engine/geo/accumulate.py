@@ -7,15 +7,16 @@ when the work is split, :mod:`engine.parallel`), rows are normalised and written
 RAM is the size of a tile or of a fixed chunk. Tiles and their blend weights come from
 :mod:`engine.geo.tiles`.
 
-:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`contributions`, :func:`add_contribution` and
+:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`tile_loop`, :func:`add_contribution` and
 :func:`check_writer` are shared with :mod:`engine.parallel`, which accumulates the same way
 into one partial file per process.
 
 Units: all windows and sizes are in pixels; input windows in input pixels, ``out_*`` windows in
 output pixels (input pixels x ``factor``).
 
-A little over 500 lines: the accumulator, the encoding and the tile loop are one mechanism (the
-ring of rows, the flush alignment to writer blocks and the read-back all depend on each other).
+Over 500 lines (about 800): the accumulator, the encoding and the tile loop are one mechanism (the ring of
+rows, the flush alignment to writer blocks and the read-back all depend on each other, and the
+overlapped loop must keep the order of adds and flushes that the ring relies on).
 """
 
 from __future__ import annotations
@@ -619,9 +620,9 @@ class _Overlapped:
             item = self.get(self.write_q)
             if item is _END:
                 return
-            for tile, prepared, out in item:
+            for tile, valid_in, out in item:
                 self.token.raise_if_cancelled()
-                contribution = None if prepared is None else _contribution(tile, out, prepared[1], self.bands)
+                contribution = None if valid_in is None else _contribution(tile, out, valid_in, self.bands)
                 self.consume(tile, contribution, self.token)
 
     def run(self, progress: Optional[ProgressCallback], label: str) -> int:
@@ -639,11 +640,13 @@ class _Overlapped:
                 chunk, prepared = item
                 run = [(t, p) for t, p in zip(chunk, prepared) if p is not None]
                 outs = iter(process_many(self.process_fn, [t for t, _ in run], [p[0] for _, p in run]))
-                batch = [(t, p, None if p is None else next(outs)) for t, p in zip(chunk, prepared)]
+                # the model inputs stay behind: the writer needs only the valid masks
+                batch = [(t, None, None) if p is None else (t, p[1], next(outs)) for t, p in zip(chunk, prepared)]
+                del item, prepared, run, outs
                 self.put(self.write_q, batch)
-                for _, p, _ in batch:
+                for _, valid_in, _ in batch:
                     done += 1
-                    skipped += p is None
+                    skipped += valid_in is None
                     report(progress, Progress(0, 1, done, n, f"{label}tile {done}/{n}"))
             self.put(self.write_q, _END)
             while threads[1].is_alive():  # the writer adds and flushes what is still queued
