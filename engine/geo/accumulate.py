@@ -57,6 +57,8 @@ FLUSH_CHUNK = (256, 256)
 # --------------------------------------------------------------------------------------------
 # The on-disk accumulator
 
+_PREADV = hasattr(os, "preadv")
+
 
 class Accumulator:
     """Weighted sums and weight sums for a band of output rows, in a file, not in RAM.
@@ -135,11 +137,19 @@ class Accumulator:
                     self._span((frow + k) * self.rowbytes + col, block[r], write)
 
     def _span(self, offset: int, part: np.ndarray, write: bool) -> None:
+        # pread/pwrite: one system call per span, not a seek and a read. Each call lets go of the
+        # GIL, and in the overlapped tile loop getting it back can wait on the other stages.
         view = memoryview(part).cast("B")
-        self._f.seek(offset)
+        fd = self._f.fileno()
         done = 0
         while done < len(view):
-            n = self._f.write(view[done:]) if write else self._f.readinto(view[done:])
+            if write:
+                n = os.pwrite(fd, view[done:], offset + done)
+            elif _PREADV:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            else:  # no preadv (macOS before 11)
+                self._f.seek(offset + done)
+                n = self._f.readinto(view[done:])
             if not n:
                 raise RasterError(f"short {'write to' if write else 'read from'} {self.path}; disk full?")
             done += n
