@@ -169,6 +169,11 @@ def main() -> None:
     for r in rss:
         lines.append(f"| {r['size']}² | {r['tiles']} | {r['peak_rss_mib']:.0f} "
                      f"({100 * (r['peak_rss_mib'] / rss[0]['peak_rss_mib'] - 1):+.1f} %) |")
+    lines += ["", "Sequential, the model waits for every tile's read, blend into the on-disk accumulator and block "
+              "writes; overlapped, those run in the reader and writer threads while the model sleeps, and what is "
+              "left outside the model is the first read, the last rows' flush and the hand-over between the threads. "
+              "Peak RSS stays flat in the raster's size (the queues hold a few batches). On a loaded 2-core machine "
+              "the I/O threads compete with other processes; a GPU host has idle cores while the model runs."]
     body = "\n".join(lines)
     print(body)
     if args.write:

@@ -648,11 +648,13 @@ class _Overlapped:
                     break
                 self.token.raise_if_cancelled()
                 chunk, prepared = item
-                run = [(t, p) for t, p in zip(chunk, prepared) if p is not None]
-                outs = iter(process_many(self.process_fn, [t for t, _ in run], [p[0] for _, p in run]))
+                busy = [(t, p) for t, p in zip(chunk, prepared) if p is not None]
+                # A failed reader or writer is noticed once this batch is through the model (the
+                # pipelines poll the user's cancel token, not this loop's stop signal).
+                outs = iter(process_many(self.process_fn, [t for t, _ in busy], [p[0] for _, p in busy]))
                 # the model inputs stay behind: the writer needs only the valid masks
                 batch = [(t, None, None) if p is None else (t, p[1], next(outs)) for t, p in zip(chunk, prepared)]
-                del item, prepared, run, outs
+                del item, prepared, busy, outs
                 self.put(self.write_q, batch)
                 for _, valid_in, _ in batch:
                     done += 1
@@ -672,7 +674,6 @@ class _Overlapped:
         if self._error is not None:
             raise self._error
         return skipped
-
 
 
 # --------------------------------------------------------------------------------------------
