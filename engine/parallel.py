@@ -31,10 +31,10 @@ from .geo.accumulate import (
     ReadFn,
     TilingStats,
     add_contribution,
-    contributions,
     check_writer,
     encoding,
     flush,
+    tile_loop,
 )
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
@@ -121,6 +121,7 @@ def accumulate_partial(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     batch_size: int = 1,
+    overlap: bool = True,
 ) -> TilingStats:
     """Accumulate this rank's share of ``tiles`` (the whole plan) into its own partial files.
 
@@ -128,7 +129,9 @@ def accumulate_partial(
     rows) into ``folder``, which every rank can reach, then the marker ``...rank<rank>.done``
     (a JSON header). On failure it writes ``...rank<rank>.failed`` with the message, so rank 0
     stops waiting at once, and re-raises. ``bands`` is the number of bands ``process_fn``
-    returns. See :func:`~engine.geo.accumulate.run_tiled` for the other arguments.
+    returns. The tiles go through :func:`~engine.geo.accumulate.tile_loop` (reading ahead and
+    adding behind the model unless ``overlap`` is False). See
+    :func:`~engine.geo.accumulate.run_tiled` for the other arguments.
     """
     start = time.perf_counter()
     _check_run_id(run_id)
@@ -147,13 +150,13 @@ def accumulate_partial(
             acc_path, width=width, bands=bands, row0=row0, nrows=row1 - row0, ring=False, create=True
         )
         try:
-            results = contributions(read_fn, process_fn, mine, bands, fill_nodata, batch_size, cancel)
-            for i, (tile, contribution) in enumerate(results):
-                if add_contribution(acc, tile, contribution):
-                    done += 1
-                else:
-                    skipped += 1
-                report(progress, Progress(0, 1, i + 1, len(mine), f"rank {rank}: tile {i + 1}/{len(mine)}"))
+            def consume(tile: Tile, contribution: Any, token: Any) -> None:
+                add_contribution(acc, tile, contribution)
+
+            skipped = tile_loop(read_fn, process_fn, mine, consume, bands=bands, fill_nodata=fill_nodata,
+                                batch_size=batch_size, cancel=cancel, progress=progress,
+                                label=f"rank {rank}: ", overlap=overlap)
+            done = len(mine) - skipped
             acc.sync()  # the data must be on disk before the marker says so (shared file systems)
         finally:
             acc.close()
@@ -299,6 +302,7 @@ def run_tiled_distributed(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     batch_size: int = 1,
+    overlap: bool = True,
 ) -> Optional[TilingStats]:
     """One rank's part of a split run: accumulate its tiles; rank 0 then merges and writes.
 
@@ -320,6 +324,7 @@ def run_tiled_distributed(
         progress=progress,
         cancel=cancel,
         batch_size=batch_size,
+        overlap=overlap,
     )
     if rank != 0:
         return None

@@ -7,28 +7,33 @@ when the work is split, :mod:`engine.parallel`), rows are normalised and written
 RAM is the size of a tile or of a fixed chunk. Tiles and their blend weights come from
 :mod:`engine.geo.tiles`.
 
-:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`contributions`, :func:`add_contribution` and
+:class:`Accumulator`, :func:`encoding`, :func:`flush`, :func:`tile_loop`, :func:`add_contribution` and
 :func:`check_writer` are shared with :mod:`engine.parallel`, which accumulates the same way
 into one partial file per process.
 
 Units: all windows and sizes are in pixels; input windows in input pixels, ``out_*`` windows in
 output pixels (input pixels x ``factor``).
 
-A little over 500 lines: the accumulator, the encoding and the tile loop are one mechanism (the
-ring of rows, the flush alignment to writer blocks and the read-back all depend on each other).
+Over 500 lines (about 800): the accumulator, the encoding and the tile loop are one mechanism (the ring of
+rows, the flush alignment to writer blocks and the read-back all depend on each other, and the
+overlapped loop must keep the order of adds and flushes that the ring relies on).
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
+import queue
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
+import rasterio.env
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
@@ -51,6 +56,8 @@ FLUSH_CHUNK = (256, 256)
 
 # --------------------------------------------------------------------------------------------
 # The on-disk accumulator
+
+_PREADV = hasattr(os, "preadv")
 
 
 class Accumulator:
@@ -130,11 +137,19 @@ class Accumulator:
                     self._span((frow + k) * self.rowbytes + col, block[r], write)
 
     def _span(self, offset: int, part: np.ndarray, write: bool) -> None:
+        # pread/pwrite: one system call per span, not a seek and a read. Each call lets go of the
+        # GIL, and in the overlapped tile loop getting it back can wait on the other stages.
         view = memoryview(part).cast("B")
-        self._f.seek(offset)
+        fd = self._f.fileno()
         done = 0
         while done < len(view):
-            n = self._f.write(view[done:]) if write else self._f.readinto(view[done:])
+            if write:
+                n = os.pwrite(fd, view[done:], offset + done)
+            elif _PREADV:
+                n = os.preadv(fd, [view[done:]], offset + done)
+            else:  # no preadv (macOS before 11)
+                self._f.seek(offset + done)
+                n = self._f.readinto(view[done:])
             if not n:
                 raise RasterError(f"short {'write to' if write else 'read from'} {self.path}; disk full?")
             done += n
@@ -441,6 +456,225 @@ def check_writer(writer: Any, width: int, height: int) -> int:
     return int(prof["count"])
 
 
+# --------------------------------------------------------------------------------------------
+# The tile loop: read ahead, model, add and flush behind (one mechanism for single and split runs)
+
+#: Batches waiting between two stages of the overlapped tile loop. RAM in flight is bounded by
+#: about (2 x this + 3) batches of tiles, whatever the raster's size.
+QUEUE_DEPTH = 2
+
+#: How often (s) a stage blocked on a queue looks whether another stage failed.
+_POLL_S = 0.05
+
+Consume = Callable[[Tile, Contribution, Any], None]
+
+
+class _Stopped(Exception):
+    """Another stage of the tile loop failed or was cancelled: this one stops (never escapes)."""
+
+
+class _StageToken:
+    """What a stage polls: the user's cancel token and the loop's stop signal (another stage failed)."""
+
+    def __init__(self, cancel: Optional[CancelToken]) -> None:
+        self.cancel = cancel
+        self.stop = threading.Event()
+
+    def raise_if_cancelled(self) -> None:
+        if self.cancel is not None:
+            self.cancel.raise_if_cancelled()
+        if self.stop.is_set():
+            raise _Stopped()
+
+
+class _LockedWriter:
+    """``writer`` whose ``write`` holds the loop's I/O lock (see :func:`tile_loop`)."""
+
+    def __init__(self, writer: Any, lock: threading.Lock) -> None:
+        self._writer, self._lock = writer, lock
+        self.profile = writer.profile
+
+    def write(self, data: np.ndarray, window: Any = None) -> None:
+        with self._lock:
+            self._writer.write(data, window)
+
+
+def tile_loop(
+    read_fn: ReadFn,
+    process_fn: ProcessFn,
+    tiles: Sequence[Tile],
+    consume: Consume,
+    *,
+    bands: int,
+    fill_nodata: bool,
+    batch_size: int = 1,
+    cancel: Optional[CancelToken] = None,
+    progress: Optional[ProgressCallback] = None,
+    label: str = "",
+    overlap: bool = True,
+    io_lock: Optional[threading.Lock] = None,
+) -> int:
+    """Run ``tiles`` (row-major) through the model; ``consume(tile, contribution, token)`` each in order.
+
+    With ``overlap`` (the default) three stages run at once, so the model (on a GPU, the costly
+    part) never waits for I/O: a reader thread prepares the next batches (``read_fn``, padding,
+    nodata fill), the calling thread runs ``process_fn`` (torch/CUDA state and the pipelines'
+    cancel hooks belong to it), and a writer thread turns outputs into contributions and calls
+    ``consume`` (the accumulator adds and row flushes: the same calls in the same order as
+    without ``overlap``). Bounded queues (:data:`QUEUE_DEPTH` batches) keep RAM independent of
+    the raster's size. ``read_fn`` runs holding ``io_lock``, and so does a writer's ``write``
+    when ``consume`` writes through ``_LockedWriter(writer, io_lock)`` (as :func:`run_tiled`
+    does): the two may share GDAL handles (in-painting's composite writer reads the input that
+    ``read_fn`` reads), and a GDAL dataset must not be used by two threads at once.
+
+    Progress (``Progress(0, 1, i + 1, n, label + "tile i+1/n")``) is reported from the calling
+    thread after the model finished each tile (or found it empty), in order. ``cancel`` is
+    polled by every stage; the first error of any stage (a ``Cancelled``, a ``read_fn`` or
+    ``process_fn`` error, an ``OSError`` from a full disk...) stops the others, which are
+    joined before it is re-raised here, with its own type. Worker threads are daemons, so a
+    second Ctrl-C during that join still ends the process. Context variables (e.g. the run folder
+    of :func:`~engine.geo.cog.active_run_dir`) are copied into the workers.
+
+    Returns the number of tiles skipped (no valid input pixel; never sent to the model).
+    """
+    n = len(tiles)
+    if not overlap or n == 0:
+        skipped = 0
+        for i, (tile, contribution) in enumerate(
+            contributions(read_fn, process_fn, tiles, bands, fill_nodata, batch_size, cancel)
+        ):
+            consume(tile, contribution, cancel)
+            skipped += contribution is None
+            report(progress, Progress(0, 1, i + 1, n, f"{label}tile {i + 1}/{n}"))
+        return skipped
+    return _Overlapped(read_fn, process_fn, tiles, consume, bands, fill_nodata, batch_size, cancel,
+                       io_lock or threading.Lock()).run(progress, label)
+
+
+_END = object()
+
+
+class _Overlapped:
+    """The three stages of :func:`tile_loop` with ``overlap``: reader thread, caller, writer thread."""
+
+    def __init__(self, read_fn, process_fn, tiles, consume, bands, fill_nodata, batch_size, cancel, lock) -> None:
+        self.read_fn, self.process_fn, self.tiles, self.consume = read_fn, process_fn, tiles, consume
+        self.bands, self.fill_nodata, self.size = bands, fill_nodata, max(1, int(batch_size))
+        self.lock = lock
+        self.token = _StageToken(cancel)
+        self.read_q: "queue.Queue[Any]" = queue.Queue(QUEUE_DEPTH)
+        self.write_q: "queue.Queue[Any]" = queue.Queue(QUEUE_DEPTH)
+        self._error: Optional[BaseException] = None
+        self._error_lock = threading.Lock()
+        self._env = rasterio.env.getenv() if rasterio.env.hasenv() else {}
+
+    # -- plumbing
+
+    def fail(self, err: BaseException) -> None:
+        """Record the first error of any stage and stop the others."""
+        with self._error_lock:
+            if self._error is None and not isinstance(err, _Stopped):
+                self._error = err
+        self.token.stop.set()
+
+    def put(self, q: "queue.Queue[Any]", item: Any) -> None:
+        while True:
+            self.token.raise_if_cancelled()
+            try:
+                q.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                continue
+
+    def get(self, q: "queue.Queue[Any]") -> Any:
+        while True:
+            if self.token.stop.is_set():
+                raise _Stopped()
+            try:
+                return q.get(timeout=_POLL_S)
+            except queue.Empty:
+                continue
+
+    def _thread(self, name: str, body: Callable[[], None]) -> threading.Thread:
+        context = contextvars.copy_context()  # one per thread: a Context is entered by one thread at a time
+
+        def main() -> None:
+            try:
+                # GDAL's messages become log records here too, with the caller's config options.
+                with rasterio.Env(**self._env):
+                    body()
+            except BaseException as err:  # noqa: BLE001 -- handed to the calling thread
+                self.fail(err)
+
+        return threading.Thread(target=context.run, args=(main,), name=name, daemon=True)
+
+    # -- the stages
+
+    def _read(self, tile: Tile):
+        with self.lock:
+            return self.read_fn(tile)
+
+    def reader(self) -> None:
+        for start in range(0, len(self.tiles), self.size):
+            self.token.raise_if_cancelled()
+            chunk = self.tiles[start : start + self.size]
+            prepared = []
+            for tile in chunk:
+                self.token.raise_if_cancelled()
+                prepared.append(_prepare(self._read, tile, self.fill_nodata))
+            self.put(self.read_q, (chunk, prepared))
+        self.put(self.read_q, _END)
+
+    def writer(self) -> None:
+        while True:
+            item = self.get(self.write_q)
+            if item is _END:
+                return
+            for tile, valid_in, out in item:
+                self.token.raise_if_cancelled()
+                contribution = None if valid_in is None else _contribution(tile, out, valid_in, self.bands)
+                self.consume(tile, contribution, self.token)
+
+    def run(self, progress: Optional[ProgressCallback], label: str) -> int:
+        n, done, skipped = len(self.tiles), 0, 0
+        threads = [self._thread("diffusionsat-tile-reader", self.reader),
+                   self._thread("diffusionsat-tile-writer", self.writer)]
+        try:
+            for t in threads:
+                t.start()
+            while True:
+                item = self.get(self.read_q)
+                if item is _END:
+                    break
+                self.token.raise_if_cancelled()
+                chunk, prepared = item
+                busy = [(t, p) for t, p in zip(chunk, prepared) if p is not None]
+                # A failed reader or writer is noticed once this batch is through the model (the
+                # pipelines poll the user's cancel token, not this loop's stop signal).
+                outs = iter(process_many(self.process_fn, [t for t, _ in busy], [p[0] for _, p in busy]))
+                # the model inputs stay behind: the writer needs only the valid masks
+                batch = [(t, None, None) if p is None else (t, p[1], next(outs)) for t, p in zip(chunk, prepared)]
+                del item, prepared, busy, outs
+                self.put(self.write_q, batch)
+                for _, valid_in, _ in batch:
+                    done += 1
+                    skipped += valid_in is None
+                    report(progress, Progress(0, 1, done, n, f"{label}tile {done}/{n}"))
+            self.put(self.write_q, _END)
+            while threads[1].is_alive():  # the writer adds and flushes what is still queued
+                threads[1].join(_POLL_S)
+                self.token.raise_if_cancelled()
+        except BaseException as err:
+            self.fail(err)
+        finally:
+            self.token.stop.set()
+            for t in threads:
+                if t.ident is not None:
+                    t.join()
+        if self._error is not None:
+            raise self._error
+        return skipped
+
 
 # --------------------------------------------------------------------------------------------
 # Single process
@@ -459,6 +693,7 @@ def run_tiled(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
     batch_size: int = 1,
+    overlap: bool = True,
 ) -> TilingStats:
     """Run ``process_fn`` over every tile and write the blended result into ``writer``.
 
@@ -479,10 +714,14 @@ def run_tiled(
         scratch_dir: folder for the accumulator file (default: the system temp folder). While
             a :class:`~engine.geo.cog.CogWriter` is open in this thread its run folder is used
             instead, so one hidden folder holds all scratch of a run.
-        progress: called after every tile with ``Progress(tile=done, total_tiles=n)``.
+        progress: called after every tile with ``Progress(tile=done, total_tiles=n)``, from this
+            thread (the one that runs ``process_fn``), once the model is done with the tile.
         cancel: polled before every batch of tiles and every written chunk.
         batch_size: tiles per ``process_fn`` call when it is :func:`batched` (the pixels do not
             depend on it as long as ``process_fn``'s outputs do not).
+        overlap: read the next tiles and add/write the finished ones in two worker threads
+            while ``process_fn`` runs in this thread (:func:`tile_loop`); the pixels are the
+            same either way. False runs everything in this thread, one step after the other.
 
     Pixels with no valid contribution are written as the writer's nodata (NaN for float outputs
     without nodata, 0 for integer outputs without nodata; counted in the returned stats).
@@ -504,27 +743,30 @@ def run_tiled(
     # The ring holds one tile height of rows plus the rows kept back to finish a writer block.
     strip = max(t.out_shape[0] for t in tiles) + align
 
-    done = skipped = nodata_px = 0
+    skipped = nodata_px = 0
+    io_lock = threading.Lock()
     with _scratch_folder(scratch_dir) as (tmp, shown):
         acc = Accumulator(
             Path(tmp) / "acc.bin", width=width, bands=bands, row0=0, nrows=strip, ring=True, create=True
         )
         try:
             flushed = 0
-            results = contributions(read_fn, process_fn, tiles, bands, fill_nodata, batch_size, cancel)
-            for i, (tile, contribution) in enumerate(results):
+            locked = _LockedWriter(writer, io_lock)
+
+            def consume(tile: Tile, contribution: Contribution, token: Any) -> None:
+                nonlocal flushed, nodata_px
                 # Rows above a new tile row are final. Flush only whole rows of writer blocks, so
                 # each block is written once and complete (no read-back, little GDAL cache).
                 ready = int(tile.out_window.row_off) // align * align
                 if ready > flushed:
-                    nodata_px += flush([acc], flushed, ready, width, bands, writer, enc, cancel, True)
+                    nodata_px += flush([acc], flushed, ready, width, bands, locked, enc, token, True)
                     acc.release(ready)
                     flushed = ready
-                if add_contribution(acc, tile, contribution):
-                    done += 1
-                else:
-                    skipped += 1
-                report(progress, Progress(0, 1, i + 1, n, f"tile {i + 1}/{n}"))
+                add_contribution(acc, tile, contribution)
+
+            skipped = tile_loop(read_fn, process_fn, tiles, consume, bands=bands, fill_nodata=fill_nodata,
+                                batch_size=batch_size, cancel=cancel, progress=progress, overlap=overlap,
+                                io_lock=io_lock)
             report(progress, Progress(0, 1, n, n, "writing the last rows"))
             nodata_px += flush([acc], flushed, height, width, bands, writer, enc, cancel, False)
         except OSError as err:
@@ -534,7 +776,7 @@ def run_tiled(
         finally:
             acc.close()
             Path(tmp, "acc.bin").unlink(missing_ok=True)
-    return TilingStats(done, skipped, nodata_px, time.perf_counter() - start)
+    return TilingStats(n - skipped, skipped, nodata_px, time.perf_counter() - start)
 
 
 @contextlib.contextmanager
@@ -596,4 +838,5 @@ __all__ = [
     "contributions",
     "process_many",
     "tile_contribution",
+    "tile_loop",
 ]
