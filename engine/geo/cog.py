@@ -193,7 +193,7 @@ def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]
 #: faster than at the default 6, for files ~6 % larger (measured on tiling outputs; docs/benchmarks.md).
 DEFLATE_LEVEL = 1
 
-#: Bytes of float64 sums one overview chunk may take (bounds the publish's RAM; the chunk is at
+#: Bytes of sums one overview chunk may take (bounds the publish's RAM; the chunk is at
 #: least one block of the coarsest overview level).
 _OVERVIEW_CHUNK_BYTES = 8 << 20
 
@@ -276,9 +276,11 @@ def build_overviews(src: Any, levels: Sequence[Any], factors: Sequence[int], nod
     top = max(factors)
     width, height, bands = src.width, src.height, src.count
     dtype = np.dtype(src.dtypes[0])
+    # float32 sums are exact for bytes up to 256 x 256 blocks (255 * 256**2 < 2**24) and 2-3x faster
+    acc = np.float32 if dtype.kind in "iu" and dtype.itemsize == 1 and top <= 256 else np.float64
     by = src.block_shapes[0][0] if src.block_shapes else 256
     rows = top * max(1, by // top)
-    cols = top * max(1, _OVERVIEW_CHUNK_BYTES // (8 * bands * rows * top))
+    cols = top * max(1, _OVERVIEW_CHUNK_BYTES // (np.dtype(acc).itemsize * bands * rows * top))
     for y in range(0, height, rows):
         h = min(rows, height - y)
         for x in range(0, width, cols):
@@ -286,16 +288,17 @@ def build_overviews(src: Any, levels: Sequence[Any], factors: Sequence[int], nod
             block = src.read(window=Window(x, y, w, h))
             valid = _valid_mask(block, nodata)
             if valid is None:
-                sums, counts = block.astype(np.float64), np.ones((1, h, w), np.float64)
+                sums, counts = block.astype(acc), np.ones((1, h, w), acc)
             else:
-                sums, counts = np.where(valid, block, 0).astype(np.float64), valid.astype(np.float64)
+                sums, counts = np.where(valid, block, 0).astype(acc), valid.astype(acc)
             done = 1
             for ds, f in zip(levels, factors):
                 while done < f:
                     sums, counts = _halve(sums, counts)
                     done *= 2
-                ds.write(_means(sums, counts, dtype, nodata),
-                         window=Window(x // f, y // f, sums.shape[2], sums.shape[1]))
+                # a float32 quotient rounds half up exactly while blocks have <= 64 x 64 px
+                s, c = (sums, counts) if f <= 64 else (sums.astype(np.float64), counts.astype(np.float64))
+                ds.write(_means(s, c, dtype, nodata), window=Window(x // f, y // f, s.shape[2], s.shape[1]))
 
 
 def _with_overviews(vrt_text: str, overview_paths: Sequence[Path]) -> str:
