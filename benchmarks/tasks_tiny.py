@@ -121,21 +121,22 @@ def make_request(task: str, folder: Path, size: int) -> dict:
 class ModelClock:
     """Seconds spent inside the model's forward calls (nested calls counted once)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock=time.perf_counter) -> None:
         self.seconds = 0.0
-        self.calls = 0
+        self.calls = 0  #: outermost calls
+        self._clock = clock
         self._depth = 0
         self._t0 = 0.0
 
     def _pre(self, *_args) -> None:
         if self._depth == 0:
-            self._t0 = time.perf_counter()
+            self._t0 = self._clock()
         self._depth += 1
 
     def _post(self, *_args) -> None:
         self._depth -= 1
         if self._depth == 0:
-            self.seconds += time.perf_counter() - self._t0
+            self.seconds += self._clock() - self._t0
             self.calls += 1
 
     def watch(self, bundle) -> list:
