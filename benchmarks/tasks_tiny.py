@@ -268,6 +268,7 @@ def main() -> None:
                    help="also run on a temporary git worktree of REV (e.g. HEAD~1, main) and print both")
     p.add_argument("--quick", action="store_true", help=f"smoke run: sizes {QUICK_SIZES}")
     p.add_argument("--workdir", default=None, help="scratch folder (default: system temp)")
+    p.add_argument("--json", default=None, help="also keep every row in this JSON file, rewritten after each run")
     p.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     p.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -293,6 +294,8 @@ def main() -> None:
                     r = measure(request, tmp / f"{task}-{size}.tif", root, args.threads)
                     r.update(task=task, size=size, rev=rev)
                     rows.append(r)
+                    if args.json:
+                        Path(args.json).write_text(json.dumps(rows, indent=1))
                     outside = 100 * (r["seconds"] - r["model_s"]) / r["seconds"]
                     print(f"[{rev}] {task} {size}²: {r['tiles']} tiles in {r['seconds']:.1f} s "
                           f"({r['tiles'] / r['seconds']:.2f} tiles/s), {outside:.1f} % outside the model, "

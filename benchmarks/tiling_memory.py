@@ -176,7 +176,7 @@ def table(rows: list[dict]) -> str:
     base_rate = first["total_s"] / first["mpx"]
     fixed = "fixed_peak_rss_mib" in first
     head = (
-        "| raster (px) | Mpx | tiles | tiling (s) | COG publish (s) | publish / tiling | total (s) | tiles/s "
+        "| raster (px) | Mpx | tiles | tiling (s) | COG publish (s) | publish / tiling | same in CPU s | total (s) | tiles/s "
         "| s per Mpx (vs first) | peak RSS, MiB (vs first) |"
     )
     if fixed:
@@ -190,7 +190,9 @@ def table(rows: list[dict]) -> str:
         rate = r["total_s"] / r["mpx"]
         line = (
             f"| {r['size']}² | {r['mpx']:.1f} | {r['tiles']} | {r['tiling_s']:.1f} "
-            f"| {r['publish_s']:.1f} | {100 * r['publish_s'] / r['tiling_s']:.0f} % | {r['total_s']:.1f} "
+            f"| {r['publish_s']:.1f} | {100 * r['publish_s'] / r['tiling_s']:.0f} % "
+            f"| {r['publish_cpu_s']:.1f} / {r['tiling_cpu_s']:.1f} = {100 * r['publish_cpu_s'] / r['tiling_cpu_s']:.0f} % "
+            f"| {r['total_s']:.1f} "
             f"| {r['tiles'] / r['tiling_s']:.1f} "
             f"| {rate:.3f} ({rate / base_rate:.2f}x) | {rss(r, 'peak_rss_mib')} |"
         )
@@ -281,20 +283,23 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Software: {versions()}.",
         "",
-        f"`python benchmarks/tiling_memory.py --sizes {args.sizes}` ({time.strftime('%Y-%m-%d')}): "
+        f"`python benchmarks/tiling_memory.py --sizes {args.sizes}"
+        f"{' --no-malloc-variant' if args.no_malloc_variant else ''}` ({time.strftime('%Y-%m-%d')}): "
         f"synthetic 3-band uint8 input, tile {args.tile} px, overlap {args.overlap} px, 3x3 box "
         "blur as the model, uint8 COG (DEFLATE level 1 with the horizontal predictor, AVERAGE "
-        "overviews) as the output, each size in a fresh "
-        f"process; GDAL_CACHEMAX = {cache}. Peak RSS is the process's VmHWM (includes Python, "
+        "overviews) as the output, each size in a fresh process; "
+        f"GDAL_CACHEMAX = {cache}. Peak RSS is the process's VmHWM (includes Python, "
         "numpy, rasterio/GDAL: "
         f"{rows[0]['baseline_rss_mib']:.0f} MiB after imports). \"tiling\" is reading, the model, "
         "blending and writing the scratch GeoTIFF; \"COG publish\" is averaging the overviews "
         "(engine.geo.cog.build_overviews, one pass over the scratch) and the COG driver's CreateCopy "
         "(compression on every core); target: publish <= 25 % of tiling at 16k². 1-minute load "
-        f"average at the end: {os.getloadavg()[0]:.1f} (shared machine). The first RSS column is the process as the CLI and server run it "
+        f"average at the end: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not seconds "
+        "across runs). The RSS column is the process as the CLI and server run it "
         "(engine.runtime.configure_process: glibc mmap threshold 128 KiB, so tile-sized "
-        "temporaries go back to the system); the last repeats the run with glibc's defaults: the "
-        "difference is allocator behaviour, not data held.",
+        "temporaries go back to the system)"
+        + ("; the last repeats the run with glibc's defaults: the difference is allocator "
+           "behaviour, not data held." if not args.no_malloc_variant else "."),
         "",
         table(rows),
     ])
