@@ -282,7 +282,8 @@ def main() -> None:
         revisions = [(describe(ROOT), ROOT)]
         if args.against:
             other = stack.enter_context(worktree(args.against))
-            revisions.insert(0, (f"{args.against} = {describe(other)}", other))
+            label = describe(other)
+            revisions.insert(0, (label if label.startswith(args.against) else f"{args.against} = {label}", other))
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tasks-tiny-", dir=args.workdir)))
         for size in sizes:
             for task in tasks:
