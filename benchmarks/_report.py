@@ -35,6 +35,25 @@ def machine_description(device: str = "cpu") -> str:
     return "; ".join(parts)
 
 
+def software_versions() -> str:
+    """The versions a CPU figure depends on (Python, torch, diffusers, numpy, rasterio/GDAL)."""
+    import importlib.metadata as md
+
+    parts = [f"Python {platform.python_version()}"]
+    for name in ("torch", "diffusers", "transformers", "numpy", "rasterio"):
+        try:
+            parts.append(f"{name} {md.version(name)}")
+        except md.PackageNotFoundError:
+            pass
+    try:
+        import rasterio
+
+        parts.append(f"GDAL {rasterio.__gdal_version__}")
+    except ImportError:
+        pass
+    return ", ".join(parts)
+
+
 def write_section(title: str, body: str, doc: Path = DOC) -> None:
     """Replace (or append) the ``## title`` section of docs/benchmarks.md with ``body``."""
     doc.parent.mkdir(parents=True, exist_ok=True)

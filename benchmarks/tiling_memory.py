@@ -103,19 +103,26 @@ def run_job(src: str, dest: str, tile: int, overlap: int) -> dict:
 
         configure_process()  # as the CLI and the server run (GDAL cache, glibc mmap threshold)
     baseline = peak_rss_mib()  # after imports: the constant part
+
+    def cpu() -> float:
+        t = os.times()
+        return t.user + t.system
+
     with rasterio.open(src) as ds:
         tiles = plan_tiles(ds.width, ds.height, tile, overlap)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), cpu()
         writer = CogWriter(dest, grid=Grid.of(ds), count=3, dtype="uint8")
         with writer as out:
             stats = run_tiled(raster_reader(ds, scale=1 / 255), box_blur_3x3, out, tiles)
-            t1 = time.perf_counter()
+            t1, c1 = time.perf_counter(), cpu()
             tiling_peak = peak_rss_mib()
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), cpu()
     return dict(
         tiles=len(tiles),
         tiling_s=t1 - t0,
         publish_s=t2 - t1,
+        tiling_cpu_s=c1 - c0,  # CPU seconds of all threads: the work, whatever the machine's load
+        publish_cpu_s=c2 - c1,
         total_s=t2 - t0,
         baseline_rss_mib=baseline,
         tiling_peak_rss_mib=tiling_peak,
@@ -169,7 +176,7 @@ def table(rows: list[dict]) -> str:
     base_rate = first["total_s"] / first["mpx"]
     fixed = "fixed_peak_rss_mib" in first
     head = (
-        "| raster (px) | Mpx | tiles | tiling (s) | COG publish (s) | total (s) | tiles/s "
+        "| raster (px) | Mpx | tiles | tiling (s) | COG publish (s) | publish / tiling | same in CPU s | total (s) | tiles/s "
         "| s per Mpx (vs first) | peak RSS, MiB (vs first) |"
     )
     if fixed:
@@ -183,7 +190,10 @@ def table(rows: list[dict]) -> str:
         rate = r["total_s"] / r["mpx"]
         line = (
             f"| {r['size']}² | {r['mpx']:.1f} | {r['tiles']} | {r['tiling_s']:.1f} "
-            f"| {r['publish_s']:.1f} | {r['total_s']:.1f} | {r['tiles'] / r['tiling_s']:.1f} "
+            f"| {r['publish_s']:.1f} | {100 * r['publish_s'] / r['tiling_s']:.0f} % "
+            f"| {r['publish_cpu_s']:.1f} / {r['tiling_cpu_s']:.1f} = {100 * r['publish_cpu_s'] / r['tiling_cpu_s']:.0f} % "
+            f"| {r['total_s']:.1f} "
+            f"| {r['tiles'] / r['tiling_s']:.1f} "
             f"| {rate:.3f} ({rate / base_rate:.2f}x) | {rss(r, 'peak_rss_mib')} |"
         )
         if fixed:
@@ -216,6 +226,9 @@ def main() -> None:
     parser.add_argument("--no-malloc-variant", action="store_true",
                         help="skip the second measurement with glibc's default allocator settings")
     parser.add_argument("--workdir", default=None, help="scratch folder (default: system temp)")
+    parser.add_argument("--engine-root", default=None,
+                        help="import the engine from this checkout (e.g. a git worktree of an older "
+                             "commit) to compare before and after")
     parser.add_argument("--write", action="store_true", help=f"update {DOC.relative_to(ROOT)}")
     parser.add_argument("--make-input", nargs=2, metavar=("SIZE", "PATH"), help=argparse.SUPPRESS)
     parser.add_argument("--run", nargs=2, metavar=("SRC", "DEST"), help=argparse.SUPPRESS)
@@ -230,6 +243,8 @@ def main() -> None:
 
     sizes = [int(s) for s in args.sizes.split(",") if s]
     env = dict(os.environ)
+    if args.engine_root:
+        env["PYTHONPATH"] = str(Path(args.engine_root).resolve())
     if args.gdal_cache_mb > 0:
         env["GDAL_CACHEMAX"] = str(args.gdal_cache_mb)  # MiB when the value is below 100000
     else:
@@ -254,7 +269,9 @@ def main() -> None:
                 note = f"; glibc defaults: {fixed['peak_rss_mib']:.0f} MiB"
             rows.append(result)
             print(
-                f"{size}²: {result['tiles']} tiles, {result['total_s']:.1f} s, "
+                f"{size}²: {result['tiles']} tiles, {result['total_s']:.1f} s (tiling "
+                f"{result['tiling_s']:.1f} s / {result['tiling_cpu_s']:.1f} s CPU, publish "
+                f"{result['publish_s']:.1f} s / {result['publish_cpu_s']:.1f} s CPU), "
                 f"peak RSS {result['peak_rss_mib']:.0f} MiB "
                 f"(tiling {result['tiling_peak_rss_mib']:.0f} MiB){note}", file=sys.stderr, flush=True,
             )
@@ -266,17 +283,23 @@ def main() -> None:
         f"Machine: {machine()}.",
         f"Software: {versions()}.",
         "",
-        f"`python benchmarks/tiling_memory.py --sizes {args.sizes}` ({time.strftime('%Y-%m-%d')}): "
+        f"`python benchmarks/tiling_memory.py --sizes {args.sizes}"
+        f"{' --no-malloc-variant' if args.no_malloc_variant else ''}` ({time.strftime('%Y-%m-%d')}): "
         f"synthetic 3-band uint8 input, tile {args.tile} px, overlap {args.overlap} px, 3x3 box "
-        "blur as the model, uint8 COG (DEFLATE, overviews) as the output, each size in a fresh "
-        f"process; GDAL_CACHEMAX = {cache}. Peak RSS is the process's VmHWM (includes Python, "
+        "blur as the model, uint8 COG (DEFLATE level 1 with the horizontal predictor, AVERAGE "
+        "overviews) as the output, each size in a fresh process; "
+        f"GDAL_CACHEMAX = {cache}. Peak RSS is the process's VmHWM (includes Python, "
         "numpy, rasterio/GDAL: "
         f"{rows[0]['baseline_rss_mib']:.0f} MiB after imports). \"tiling\" is reading, the model, "
-        "blending and writing the scratch GeoTIFF; \"COG publish\" is the final CreateCopy with "
-        "overviews. The first RSS column is the process as the CLI and server run it "
+        "blending and writing the scratch GeoTIFF; \"COG publish\" is averaging the overviews "
+        "(engine.geo.cog.build_overviews, one pass over the scratch) and the COG driver's CreateCopy "
+        "(compression on every core); target: publish <= 25 % of tiling at 16k². 1-minute load "
+        f"average at the end: {os.getloadavg()[0]:.1f} (shared machine: compare ratios, not seconds "
+        "across runs). The RSS column is the process as the CLI and server run it "
         "(engine.runtime.configure_process: glibc mmap threshold 128 KiB, so tile-sized "
-        "temporaries go back to the system); the last repeats the run with glibc's defaults: the "
-        "difference is allocator behaviour, not data held.",
+        "temporaries go back to the system)"
+        + ("; the last repeats the run with glibc's defaults: the difference is allocator "
+           "behaviour, not data held." if not args.no_malloc_variant else "."),
         "",
         table(rows),
     ])
