@@ -34,7 +34,7 @@ def bundle_for(models, request, context: RunContext):
 def pipeline(bundle, request, controlnet=None):
     cls = DiffusionSatInpaintPipeline if request.task == "inpaint" else DiffusionSatControlNetPipeline
     pipe = cls.from_bundle(bundle, controlnet=controlnet)
-    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler, getattr(request, "resample", 0))
     return pipe
 
 
