@@ -53,9 +53,9 @@ class _Request(BaseModel):
     batch_size: Optional[int] = Field(
         None, ge=1, le=64, description="tiles (generate: samples) per model call; the output does not depend "
         "on it; default: chosen from the device's free memory and the model's size (1 on the CPU)")
-    compile: bool = Field(False, description="torch.compile the UNet and ControlNet blocks (CUDA; once per "
-                          "shape, reused across tiles and jobs): slower start, faster large jobs; on the CPU it "
-                          "is ignored with a notice")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet blocks (once per shape, "
+                          "reused across tiles and jobs): slower start, faster large jobs on CUDA; ignored with "
+                          "a notice where it cannot run (no C compiler on the CPU)")
 
     @field_validator("resolution")
     @classmethod
