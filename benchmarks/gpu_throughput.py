@@ -432,19 +432,28 @@ def _run(args, quick, config, device, dtypes, batches, rounds, warmup, out_px, e
     for dtype_name in dtypes:  # eager and compiled first: the rows the issue asks for
         rows += measure(config, device, dtype_name, batches, rounds, warmup, args.compile, out_px,
                         compile_batches, (), budget)
-    e2e = []
+    e2e, failures = [], []
     if args.e2e:
         import tempfile
 
         with tempfile.TemporaryDirectory() as tmp:
             model = save_random_model(config, Path(tmp))
-            e2e = end_to_end(model, device, dtypes[0], e2e_sizes, steps, out_px, e2e_tiles, False, Path(tmp), budget)
-            if args.compile and device.startswith("cuda"):
-                e2e += end_to_end(model, device, dtypes[0], e2e_sizes[-1:], steps, out_px, e2e_tiles, True,
-                                  Path(tmp), budget)
+            runs = [(e2e_sizes, False)] + ([(e2e_sizes[-1:], True)] if args.compile and device.startswith("cuda") else [])
+            for sizes, compiled in runs:
+                try:
+                    e2e += end_to_end(model, device, dtypes[0], sizes, steps, out_px, e2e_tiles, compiled, Path(tmp),
+                                      budget)
+                except Exception as err:
+                    if quick:
+                        raise
+                    failures.append(f"end to end (compiled={compiled}): {type(err).__name__}: "
+                                    f"{str(err).splitlines()[0][:300]}")
     if args.compile and device.startswith("cuda") and cudagraph_batches:  # last: the optional question
-        rows += [r for r in measure(config, device, dtypes[-1], cudagraph_batches, rounds, warmup, True, out_px,
-                                    (), cudagraph_batches, budget) if r["mode"] == "compiled+cudagraphs"]
+        try:
+            rows += [r for r in measure(config, device, dtypes[-1], cudagraph_batches, rounds, warmup, True, out_px,
+                                        (), cudagraph_batches, budget) if r["mode"] == "compiled+cudagraphs"]
+        except Exception as err:  # noqa: BLE001 (an answer too: keep the rows measured so far)
+            failures.append(f"compiled+cudagraphs: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
     body = table(rows)
     proj = projection(rows, steps)
     if proj is not None:
@@ -467,10 +476,13 @@ def _run(args, quick, config, device, dtypes, batches, rounds, warmup, out_px, e
             body += (f"\nAt the best end-to-end rate ({best['tiles_per_s']:.3g} windows/s, batch_size "
                      f"{best['batch_size']}) a whole tile's {windows} windows take "
                      f"**{windows / best['tiles_per_s'] / 60:.1f} min** (reading, blending and writing included).\n")
+    for failure in failures:
+        body += f"\nFailed: {failure}\n"
     body += f"\nTotal benchmark time {time.perf_counter() - started:.0f} s.\n"
     print(body)
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "projection": proj, "e2e": e2e}, indent=1, default=str))
+        args.json.write_text(json.dumps({"rows": rows, "projection": proj, "e2e": e2e, "failures": failures},
+                                        indent=1, default=str))
     if args.write:
         cmd = "python benchmarks/gpu_throughput.py " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(f"GPU throughput ({config}, {device})",

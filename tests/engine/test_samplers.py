@@ -87,7 +87,7 @@ def test_auto_scheduler_builds_dpm_solver_or_ddim(tiny_bundle):
 
 
 def test_resampling_with_the_default_sampler_is_accepted(tmp_path):
-    base = dict(input=str(tmp_path / "in.tif"), mask=str(tmp_path / "m.tif"), resample=2)
+    base = {"input": str(tmp_path / "in.tif"), "mask": str(tmp_path / "m.tif"), "resample": 2}
     check_resample(InpaintRequest(**base), "DDIMScheduler")  # auto -> ddim: accepted
     with pytest.raises(Exception, match="--resample needs"):
         check_resample(InpaintRequest(**base, scheduler="dpm++"), "DDIMScheduler")
