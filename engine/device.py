@@ -1,4 +1,5 @@
-"""Choosing the device and the precision: CUDA fp16/bf16 when there is a GPU, CPU fp32 otherwise."""
+"""Choosing the device and the precision: CUDA fp16/bf16 when there is a GPU, CPU fp32 otherwise;
+and the process-wide switches of the GPU fast path (:func:`configure_backends`)."""
 
 from __future__ import annotations
 
@@ -58,3 +59,24 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Placement:
     if dtype == "fp16" and device == "cpu":
         raise DeviceError("fp16 is not supported on the CPU; use --dtype fp32 (default) or bf16")
     return Placement(device=device, dtype=dtype)
+
+
+def configure_backends(placement: Placement) -> list[str]:
+    """The GPU fast path's process-wide switches, for a model placed on CUDA (nothing on the CPU,
+    whose results must not change): TF32 tensor cores for fp32 matmuls and convolutions (Ampere and
+    later; an fp16/bf16 model does not use them), and cuDNN's autotuner, which picks the fastest
+    convolution once per input shape (the tiled tasks repeat one shape for thousands of windows).
+    Returns what was switched on (for the log)."""
+    import torch
+
+    if not placement.device.startswith("cuda"):
+        return []
+    done = []
+    index = int(placement.device.partition(":")[2] or 0)
+    if torch.cuda.get_device_capability(index) >= (8, 0):
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        done.append("TF32 matmuls (fp32)")
+    torch.backends.cudnn.benchmark = True
+    done.append("cuDNN autotuning")
+    return done

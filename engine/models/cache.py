@@ -1,4 +1,9 @@
-"""Models loaded once per process and reused: the explicit cache the CLI and the server share."""
+"""Models loaded once per process and reused: the explicit cache the CLI and the server share.
+
+A model is placed once per (model, device, dtype, compile): on CUDA with the GPU fast path
+(:meth:`ModelBundle.to`, :func:`engine.device.configure_backends`), and with ``compile`` its UNet and
+ControlNet blocks compiled (:meth:`ModelBundle.compile`); a compiled bundle stays cached, so its
+kernels are built once and reused by every later tile and job of the process (the server's jobs)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Optional
 
-from ..device import Placement, resolve
+from ..device import Placement, configure_backends, resolve
 from .bundle import ModelBundle
 from .loading import load_model
 
@@ -20,6 +25,7 @@ class ModelKey:
     controlnet: Optional[str]
     device: str
     dtype: str
+    compile: bool = False
 
 
 class ModelCache:
@@ -41,9 +47,12 @@ class ModelCache:
         controlnet: Optional[str] = None,
         device: str = "auto",
         dtype: str = "auto",
+        compile: bool = False,
     ) -> tuple[ModelBundle, Placement]:
+        """The bundle for these arguments, loaded and placed on first use. ``compile``: the
+        request's ``--compile`` (a compiled bundle is cached apart from the eager one)."""
         placement = resolve(device, dtype)
-        key = ModelKey(model, unet, base, controlnet, placement.device, placement.dtype)
+        key = ModelKey(model, unet, base, controlnet, placement.device, placement.dtype, bool(compile))
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
@@ -52,7 +61,10 @@ class ModelCache:
                 self._items.popitem(last=False)
                 _free_device_memory()
             bundle = load_model(model, unet=unet, base=base, controlnet=controlnet)
+            configure_backends(placement)
             bundle.to(placement.device, placement.torch_dtype)
+            if compile:
+                bundle.compile()
             self._items[key] = bundle
             self.loads += 1
             return bundle, placement

@@ -36,6 +36,7 @@ from ..geo.sources import footprint_overlap
 from ..metadata import derive_from_bbox
 from ..parallel import RunContext, run_tiled_distributed, split_run_id
 from ..progress import CancelToken, ProgressCallback
+from ..schedulers import resolve_scheduler_name, scheduler_label
 
 # --------------------------------------------------------------------------------------------
 # Results
@@ -119,7 +120,7 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
         "prompt": request.prompt,
         "steps": request.steps,
         "guidance": request.guidance,
-        "scheduler": request.scheduler if request.scheduler != "default" else type(bundle.scheduler).__name__,
+        "scheduler": scheduler_label(request.scheduler, bundle.scheduler, getattr(request, "resample", 0)),
         "device": placement.device,
         "dtype": placement.dtype,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -145,8 +146,9 @@ def check_resample(request, scheduler_class: Optional[str]) -> None:
     """RePaint resampling re-noises latents, which only the stateless schedulers allow."""
     if not request.resample:
         return
-    if request.scheduler != "default":  # the sampler asked for, else the checkpoint's own
-        scheduler_class = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(request.scheduler, request.scheduler)
+    name = resolve_scheduler_name(request.scheduler, request.resample)  # auto -> ddim here
+    if name != "default":  # the sampler asked for, else the checkpoint's own
+        scheduler_class = {"ddim": "DDIMScheduler", "ddpm": "DDPMScheduler"}.get(name, name)
     if scheduler_class is not None and scheduler_class not in ("DDIMScheduler", "DDPMScheduler"):
         raise InvalidRequest("--resample needs a stateless scheduler: add --scheduler ddim")
 

@@ -54,7 +54,7 @@ def generate(
         models = ModelCache()
     bundle, placement = models.get(
         request.model, unet=request.unet, base=request.base, controlnet=request.controlnet,
-        device=request.device, dtype=request.dtype,
+        device=request.device, dtype=request.dtype, compile=request.compile,
     )
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)

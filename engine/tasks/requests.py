@@ -28,7 +28,8 @@ Scheduler = Literal[SCHEDULER_NAMES]  # type: ignore[valid-type]
 Dtype = Literal[DTYPE_NAMES]  # type: ignore[valid-type]
 PROMPT = Field(DEFAULT_PROMPT, max_length=1000, description="text prompt")
 SEED = Field(None, ge=0, le=2**63 - 1, description="random seed (default: a fresh one, recorded in the output)")
-SCHEDULER = Field("default", description="sampler: default = the checkpoint's own; dpm++ and unipc need fewer steps")
+SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; ddim with --resample); default = "
+                  "the checkpoint's own (DDIM for the released ones, what the reference used at 50-100 steps)")
 # At most 999: with 1000 training timesteps and SD 2.1's steps_offset of 1 (the released scheduler
 # configs), 1000 DDIM/PNDM/DDPM steps would ask for timestep 1000, which does not exist.
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
@@ -52,8 +53,9 @@ class _Request(BaseModel):
     batch_size: Optional[int] = Field(
         None, ge=1, le=64, description="tiles (generate: samples) per model call; the output does not depend "
         "on it; default: chosen from the device's free memory and the model's size (1 on the CPU)")
-    compile: bool = Field(False, description="torch.compile the UNet and ControlNet (once per shape, reused "
-                          "across tiles and jobs): slower start, faster large jobs on CUDA")
+    compile: bool = Field(False, description="torch.compile the UNet and ControlNet blocks (once per shape, "
+                          "reused across tiles and jobs): slower start, faster large jobs on CUDA; ignored with "
+                          "a notice where it cannot run (no C compiler on the CPU)")
 
     @field_validator("resolution")
     @classmethod

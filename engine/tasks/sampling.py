@@ -28,13 +28,13 @@ def bundle_for(models, request, context: RunContext):
     """The request's model (cached), on this process's device (its own GPU in a split run)."""
     device = context.device if context.distributed else request.device
     return models.get(auto_model(request), unet=request.unet, base=request.base, controlnet=request.controlnet,
-                      device=device, dtype=request.dtype)
+                      device=device, dtype=request.dtype, compile=request.compile)
 
 
 def pipeline(bundle, request, controlnet=None):
     cls = DiffusionSatInpaintPipeline if request.task == "inpaint" else DiffusionSatControlNetPipeline
     pipe = cls.from_bundle(bundle, controlnet=controlnet)
-    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
+    pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler, getattr(request, "resample", 0))
     return pipe
 
 
