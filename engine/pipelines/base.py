@@ -76,12 +76,10 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
 
-    #: Run each image of a batch through the models alone (as a batch of one would run), so that
-    #: a batch's images equal, bit for bit, what each gives alone (tiles batched by
-    #: ``--batch-size``). None = on the CPU only: its kernels reduce in another order at another
-    #: batch size (GroupNorm on channels-last activations, oneDNN convolutions with few channels,
-    #: 2-D Linear layers), which flips a few uint8 pixels; on CUDA the batch runs as one (faster;
-    #: equal up to rounding). The prompt encoder always encodes each distinct prompt alone.
+    #: Run each image of a batch through the models alone, so a batch's images equal, bit for bit,
+    #: what each gives alone (``--batch-size``). None = on the CPU only: its kernels sum in another
+    #: order at another batch size (GroupNorm on channels-last activations, oneDNN convolutions
+    #: with few channels, 2-D Linear layers); on CUDA the batch runs as one (equal up to rounding).
     batch_invariant: Optional[bool] = None
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, match_reference_fp16: bool = True):
@@ -158,23 +156,18 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
 
     def rows_alone(self, batch: int) -> bool:
         """Whether a batch of ``batch`` images runs one image at a time (see :attr:`batch_invariant`)."""
-        if batch <= 1:
-            return False
-        if self.batch_invariant is not None:
-            return bool(self.batch_invariant)
+        if batch <= 1 or self.batch_invariant is not None:
+            return batch > 1 and bool(self.batch_invariant)
         return torch.device(self._execution_device).type == "cpu"
 
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
         """(len(prompts), 77, hidden) text embeddings, padded to the tokenizer's max length. Each
-        distinct prompt is encoded alone (a batch of tiles repeats one prompt: it is encoded once,
-        exactly as for one tile)."""
-        prompts = list(prompts)
-        distinct = list(dict.fromkeys(prompts))
+        distinct prompt is encoded alone (a batch of tiles repeats one: encoded once, as for one tile)."""
         if len(prompts) > 1:
-            encoded = {p: self._encode_prompts([p]) for p in distinct}
+            encoded = {p: self._encode_prompts([p]) for p in dict.fromkeys(prompts)}
             return torch.cat([encoded[p] for p in prompts])
-        return self._encode_prompts(prompts)
+        return self._encode_prompts(list(prompts))
 
     @torch.no_grad()
     def _encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
@@ -231,14 +224,12 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         """:meth:`embed_metadata` of a run's rows; each image's rows alone when :meth:`rows_alone`."""
         if not self.rows_alone(batch):
             return self.embed_metadata(metadata)
-        out = None
-        for i in range(batch):
-            idx = cfg_rows(i, batch, do_cfg)
-            embeds = self.embed_metadata(metadata[idx])
-            if embeds is None:
-                return None
-            if out is None:
-                out = embeds.new_empty((metadata.shape[0], *embeds.shape[1:]))
+        groups = [cfg_rows(i, batch, do_cfg) for i in range(batch)]
+        parts = [(idx, self.embed_metadata(metadata[idx])) for idx in groups]
+        if parts[0][1] is None:
+            return None
+        out = parts[0][1].new_empty((metadata.shape[0], *parts[0][1].shape[1:]))
+        for idx, embeds in parts:
             out[idx] = embeds
         return out
 
@@ -483,18 +474,15 @@ def cfg_rows(i: int, batch: int, do_cfg: bool) -> list[int]:
 
 def _control_rows(control: Any, i: int, idx: list[int]) -> Any:
     """Image ``i``'s part of an expanded ControlNet conditioning (its image row, its metadata rows)."""
-    if control is None:
-        return None
-    cond_md = control.cond_metadata
-    return dataclasses.replace(control, image=control.image[i : i + 1],
-                               cond_metadata=None if cond_md is None else cond_md[idx])
+    cond_md = None if control is None else control.cond_metadata
+    return None if control is None else dataclasses.replace(
+        control, image=control.image[i : i + 1], cond_metadata=None if cond_md is None else cond_md[idx])
 
 
 def randn_rows(shape: Sequence[int], generator: Any) -> torch.Tensor:
-    """Standard normal noise of ``shape``, fp32 on the CPU. ``generator``: one ``torch.Generator``
-    (or None) for the whole tensor, or a list of one per row: row i is then drawn from the i-th
-    generator as a batch of one would draw it, so a batch of tiles (or seeds) gets the noise each
-    would get alone (diffusers' ``randn_tensor`` does the same for the schedulers' own noise)."""
+    """Standard normal noise of ``shape``, fp32 on the CPU, from one ``torch.Generator`` (or None), or
+    from a list of one per row: row i drawn from the i-th as a batch of one, so each tile (or seed) of
+    a batch gets its noise alone (diffusers' ``randn_tensor`` does so for the schedulers' noise)."""
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise InvalidRequest(f"{len(generator)} generators for a batch of {shape[0]}")

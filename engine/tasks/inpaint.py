@@ -232,7 +232,8 @@ class _Tiles:
             control = frames_controls([a[4:] for _, a in batch], [d for _, d in self.refs], mds,
                                       request.conditioning_scale)
         spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
-                       mask=torch.from_numpy(np.stack(masks).astype(np.float32))[:, None], resample=request.resample)
+                       mask=torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
+                       resample=request.resample)
         result = self.pipe([request.prompt] * len(batch), mds, height=self.model_px, width=self.model_px,
                            num_inference_steps=request.steps, guidance_scale=request.guidance,
                            generator=tile_generators(self.seed, chunk), control=control, inpaint=spec,

@@ -51,9 +51,9 @@ def tiled_runner(name: str, body: Callable[..., Outcome]) -> Callable[..., Optio
 
 class _DenoiseMeter:
     """Wraps a progress callback: counts the denoising steps run and times them (model loading,
-    reading, decoding and writing are left out). A step of a batch of b tiles (or samples) is
-    reported as b per-tile steps (engine.geo.tiles.tile_progress), so ``steps`` is steps x tiles
-    whatever the batch size; ``generate --spread``'s steps come as "sample i/N: denoising"."""
+    reading, decoding and writing are left out). A step of a batch of b tiles is reported as b
+    per-tile steps (engine.geo.tiles.tile_progress), so ``steps`` is steps x tiles whatever the
+    batch size, as the plan's ``mpx_per_step`` (one tile's) expects."""
 
     def __init__(self, progress: Optional[ProgressCallback]) -> None:
         self.progress = progress
@@ -62,7 +62,7 @@ class _DenoiseMeter:
         self._last: Optional[float] = None
 
     def __call__(self, p) -> None:
-        if p.message == "denoising" or p.message.endswith(": denoising"):
+        if p.message == "denoising":
             now = time.perf_counter()
             if p.step > 0 and self._last is not None:
                 self.steps += 1

@@ -81,24 +81,20 @@ def assert_same_pixels(runs):
 # the tasks: --batch-size 1 and 2/3 give identical pixels
 
 
-@pytest.mark.parametrize("scheduler", ["default", "ddpm"])  # ddpm draws noise at every step (one generator per tile)
-def test_superres_batches_equal_one_tile_at_a_time(tmp_path, models, monkeypatch, scheduler):
+def test_superres_batches_equal_one_tile_at_a_time(tmp_path, models, monkeypatch):
     rng = np.random.default_rng(0)
     src = write(tmp_path / "S2A_MSIL1C_20210615T101031_N0301_R022_T33TTG.tif",
-                (rng.random((13, 36, 40)) * 2500 + 800).astype("uint16"))
-    runs = run_sizes(tmp_path, models, monkeypatch, (1, 2, 3), task="superres", input=src, factor=4,
-                     scheduler=scheduler)
+                (rng.random((13, 30, 44)) * 2500 + 800).astype("uint16"))  # 3 x 2 tiles of 16 px
+    # ddpm draws noise at every step: from each tile's own generator; the last batch is smaller (4 + 2)
+    runs = run_sizes(tmp_path, models, monkeypatch, (1, 4), task="superres", input=src, factor=4, scheduler="ddpm")
     assert_same_pixels(runs)
-    tiles = len(runs[1][2])
-    assert tiles >= 5 and runs[1][2] == [1] * tiles  # one tile per call
-    assert len(runs[2][2]) == -(-tiles // 2) and max(runs[2][2]) == 2  # fewer calls, two tiles each
-    assert len(runs[3][2]) == -(-tiles // 3) and max(runs[3][2]) == 3
-    assert runs[1][3].denoise_steps == tiles * 2
+    assert runs[1][2] == [1] * 6 and runs[4][2] == [4, 2]  # fewer pipeline calls, up to 4 tiles each
+    assert runs[1][3].denoise_steps == 6 * 2
 
 
 def test_temporal_batches_equal_one_tile_at_a_time(tmp_path, models, monkeypatch):
     rng = np.random.default_rng(1)
-    dated = [write(tmp_path / f"rome_{y}-06-01.tif", (rng.random((3, 100, 90)) * 255).astype("uint8"))
+    dated = [write(tmp_path / f"rome_{y}-06-01.tif", (rng.random((3, 64, 176)) * 255).astype("uint8"))
              for y in (2019, 2020, 2021)]
     runs = run_sizes(tmp_path, models, monkeypatch, (1, 2), task="temporal", inputs=dated, date="2022-07-01")
     assert_same_pixels(runs)
@@ -108,8 +104,8 @@ def test_temporal_batches_equal_one_tile_at_a_time(tmp_path, models, monkeypatch
 @pytest.fixture()
 def scene(tmp_path):
     rng = np.random.default_rng(2)
-    image = (rng.random((3, 100, 90)) * 255).astype("uint8")
-    mask = np.zeros((100, 90), "uint8")
+    image = (rng.random((3, 64, 176)) * 255).astype("uint8")  # 3 tiles of 64 px in a row
+    mask = np.zeros((64, 176), "uint8")
     mask[::9, :] = 1  # every tile has something to fill
     return (write(tmp_path / "scene_2021-06-15.tif", image), write(tmp_path / "mask.tif", mask[None]), image)
 
@@ -134,34 +130,37 @@ def test_inpaint_resampling_batches_equal_one_tile_at_a_time(tmp_path, models, m
 
 def test_inpaint_tiles_without_mask_skip_the_model_in_a_batch(tmp_path, models, monkeypatch, scene):
     src, _, image = scene
-    m = np.zeros((100, 90), "uint8")
+    m = np.zeros((64, 176), "uint8")
     m[5:10, 5:10] = 1  # the top-left tiles only
     mask = write(tmp_path / "corner.tif", m[None])
     runs = run_sizes(tmp_path, models, monkeypatch, (1, 4), task="inpaint", input=src, mask=mask, dilate=0)
     assert_same_pixels(runs)
-    assert sum(runs[4][2]) == sum(runs[1][2]) < 9  # only the tiles with masked pixels reach the model
+    assert runs[4][2] == runs[1][2] == [1]  # of 3 tiles, only the one with masked pixels reaches the model
     assert np.array_equal(runs[4][0][:, m == 0], image[:, m == 0])
 
 
 def test_generate_spread_batches_equal_one_sample_at_a_time(tmp_path, models, monkeypatch):
     rome = {"task": "generate", "bbox": (12.45, 41.88, 12.52, 41.93), "crs": "EPSG:4326", "date": "2021-06-15",
             "model": "tiny", "steps": 2, "size": 64, "seed": 1}
-    got = {}
+    got, seen = {}, []
     for size in (1, 2, 3):
         counter = CountCalls(monkeypatch)
         result = run_task(parse_request({**rome, "spread": 3, "batch_size": size}), tmp_path / f"s{size}.tif",
-                          models=models)
+                          models=models, progress=seen.append if size == 2 else None)
         monkeypatch.undo()
         with rasterio.open(result.path) as a, rasterio.open(tmp_path / f"s{size}.spread.tif") as s:
-            got[size] = (a.read(), s.read(), a.tags(), counter.calls, result.denoise_steps)
+            got[size] = (a.read(), s.read(), a.tags(), counter.calls)
     single = run_task(parse_request(rome), tmp_path / "one.tif", models=models)
     one, _ = pixels(single.path)
-    for size, (image, spread, tags, calls, steps) in got.items():
+    for size, (image, spread, tags, calls) in got.items():
         assert np.array_equal(image, one), f"sample 0 at --batch-size {size} is not the single-seed image"
         assert np.array_equal(spread, got[1][1]), f"the spread map changed at --batch-size {size}"
         assert tags["batch_size"] == str(size)
-        assert len(calls) == -(-3 // size) and steps == 3 * 2
+        assert len(calls) == -(-3 // size)  # ceil(3 samples / batch) pipeline calls
     assert 0 < got[1][1].mean()
+    fractions = [p.fraction for p in seen]  # per sample, in order, through the batches of 2 + 1
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [p.message for p in seen if p.step == 2] == [f"sample {i}/3: denoising" for i in (1, 2, 3)]
 
 
 # ------------------------------------------------------------------------------------------------
