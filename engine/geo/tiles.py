@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 from affine import Affine
@@ -254,14 +254,28 @@ def row_major(tiles: Sequence[Tile]) -> list[Tile]:
 
 
 def tile_progress(
-    progress: Optional[ProgressCallback], tile: Tile, total_tiles: int
+    progress: Optional[ProgressCallback], tile: Union[Tile, Sequence[Tile]], total_tiles: int
 ) -> Optional[ProgressCallback]:
-    """Wrap ``progress`` so a per-step callback inside ``process_fn`` reports job-wide progress."""
+    """Wrap ``progress`` so a per-step callback inside ``process_fn`` reports job-wide progress.
+
+    ``tile`` may be a batch of tiles denoised together: step ``s`` of ``total_steps`` then stands
+    for ``s x len(batch)`` tile-steps, reported as that many per-tile steps, as if the batch's
+    tiles ran one after another (tile ``j`` of the batch is at step ``s x b - j x total_steps``):
+    the fraction done grows as with one tile at a time, and a counter of "denoising" steps
+    (engine.tasks.run's) counts steps x tiles.
+    """
     if progress is None:
         return None
+    batch = [tile] if isinstance(tile, Tile) else list(tile)
 
     def inner(p: Progress) -> None:
-        progress(Progress(p.step, p.total_steps, tile.index, total_tiles, p.message))
+        if len(batch) == 1 or p.step == 0 or not p.total_steps:
+            progress(Progress(p.step, p.total_steps, batch[0].index, total_tiles, p.message))
+            return
+        for j in range(len(batch)):  # the tile-steps this step did: (step-1)*b+1 .. step*b
+            done = (p.step - 1) * len(batch) + j + 1
+            k = (done - 1) // p.total_steps
+            progress(Progress(done - k * p.total_steps, p.total_steps, batch[k].index, total_tiles, p.message))
 
     return inner
 

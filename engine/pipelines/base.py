@@ -23,6 +23,7 @@ in :meth:`generate`: check inputs, encode the prompt, prepare metadata and laten
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import os
 import threading
@@ -55,7 +56,7 @@ class SamplingRun:
     guidance_scale: float
     prompt_embeds: torch.Tensor  #: [uncond; cond] rows when guidance is on
     metadata: torch.Tensor  #: normalised, [zeros; cond] rows when guidance is on
-    generator: Optional[torch.Generator]
+    generator: Any  #: a torch.Generator, or one per image (a list): see :func:`randn_rows`
     cancel: Optional[CancelToken] = None
     metadata_embeds: Optional[torch.Tensor] = None
     step_kwargs: dict = field(default_factory=dict)
@@ -74,6 +75,12 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     model_cpu_offload_seq = "text_encoder->unet->vae"
     _optional_components: list[str] = []
     _callback_tensor_inputs = ["latents", "prompt_embeds"]
+
+    #: Run each image of a batch through the models alone, so a batch's images equal, bit for bit,
+    #: what each gives alone (``--batch-size``). None = on the CPU only: its kernels sum in another
+    #: order at another batch size (GroupNorm on channels-last activations, oneDNN convolutions
+    #: with few channels, 2-D Linear layers); on CUDA the batch runs as one (equal up to rounding).
+    batch_invariant: Optional[bool] = None
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, match_reference_fp16: bool = True):
         super().__init__()
@@ -147,9 +154,23 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     # Pieces (public so tests and other pipelines can reuse them)
     # ----------------------------------------------------------------------------------------
 
+    def rows_alone(self, batch: int) -> bool:
+        """Whether a batch of ``batch`` images runs one image at a time (see :attr:`batch_invariant`)."""
+        if batch <= 1 or self.batch_invariant is not None:
+            return batch > 1 and bool(self.batch_invariant)
+        return torch.device(self._execution_device).type == "cpu"
+
     @torch.no_grad()
     def encode_prompt(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(len(prompts), 77, hidden) text embeddings, padded to the tokenizer's max length."""
+        """(len(prompts), 77, hidden) text embeddings, padded to the tokenizer's max length. Each
+        distinct prompt is encoded alone (a batch of tiles repeats one: encoded once, as for one tile)."""
+        if len(prompts) > 1:
+            encoded = {p: self._encode_prompts([p]) for p in dict.fromkeys(prompts)}
+            return torch.cat([encoded[p] for p in prompts])
+        return self._encode_prompts(list(prompts))
+
+    @torch.no_grad()
+    def _encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         tokens = self.tokenizer(
             list(prompts),
             padding="max_length",
@@ -199,6 +220,19 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
             return None
         return self.unet.embed_metadata(metadata, metadata.shape[0], self.dtype)
 
+    def embed_metadata_rows(self, metadata: torch.Tensor, batch: int, do_cfg: bool) -> Optional[torch.Tensor]:
+        """:meth:`embed_metadata` of a run's rows; each image's rows alone when :meth:`rows_alone`."""
+        if not self.rows_alone(batch):
+            return self.embed_metadata(metadata)
+        groups = [cfg_rows(i, batch, do_cfg) for i in range(batch)]
+        parts = [(idx, self.embed_metadata(metadata[idx])) for idx in groups]
+        if parts[0][1] is None:
+            return None
+        out = parts[0][1].new_empty((metadata.shape[0], *parts[0][1].shape[1:]))
+        for idx, embeds in parts:
+            out[idx] = embeds
+        return out
+
     def check_size(self, height: int, width: int) -> None:
         """Refuse an image size (px) that is not a positive multiple of the VAE's factor (8)."""
         multiple = self.vae_scale_factor
@@ -207,14 +241,16 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
                 raise InvalidRequest(f"{name} {value} px must be a positive multiple of {multiple}")
 
     def prepare_latents(
-        self, batch: int, height: int, width: int, generator: Optional[torch.Generator], latents=None
+        self, batch: int, height: int, width: int, generator: Any, latents=None
     ) -> torch.Tensor:
         """Initial latents (batch, 4, height/8, width/8) for an image of ``height`` x ``width`` px,
-        scaled by the scheduler's ``init_noise_sigma``; ``latents`` given: checked and scaled."""
+        scaled by the scheduler's ``init_noise_sigma``; ``latents`` given: checked and scaled.
+        ``generator``: one ``torch.Generator``, or a list of ``batch`` (row i drawn from the i-th,
+        exactly as a batch of one from it: see :func:`randn_rows`)."""
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             # Noise is drawn on the CPU in fp32 so a seed gives the same image on every device.
-            latents = torch.randn(shape, generator=generator, dtype=torch.float32)
+            latents = randn_rows(shape, generator)
         elif tuple(latents.shape) != shape:
             raise InvalidRequest(f"latents of shape {tuple(latents.shape)} given, {shape} expected")
         latents = latents.to(self._execution_device, self.dtype)
@@ -224,6 +260,8 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents -> images in [0, 1], (batch, 3, H, W) fp32."""
         scaling = self.vae.config.scaling_factor
+        if self.rows_alone(latents.shape[0]):
+            return torch.cat([self.decode(latents[i : i + 1]) for i in range(latents.shape[0])])
         image = self.vae.decode(latents.to(self.vae.dtype) / scaling).sample
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
@@ -245,6 +283,21 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         ``metadata_embeds`` (from :meth:`embed_metadata`) saves recomputing the metadata MLPs.
         ``control`` needs a ControlNet pipeline (its ``control_residuals``).
         """
+        do_cfg = guidance_scale > 1.0
+        b = latents.shape[0]
+        if self.rows_alone(b):  # each image as a batch of one: [uncond_i; cond_i] rows
+            outs = []
+            for i in range(b):
+                idx = cfg_rows(i, b, do_cfg)
+                outs.append(self._predict_noise(
+                    latents[i : i + 1], t, text[idx], metadata[idx], guidance_scale,
+                    None if metadata_embeds is None else metadata_embeds[idx],
+                    _control_rows(control, i, idx), **unet_kwargs))
+            return torch.cat(outs)
+        return self._predict_noise(latents, t, text, metadata, guidance_scale, metadata_embeds, control, **unet_kwargs)
+
+    def _predict_noise(self, latents, t, text, metadata, guidance_scale, metadata_embeds=None, control=None,
+                       **unet_kwargs: Any) -> torch.Tensor:
         do_cfg = guidance_scale > 1.0
         model_in = torch.cat([latents] * 2) if do_cfg else latents
         model_in = self.scheduler.scale_model_input(model_in, t)
@@ -329,7 +382,7 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
     def denoise(self, run: SamplingRun, timesteps, latents: torch.Tensor, callback: Optional[ProgressCallback],
                 callback_on_step_end: Optional[Callable], tensor_inputs: Sequence[str]) -> torch.Tensor:
         """6. The denoising loop; metadata is constant over the steps: embedded once."""
-        run.metadata_embeds = self.embed_metadata(run.metadata)
+        run.metadata_embeds = self.embed_metadata_rows(run.metadata, run.batch, run.do_cfg)
         total = len(timesteps)
         self._num_timesteps = total
         report(callback, Progress(step=0, total_steps=total, message="denoising"))
@@ -411,6 +464,30 @@ def _cancel_between_blocks(cancel: Optional[CancelToken], *models: Any):
     finally:
         for handle in handles:
             handle.remove()
+
+
+def cfg_rows(i: int, batch: int, do_cfg: bool) -> list[int]:
+    """The rows of image ``i`` of ``batch`` in a run's conditioning: ``[i, batch + i]`` (its
+    unconditional and conditional rows) with guidance, else ``[i]``."""
+    return [i, batch + i] if do_cfg else [i]
+
+
+def _control_rows(control: Any, i: int, idx: list[int]) -> Any:
+    """Image ``i``'s part of an expanded ControlNet conditioning (its image row, its metadata rows)."""
+    cond_md = None if control is None else control.cond_metadata
+    return None if control is None else dataclasses.replace(
+        control, image=control.image[i : i + 1], cond_metadata=None if cond_md is None else cond_md[idx])
+
+
+def randn_rows(shape: Sequence[int], generator: Any) -> torch.Tensor:
+    """Standard normal noise of ``shape``, fp32 on the CPU, from one ``torch.Generator`` (or None), or
+    from a list of one per row: row i drawn from the i-th as a batch of one, so each tile (or seed) of
+    a batch gets its noise alone (diffusers' ``randn_tensor`` does so for the schedulers' noise)."""
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise InvalidRequest(f"{len(generator)} generators for a batch of {shape[0]}")
+        return torch.cat([torch.randn((1, *shape[1:]), generator=g, dtype=torch.float32) for g in generator])
+    return torch.randn(tuple(shape), generator=generator, dtype=torch.float32)
 
 
 def rows(x: torch.Tensor, batch: int, what: str) -> torch.Tensor:

@@ -15,7 +15,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import InvalidRequest
-from .base import PipelineOutput, SamplingRun, rows
+from .base import PipelineOutput, SamplingRun, randn_rows, rows
 from .controlnet import Control, DiffusionSatControlNetPipeline
 
 
@@ -50,6 +50,8 @@ class DiffusionSatInpaintPipeline(DiffusionSatControlNetPipeline):
     @torch.no_grad()
     def encode_image(self, image: torch.Tensor) -> torch.Tensor:
         """Images in [0, 1] (b, 3, H, W) -> scaled latents (the distribution's mode: deterministic)."""
+        if self.rows_alone(image.shape[0]):
+            return torch.cat([self.encode_image(image[i : i + 1]) for i in range(image.shape[0])])
         image = image.to(self._execution_device, self.vae.dtype) * 2 - 1
         latents = self.vae.encode(image).latent_dist.mode()
         return latents.to(self.dtype) * self.vae.config.scaling_factor
@@ -77,7 +79,7 @@ class DiffusionSatInpaintPipeline(DiffusionSatControlNetPipeline):
         latents = super().prepare_run_latents(run, height, width, latents, eta)
         # the noise the known region is re-noised with stays fixed over the steps
         known = run.extra["known"]
-        run.extra["noise"] = torch.randn(known.shape, generator=run.generator, dtype=torch.float32).to(
+        run.extra["noise"] = randn_rows(known.shape, run.generator).to(
             self._execution_device, self.dtype)
         return latents
 
@@ -102,5 +104,5 @@ class DiffusionSatInpaintPipeline(DiffusionSatControlNetPipeline):
         else:
             a_from = self.scheduler.final_alpha_cumprod.to(device)
         ratio = (acp[t_to] / a_from).to(torch.float32)
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32).to(device)
+        noise = randn_rows(latents.shape, generator).to(device)
         return (ratio.sqrt() * latents.float() + (1 - ratio).sqrt() * noise).to(latents.dtype)

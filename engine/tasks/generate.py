@@ -6,6 +6,7 @@ The metadata is derived in one place (``engine.metadata``) from the bbox, CRS an
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -14,6 +15,7 @@ import numpy as np
 import torch
 from rasterio.crs import CRS
 
+from ..batching import BatchChoice, choose
 from ..geo.cog import write_cog
 from ..metadata import derive_from_bbox, grid_transform, output_size, parse_crs
 from ..models.cache import ModelCache
@@ -24,6 +26,7 @@ from ..schedulers import make_scheduler
 from .checks import check
 from .common import TaskResult, new_seed, provenance_tags, spread_path
 from .requests import GenerateRequest
+from .sampling import Batches
 
 
 def rasterio_crs(crs: Any):
@@ -93,56 +96,119 @@ def generate(
 def _sample(request, bundle, metadata, width: int, height: int, seed: int, progress, cancel):
     """The image of seed ``seed`` (H, W, 3 in 0..1) and, with ``spread``, the per-pixel spread map.
 
-    One sample at a time, so peak memory is one image's whatever the spread: each sample has its
-    own seed (seed, seed+1, ...), so sample 0 is exactly the single-seed image; the spread map is
-    accumulated on the way (Welford), not from a stack of all the samples.
+    Each sample has its own seed (seed, seed+1, ...): its initial noise and its scheduler's noise
+    come from its own generator, so sample 0 is exactly the single-seed image whatever the batch.
+    The samples run ``--batch-size`` at a time (default: :mod:`engine.batching`'s rule), so peak
+    memory is one batch's images; the spread map is accumulated on the way (Welford, in sample
+    order), not from a stack of all the samples.
     """
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     samples = request.spread or 1
-    first = mean = m2 = None
-    for i in range(samples):
+    choice = _batch_choice(request, bundle, max(width, height))
+    _CHOICES[id(request)] = choice
+    notices: list[str] = []
+    batches = Batches(choice, notices, what="samples")
+    state: dict[str, Any] = {"first": None, "mean": None, "m2": None, "done": 0}
+
+    def run(indices: list[int]) -> list[None]:
         pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-        sample_progress = progress
-        if progress is not None and samples > 1:
-            def sample_progress(p, _i=i):
-                progress(Progress(step=p.step, total_steps=p.total_steps, tile=_i, total_tiles=samples,
-                                  message=f"sample {_i + 1}/{samples}: {p.message}"))
-        latents = (pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
-                   / pipe.scheduler.init_noise_sigma)
-        generator = torch.Generator("cpu").manual_seed(seed + i)  # the scheduler's own noise, if it draws any
+        latents = torch.cat([
+            pipe.prepare_latents(1, height, width, torch.Generator("cpu").manual_seed(seed + i)).cpu().float()
+            / pipe.scheduler.init_noise_sigma for i in indices])
+        # the scheduler's own noise, if it draws any: one generator per sample
+        generators = [torch.Generator("cpu").manual_seed(seed + i) for i in indices]
         images = pipe(
-            request.prompt,
+            [request.prompt] * len(indices),
             metadata if bundle.uses_metadata else None,
             height=height,
             width=width,
             num_inference_steps=request.steps,
             guidance_scale=request.guidance,
             num_images_per_prompt=1,
-            generator=generator,
+            generator=generators[0] if len(generators) == 1 else generators,
             latents=latents,
-            callback=sample_progress,
+            callback=_samples_progress(progress, indices, samples),
             cancel=cancel,
         ).images
-        if first is None:
-            first = images[0]
-        if samples > 1:
-            brightness = images[0].mean(axis=-1, dtype=np.float64)
-            if mean is None:
-                mean, m2 = brightness.copy(), np.zeros_like(brightness)
-            else:
-                delta = brightness - mean
-                mean += delta / (i + 1)
-                m2 += delta * (brightness - mean)
-        del images
+        for i, image in zip(indices, images):
+            if i < state["done"]:
+                continue  # a retried batch (out of memory) never re-adds a sample
+            _add_sample(state, i, image, samples)
+        return [None] * len(indices)
+
+    try:
+        batches(run, list(range(samples)))
+    except BaseException:
+        _CHOICES.pop(id(request), None)
+        raise
+    finally:
+        for notice in notices:
+            _log.warning(notice)
     # per-pixel standard deviation over the samples of the mean of R, G, B (0..1)
-    spread = np.sqrt(m2 / samples).astype(np.float32) if samples > 1 else None
-    return first, spread
+    spread = np.sqrt(state["m2"] / samples).astype(np.float32) if samples > 1 else None
+    return state["first"], spread
+
+
+def _add_sample(state: dict, i: int, image: np.ndarray, samples: int) -> None:
+    """Sample ``i`` (in order) into the first image and the running mean / M2 of brightness."""
+    if state["first"] is None:
+        state["first"] = image
+    if samples > 1:
+        brightness = image.mean(axis=-1, dtype=np.float64)
+        if state["mean"] is None:
+            state["mean"], state["m2"] = brightness.copy(), np.zeros_like(brightness)
+        else:
+            delta = brightness - state["mean"]
+            state["mean"] += delta / (i + 1)
+            state["m2"] += delta * (brightness - state["mean"])
+    state["done"] = i + 1
+
+
+#: the batch size each running request's samples were drawn at, by id(request), for its tags
+_CHOICES: dict[int, BatchChoice] = {}
+_log = logging.getLogger(__name__)
+
+
+def _batch_choice(request, bundle, size_px: int) -> BatchChoice:
+    """``request.batch_size`` or the automatic one (engine.batching) for the model at ``size_px``."""
+    param = next(bundle.unet.parameters())
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype, "fp32")
+    choice = choose(request.batch_size, str(param.device), unet_channels=bundle.unet.config.block_out_channels,
+                    vae_channels=bundle.vae.config.block_out_channels, model_px=size_px, dtype=dtype,
+                    guidance=request.guidance > 1.0, controlnet=False)
+    samples = request.spread or 1
+    return BatchChoice(min(choice.size, samples), choice.auto)
+
+
+def _samples_progress(progress, indices: list[int], samples: int):
+    """Per-sample progress for a batch of samples (``sample i/N: denoising``), each step of the
+    batch reported as one step of each of its samples in turn (see engine.geo.tiles.tile_progress)."""
+    if progress is None or samples <= 1:
+        return progress
+
+    def report(p):
+        b = len(indices)
+        if b == 1 or p.step == 0 or not p.total_steps:
+            events = [(indices[0], p.step)]
+        else:  # this step did tile-steps (step-1)*b+1 .. step*b of the batch's samples in turn
+            events = []
+            for j in range(b):
+                done = (p.step - 1) * b + j + 1
+                k = (done - 1) // p.total_steps
+                events.append((indices[k], done - k * p.total_steps))
+        for i, step in events:
+            progress(Progress(step=step, total_steps=p.total_steps, tile=i, total_tiles=samples,
+                              message=f"sample {i + 1}/{samples}: {p.message}"))
+
+    return report
 
 
 def _tags(request, bundle, placement, seed: int, metadata) -> dict:
     """The image's tags: provenance, the synthetic-image description, the metadata conditioned on."""
+    choice = _CHOICES.pop(id(request), None)
     tags = {
         **provenance_tags("generate", bundle, placement, request, seed),
+        **(choice.tags() if choice is not None else {}),
         "TIFFTAG_IMAGEDESCRIPTION": f"AI-generated (synthetic) image: DiffusionSat {bundle.name}, seed {seed}",
         **metadata.to_tags(),
     }

@@ -14,6 +14,7 @@ from affine import Affine
 from rasterio.enums import ColorInterp
 
 from ..errors import InvalidRequest
+from ..geo.accumulate import batched
 from ..geo.grid import Grid
 from ..geo.guard import display_name
 from ..geo.masks import feather
@@ -40,7 +41,7 @@ from .common import (
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import bundle_for, frames_control, pipeline, tile_generator
+from .sampling import Batches, batch_choice, bundle_for, frames_controls, pipeline, tile_generators
 
 
 def layout(request, model_px: int) -> Layout:
@@ -207,25 +208,42 @@ class _Tiles:
         # channel 3 carries the mask so process() sees exactly the tile's mask, padded alike
         return np.concatenate([image, m[None].astype(np.float32), *extra]), valid | m
 
-    def process(self, tile, array):
+    batches: Any = None  #: engine.tasks.sampling.Batches: the run's tiles per model call
+
+    @batched
+    def process(self, tiles, arrays):
+        """The filled R,G,B of each tile; the tiles with masked pixels go to the model together."""
+        out: list = [array[:3] for array in arrays]  # a tile with nothing to fill: the input, unchanged
+        todo = [(i, tile, array) for i, (tile, array) in enumerate(zip(tiles, arrays)) if (array[3] > 0.5).any()]
+        if todo:
+            for (i, _, _), filled in zip(todo, self.batches(self._fill, [(t, a) for _, t, a in todo])):
+                out[i] = filled
+        return out
+
+    def _fill(self, batch):
+        """One pipeline call for a batch of (tile, array) with masked pixels -> their blended R,G,B."""
         request = self.request
-        image, m = array[:3], array[3] > 0.5
-        if not m.any():
-            return image  # nothing to fill in this tile: the input, unchanged
-        soft = feather(m, max(1, request.dilate)) if request.dilate else m.astype(np.float32)
-        md = tile_metadata(self.grid, tile, self.model_px, self.date, request.cloud_cover)
+        chunk = [t for t, _ in batch]
+        images = [a[:3] for _, a in batch]
+        masks = [a[3] > 0.5 for _, a in batch]
+        mds = [tile_metadata(self.grid, t, self.model_px, self.date, request.cloud_cover) for t in chunk]
         control = None
         if self.ref_sources:
-            control = frames_control(array[4:], [d for _, d in self.refs], md, request.conditioning_scale)
-        spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(image))[None],
-                       mask=torch.from_numpy(m.astype(np.float32))[None, None], resample=request.resample)
-        result = self.pipe(request.prompt, md, height=self.model_px, width=self.model_px,
+            control = frames_controls([a[4:] for _, a in batch], [d for _, d in self.refs], mds,
+                                      request.conditioning_scale)
+        spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
+                       mask=torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
+                       resample=request.resample)
+        result = self.pipe([request.prompt] * len(batch), mds, height=self.model_px, width=self.model_px,
                            num_inference_steps=request.steps, guidance_scale=request.guidance,
-                           generator=tile_generator(self.seed, tile.index), control=control, inpaint=spec,
-                           callback=tile_progress(self.progress, tile, len(self.tiles)), cancel=self.cancel)
-        generated = result.images[0].transpose(2, 0, 1)
-        # soft edge inside the mask: the generated pixels fade into the original ones
-        return soft * generated + (1 - soft) * image
+                           generator=tile_generators(self.seed, chunk), control=control, inpaint=spec,
+                           callback=tile_progress(self.progress, chunk, len(self.tiles)), cancel=self.cancel)
+        filled = []
+        for image, m, generated in zip(images, masks, result.images):
+            soft = feather(m, max(1, request.dilate)) if request.dilate else m.astype(np.float32)
+            # soft edge inside the mask: the generated pixels fade into the original ones
+            filled.append(soft * generated.transpose(2, 0, 1) + (1 - soft) * image)
+        return filled
 
 
 def inpaint(request, out: Path, *, models, context: RunContext, progress=None, cancel=None) -> Outcome:
@@ -242,12 +260,14 @@ def inpaint(request, out: Path, *, models, context: RunContext, progress=None, c
     pipe = pipeline(bundle, request, controlnet)
     warnings = list(bundle.notices)
     check_resample(request, type(bundle.scheduler).__name__)
+    choice = batch_choice(request, bundle, placement, model_px, controlnet=controlnet is not None)
     steps = _Tiles(request, pipe, grid, tiling.tiles, model_px, source, mask, refs, ref_sources, date, seed,
-                   progress, cancel)
+                   progress, cancel, Batches(choice, warnings))
     others = _OtherBands(source.src, request.rgb_bands, mask)
     warnings += others.warnings(list(source.src.descriptions), source.src.nodata)
     centre = whole_metadata(grid, date, request.cloud_cover)
     tags = _tags(request, provenance_tags("inpaint", bundle, placement, request, seed), refs, others, centre)
+    tags.update(choice.tags())
     writers: list[_CompositeWriter] = []
     job = _job(request, out, steps, tags, others, writers)
     try:
@@ -298,7 +318,8 @@ def _job(request, out: Path, steps: _Tiles, tags: dict, others: _OtherBands,
     return TiledJob(out=out, grid=steps.grid, tiles=steps.tiles, bands=3, dtype=dtype, read=steps.read,
                     process=steps.process, tags=tags, scale=scale, offset=offset, nodata=src.nodata,
                     band_descriptions=[d or "" for d in src.descriptions], colorinterp=colorinterp,
-                    wrap_writer=wrap, run_key=request.model_dump_json(), out_bands=src.count)
+                    wrap_writer=wrap, run_key=request.model_dump_json(), out_bands=src.count,
+                    batch_size=steps.batches.size)
 
 
 #: the task's runner (engine.tasks.RUNNERS): check, assigned inputs, then :func:`inpaint`

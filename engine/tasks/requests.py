@@ -51,8 +51,9 @@ class _Request(BaseModel):
         "default: what the model was trained at for this task (see `diffusionsat models`)")
 
     batch_size: Optional[int] = Field(
-        None, ge=1, le=64, description="tiles (generate: samples) per model call; the output does not depend "
-        "on it; default: chosen from the device's free memory and the model's size (1 on the CPU)")
+        None, ge=1, le=64, description="tiles (generate --spread: samples) per model call; on the CPU the pixels "
+        "equal those of 1 (on CUDA up to rounding); default: 1 on the CPU; on CUDA chosen from the free GPU "
+        "memory and the model's size at the task's resolution (1..16), halved if the GPU runs out of memory")
     compile: bool = Field(False, description="torch.compile the UNet and ControlNet blocks (once per shape, "
                           "reused across tiles and jobs): slower start, faster large jobs on CUDA; ignored with "
                           "a notice where it cannot run (no C compiler on the CPU)")

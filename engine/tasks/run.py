@@ -51,7 +51,9 @@ def tiled_runner(name: str, body: Callable[..., Outcome]) -> Callable[..., Optio
 
 class _DenoiseMeter:
     """Wraps a progress callback: counts the denoising steps run and times them (model loading,
-    reading, decoding and writing are left out)."""
+    reading, decoding and writing are left out). A step of a batch of b tiles is reported as b
+    per-tile steps (engine.geo.tiles.tile_progress), so ``steps`` is steps x tiles whatever the
+    batch size, as the plan's ``mpx_per_step`` (one tile's) expects."""
 
     def __init__(self, progress: Optional[ProgressCallback]) -> None:
         self.progress = progress

@@ -6,11 +6,13 @@ share; :mod:`engine.tasks.common` is the half that checks and plans use too, wit
 from __future__ import annotations
 
 import datetime as _dt
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from ..batching import BatchChoice, choose, is_cuda_oom
+from ..errors import DeviceError
 from ..metadata import SatMetadata
 from ..models.registry import auto_model
 from ..parallel import RunContext
@@ -22,6 +24,58 @@ from ..schedulers import make_scheduler
 def tile_generator(seed: int, tile_index: int):
     # Each tile gets its own reproducible noise; a split run draws the same noise per tile.
     return torch.Generator("cpu").manual_seed((seed * 1_000_003 + tile_index) % (2**63))
+
+
+def tile_generators(seed: int, tiles: Sequence) -> Any:
+    """The generators of a batch of tiles: each tile's own :func:`tile_generator` (one generator,
+    not a list, for a single tile), so a tile's noise does not depend on the batch it is in."""
+    generators = [tile_generator(seed, tile.index) for tile in tiles]
+    return generators[0] if len(generators) == 1 else generators
+
+
+def batch_choice(request, bundle, placement, model_px: int, controlnet: bool) -> BatchChoice:
+    """The run's tiles per model call: ``request.batch_size`` or the automatic rule (engine.batching)."""
+    return choose(request.batch_size, placement.device, unet_channels=bundle.unet.config.block_out_channels,
+                  vae_channels=bundle.vae.config.block_out_channels, model_px=model_px, dtype=placement.dtype,
+                  guidance=request.guidance > 1.0, controlnet=controlnet)
+
+
+class Batches:
+    """Runs ``fn(items) -> outputs`` over items in batches of at most ``choice.size``. At an
+    automatic size a CUDA out-of-memory error halves the batch and retries it (down to 1), once
+    noted in ``notices``; at a size the user gave it fails with a message naming ``--batch-size``."""
+
+    def __init__(self, choice: BatchChoice, notices: list, what: str = "tiles") -> None:
+        self.size = max(1, choice.size)
+        self.auto = choice.auto
+        self.notices = notices
+        self.what = what
+
+    def __call__(self, fn: Callable[[list], list], items: Sequence) -> list:
+        items, out, start = list(items), [], 0
+        while start < len(items):
+            chunk = items[start : start + self.size]
+            try:
+                out.extend(fn(chunk))
+            except Exception as err:  # noqa: BLE001 - only CUDA OOM is handled; the rest re-raised
+                if not is_cuda_oom(err) or len(chunk) == 1:
+                    raise
+                if not self.auto:
+                    raise DeviceError(
+                        f"the GPU ran out of memory at --batch-size {len(chunk)} ({self.what} per model call): "
+                        "give a smaller --batch-size, or leave it out to choose it from the free memory") from err
+                _free_cuda_cache()
+                self.size = max(1, len(chunk) // 2)
+                self.notices.append(f"the GPU ran out of memory at {len(chunk)} {self.what} per model call: "
+                                    f"retried at {self.size} (an automatic --batch-size)")
+                continue
+            start += len(chunk)
+        return out
+
+
+def _free_cuda_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def bundle_for(models, request, context: RunContext):
@@ -46,3 +100,11 @@ def frames_control(frames: np.ndarray, dates: Sequence[_dt.date], md, scale: flo
     frame_md = [SatMetadata(md.lon_deg, md.lat_deg, md.gsd_m, None, d).normalised() for d in dates]
     return Control(image=image.permute(1, 0, 2, 3)[None],
                    cond_metadata=torch.tensor(frame_md, dtype=torch.float32).T[None], scale=scale)
+
+
+def frames_controls(frames: Sequence[np.ndarray], dates: Sequence[_dt.date], mds: Sequence, scale: float):
+    """:func:`frames_control` of a batch of tiles (each its own frames and metadata): a Control of
+    (b, 3, T, H, W) and (b, 7, T)."""
+    controls = [frames_control(f, dates, md, scale) for f, md in zip(frames, mds)]
+    return Control(image=torch.cat([c.image for c in controls]),
+                   cond_metadata=torch.cat([c.cond_metadata for c in controls]), scale=scale)

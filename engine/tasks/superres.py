@@ -10,6 +10,7 @@ import torch
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest
+from ..geo.accumulate import batched
 from ..geo.grid import Grid
 from ..geo.guard import display_name
 from ..geo.sentinel2_bands import to_model_input
@@ -33,7 +34,7 @@ from .common import (
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import bundle_for, pipeline, tile_generator
+from .sampling import Batches, batch_choice, bundle_for, pipeline, tile_generators
 
 
 def layout(request, model_px: int) -> Layout:
@@ -71,6 +72,8 @@ def superres(request, out: Path, *, models, context: RunContext, progress=None, 
     seed = seed_for(request, context)
     pipe = pipeline(bundle, request, controlnet)
     warnings: list[str] = list(bundle.notices)
+    choice = batch_choice(request, bundle, placement, model_px, controlnet=True)
+    batches = Batches(choice, warnings)
     if date is None:
         warnings.append("no acquisition date found in the input; the date is left unknown (give --date)")
 
@@ -83,23 +86,31 @@ def superres(request, out: Path, *, models, context: RunContext, progress=None, 
                 warnings.append(w)
         return model_input.array, model_input.valid
 
-    def process(tile, array):
-        md = tile_metadata(out_grid, tile, model_px, date, request.cloud_cover)
-        cond_md = md.with_gsd(10.0)  # the conditioning's metadata: the target's, at 10 m
+    def sample(batch):  # [(tile, array)] -> one (3, h, w) output per tile, in one pipeline call
+        chunk = [t for t, _ in batch]
+        mds = [tile_metadata(out_grid, t, model_px, date, request.cloud_cover) for t in chunk]
+        # the conditioning's metadata: the target's, at 10 m
         control = Control(
-            image=_resize(array, cond_px),
-            cond_metadata=torch.tensor([cond_md.normalised()], dtype=torch.float32),
+            image=torch.cat([_resize(a, cond_px) for _, a in batch]),
+            cond_metadata=torch.tensor([md.with_gsd(10.0).normalised() for md in mds], dtype=torch.float32),
             scale=request.conditioning_scale,
         )
-        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
-                      guidance_scale=request.guidance, generator=tile_generator(seed, tile.index),
-                      control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
-        return result.images[0].transpose(2, 0, 1)
+        result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
+                      num_inference_steps=request.steps, guidance_scale=request.guidance,
+                      generator=tile_generators(seed, chunk), control=control,
+                      callback=tile_progress(progress, chunk, len(tiles)), cancel=cancel)
+        return [image.transpose(2, 0, 1) for image in result.images]
+
+    @batched
+    def process(chunk, arrays):
+        return batches(sample, list(zip(chunk, arrays)))
 
     centre = whole_metadata(out_grid, date, request.cloud_cover)
     tags = _tags(request, provenance_tags("superres", bundle, placement, request, seed), tiling.in_grid, centre)
+    tags.update(choice.tags())
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
-                   tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json())
+                   tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json(),
+                   batch_size=choice.size)
     run_job(job, context, progress, cancel)
     warnings += centre.out_of_range_warnings("superres")
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..geo.accumulate import batched
 from ..geo.guard import display_name
 from ..geo.sources import RGBSource, grid_of
 from ..geo.tiles import plan_tiles, tile_progress
@@ -28,7 +29,7 @@ from .common import (
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import bundle_for, frames_control, pipeline, tile_generator
+from .sampling import Batches, batch_choice, bundle_for, frames_controls, pipeline, tile_generators
 
 
 def layout(request, model_px: int) -> Layout:
@@ -51,6 +52,9 @@ def temporal(request, out: Path, *, models, context: RunContext, progress=None, 
     sources = [RGBSource(p, grid) for p, _ in frames]
     seed = seed_for(request, context)
     pipe = pipeline(bundle, request, controlnet)
+    notices: list[str] = []
+    choice = batch_choice(request, bundle, placement, model_px, controlnet=True)
+    batches = Batches(choice, notices)
 
     def read(tile):
         arrays, valid = [], None
@@ -60,24 +64,31 @@ def temporal(request, out: Path, *, models, context: RunContext, progress=None, 
             valid = v if valid is None else valid & v
         return np.concatenate(arrays), valid
 
-    def process(tile, array):
-        md = tile_metadata(grid, tile, model_px, request.date, request.cloud_cover)
-        control = frames_control(array, [d for _, d in frames], md, request.conditioning_scale)
-        result = pipe(request.prompt, md, height=model_px, width=model_px, num_inference_steps=request.steps,
-                      guidance_scale=request.guidance, generator=tile_generator(seed, tile.index),
-                      control=control, callback=tile_progress(progress, tile, len(tiles)), cancel=cancel)
-        return result.images[0].transpose(2, 0, 1)
+    def sample(batch):  # [(tile, array)] -> one (3, h, w) output per tile, in one pipeline call
+        chunk = [t for t, _ in batch]
+        mds = [tile_metadata(grid, t, model_px, request.date, request.cloud_cover) for t in chunk]
+        control = frames_controls([a for _, a in batch], [d for _, d in frames], mds, request.conditioning_scale)
+        result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
+                      num_inference_steps=request.steps, guidance_scale=request.guidance,
+                      generator=tile_generators(seed, chunk), control=control,
+                      callback=tile_progress(progress, chunk, len(tiles)), cancel=cancel)
+        return [image.transpose(2, 0, 1) for image in result.images]
+
+    @batched
+    def process(chunk, arrays):
+        return batches(sample, list(zip(chunk, arrays)))
 
     centre = whole_metadata(grid, request.date, request.cloud_cover)
     tags = _tags(request, provenance_tags("temporal", bundle, placement, request, seed), frames, centre)
+    tags.update(choice.tags())
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
-                   run_key=request.model_dump_json())
+                   run_key=request.model_dump_json(), batch_size=choice.size)
     try:
         run_job(job, context, progress, cancel)
     finally:
         for s in sources:
             s.close()
-    warnings = list(bundle.notices) + centre.out_of_range_warnings("temporal")
+    warnings = list(bundle.notices) + notices + centre.out_of_range_warnings("temporal")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
