@@ -85,6 +85,7 @@ class ExtentLayout:
     windows: tuple  #: engine.geo.tiles.Tile in latent cells (out_* in output px), row-major
     canvas_w: int  #: latent canvas cells (>= one window per axis; >= width/8)
     canvas_h: int
+    overlap: int  #: overlap of neighbouring windows, latent cells (:func:`window_overlap`)
 
     @property
     def latent_w(self) -> int:
@@ -98,11 +99,6 @@ class ExtentLayout:
     def window(self) -> int:
         """Window side, latent cells."""
         return self.model_px // LATENT_FACTOR
-
-    @property
-    def overlap(self) -> int:
-        """Overlap of neighbouring windows, latent cells."""
-        return window_overlap(self.window)
 
     def canvas_grid(self):
         """The :class:`engine.geo.grid.Grid` of the whole canvas in output px (the output grid,
@@ -138,8 +134,10 @@ def extent_layout(bbox: Any, crs: str, gsd: float, model_px: int) -> ExtentLayou
     grid_bbox, width, height = extent_grid(bbox, crs, gsd)
     window = model_px // LATENT_FACTOR
     canvas_w, canvas_h = max(width // LATENT_FACTOR, window), max(height // LATENT_FACTOR, window)
-    windows = plan_tiles(canvas_w, canvas_h, window, window_overlap(window), factor=LATENT_FACTOR)
-    return ExtentLayout(grid_bbox, crs, width, height, float(gsd), model_px, tuple(windows), canvas_w, canvas_h)
+    overlap = window_overlap(window)
+    windows = plan_tiles(canvas_w, canvas_h, window, overlap, factor=LATENT_FACTOR)
+    return ExtentLayout(grid_bbox, crs, width, height, float(gsd), model_px, tuple(windows), canvas_w, canvas_h,
+                        overlap)
 
 
 def window_metadata(layout: ExtentLayout, tile, date, cloud_cover, grid=None):
