@@ -1,0 +1,111 @@
+"""generate --gsd with the tiny model: peak RSS and wall time vs output size (CPU).
+
+Target (issue 14): peak RSS flat (within 15 %) from 2k^2 to 16k^2 px. Each size runs in a fresh
+process (``generate --gsd`` through the engine's task API, the real tiny model, joint denoising
+over 256 px windows, the VAE decoding in blended tiles into a COG); the child reports its peak
+resident memory (``ru_maxrss``) and the seconds of the run. ``--steps`` (default 1) and guidance
+1 keep a 16k^2 run feasible on 2 cores: the model work is windows x steps, the canvas memory is
+the same at any step count.
+
+Usage::
+
+    python benchmarks/extent_memory.py                        # 2048, 4096
+    python benchmarks/extent_memory.py --sizes 2048,8192      # any subset
+    python benchmarks/extent_memory.py --write                # also update docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SECTION = "generate --gsd: joint denoising, peak memory and time vs extent (tiny, cpu)"
+GSD = 2.0
+ORIGIN = (288500.0, 4639300.0)  # UTM 33N, Rome
+
+
+def child(size: int, steps: int, out: str) -> None:
+    """One run in this process; prints a JSON line with the measurements."""
+    import resource
+
+    from engine.tasks import GenerateRequest
+    from engine.tasks.generate import generate
+
+    side = size * GSD  # metres; the grid is exactly size px (a multiple of 8) up to rounding noise
+    bbox = (ORIGIN[0], ORIGIN[1], ORIGIN[0] + side, ORIGIN[1] + side)
+    # the UTM grid scale near 12.5 E: shrink the metres so the ground width is size * GSD
+    from engine.metadata import ground_pixel_size
+
+    gx, gy = ground_pixel_size(bbox, "EPSG:32633", 1, 1)
+    bbox = (ORIGIN[0], ORIGIN[1], ORIGIN[0] + side * side / gx, ORIGIN[1] + side * side / gy)
+    request = GenerateRequest(model="tiny", bbox=bbox, crs="EPSG:32633", gsd=GSD, steps=steps, guidance=1.0,
+                              seed=1)
+    started = time.perf_counter()
+    marks = {}
+
+    def progress(p):
+        if p.message == "decoding" and "decode" not in marks:
+            marks["decode"] = time.perf_counter() - started
+
+    result = generate(request, out, progress=progress)
+    seconds = time.perf_counter() - started
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    from engine.tasks.extent import extent_layout
+
+    layout = extent_layout(bbox, "EPSG:32633", GSD, 256)
+    print(json.dumps({"size": size, "width": result.width, "height": result.height, "windows": len(layout.windows),
+                      "steps": steps, "seconds": round(seconds, 1), "denoise_s": round(marks.get("decode", 0.0), 1),
+                      "peak_rss_mb": round(peak_mb, 1)}))
+
+
+def measure(size: int, steps: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, PYTHONPATH=str(ROOT))
+        proc = subprocess.run([sys.executable, __file__, "--child", str(size), "--steps", str(steps),
+                               "--out", str(Path(tmp) / "out.tif")], env=env, capture_output=True, text=True,
+                              check=False)
+        if proc.returncode:
+            raise SystemExit(proc.stderr[-2000:])
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="2048,4096")
+    parser.add_argument("--steps", type=int, default=1)
+    parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
+    parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(args.child, args.steps, args.out)
+        return
+    rows = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        row = measure(size, args.steps)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.write:
+        sys.path.insert(0, str(ROOT))
+        from benchmarks._report import machine_description, write_section
+
+        lines = [f"`python benchmarks/extent_memory.py --sizes {args.sizes} --steps {args.steps} --write` "
+                 f"({machine_description()}). Fresh process per size; tiny model, {GSD:g} m/px, guidance 1, "
+                 "256 px windows overlapping by 64 px, batch 4.", "",
+                 "| output px | windows | steps | peak RSS (MB) | denoise (s) | total (s) |",
+                 "|---|---|---|---|---|---|"]
+        for r in rows:
+            lines.append(f"| {r['width']}x{r['height']} | {r['windows']} | {r['steps']} | {r['peak_rss_mb']} | "
+                         f"{r['denoise_s']} | {r['seconds']} |")
+        write_section(SECTION, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
