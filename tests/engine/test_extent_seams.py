@@ -118,3 +118,25 @@ def test_tiny_model_shows_no_gradient_jump_at_window_borders(tmp_path):
         interior = steps[~mask]
         assert steps[mask].max() <= interior.mean() + 4 * interior.std()
         assert steps[mask].mean() / interior.mean() < 1.15
+
+
+def test_the_canvas_in_files_gives_the_canvas_in_ram(tmp_path):
+    """The band-by-band steps over a canvas file (memory flat in the extent) are the in-RAM steps."""
+    from engine.tasks.extent.joint import denoise_to_file
+
+    layout = extent_layout((BBOX[0], BBOX[1], BBOX[0] + 1536.0, BBOX[1] + 1100.0), UTM, 2.0, 256)
+    assert len({w.row for w in layout.windows}) > 2 and layout.canvas_h % 24  # a shifted last window-row
+    ram = run(layout, True)
+
+    pipe = SimpleNamespace(scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085,
+                                                   beta_end=0.012, clip_sample=False), _execution_device="cpu")
+    canvas = denoise_to_file(pipe, layout, tmp_path, prompt="", metadata=None, steps=5, guidance=1.0, seed=3,
+                             batch_size=2, predict=stand_in(layout, True))
+    try:
+        streamed = canvas.read(0, layout.canvas_h).astype(np.float64)
+        part = canvas.read(10, 50, 7, 61)
+    finally:
+        canvas.close()
+    assert np.allclose(streamed, ram, rtol=0, atol=1e-5)
+    assert np.array_equal(part, streamed[:, 10:50, 7:61].astype(np.float32))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [canvas.path.name]  # the other step's file is gone

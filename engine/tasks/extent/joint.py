@@ -30,13 +30,14 @@ import numpy as np
 import torch
 
 from ...geo.accumulate import batched, run_tiled
-from ...geo.cog import CogWriter
+from ...geo.cog import CogWriter, run_folder
 from ...geo.tiles import blend_weights, plan_tiles
 from ...metadata import parse_crs
 from ...pipelines.text2img import DiffusionSatPipeline
 from ...progress import CancelToken, Progress, ProgressCallback, report
 from ...schedulers import make_scheduler, set_timesteps
 from ..common import TaskResult, metadata_tags, new_seed, provenance_tags
+from .canvas import streams
 from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, is_joint, whole_metadata, windows_metadata
 
 #: Side of the blocks the initial noise is drawn in, latent cells (independent of the windows).
@@ -71,11 +72,56 @@ def _rows(values: torch.Tensor, index: list[int]) -> torch.Tensor:
     return values[index] if values.shape[0] > 1 else values.expand(len(index), *values.shape[1:])
 
 
+def make_predict(pipe, layout: ExtentLayout, prompt: str, metadata: Optional[list], guidance: float):
+    """``predict(latents, t, index)``: the UNet's guided noise prediction for the windows ``index``
+    (one metadata row each), latents (b, 4, h, w) in, fp32 CPU out."""
+    cfg = guidance > 1.0
+    device = pipe._execution_device
+    n = len(layout.windows)
+    text = pipe.encode_prompt([prompt])
+    uncond = pipe.encode_prompt([""]) if cfg else None
+    md = pipe.prepare_metadata(metadata if metadata is not None else None, n if metadata is not None else 1)
+
+    def predict(latents: torch.Tensor, t, index: list[int]) -> torch.Tensor:
+        b = len(index)
+        rows = _rows(md, index)
+        txt = text.expand(b, -1, -1)
+        if cfg:
+            txt = torch.cat([uncond.expand(b, -1, -1), txt])
+            rows = torch.cat([torch.zeros_like(rows), rows])
+        embeds = pipe.embed_metadata(rows)
+        return pipe.predict_noise(latents.to(device, pipe.dtype), t, txt, rows, guidance,
+                                  metadata_embeds=embeds).float().cpu()
+
+    return predict
+
+
+def prepare_steps(pipe, steps: int, seed: int) -> dict:
+    """Set the scheduler's timesteps (on the CPU: the scheduler steps the CPU canvas; t goes to
+    the UNet's device itself) and return its step arguments."""
+    import inspect
+
+    pipe.scheduler = set_timesteps(pipe.scheduler, steps, "cpu")
+    accepted = set(inspect.signature(pipe.scheduler.step).parameters)
+    kwargs = {}
+    if "generator" in accepted:  # the scheduler's own noise (DDPM, ancestral samplers), canvas-sized
+        kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
+    if "eta" in accepted:
+        kwargs["eta"] = 0.0
+    return kwargs
+
+
+def window_weights(layout: ExtentLayout) -> list:
+    """Each window's blend weights (latent cells), as numpy float32 arrays."""
+    return [blend_weights(layout.window, layout.window, layout.overlap, w.touches) for w in layout.windows]
+
+
 def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional[list], steps: int,
                   guidance: float, seed: int, batch_size: int = DEFAULT_BATCH,
                   predict=None, progress: Optional[ProgressCallback] = None,
                   cancel: Optional[CancelToken] = None) -> torch.Tensor:
-    """The denoised latent canvas (1, 4, canvas_h, canvas_w) fp32 on the CPU.
+    """The denoised latent canvas (1, 4, canvas_h, canvas_w) fp32 on the CPU, held in RAM (any
+    scheduler; :mod:`.canvas` steps a file band by band for the stateless ones).
 
     ``metadata``: one :class:`~engine.metadata.SatMetadata` per window (None: unconditioned, the
     model has no metadata). ``predict(latents, t, index)`` replaces the UNet (tests: a stand-in
@@ -84,38 +130,13 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
     ``"denoising"`` update per finished step; ``cancel`` is polled before every batch.
     """
     windows = list(layout.windows)
-    n, size, overlap = len(windows), layout.window, layout.overlap
-    cfg = guidance > 1.0
-    device = pipe._execution_device
+    n = len(windows)
     if predict is None:
-        text = pipe.encode_prompt([prompt])
-        uncond = pipe.encode_prompt([""]) if cfg else None
-        md = pipe.prepare_metadata(metadata if metadata is not None else None, n if metadata is not None else 1)
-
-        def predict(latents: torch.Tensor, t, index: list[int]) -> torch.Tensor:
-            b = len(index)
-            rows = _rows(md, index)
-            txt = text.expand(b, -1, -1)
-            if cfg:
-                txt = torch.cat([uncond.expand(b, -1, -1), txt])
-                rows = torch.cat([torch.zeros_like(rows), rows])
-            embeds = pipe.embed_metadata(rows)
-            return pipe.predict_noise(latents.to(device, pipe.dtype), t, txt, rows, guidance,
-                                      metadata_embeds=embeds).float().cpu()
-
-    # timesteps on the CPU: the scheduler steps the CPU canvas; t goes to the UNet's device itself
-    pipe.scheduler = set_timesteps(pipe.scheduler, steps, "cpu")
+        predict = make_predict(pipe, layout, prompt, metadata, guidance)
+    step_kwargs = prepare_steps(pipe, steps, seed)
     timesteps = pipe.scheduler.timesteps
     latents = canvas_noise(seed, layout.canvas_h, layout.canvas_w) * pipe.scheduler.init_noise_sigma
-    weights = [torch.from_numpy(blend_weights(size, size, overlap, w.touches)) for w in windows]
-    step_kwargs = {}
-    import inspect
-
-    accepted = set(inspect.signature(pipe.scheduler.step).parameters)
-    if "generator" in accepted:  # the scheduler's own noise (DDPM, ancestral samplers), canvas-sized
-        step_kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)
-    if "eta" in accepted:
-        step_kwargs["eta"] = 0.0
+    weights = [torch.from_numpy(w) for w in window_weights(layout)]
     batch_size = max(1, int(batch_size))
     total = len(timesteps)
     report(progress, Progress(step=0, total_steps=total, message="denoising"))
@@ -144,6 +165,21 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
     return latents
 
 
+def denoise_to_file(pipe, layout: ExtentLayout, folder: Path, *, prompt: str, metadata: Optional[list], steps: int,
+                    guidance: float, seed: int, batch_size: int = DEFAULT_BATCH, predict=None,
+                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+    """:func:`joint_denoise` with the canvas in files in ``folder``, memory flat in the extent
+    (:mod:`.canvas`; a stateless scheduler only); returns the open CanvasFile of the result."""
+    from .canvas import streamed_denoise
+
+    if predict is None:
+        predict = make_predict(pipe, layout, prompt, metadata, guidance)
+    step_kwargs = prepare_steps(pipe, steps, seed)
+    return streamed_denoise(pipe, layout, predict, steps_kwargs=step_kwargs, seed=seed, folder=folder,
+                            batch_size=max(1, int(batch_size)), weights=window_weights(layout), progress=progress,
+                            cancel=cancel)
+
+
 def _view(tile) -> tuple[slice, slice]:
     w = tile.window
     return slice(int(w.row_off), int(w.row_off + w.height)), slice(int(w.col_off), int(w.col_off + w.width))
@@ -161,7 +197,9 @@ def decode_to_cog(pipe, canvas: torch.Tensor, layout: ExtentLayout, out: Path, t
 
     def read(tile) -> np.ndarray:  # the canvas is at least one window per axis: windows fit in it
         r, c = _view(tile)
-        return canvas[0, :, r, c].numpy()
+        if isinstance(canvas, torch.Tensor):
+            return canvas[0, :, r, c].numpy()
+        return canvas.read(r.start, r.stop, c.start, c.stop)  # a CanvasFile
 
     @batched
     def process(batch_tiles, arrays) -> list:
@@ -212,16 +250,23 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     batch = request.batch_size or DEFAULT_BATCH
-    canvas = joint_denoise(pipe, layout, prompt=request.prompt,
-                           metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
-                           guidance=request.guidance, seed=seed, batch_size=batch, progress=progress, cancel=cancel)
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
+    args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
+                guidance=request.guidance, seed=seed, batch_size=batch, progress=progress, cancel=cancel)
 
     def decoding(p: Progress) -> None:
         report(progress, Progress(step=p.tile, total_steps=p.total_tiles, message="decoding"))
 
-    decode_to_cog(pipe, canvas, layout, out, tags, batch_size=batch, progress=decoding if progress else None,
-                  cancel=cancel)
+    decode = dict(batch_size=batch, progress=decoding if progress else None, cancel=cancel)
+    if streams(pipe.scheduler):  # the canvas in files, stepped band by band: memory flat in the extent
+        with run_folder(out.parent) as scratch:
+            canvas = denoise_to_file(pipe, layout, scratch, **args)
+            try:
+                decode_to_cog(pipe, canvas, layout, out, tags, **decode)
+            finally:
+                canvas.close()
+    else:  # a multistep scheduler keeps canvas-sized state: the canvas in RAM
+        decode_to_cog(pipe, joint_denoise(pipe, layout, **args), layout, out, tags, **decode)
     return TaskResult(path=out, task="generate", seed=seed, model=bundle.name, width=layout.width,
                       height=layout.height, crs=request.crs, bbox=tuple(layout.bbox), metadata=whole.as_dict(),
                       warnings=warnings, seconds=time.perf_counter() - started)
@@ -243,4 +288,5 @@ def extent_tags(request, bundle, placement, seed: int, whole, layout: ExtentLayo
     return tags
 
 
-__all__ = ["block_seed", "canvas_noise", "decode_to_cog", "extent_layout", "generate_extent", "joint_denoise"]
+__all__ = ["block_seed", "canvas_noise", "decode_to_cog", "denoise_to_file", "extent_layout", "generate_extent",
+           "joint_denoise"]
