@@ -35,6 +35,9 @@ def child(size: int, steps: int, out: str) -> None:
     """One run in this process; prints a JSON line with the measurements."""
     import resource
 
+    from engine.runtime import configure_process
+
+    configure_process()  # as the CLI and the server do: GDAL's block cache and malloc kept bounded
     from engine.tasks import GenerateRequest
     from engine.tasks.generate import generate
 

@@ -458,7 +458,8 @@ def _print_plan(args: argparse.Namespace, request) -> int:
         print(json.dumps(p))
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
-              f"GSD {p['gsd_m']:.2f} m; {p['tiles']} tile(s) of {p['model_px']} px, {p['steps']} steps, "
+              f"GSD {p['gsd_m']:.2f} m; {p['tiles']} {'jointly denoised window(s)' if p.get('joint_denoising') else 'tile(s)'} "
+              f"of {p['model_px']} px, {p['steps']} steps, "
               f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
 

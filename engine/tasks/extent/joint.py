@@ -112,8 +112,13 @@ def prepare_steps(pipe, steps: int, seed: int) -> dict:
 
 
 def window_weights(layout: ExtentLayout) -> list:
-    """Each window's blend weights (latent cells), as numpy float32 arrays."""
-    return [blend_weights(layout.window, layout.window, layout.overlap, w.touches) for w in layout.windows]
+    """Each window's blend weights (latent cells), numpy float32; windows on the same edges share
+    one array (at most 16 distinct ones, whatever the number of windows)."""
+    shared: dict = {}
+    for w in layout.windows:
+        if w.touches not in shared:
+            shared[w.touches] = blend_weights(layout.window, layout.window, layout.overlap, w.touches)
+    return [shared[w.touches] for w in layout.windows]
 
 
 def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional[list], steps: int,
@@ -136,7 +141,7 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
     step_kwargs = prepare_steps(pipe, steps, seed)
     timesteps = pipe.scheduler.timesteps
     latents = canvas_noise(seed, layout.canvas_h, layout.canvas_w) * pipe.scheduler.init_noise_sigma
-    weights = [torch.from_numpy(w) for w in window_weights(layout)]
+    weights = [torch.from_numpy(w) for w in window_weights(layout)]  # views: shared arrays stay shared
     batch_size = max(1, int(batch_size))
     total = len(timesteps)
     report(progress, Progress(step=0, total_steps=total, message="denoising"))
