@@ -118,7 +118,7 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
             if not bands or bands[-1][0] != y:
                 bands.append((y, []))
             bands[-1][1].append(k)
-        report(progress, Progress(step=0, total_steps=total, message="denoising"))
+        report(progress, Progress(step=0, total_steps=n, tile=0, total_tiles=total, message="denoising"))
         for i, t in enumerate(timesteps):
             current, target = files[i % 2], files[(i + 1) % 2]
             acc_y0 = 0  # first canvas row held in the accumulators
@@ -144,9 +144,10 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
                         rr = slice(r.start - acc_y0, r.stop - acc_y0)
                         eps_sum[:, rr, c] += eps[j] * weights[k]
                         w_sum[:, rr, c] += weights[k]
-                    done += len(index)
-                    report(progress, Progress(step=done, total_steps=n, tile=i, total_tiles=total,
-                                              message=f"step {i + 1}/{total}: windows"))
+                    for _ in index:  # one "denoising" update per window step (the run's meter counts them)
+                        done += 1
+                        report(progress, Progress(step=done, total_steps=n, tile=i, total_tiles=total,
+                                                  message="denoising"))
                 # rows no later window-row touches are final: step them and write them out
                 final_to = bands[b + 1][0] if b + 1 < len(bands) else acc_y0 + eps_sum.shape[1]
                 m = final_to - acc_y0
@@ -157,7 +158,6 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
                     target.write_rows(acc_y0, stepped[0].numpy())
                     eps_sum, w_sum = eps_sum[:, m:].copy(), w_sum[:, m:].copy()
                     acc_y0 = final_to
-            report(progress, Progress(step=i + 1, total_steps=total, message="denoising"))
         if cancel is not None:
             cancel.raise_if_cancelled()
         final = files[total % 2]

@@ -130,9 +130,10 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
 
     ``metadata``: one :class:`~engine.metadata.SatMetadata` per window (None: unconditioned, the
     model has no metadata). ``predict(latents, t, index)`` replaces the UNet (tests: a stand-in
-    model); it returns one noise prediction per window in ``index``. Progress: one update per
-    window batch (``tile`` = steps done, ``step`` = windows done in this step) and one
-    ``"denoising"`` update per finished step; ``cancel`` is polled before every batch.
+    model); it returns one noise prediction per window in ``index``. Progress: one ``"denoising"``
+    update per window and step (``tile`` = steps done, ``step`` = windows done in this step, so a
+    run's measured denoising steps are window steps, as the plan's work counts them); ``cancel``
+    is polled before every window batch.
     """
     windows = list(layout.windows)
     n = len(windows)
@@ -144,7 +145,7 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
     weights = [torch.from_numpy(w) for w in window_weights(layout)]  # views: shared arrays stay shared
     batch_size = max(1, int(batch_size))
     total = len(timesteps)
-    report(progress, Progress(step=0, total_steps=total, message="denoising"))
+    report(progress, Progress(step=0, total_steps=n, tile=0, total_tiles=total, message="denoising"))
     for i, t in enumerate(timesteps):
         eps_sum = torch.zeros_like(latents)
         w_sum = torch.zeros((1, 1, layout.canvas_h, layout.canvas_w), dtype=torch.float32)
@@ -159,12 +160,11 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
                 r, c = views[j]
                 eps_sum[0, :, r, c] += eps[j] * weights[k]
                 w_sum[0, :, r, c] += weights[k]
-            report(progress, Progress(step=index[-1] + 1, total_steps=n, tile=i, total_tiles=total,
-                                      message=f"step {i + 1}/{total}: windows"))
+            for k in index:  # one "denoising" update per window step (the run's meter counts them)
+                report(progress, Progress(step=k + 1, total_steps=n, tile=i, total_tiles=total, message="denoising"))
         noise = eps_sum / w_sum
         del eps_sum
         latents = pipe.scheduler.step(noise, t, latents, **step_kwargs).prev_sample
-        report(progress, Progress(step=i + 1, total_steps=total, message="denoising"))
     if cancel is not None:
         cancel.raise_if_cancelled()
     return latents
