@@ -111,9 +111,14 @@ def child_stand_in(size: int, steps: int, out: str) -> None:
                       "denoise_s": round(denoise_s, 1), "peak_rss_mb": round(peak_mb, 1), "stand_in": True}))
 
 
+GDAL_CACHE_MB = 8  #: GDAL_CACHEMAX of the measured process (--gdal-cache-mb; 0: the engine's default, 128)
+
+
 def measure(size: int, steps: int, stand_in: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
+        if GDAL_CACHE_MB:  # as benchmarks/tiling_memory.py: GDAL's block cache would hold the output's blocks
+            env["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
         proc = subprocess.run([sys.executable, __file__, "--child", str(size), "--steps", str(steps),
                                "--out", str(Path(tmp) / "out.tif"), *(["--stand-in"] if stand_in else [])],
                               env=env, capture_output=True, text=True, check=False)
@@ -128,6 +133,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1)
     parser.add_argument("--stand-in", action="store_true", help="a cheap stand-in for the UNet and the decoder: "
                         "the memory of the canvas, blending and COG machinery alone, at any size")
+    parser.add_argument("--gdal-cache-mb", type=int, default=8, help="GDAL_CACHEMAX of the measured process, "
+                        "MiB (default 8, as benchmarks/tiling_memory.py); 0 = the engine's default (128)")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -135,6 +142,8 @@ def main() -> None:
     if args.child:
         (child_stand_in if args.stand_in else child)(args.child, args.steps, args.out)
         return
+    global GDAL_CACHE_MB
+    GDAL_CACHE_MB = args.gdal_cache_mb
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
         row = measure(size, args.steps, args.stand_in)
@@ -144,9 +153,12 @@ def main() -> None:
         sys.path.insert(0, str(ROOT))
         from benchmarks._report import machine_description, write_section
 
-        lines = [f"`python benchmarks/extent_memory.py --sizes {args.sizes} --steps {args.steps} --write` "
+        mode = " --stand-in" if args.stand_in else ""
+        lines = [f"`python benchmarks/extent_memory.py --sizes {args.sizes} --steps {args.steps}{mode} --write` "
                  f"({machine_description()}). Fresh process per size; tiny model, {GSD:g} m/px, guidance 1, "
-                 "256 px windows overlapping by 64 px, batch 4.", "",
+                 "256 px windows overlapping by 64 px, batch 4; GDAL_CACHEMAX = "
+                 f"{GDAL_CACHE_MB or 'the engine default, 128'} MiB (a bigger block cache fills with output blocks "
+                 "up to its size). Peak RSS is ru_maxrss.", "",
                  "| output px | windows | steps | peak RSS (MB) | denoise (s) | total (s) |",
                  "|---|---|---|---|---|---|"]
         for r in rows:

@@ -224,7 +224,23 @@ def test_cancel_leaves_nothing(tmp_path, models):
             token.cancel()
 
     with pytest.raises(Cancelled):
-        generate(GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=1, batch_size=1, guidance=1.0),
-                 tmp_path / "c.tif", models=models, progress=progress, cancel=token)
+        generate(GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=1, batch_size=1,
+                                 guidance=1.0), tmp_path / "c.tif", models=models, progress=progress, cancel=token)
     assert not (tmp_path / "c.tif").exists() and [p.name for p in tmp_path.iterdir()] == []
     assert seen[-1].step == 2 and seen[-1].total_steps == 4  # stopped within the window batches of step 1
+
+
+def test_a_multistep_scheduler_keeps_the_canvas_in_ram(tmp_path, models):
+    """DPM++ keeps canvas-sized state between steps: the in-RAM canvas (not the band-by-band files)."""
+    from engine.tasks.extent.canvas import streams
+    from engine.tasks.generate import generate
+
+    request = GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=11, guidance=1.0,
+                              scheduler="dpm++")
+    generate(request, tmp_path / "dpm.tif", models=models)
+    image = _read(tmp_path / "dpm.tif")[0]
+    assert image.shape == (3, 448, 448) and image.std() > 5
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    assert streams(DDIMScheduler()) and not streams(DPMSolverMultistepScheduler())
+    assert [p.name for p in tmp_path.iterdir()] == ["dpm.tif"]
