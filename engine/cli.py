@@ -45,6 +45,11 @@ examples:
   diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 \\
       --date 2021-06-15 --seed 7 --out rome_utm.tif --json
 
+  # the same ground at 2 m per pixel (2904 x 2800 px): denoised jointly over overlapping windows,
+  # each conditioned on its own centre
+  diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 --gsd 2 \
+      --date 2021-06-15 --out rome_2m.tif
+
 how the model is conditioned:
   The centre longitude/latitude and the ground sample distance (metres per pixel, measured
   on the ground, so any CRS gives the same answer for the same extent) come from --bbox,
@@ -453,7 +458,8 @@ def _print_plan(args: argparse.Namespace, request) -> int:
         print(json.dumps(p))
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
-              f"GSD {p['gsd_m']:.2f} m; {p['tiles']} tile(s) of {p['model_px']} px, {p['steps']} steps, "
+              f"GSD {p['gsd_m']:.2f} m; {p['tiles']} {'jointly denoised window(s)' if p.get('joint_denoising') else 'tile(s)'} "
+              f"of {p['model_px']} px, {p['steps']} steps, "
               f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
 

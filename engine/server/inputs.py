@@ -201,6 +201,15 @@ def confine_path(path: str | os.PathLike, config: ServerConfig, *, what: str = "
 def output_pixels(request: Any) -> Optional[int]:
     """Pixels the request makes the engine produce when it states its size, else None: the
     output's, times the samples of ``spread`` (each is a whole image denoised and decoded)."""
+    if getattr(request, "gsd", None) is not None:  # generate --gsd: the bbox's grid at that GSD
+        from ..errors import DiffusionSatError
+        from ..tasks.extent import extent_grid
+
+        try:
+            _, width, height = extent_grid(request.bbox, request.crs, request.gsd)
+        except DiffusionSatError:  # a bad bbox or CRS: the task's check refuses it with its own message
+            return None
+        return width * height * int(getattr(request, "spread", None) or 1)
     size = getattr(request, "size", None)
     width = getattr(request, "width", None) or size
     height = getattr(request, "height", None) or size

@@ -92,6 +92,11 @@ class PlanOut(BaseModel):
     work_mpx: Optional[float] = Field(None, description="megapixels through the UNet over the job (time scales with it)")
     model: Optional[str] = Field(None, description="the model the job would run (what auto picks)")
     notices: list[str] = Field(default_factory=list, description="one-line notes on rules applied to the model")
+    # generate --gsd over several windows (joint denoising; tiles = windows)
+    windows: Optional[int] = Field(None, description="generate --gsd: jointly denoised windows of model_px")
+    window_overlap_px: Optional[int] = Field(None, description="overlap of neighbouring windows, output px")
+    joint_denoising: Optional[bool] = Field(None, description="one latent canvas denoised over the windows")
+    gsd_requested: Optional[float] = Field(None, description="the gsd asked for, metres per pixel")
 
 
 class JobOut(BaseModel):

@@ -62,6 +62,7 @@ class Checked:
     gsd_m: float
     model: str = ""  #: the model's name (what ``auto`` picked)
     notices: tuple[str, ...] = ()  #: the one-line notes the run will print about the model (pairing, tile size)
+    extent: Optional[dict] = None  #: generate --gsd over several windows: the joint layout (engine.tasks.extent)
 
 
 def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
@@ -90,6 +91,8 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     have = located.controlnet_tasks()
     if needs is not None and have is not None and needs not in have:
         raise missing_controlnet(located.root.name, needs, have)
+    if request.task == "generate" and getattr(request, "gsd", None) is not None:
+        return _check_extent(request, path, model_px, located)
     if request.task == "generate":
         width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
@@ -102,6 +105,28 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
     gsd = ground_pixel_size(grid.bounds, grid.crs.to_wkt(), grid.width, grid.height)
     return Checked(request, path, model_px, grid.width, grid.height, grid.crs.to_string(), tuple(grid.bounds),
                    len(layout.tiles), (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located))
+
+
+def _check_extent(request, path, model_px: int, located) -> Checked:
+    """``generate --gsd``: the bbox's grid at that GSD; larger than the model's window, the joint
+    layout (its windows are the plan's tiles)."""
+    from .extent.grid import check_extent, extent_grid, extent_layout, is_joint
+
+    crs = parse_crs(request.crs)
+    bbox, width, height = extent_grid(request.bbox, crs, request.gsd)
+    check_extent(width, height)
+    derive_from_bbox(bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
+    gsd = ground_pixel_size(bbox, crs, width, height)
+    extent = None
+    tiles = 1
+    if is_joint(width, height, model_px):
+        if request.spread:
+            raise InvalidRequest("--spread is not available yet for a --gsd extent larger than the model's "
+                                 f"{model_px} px window; leave out --spread or choose a coarser --gsd")
+        layout = extent_layout(request.bbox, request.crs, request.gsd, model_px)
+        extent, tiles = layout.plan(), len(layout.windows)
+    return Checked(request, path, model_px, width, height, request.crs, tuple(bbox), tiles,
+                   (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located), extent=extent)
 
 
 def _model_notes(located) -> tuple[str, tuple[str, ...]]:
@@ -172,7 +197,9 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
             "output_megapixels": round(c.width * c.height / 1e6, 3), "model": c.model, "notices": list(c.notices)}
     # The work, in megapixels through the UNet: a generate runs the whole image at once, the other
     # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
-    eval_px = c.width * c.height if request.task == "generate" else c.model_px * c.model_px
+    eval_px = c.width * c.height if request.task == "generate" and not c.extent else c.model_px * c.model_px
+    if c.extent:  # generate --gsd over windows: each window is one model_px evaluation per step
+        plan.update(c.extent, gsd_requested=request.gsd)
     passes = 1 + int(getattr(request, "resample", 0) or 0)
     plan["mpx_per_step"] = round(eval_px * cfg * samples * passes / 1e6, 6)
     plan["work_mpx"] = round(plan["mpx_per_step"] * c.tiles * request.steps, 6)

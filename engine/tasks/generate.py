@@ -50,6 +50,11 @@ def generate(
 
     ``models`` is a :class:`engine.models.cache.ModelCache` (a fresh one if None).
     """
+    if request.gsd is not None:  # the bbox at a ground resolution, jointly over windows when large
+        from .extent.joint import generate_extent
+
+        return generate_extent(request, out, models=models, progress=progress, cancel=cancel,
+                               on_model_loaded=on_model_loaded)
     started = time.perf_counter()
     out = check(request, out).out  # everything refusable is refused before the model is loaded
     crs = parse_crs(request.crs)

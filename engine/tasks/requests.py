@@ -85,6 +85,10 @@ class GenerateRequest(_Request):
     size: Optional[int] = Field(None, description="longest side of the output in px, a multiple of 8; the "
                                 "other side follows the bbox's shape on the ground (default: the model's "
                                 "native size)")
+    gsd: Optional[float] = Field(
+        None, gt=0.0, le=100_000.0, description="ground resolution in metres per pixel: the output is the "
+        "bbox at this GSD, of any size (instead of size/width/height); larger than the model's window, it is "
+        "denoised jointly over overlapping windows, each conditioned on its own place")
     prompt: str = PROMPT
     steps: int = STEPS
     guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
@@ -116,12 +120,33 @@ class GenerateRequest(_Request):
         from ..errors import DiffusionSatError
         from ..metadata import output_size
 
+        if self.gsd is not None:
+            return self._extent_pixels()
         try:
             w, h = output_size(self.bbox, self.crs, self.size, self.width, self.height, 512)
         except DiffusionSatError:  # a bad bbox or CRS: check() refuses it with its own message
             return self
         if w * h > MAX_PIXELS:
             raise ValueError(f"{w}x{h} px is more than {MAX_PIXELS} pixels for one generated image")
+        return self
+
+    def _extent_pixels(self) -> "GenerateRequest":
+        """``gsd`` sets the size: not with size/width/height; a large extent has its own limit
+        (engine.tasks.extent.EXTENT_MAX_PIXELS), not MAX_PIXELS (it is not one window)."""
+        from ..errors import DiffusionSatError
+        from .extent.grid import EXTENT_MAX_PIXELS, extent_grid
+
+        given = [f"--{n}" for n in ("size", "width", "height") if getattr(self, n) is not None]
+        if given:
+            raise ValueError(f"gsd sets the output size from the bbox: give either --gsd or {'/'.join(given)}, "
+                             "not both")
+        try:
+            _, w, h = extent_grid(self.bbox, self.crs, self.gsd)
+        except DiffusionSatError:  # a bad bbox or CRS: check() refuses it with its own message
+            return self
+        if w * h > EXTENT_MAX_PIXELS:
+            raise ValueError(f"at {self.gsd:g} m/px the output would be {w}x{h} px ({w * h / 1e6:.0f} Mpx), over "
+                             f"the limit of {EXTENT_MAX_PIXELS / 1e6:.0f} Mpx; choose a coarser gsd or a smaller bbox")
         return self
 
 

@@ -1,0 +1,31 @@
+"""POST /v1/plan for generate --gsd: the grid, the windows and the evaluations, under the engine's
+own --max-pixels (a gsd request states no width/height, yet its size is known)."""
+
+from __future__ import annotations
+
+from engine.tasks.extent import extent_layout
+
+from .conftest import MAX_PIXELS, call
+
+UTM = "EPSG:32633"
+
+
+def test_plan_of_a_gsd_extent_shows_windows_and_the_limit_applies(server):
+    # 896 m at 2 m/px would be 448 x 448 px: over the test server's --max-pixels (128 x 128)
+    big = {"task": "generate", "bbox": [288500, 4639300, 289396, 4640196], "crs": UTM, "gsd": 2.0, "model": "tiny"}
+    reply = call(server, "POST", "/v1/plan", json_body=big)
+    assert reply.status == 413 or reply.status == 400, reply.body
+    assert "max-pixels" in reply.json["detail"]
+    # 240 m at 2 m/px: 120 x 120 px, within the limit; the tiny model's window is 256 px: one window
+    small = dict(big, bbox=[288500, 4639300, 288740, 4639540])
+    reply = call(server, "POST", "/v1/plan", json_body=small)
+    assert reply.status == 200, reply.body
+    assert (reply.json["width"], reply.json["height"]) == (120, 120) and reply.json["tiles"] == 1
+    assert reply.json["width"] * reply.json["height"] <= MAX_PIXELS
+    # over windows: with a 64 px model window (--resolution 64) the same extent is 2 x 2 windows
+    reply = call(server, "POST", "/v1/plan", json_body=dict(small, resolution=64, steps=3))
+    assert reply.status == 200, reply.body
+    layout = extent_layout(small["bbox"], UTM, 2.0, 64)
+    assert reply.json["windows"] == reply.json["tiles"] == len(layout.windows) > 1
+    assert reply.json["joint_denoising"] is True and reply.json["window_overlap_px"] == 16
+    assert reply.json["unet_evaluations"] == len(layout.windows) * 3 * 2
