@@ -244,3 +244,20 @@ def test_a_multistep_scheduler_keeps_the_canvas_in_ram(tmp_path, models):
 
     assert streams(DDIMScheduler()) and not streams(DPMSolverMultistepScheduler())
     assert [p.name for p in tmp_path.iterdir()] == ["dpm.tif"]
+
+
+def test_the_default_sampler_keeps_large_canvases_on_disk(tmp_path, models, monkeypatch):
+    """``auto`` is DPM-Solver++, whose canvas-sized state lives in RAM; above a size the extent is
+    sampled with DDIM instead, stepped band by band from files, and the output says so."""
+    from engine.tasks.extent import joint
+    from engine.tasks.generate import generate
+
+    request = GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=11, guidance=1.0)
+    assert request.scheduler == "auto"
+    small = generate(request, tmp_path / "small.tif", models=models)
+    assert _read(tmp_path / "small.tif")[1]["scheduler"] == "dpm++"
+    assert not any("DDIM" in w for w in small.warnings)
+    monkeypatch.setattr(joint, "AUTO_IN_RAM_LATENTS", 1)  # every canvas counts as large
+    large = generate(request, tmp_path / "large.tif", models=models)
+    assert _read(tmp_path / "large.tif")[1]["scheduler"] == "ddim"
+    assert any("sampled with DDIM" in w and "--scheduler dpm++" in w for w in large.warnings)

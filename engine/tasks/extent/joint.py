@@ -44,6 +44,10 @@ from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, is_joint, whole_me
 NOISE_BLOCK = 64
 #: Windows per UNet call when the request does not say (CPU: small; the result does not depend on it).
 DEFAULT_BATCH = 4
+#: Latent values (4 x the canvas's latent px) above which the default sampler (``auto``) is DDIM,
+#: whose steps run band by band from files (memory flat in the extent), rather than DPM-Solver++,
+#: whose multistep state is canvas-sized and lives in RAM (about 5 canvas copies): 8192² px output.
+AUTO_IN_RAM_LATENTS = 4 * 1024 * 1024
 
 
 def block_seed(seed: int, by: int, bx: int) -> int:
@@ -243,7 +247,8 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     if models is None:
         models = ModelCache()
     bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=request.device, dtype=request.dtype)
+                                   controlnet=request.controlnet, device=request.device, dtype=request.dtype,
+                                   compile=request.compile)
     if on_model_loaded is not None:
         on_model_loaded(bundle, placement)
     model_px = request_resolution(bundle, request)
@@ -251,6 +256,11 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     whole = whole_metadata(layout, request.date, request.cloud_cover)
     per_window = windows_metadata(layout, request.date, request.cloud_cover)
     warnings = list(bundle.notices) + whole.out_of_range_warnings()
+    if request.scheduler == "auto" and 4 * layout.canvas_h * layout.canvas_w > AUTO_IN_RAM_LATENTS:
+        request = request.model_copy(update={"scheduler": "ddim"})  # and the tags say so
+        warnings.append(f"{layout.width}x{layout.height} px is sampled with DDIM (the default sampler for "
+                        "extents this large: its canvas stays on disk, memory flat in the extent); "
+                        "--scheduler dpm++ keeps DPM-Solver++ with the canvas in RAM")
     seed = request.seed if request.seed is not None else new_seed()
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
