@@ -215,8 +215,9 @@ def _cog_options(blocksize: int, overviews: bool) -> dict[str, Any]:
 
 
 def overview_factors(width: int, height: int, blocksize: int) -> list[int]:
-    """Decimation factors 2, 4, ... until the coarsest level fits in one block (as GDAL's COG
-    driver chooses them); an overview of factor ``f`` is ``ceil(width / f)`` x ``ceil(height / f)`` px."""
+    """Decimation factors 2, 4, ... until the coarsest level fits in one block (the levels GDAL's
+    COG driver makes); an overview of factor ``f`` is ``ceil(width / f)`` x ``ceil(height / f)`` px
+    (rounded up, as gdaladdo's; the COG driver's own round down)."""
     factors: list[int] = []
     f = 1
     while math.ceil(width / f) > blocksize or math.ceil(height / f) > blocksize:
