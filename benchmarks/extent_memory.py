@@ -111,7 +111,7 @@ def child_stand_in(size: int, steps: int, out: str) -> None:
                       "denoise_s": round(denoise_s, 1), "peak_rss_mb": round(peak_mb, 1), "stand_in": True}))
 
 
-GDAL_CACHE_MB = 8  #: GDAL_CACHEMAX of the measured process (--gdal-cache-mb; 0: the engine's default, 128)
+GDAL_CACHE_MB = 8  #: GDAL_CACHEMAX of the measured process (--gdal-cache-mb; 0: the engine's default, engine.runtime.GDAL_CACHE_MB)
 
 
 def measure(size: int, steps: int, stand_in: bool = False) -> dict:
@@ -134,7 +134,7 @@ def main() -> None:
     parser.add_argument("--stand-in", action="store_true", help="a cheap stand-in for the UNet and the decoder: "
                         "the memory of the canvas, blending and COG machinery alone, at any size")
     parser.add_argument("--gdal-cache-mb", type=int, default=8, help="GDAL_CACHEMAX of the measured process, "
-                        "MiB (default 8, as benchmarks/tiling_memory.py); 0 = the engine's default (128)")
+                        "MiB (default 8, as benchmarks/tiling_memory.py); 0 = the engine's default (engine.runtime.GDAL_CACHE_MB, 32)")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -157,7 +157,7 @@ def main() -> None:
         lines = [f"`python benchmarks/extent_memory.py --sizes {args.sizes} --steps {args.steps}{mode} --write` "
                  f"({machine_description()}). Fresh process per size; tiny model, {GSD:g} m/px, guidance 1, "
                  "256 px windows overlapping by 64 px, batch 4; GDAL_CACHEMAX = "
-                 f"{GDAL_CACHE_MB or 'the engine default, 128'} MiB (a bigger block cache fills with output blocks "
+                 f"{GDAL_CACHE_MB or 'the engine default, 32'} MiB (a bigger block cache fills with output blocks "
                  "up to its size). Peak RSS is ru_maxrss.", "",
                  "| output px | windows | steps | peak RSS (MB) | denoise (s) | total (s) |",
                  "|---|---|---|---|---|---|"]

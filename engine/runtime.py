@@ -14,8 +14,10 @@ import ctypes
 import ctypes.util
 import os
 
-#: MiB of GDAL block cache (plenty for window-by-window reads and writes).
-GDAL_CACHE_MB = 128
+#: MiB of GDAL block cache: the tile loop reads and writes window by window and needs little; a
+#: bigger cache fills with input and scratch blocks as the raster grows (128 MiB made peak RSS grow
+#: by 11 % from 1 to 16.8 Mpx of super-resolution, 16 MiB by 1.6 %: docs/benchmarks.md).
+GDAL_CACHE_MB = 32
 #: Allocations above this many bytes are mmapped and returned to the system when freed.
 MMAP_THRESHOLD = 128 * 1024
 _M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
