@@ -6,6 +6,8 @@
 - :mod:`.joint` (torch): MultiDiffusion-style joint denoising of one latent canvas (every step
   blends the windows' noise predictions with smooth weights, then takes one scheduler step on the
   whole canvas), the VAE decoded in overlapping blended tiles into the COG.
+- :mod:`.canvas` (torch): the latent canvas in files, stepped band by band for a stateless
+  scheduler (DDIM), so memory does not grow with the extent.
 
 Importing this package stays light (pyproj and rasterio, no torch).
 """
