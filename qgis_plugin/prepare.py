@@ -76,11 +76,11 @@ def prepare_generate(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, *,
                      cloud_cover: Optional[float] = None, prompt: str = "", steps: Optional[int] = None,
                      guidance: Optional[float] = None, seed: Optional[int] = None,
                      scheduler: Optional[str] = None, model: Optional[str] = None,
-                     spread: Optional[int] = None) -> PreparedJob:
+                     spread: Optional[int] = None, gsd: Optional[float] = None) -> PreparedJob:
     request = generate_request(extent, crs, size=size, width=width, height=height, date=date,
                                cloud_cover=cloud_cover,
                                prompt=prompt, steps=steps, guidance=guidance, seed=seed,
-                               scheduler=scheduler, model=model)
+                               scheduler=scheduler, model=model, gsd=gsd)
     if spread:
         request["spread"] = int(spread)  # N seeds; their per-pixel spread comes back beside the image
     label = name or (f"Generated {date.isoformat()}" if date else "Generated")
@@ -93,6 +93,8 @@ def _size_text(request: dict[str, Any]) -> str:
         return f"{request['width']}×{request['height']} px"
     if request.get("size"):
         return f"{request['size']} px"
+    if request.get("gsd"):
+        return f"at {request['gsd']:g} m/px"
     return "at the model's size"
 
 

@@ -176,6 +176,35 @@ def output_size(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, longest
     return round8(longest * width_m / height_m), longest
 
 
+#: The dock's ground resolution before any extent chose one (m/px).
+DEFAULT_GSD_M = 10.0
+#: Longest side (px) the dock aims at when it picks a ground resolution for a large extent.
+GSD_TARGET_PX = 2048
+
+
+def gsd_for_extent(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, gsd_range: tuple[float, float],
+                   project: Optional[QgsProject] = None) -> float:
+    """A ground resolution for a large extent: about :data:`GSD_TARGET_PX` px on its longest side,
+    kept inside ``gsd_range`` (the training imagery's), rounded to 0.5 m (0.1 m below 1 m)."""
+    width_m, height_m = ground_size(extent, crs, project)
+    lo, hi = gsd_range
+    gsd = min(max(max(width_m, height_m) / GSD_TARGET_PX, lo), hi)
+    step = 0.1 if gsd < 1 else 0.5
+    return max(lo, min(hi, round(gsd / step) * step))
+
+
+def gsd_size(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, gsd_m: float,
+             project: Optional[QgsProject] = None) -> tuple[int, int]:
+    """Width and height in px of ``extent`` at ``gsd_m`` metres per pixel, rounded up to multiples
+    of 8 (the grid covers the extent): the dock's estimate of the grid the engine makes from ``gsd``."""
+    if not gsd_m or gsd_m <= 0 or not math.isfinite(gsd_m):
+        raise RequestError(f"the ground resolution must be a positive number of metres per pixel, got {gsd_m}")
+    width_m, height_m = ground_size(extent, crs, project)
+    if width_m <= 0 or height_m <= 0:
+        raise RequestError("the extent has no area on the ground")
+    return (max(8, 8 * math.ceil(width_m / gsd_m / 8 - 1e-9)), max(8, 8 * math.ceil(height_m / gsd_m / 8 - 1e-9)))
+
+
 def grid_info(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, width: int, height: int,
               project: Optional[QgsProject] = None) -> GridInfo:
     """Size, GSD and centre of a target grid, for display only (the engine derives its own)."""
@@ -389,6 +418,7 @@ def generate_request(
     seed: Optional[int] = None,
     scheduler: Optional[str] = None,
     model: Optional[str] = None,
+    gsd: Optional[float] = None,
 ) -> dict[str, Any]:
     """The ``generate`` request for ``extent`` in ``crs`` (the output lands exactly on it).
 
@@ -399,6 +429,8 @@ def generate_request(
         cloud_cover: fraction 0..1, None = unknown.
         prompt: text prompt; empty = the engine's default prompt.
         scheduler: a sampler name; None = the engine's default (not sent).
+        gsd: metres per pixel instead of a size: the extent at that ground resolution, of any size
+            (larger than the model's window, the engine denoises overlapping windows jointly).
     """
     for name, value in (("width", width), ("height", height)):
         if value is not None and (value <= 0 or value % 8):
@@ -415,6 +447,12 @@ def generate_request(
     }
     if scheduler and scheduler.strip():
         req["scheduler"] = scheduler.strip()
+    if gsd is not None:
+        if gsd <= 0 or not math.isfinite(gsd):
+            raise RequestError(f"the ground resolution must be a positive number of metres per pixel, got {gsd}")
+        if size is not None or width is not None or height is not None:
+            raise RequestError("give either a ground resolution or a size, not both")
+        req["gsd"] = float(gsd)
     if size is not None:
         req["size"] = round8(size)
     if width is not None:

@@ -40,7 +40,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .. import memory, schema
-from ..checks import RangeWarning, cloud_warning, date_warning, gsd_warning
+from ..checks import GSD_RANGE_M, RangeWarning, cloud_warning, date_warning, gsd_warning
 from ..compat import LAYER_POLYGON, LAYER_RASTER, icon
 from ..results import band_name_of, band_names_of, sort_by_band
 from ..layers import output_folder, output_stem, unique_path
@@ -54,11 +54,14 @@ from ..prepare import (
     prepare_temporal,
 )
 from ..requests import (
+    DEFAULT_GSD_M,
     DEFAULT_SIZE,
     PreparedJob,
     RequestError,
     default_date,
     grid_info,
+    gsd_for_extent,
+    gsd_size,
     guess_band_name,
     layer_date,
     output_size,
@@ -377,7 +380,29 @@ class GenerateTab(_Tab):
         self.size.setSuffix(" px")
         self.size.setToolTip("Longest side of the image; the other follows the extent's shape on the ground")
         self.size.valueChanged.connect(self.refresh_info)
-        self.form.addRow("Longest side", self.size)
+        self.size_mode = QComboBox()
+        self.size_mode.setObjectName("size_mode")
+        self.size_mode.addItems(["Longest side", "Ground resolution"])
+        self.size_mode.setToolTip("Longest side: one image of that many px (the model's native size is best). "
+                                  "Ground resolution: the extent at that many metres per pixel, of any size; "
+                                  "larger than one window, the engine denoises overlapping windows together, "
+                                  "each conditioned on its own place. Chosen for you when the extent is large.")
+        self.gsd = QDoubleSpinBox()
+        self.gsd.setObjectName("gsd")
+        self.gsd.setDecimals(2)
+        self.gsd.setRange(0.1, 1000.0)
+        self.gsd.setValue(DEFAULT_GSD_M)
+        self.gsd.setSingleStep(0.5)
+        self.gsd.setSuffix(" m/px")
+        self.gsd.setToolTip("Metres per pixel on the ground (the training imagery: about 0.3-20 m/px)")
+        self.gsd.valueChanged.connect(self.refresh_info)
+        self.size_mode.currentIndexChanged.connect(self._mode_changed)
+        size_row = QHBoxLayout()
+        size_row.addWidget(self.size_mode)
+        size_row.addWidget(self.size, 1)
+        size_row.addWidget(self.gsd, 1)
+        self.gsd.setVisible(False)
+        self.form.addRow("Size", size_row)
 
         date_row = QHBoxLayout()
         self.date = _date_edit(default_date(dock.canvas()))
@@ -430,16 +455,30 @@ class GenerateTab(_Tab):
         self.layout_.addWidget(advanced)
         self.remembered.update(size=self.size, date=self.date, cloud_known=self.cloud_known, cloud=self.cloud,
                                prompt=self.prompt, steps=self.steps, guidance=self.guidance, seed=self.seed,
-                               spread=self.spread)
+                               spread=self.spread, size_mode=self.size_mode, gsd=self.gsd)
         self.outline: Optional[QgsRubberBand] = None
         self.finish("Generate")
 
     def reset_date(self) -> None:
         self.date.setDate(_qdate(default_date(self.dock.canvas())))
 
+    @property
+    def by_ground_resolution(self) -> bool:
+        return self.size_mode.currentIndex() == 1
+
+    def _mode_changed(self, *args) -> None:
+        self.size.setVisible(not self.by_ground_resolution)
+        self.gsd.setVisible(self.by_ground_resolution)
+        self.refresh_info()
+
     def set_extent(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
         self.extent = QgsRectangle(extent)
         self.extent_crs = QgsCoordinateReferenceSystem(crs)
+        if not self.by_ground_resolution and self._too_coarse():
+            # One image over this extent would be coarser than the training imagery: generate it
+            # at a ground resolution instead (any size; the engine denoises windows jointly).
+            self.gsd.setValue(gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
+            self.size_mode.setCurrentIndex(1)
         self.refresh_info()
         self.draw_outline()
 
@@ -487,8 +526,10 @@ class GenerateTab(_Tab):
             return []
         width, height = self.target_size()
         info = grid_info(self.extent, self.extent_crs, width, height)
-        found = [gsd_warning(info.gsd_m, longest_px=max(width, height), ground_m=max(info.width_m, info.height_m),
-                             max_px=self.limits.max_side),
+        gsd = gsd_warning(info.gsd_m) if self.by_ground_resolution else gsd_warning(
+            info.gsd_m, longest_px=max(width, height), ground_m=max(info.width_m, info.height_m),
+            max_px=self.limits.max_side)
+        found = [gsd,
                  date_warning(_pydate(self.date.date())), cloud_warning(self.cloud_cover())]
         return [w for w in found if w is not None]
 
@@ -497,9 +538,20 @@ class GenerateTab(_Tab):
         if canvas is not None:
             self.set_extent(canvas.extent(), canvas.mapSettings().destinationCrs())
 
+    def _too_coarse(self) -> bool:
+        """True when the extent at the largest Longest side allowed is coarser than the training GSDs."""
+        try:
+            width, height = output_size(self.extent, self.extent_crs, max(self.size.value(), DEFAULT_SIZE),
+                                        max_side=self.limits.max_side)
+            return grid_info(self.extent, self.extent_crs, width, height).gsd_m > GSD_RANGE_M[1]
+        except RequestError:
+            return False
+
     def target_size(self) -> tuple[int, int]:
         if self.extent is None:
             raise RequestError("draw the extent to generate on the map first (Draw extent)")
+        if self.by_ground_resolution:
+            return gsd_size(self.extent, self.extent_crs, self.gsd.value())
         return output_size(self.extent, self.extent_crs, self.size.value(), max_side=self.limits.max_side)
 
     def apply_limits(self, limits: "schema.Limits", initial: bool = False) -> None:
@@ -528,8 +580,10 @@ class GenerateTab(_Tab):
         self.target_size()  # an extent is drawn and has an area; the engine sizes the grid from `size`
         date = _pydate(self.date.date())
         seed = self.seed.value()
+        by_gsd = self.by_ground_resolution
         return prepare_generate(
-            self.extent, self.extent_crs, size=self.size.value(), output_path=self.output_path(date),
+            self.extent, self.extent_crs, size=None if by_gsd else self.size.value(),
+            gsd=self.gsd.value() if by_gsd else None, output_path=self.output_path(date),
             date=date, cloud_cover=self.cloud_cover(), prompt=self.prompt.text(), steps=self.steps.value(),
             guidance=self.guidance.value(), seed=seed if seed >= 0 else None, model=self.dock.settings().model,
             spread=self.spread.value() if self.spread.value() > 1 else None,
