@@ -12,6 +12,7 @@ DDIM image (the converged reference), at 5/10/20/50 steps; and the wall time of 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -88,7 +89,12 @@ def main(argv=None) -> int:
     body += (f"\nSeeded tiny `generate` (256 px, 20 steps, guidance 7.5, {threads} threads): "
              f"`--scheduler default` (DDIM, the old default) {timing['default']:.2f} s, "
              f"`auto` (DPM-Solver++, the new default) {timing['auto']:.2f} s (median of 3 warm runs, alternated; the cost per "
-             "step is the UNet's, the same for both: the gain is in the steps a given quality needs).\n")
+             "step is the UNet's, the same for both: the gain is in the steps a given quality needs).\n"
+             f"\nLoad average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores (the wall times "
+             "are the load's as much as the samplers'; the distances do not depend on it). On a loaded machine "
+             "torch's OpenMP threads spin-wait: the tiny UNet at 8x8 latents took 0.46 s per step with 2 threads "
+             "and 0.026 s with 1 (load average ~6 on 2 cores), hence one thread for the distances here, in "
+             "tests/engine/test_samplers.py and in `gpu_throughput.py --quick`.\n")
     print(body)
     if args.write:
         write_section("Samplers: convergence and the default (tiny, cpu)",

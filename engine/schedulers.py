@@ -87,7 +87,12 @@ def make_scheduler(name: str, base: Any, resample: int = 0) -> Any:
     if name not in classes:
         raise InvalidRequest(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULER_NAMES)}")
     cls, extra = classes[name]
-    return cls.from_config(base.config, **extra)
+    # The checkpoint's effective values, defaults included: diffusers would otherwise not pass on the
+    # keys its config file left out (``_use_default_values``), so the same checkpoint saved by
+    # save_pretrained (every key written) and as released (SD 2.1's short file) would give another
+    # sampler different timesteps ("leading" from the DDIM config vs the solver's own "linspace").
+    config = {k: v for k, v in base.config.items() if k != "_use_default_values"}
+    return cls.from_config(config, **extra)
 
 
 def set_timesteps(scheduler: Any, steps: int, device: Any = None) -> Any:

@@ -4,8 +4,8 @@ than the reference's DDIM.
 
 The tiny model (random weights, CPU) at 64 px, guidance 1, the same initial latents for every
 sampler; distances are RMS over the decoded images in [0, 1]. Measured once (docs/benchmarks.md,
-"Samplers"): the largest distance between samplers 0.018 at 5 steps, 0.0043 at 50; to a 200-step
-DDIM reference at 20 steps, DDIM 0.0091 and DPM-Solver++ 0.0030.
+"Samplers"): the largest distance between samplers 0.023 at 5 steps, 0.0040 at 50; to a 200-step
+DDIM reference at 20 steps, DDIM 0.0091 and DPM-Solver++ 0.0023.
 """
 
 import pytest
@@ -91,3 +91,18 @@ def test_resampling_with_the_default_sampler_is_accepted(tmp_path):
     check_resample(InpaintRequest(**base), "DDIMScheduler")  # auto -> ddim: accepted
     with pytest.raises(Exception, match="--resample needs"):
         check_resample(InpaintRequest(**base, scheduler="dpm++"), "DDIMScheduler")
+
+
+@pytest.mark.parametrize("name", ["dpm++", "unipc", "euler"])
+def test_a_sampler_has_the_same_timesteps_for_a_saved_checkpoint(tiny_bundle, tiny_folder, name):
+    """The built-in tiny model and the same model saved as a folder (every config key written out)
+    give a sampler the same timesteps: diffusers passes on only the keys a config file named, so the
+    solvers took "leading" spacing from a saved config and their own "linspace" from a short one."""
+    from engine.models.loading import load_model
+    from engine.schedulers import set_timesteps
+
+    loaded = load_model(str(tiny_folder))
+    a = set_timesteps(make_scheduler(name, tiny_bundle.scheduler), 20)
+    b = set_timesteps(make_scheduler(name, loaded.scheduler), 20)
+    assert torch.equal(a.timesteps, b.timesteps)
+    assert a.config.timestep_spacing == tiny_bundle.scheduler.config.timestep_spacing  # the checkpoint's

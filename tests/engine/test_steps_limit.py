@@ -11,7 +11,7 @@ import pytest
 
 from engine.errors import InvalidRequest
 from engine.models.configs import resource_path
-from engine.schedulers import make_scheduler, scheduler_from_config
+from engine.schedulers import make_scheduler, scheduler_from_config, set_timesteps
 from engine.tasks import SCHEDULER_NAMES, GenerateRequest, parse_request
 
 MAX_STEPS = GenerateRequest.model_fields["steps"].metadata[1].le
@@ -21,8 +21,9 @@ MAX_STEPS = GenerateRequest.model_fields["steps"].metadata[1].le
 def test_the_schema_maximum_stays_within_the_training_timesteps(name):
     config = json.loads(resource_path("tiny", "scheduler.json").read_text())
     assert config["steps_offset"] == 1 and config["num_train_timesteps"] == 1000  # as SD 2.1's
-    scheduler = make_scheduler(name, scheduler_from_config(config))
-    scheduler.set_timesteps(MAX_STEPS)
+    # set_timesteps: what the pipelines call (with "leading" spacing and steps_offset 1, which the
+    # solvers now take from the checkpoint as DDIM does, diffusers itself would ask for timestep 1000)
+    scheduler = set_timesteps(make_scheduler(name, scheduler_from_config(config)), MAX_STEPS)
     assert int(max(scheduler.timesteps)) < scheduler.config.num_train_timesteps
 
 
