@@ -46,6 +46,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size", type=int, default=512, help="output size in px (square)")
     p.add_argument("--batches", default="1,2,4")
+    p.add_argument("--modes", default="alone,whole", help="alone (the CPU default), whole (as one batch)")
     p.add_argument("--write", action="store_true")
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -56,7 +57,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         request = {**make_inputs(Path(tmp), args.size)["superres"], "model": "tiny", "steps": STEPS, "seed": 1,
                    "device": "cpu"}
-        for whole in (False, True):
+        for whole in [m == "whole" for m in args.modes.split(",")]:
             for b in [int(x) for x in args.batches.split(",")]:
                 out = str(Path(tmp) / f"sr-{b}-{int(whole)}.tif")
                 proc = subprocess.run([sys.executable, __file__, "--child", json.dumps({**request, "batch_size": b}),

@@ -106,6 +106,7 @@ def test_metadata_changes_the_image(pipe):
 
 def test_batches_expand_metadata_with_the_prompt(pipe):
     """The reference breaks with num_images_per_prompt > 1; here metadata follows its prompt."""
+    pipe.batch_invariant = False  # the whole batch in one UNet call (on the CPU it runs image by image)
     rec = Recorder(pipe.unet)
     pipe.unet = rec
     images = run(pipe, prompt=["a", "b"], metadata=[ROME, SAHARA], num_images_per_prompt=2, guidance_scale=2.0)
@@ -118,6 +119,13 @@ def test_batches_expand_metadata_with_the_prompt(pipe):
         assert torch.allclose(row, expected)
     # the two images of one prompt differ (different noise), the batch is not a copy
     assert np.abs(images[0] - images[1]).max() > 1e-4
+    # image by image (the CPU's default): the same rows, each image's [uncond; cond] alone
+    pipe.batch_invariant, rec.calls = None, []
+    alone = run(pipe, prompt=["a", "b"], metadata=[ROME, SAHARA], num_images_per_prompt=2, guidance_scale=2.0)
+    assert [c["sample"].shape[0] for c in rec.calls[:4]] == [2, 2, 2, 2]
+    for call, expected in zip(rec.calls[:4], [rome, rome, sahara, sahara]):
+        assert torch.equal(call["metadata"][0], torch.zeros(7)) and torch.allclose(call["metadata"][1], expected)
+    assert np.abs(alone - images).max() < 1e-4  # equal up to the last bits
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
