@@ -11,5 +11,6 @@
   (the ``--mask-rule`` grammar and presets).
 - Tiling: :mod:`.tiles` (tile plans and blend weights, pure) and :mod:`.accumulate` (the on-disk
   accumulator and the tile loop); splitting a run over processes is :mod:`engine.parallel`.
-- Writing: :mod:`.cog` (window-by-window Cloud-Optimized GeoTIFFs, atomic).
+- Writing: :mod:`.cog` (window-by-window Cloud-Optimized GeoTIFFs, atomic) with :mod:`.overviews`
+  (their overviews averaged in one pass, the COG options).
 """

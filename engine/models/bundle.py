@@ -130,7 +130,7 @@ def compile_blocks(model: torch.nn.Module) -> int:
     """Compile each down, mid and up block of ``model`` (a UNet or a ControlNet) in place, as
     regional compilation: the block's ``forward`` is replaced by its compiled version while the
     module itself stays (so its forward pre-hooks still run eagerly around it: the within-step
-    cancel of :func:`engine.pipelines.base._cancel_between_blocks` keeps working, and hooks added
+    cancel of :func:`engine.pipelines.rows.cancel_between_blocks` keeps working, and hooks added
     per run cause no recompilation). The small layers around the blocks (time and metadata
     embeddings, conv_in/conv_out) stay eager. ``dynamic=False``: one specialised kernel set per
     shape (a tiled job has one shape, plus its last, smaller batch); compilation happens at the

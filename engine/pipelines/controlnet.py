@@ -17,7 +17,8 @@ import torch
 
 from ..errors import InvalidRequest
 from ..models.registry import missing_controlnet
-from .base import PipelineOutput, SamplingRun, rows
+from .base import PipelineOutput, SamplingRun
+from .rows import rows
 from .text2img import DiffusionSatPipeline
 
 

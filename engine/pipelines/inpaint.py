@@ -15,7 +15,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..errors import InvalidRequest
-from .base import PipelineOutput, SamplingRun, randn_rows, rows
+from .base import PipelineOutput, SamplingRun
+from .rows import randn_rows, rows
 from .controlnet import Control, DiffusionSatControlNetPipeline
 
 

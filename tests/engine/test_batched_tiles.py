@@ -13,7 +13,8 @@ from engine import batching
 from engine.errors import DeviceError
 from engine.geo.tiles import plan_tiles, tile_progress
 from engine.models.cache import ModelCache
-from engine.pipelines.base import DiffusionSatBasePipeline, randn_rows
+from engine.pipelines.base import DiffusionSatBasePipeline
+from engine.pipelines.rows import randn_rows
 from engine.progress import Progress
 from engine.tasks import parse_request, run_task
 from engine.tasks.run import _DenoiseMeter

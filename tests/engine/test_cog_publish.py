@@ -16,7 +16,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from engine.geo import cog
-from engine.geo.cog import RUN_PREFIX, CogWriter, overview_factors
+from engine.geo.cog import RUN_PREFIX, CogWriter
+from engine.geo.overviews import DEFLATE_LEVEL, overview_factors
 from engine.geo.grid import Grid
 
 
@@ -76,7 +77,7 @@ def test_the_publish_asks_gdal_for_every_core_gives_it_the_overviews_and_keeps_t
     seen: list = []
     _write(tmp_path / "threads.tif", data, monkeypatch, seen)
     assert seen and str(seen[-1].get("num_threads", "")).upper() == "ALL_CPUS", seen
-    assert seen[-1]["level"] == cog.DEFLATE_LEVEL == 1
+    assert seen[-1]["level"] == DEFLATE_LEVEL == 1
     # the COG driver copies ready overviews instead of averaging the full resolution itself
     assert seen[-1]["_source_overviews"] == [2, 4], seen
     _assert_cog(tmp_path / "threads.tif")
