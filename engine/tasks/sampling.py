@@ -13,12 +13,15 @@ import torch
 
 from ..batching import BatchChoice, choose, is_cuda_oom
 from ..errors import DeviceError
+from ..geo.accumulate import batched
+from ..geo.tiles import tile_progress
 from ..metadata import SatMetadata
 from ..models.registry import auto_model
 from ..parallel import RunContext
 from ..pipelines.controlnet import Control, DiffusionSatControlNetPipeline
 from ..pipelines.inpaint import DiffusionSatInpaintPipeline
 from ..schedulers import make_scheduler
+from .common import tile_metadata
 
 
 def tile_generator(seed: int, tile_index: int):
@@ -108,3 +111,26 @@ def frames_controls(frames: Sequence[np.ndarray], dates: Sequence[_dt.date], mds
     controls = [frames_control(f, dates, md, scale) for f, md in zip(frames, mds)]
     return Control(image=torch.cat([c.image for c in controls]),
                    cond_metadata=torch.cat([c.cond_metadata for c in controls]), scale=scale)
+
+
+def controlnet_process(pipe, request, batches: Batches, control_of: Callable, *, grid, model_px: int, date, seed: int,
+                       total_tiles: int, progress=None, cancel=None) -> Callable:
+    """The ``@batched`` process function of a ControlNet task (super-resolution, temporal): each
+    batch of tiles through one pipeline call (``batches``: the size, the halving on CUDA OOM), every
+    tile with its own metadata (its footprint's centre), its own generator, and its conditioning
+    from ``control_of(arrays, metadata)``; one (3, h, w) output per tile."""
+
+    def sample(batch):
+        chunk = [tile for tile, _ in batch]
+        mds = [tile_metadata(grid, tile, model_px, date, request.cloud_cover) for tile in chunk]
+        result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
+                      num_inference_steps=request.steps, guidance_scale=request.guidance,
+                      generator=tile_generators(seed, chunk), control=control_of([a for _, a in batch], mds),
+                      callback=tile_progress(progress, chunk, total_tiles), cancel=cancel)
+        return [image.transpose(2, 0, 1) for image in result.images]
+
+    @batched
+    def process(chunk, arrays):
+        return batches(sample, list(zip(chunk, arrays)))
+
+    return process

@@ -10,12 +10,11 @@ import torch
 from rasterio.windows import Window
 
 from ..errors import InvalidRequest
-from ..geo.accumulate import batched
 from ..geo.grid import Grid
 from ..geo.guard import display_name
 from ..geo.sentinel2_bands import to_model_input
 from ..geo.sources import S2Source
-from ..geo.tiles import plan_tiles, tile_progress
+from ..geo.tiles import plan_tiles
 from ..models.resolution import request_resolution
 from ..parallel import RunContext
 from ..pipelines.controlnet import Control
@@ -29,12 +28,11 @@ from .common import (
     provenance_tags,
     run_job,
     seed_for,
-    tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import Batches, batch_choice, bundle_for, pipeline, tile_generators
+from .sampling import Batches, batch_choice, bundle_for, controlnet_process, pipeline
 
 
 def layout(request, model_px: int) -> Layout:
@@ -86,25 +84,13 @@ def superres(request, out: Path, *, models, context: RunContext, progress=None, 
                 warnings.append(w)
         return model_input.array, model_input.valid
 
-    def sample(batch):  # [(tile, array)] -> one (3, h, w) output per tile, in one pipeline call
-        chunk = [t for t, _ in batch]
-        mds = [tile_metadata(out_grid, t, model_px, date, request.cloud_cover) for t in chunk]
-        # the conditioning's metadata: the target's, at 10 m
-        control = Control(
-            image=torch.cat([_resize(a, cond_px) for _, a in batch]),
-            cond_metadata=torch.tensor([md.with_gsd(10.0).normalised() for md in mds], dtype=torch.float32),
-            scale=request.conditioning_scale,
-        )
-        result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
-                      num_inference_steps=request.steps, guidance_scale=request.guidance,
-                      generator=tile_generators(seed, chunk), control=control,
-                      callback=tile_progress(progress, chunk, len(tiles)), cancel=cancel)
-        return [image.transpose(2, 0, 1) for image in result.images]
+    def control_of(arrays, mds):  # the conditioning's metadata: the target's, at 10 m
+        return Control(image=torch.cat([_resize(a, cond_px) for a in arrays]),
+                       cond_metadata=torch.tensor([md.with_gsd(10.0).normalised() for md in mds], dtype=torch.float32),
+                       scale=request.conditioning_scale)
 
-    @batched
-    def process(chunk, arrays):
-        return batches(sample, list(zip(chunk, arrays)))
-
+    process = controlnet_process(pipe, request, batches, control_of, grid=out_grid, model_px=model_px, date=date,
+                                 seed=seed, total_tiles=len(tiles), progress=progress, cancel=cancel)
     centre = whole_metadata(out_grid, date, request.cloud_cover)
     tags = _tags(request, provenance_tags("superres", bundle, placement, request, seed), tiling.in_grid, centre)
     tags.update(choice.tags())

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..geo.accumulate import batched
 from ..geo.guard import display_name
 from ..geo.sources import RGBSource, grid_of
-from ..geo.tiles import plan_tiles, tile_progress
+from ..geo.tiles import plan_tiles
 from ..models.resolution import request_resolution
 from ..parallel import RunContext
 from .common import (
@@ -24,12 +23,11 @@ from .common import (
     provenance_tags,
     run_job,
     seed_for,
-    tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import Batches, batch_choice, bundle_for, frames_controls, pipeline, tile_generators
+from .sampling import Batches, batch_choice, bundle_for, controlnet_process, frames_controls, pipeline
 
 
 def layout(request, model_px: int) -> Layout:
@@ -64,20 +62,12 @@ def temporal(request, out: Path, *, models, context: RunContext, progress=None, 
             valid = v if valid is None else valid & v
         return np.concatenate(arrays), valid
 
-    def sample(batch):  # [(tile, array)] -> one (3, h, w) output per tile, in one pipeline call
-        chunk = [t for t, _ in batch]
-        mds = [tile_metadata(grid, t, model_px, request.date, request.cloud_cover) for t in chunk]
-        control = frames_controls([a for _, a in batch], [d for _, d in frames], mds, request.conditioning_scale)
-        result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
-                      num_inference_steps=request.steps, guidance_scale=request.guidance,
-                      generator=tile_generators(seed, chunk), control=control,
-                      callback=tile_progress(progress, chunk, len(tiles)), cancel=cancel)
-        return [image.transpose(2, 0, 1) for image in result.images]
+    def control_of(arrays, mds):
+        return frames_controls(arrays, [d for _, d in frames], mds, request.conditioning_scale)
 
-    @batched
-    def process(chunk, arrays):
-        return batches(sample, list(zip(chunk, arrays)))
-
+    process = controlnet_process(pipe, request, batches, control_of, grid=grid, model_px=model_px,
+                                 date=request.date, seed=seed, total_tiles=len(tiles), progress=progress,
+                                 cancel=cancel)
     centre = whole_metadata(grid, request.date, request.cloud_cover)
     tags = _tags(request, provenance_tags("temporal", bundle, placement, request, seed), frames, centre)
     tags.update(choice.tags())
