@@ -1,0 +1,37 @@
+"""What the GIS analyst's second trial in the real QGIS GUI found (spread legend, dates, ...)."""
+
+from __future__ import annotations
+
+import array
+
+from osgeo import gdal
+from qgis.core import QgsColorRampLegendNode, QgsLayerTreeLayer, QgsRasterLayer
+
+from qgis_plugin.layers import style_spread
+
+from .helpers import ORIGIN, _srs
+
+
+def _spread_tif(path, size: int = 32):
+    ds = gdal.GetDriverByName("GTiff").Create(str(path), size, size, 1, gdal.GDT_Float32)
+    ds.SetGeoTransform((ORIGIN[0], 10.0, 0, ORIGIN[1], 0, -10.0))
+    ds.SetProjection(_srs(32633))
+    values = array.array("f", [((x * 7 + y * 3) % 50) / 250.0 for y in range(size) for x in range(size)])
+    ds.GetRasterBand(1).WriteRaster(0, 0, size, size, values.tobytes())
+    ds.GetRasterBand(1).SetDescription("spread")
+    ds = None
+    return path
+
+
+def test_the_spread_legend_says_what_its_ends_mean(tmp_path):
+    """QGIS draws the interpolated ramp's legend as one bar labelled with the raw min and max
+    ("0" and "0.172415" in the GUI): the ends must carry the words the stops have."""
+    layer = QgsRasterLayer(str(_spread_tif(tmp_path / "s.spread.tif")), "spread")
+    assert layer.isValid()
+    stops = style_spread(layer)
+    nodes = layer.legend().createLayerTreeModelLegendNodes(QgsLayerTreeLayer(layer))
+    ramps = [n for n in nodes if isinstance(n, QgsColorRampLegendNode)]
+    assert ramps, "the spread legend is a continuous ramp"
+    settings = ramps[0].settings()
+    assert settings.minimumLabel() == stops[0][1] and "the seeds agree" in settings.minimumLabel()
+    assert settings.maximumLabel() == stops[-1][1] and "guessing" in settings.maximumLabel()
