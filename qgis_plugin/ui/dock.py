@@ -248,7 +248,7 @@ class _Tab(QWidget):
             self.date_set = QCheckBox("set")
             self.date_set.setObjectName(f"date_set_{self.task}")
             self.date_set.setToolTip("Condition on this date instead of the layer's own (unknown if it has none)")
-            self.adv_date = _date_edit()
+            self.adv_date = _date_edit(default_date(self.dock.canvas()))  # inside the training years
             self.adv_date.setEnabled(False)
             self.date_set.toggled.connect(self.adv_date.setEnabled)
             date_row.addWidget(self.date_set)

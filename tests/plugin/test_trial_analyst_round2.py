@@ -35,3 +35,25 @@ def test_the_spread_legend_says_what_its_ends_mean(tmp_path):
     settings = ramps[0].settings()
     assert settings.minimumLabel() == stops[0][1] and "the seeds agree" in settings.minimumLabel()
     assert settings.maximumLabel() == stops[-1][1] and "guessing" in settings.maximumLabel()
+
+
+def test_the_conditional_tabs_date_override_starts_inside_the_training_years(plugin):
+    """The Generate tab starts on today's day in 2024; the in-paint / super-res / temporal
+    Advanced → Date ("set") started on today (2026 here), so ticking "set" asked about the
+    training range on the first run."""
+    from qgis_plugin.checks import YEAR_RANGE
+    from qgis_plugin.requests import default_date
+
+    expected = default_date(plugin.dock.canvas())
+    assert YEAR_RANGE[0] <= expected.year <= YEAR_RANGE[1]
+    seen = 0
+    for tab in (plugin.dock.inpaint, plugin.dock.superres, getattr(plugin.dock, "temporal", None)):
+        edit = getattr(tab, "adv_date", None)
+        if edit is None:
+            continue
+        seen += 1
+        d = edit.date()
+        assert (d.year(), d.month(), d.day()) == (expected.year, expected.month, expected.day), tab.task
+        tab.date_set.setChecked(True)
+        assert not [w for w in tab.range_warnings() if "date" in w.problem.lower()], tab.task
+    assert seen >= 2
