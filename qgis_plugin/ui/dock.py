@@ -397,6 +397,12 @@ class GenerateTab(_Tab):
         self.gsd.setToolTip("Metres per pixel on the ground (the training imagery: about 0.3-20 m/px)")
         self.gsd.valueChanged.connect(self.refresh_info)
         self.size_mode.currentIndexChanged.connect(self._mode_changed)
+        # True while Ground resolution is the dock's own choice (a large extent), not the user's:
+        # a later extent that fits one image goes back to Longest side.
+        self._auto_gsd = False
+        self._switching = False
+        self.size_mode.currentIndexChanged.connect(self._size_chosen)
+        self.gsd.valueChanged.connect(self._size_chosen)
         size_row = QHBoxLayout()
         size_row.addWidget(self.size_mode)
         size_row.addWidget(self.size, 1)
@@ -466,6 +472,10 @@ class GenerateTab(_Tab):
     def by_ground_resolution(self) -> bool:
         return self.size_mode.currentIndex() == 1
 
+    def _size_chosen(self, *args) -> None:
+        if not self._switching:  # the user set the mode or the resolution: the dock keeps it
+            self._auto_gsd = False
+
     def _mode_changed(self, *args) -> None:
         self.size.setVisible(not self.by_ground_resolution)
         self.gsd.setVisible(self.by_ground_resolution)
@@ -474,11 +484,22 @@ class GenerateTab(_Tab):
     def set_extent(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
         self.extent = QgsRectangle(extent)
         self.extent_crs = QgsCoordinateReferenceSystem(crs)
-        if not self.by_ground_resolution and self._too_coarse():
-            # One image over this extent would be coarser than the training imagery: generate it
-            # at a ground resolution instead (any size; the engine denoises windows jointly).
-            self.gsd.setValue(gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
-            self.size_mode.setCurrentIndex(1)
+        too_coarse = self._too_coarse()
+        self._switching = True
+        try:
+            if too_coarse and (not self.by_ground_resolution or self._auto_gsd):
+                # One image over this extent would be coarser than the training imagery: generate it
+                # at a ground resolution instead (any size; the engine denoises windows jointly).
+                self.gsd.setValue(gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
+                self.size_mode.setCurrentIndex(1)
+                self._auto_gsd = True
+            elif not too_coarse and self.by_ground_resolution and self._auto_gsd:
+                # The dock chose Ground resolution for an earlier, larger extent: this one fits one
+                # image (at 20 m/px a 1 km extent would be a 48 px thumbnail).
+                self.size_mode.setCurrentIndex(0)
+                self._auto_gsd = False
+        finally:
+            self._switching = False
         self.refresh_info()
         self.draw_outline()
 

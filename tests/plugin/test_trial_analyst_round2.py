@@ -57,3 +57,36 @@ def test_the_conditional_tabs_date_override_starts_inside_the_training_years(plu
         tab.date_set.setChecked(True)
         assert not [w for w in tab.range_warnings() if "date" in w.problem.lower()], tab.task
     assert seen >= 2
+
+
+def test_the_dock_switches_back_from_its_own_ground_resolution_for_a_small_extent(plugin):
+    """After a 60 km extent the dock chose Ground resolution (20 m/px) by itself; a 900 m extent
+    drawn next was then a 48 x 48 px image at 20 m/px (seen in the GUI). When the mode was the
+    dock's choice, an extent that fits one image goes back to Longest side; the user's own choice
+    of Ground resolution is kept."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+    utm = QgsCoordinateReferenceSystem("EPSG:32633")
+    tab = plugin.dock.generate
+    tab.size_mode.setCurrentIndex(0)
+    tab.size.setValue(512)
+    tab.set_extent(QgsRectangle(250000, 4600000, 310000, 4640000), utm)
+    assert tab.by_ground_resolution and tab.gsd.value() == 20.0
+    small = QgsRectangle(296000, 4641000, 296880, 4641880)
+    tab.set_extent(small, utm)
+    assert not tab.by_ground_resolution
+    assert max(tab.target_size()) == 512
+    # a large extent again, then the user picks the resolution: the dock keeps it
+    tab.set_extent(QgsRectangle(250000, 4600000, 310000, 4640000), utm)
+    assert tab.by_ground_resolution
+    tab.gsd.setValue(8.0)
+    tab.set_extent(small, utm)
+    assert tab.by_ground_resolution and tab.gsd.value() == 8.0
+    assert tab.target_size() == (112, 112)
+    # chosen by the user from the start: kept as well
+    tab.size_mode.setCurrentIndex(0)
+    tab.size_mode.setCurrentIndex(1)
+    tab.gsd.setValue(10.0)
+    tab.set_extent(small, utm)
+    assert tab.by_ground_resolution and tab.gsd.value() == 10.0
+    tab.size_mode.setCurrentIndex(0)
