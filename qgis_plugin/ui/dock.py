@@ -60,6 +60,7 @@ from ..requests import (
     RequestError,
     default_date,
     grid_info,
+    ground_size,
     gsd_for_extent,
     gsd_size,
     guess_band_name,
@@ -582,12 +583,27 @@ class GenerateTab(_Tab):
         if top is not None:
             self.spread.setMaximum(int(top))
 
+    def grid_extent(self) -> QgsRectangle:
+        """The extent of the grid the engine makes: the drawn extent, or, at a ground resolution,
+        the grid centred on it at exactly that many m/px (it grows by up to 4 px per side to
+        multiples of 8 px, as engine.tasks.extent.grid.extent_grid)."""
+        if not self.by_ground_resolution:
+            return QgsRectangle(self.extent)
+        width, height = self.target_size()
+        width_m, height_m = ground_size(self.extent, self.extent_crs)
+        e, gsd = self.extent, self.gsd.value()
+        sx, sy = e.width() * gsd / width_m, e.height() * gsd / height_m
+        c = e.center()
+        return QgsRectangle(c.x() - width * sx / 2, c.y() - height * sy / 2,
+                            c.x() + width * sx / 2, c.y() + height * sy / 2)
+
     def refresh_info(self) -> None:
         if self.extent is None:
             return
         try:
             width, height = self.target_size()
-            info = grid_info(self.extent, self.extent_crs, width, height)
+            # at a ground resolution: the grid's own m/px and size (not 7.98 m/px over the drawn 3 km)
+            info = grid_info(self.grid_extent(), self.extent_crs, width, height)
         except RequestError as err:
             self.info.setText(str(err))
             return

@@ -205,6 +205,12 @@ def test_a_large_extent_switches_the_dock_to_ground_resolution(plugin, engine_en
     assert task.error is None, task.error
     layer = plugin.last_layer
     assert (layer.width(), layer.height()) == tab.target_size() == (376, 376)
+    # the grid the dock showed: 8 m/px exactly, 3.01 km (3 km grown to 376 px), not 7.98 m/px over 3 km
+    assert "376 × 376 px · 8 m/px · 3.01 km × 3.01 km" in tab.info.text(), tab.info.text()
+    shown = tab.grid_extent()
+    for got, want in ((layer.extent().xMinimum(), shown.xMinimum()), (layer.extent().yMinimum(), shown.yMinimum()),
+                      (layer.extent().xMaximum(), shown.xMaximum()), (layer.extent().yMaximum(), shown.yMaximum())):
+        assert got == pytest.approx(want, abs=0.5), (layer.extent().toString(), shown.toString())
     assert task.preflight is not None and task.preflight.plan.get("windows") == 4
     tab.size_mode.setCurrentIndex(0)
 
