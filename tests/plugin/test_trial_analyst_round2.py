@@ -90,3 +90,23 @@ def test_the_dock_switches_back_from_its_own_ground_resolution_for_a_small_exten
     tab.set_extent(small, utm)
     assert tab.by_ground_resolution and tab.gsd.value() == 10.0
     tab.size_mode.setCurrentIndex(0)
+
+
+def test_the_plan_line_names_the_windows_of_a_ground_resolution_job(engine_env):
+    """The dock's plan read "4 tiles" for generate at 8 m/px over 3 km; the engine's plan says
+    those are 4 windows denoised together (docs/plugin.md: "the plan ... shows the windows")."""
+    from qgis_plugin.engine_client import EngineClient
+    from qgis_plugin.preflight import evaluate
+
+    client = EngineClient(engine_env.url, engine_env.token)
+    request = {"task": "generate", "bbox": [296000, 4641000, 299000, 4644000], "crs": "EPSG:32633",
+               "gsd": 8.0, "model": "tiny", "steps": 1}
+    plan = client.plan(request)
+    check = evaluate(client, request, plan, engine=engine_env.url, max_megapixels=100, max_minutes=120)
+    text = check.summary()
+    assert f"{plan['windows']} windows denoised together" in text and "tiles" not in text, text
+    one = {**request, "gsd": None, "size": 64}
+    one.pop("gsd")
+    text = evaluate(client, one, client.plan(one), engine=engine_env.url, max_megapixels=100,
+                    max_minutes=120).summary()
+    assert "1 tile ·" in text and "window" not in text, text
