@@ -110,3 +110,28 @@ def test_the_plan_line_names_the_windows_of_a_ground_resolution_job(engine_env):
     text = evaluate(client, one, client.plan(one), engine=engine_env.url, max_megapixels=100,
                     max_minutes=120).summary()
     assert "1 tile ·" in text and "window" not in text, text
+
+
+def test_the_progress_of_a_ground_resolution_job_counts_windows_and_steps(engine_env, tmp_path):
+    """1 denoising step over 2 x 2 windows showed "step 4/4" in the dock and its task: the engine
+    counts window steps for its meter. The plugin shows "window k/4 · step 1/1"."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+    from qgis_plugin.engine_client import EngineClient
+    from qgis_plugin.prepare import prepare_generate
+    from qgis_plugin.tasks import run_job
+
+    client = EngineClient(engine_env.url, engine_env.token)
+    prepared = prepare_generate(QgsRectangle(296000, 4641000, 299000, 4644000),
+                                QgsCoordinateReferenceSystem("EPSG:32633"), gsd=8.0, steps=1, seed=1,
+                                model="tiny", output_path=str(tmp_path / "g.tif"))
+    seen: list[str] = []
+    plans: list = []
+    outcome = run_job(client, prepared, progress=lambda frac, text: seen.append(text),
+                      on_plan=lambda request, plan: plans.append(plan), poll_s=0.05)
+    assert plans and plans[0]["joint_denoising"] and plans[0]["windows"] == 4
+    assert outcome.path and (tmp_path / "g.tif").exists()
+    denoising = [t for t in seen if t.startswith("window")]
+    assert denoising, seen
+    assert all(" · step 1/1" in t for t in denoising), seen
+    assert not [t for t in seen if t.startswith("step ") and "/4" in t], seen
