@@ -486,6 +486,15 @@ class GenerateTab(_Tab):
         self.extent = QgsRectangle(extent)
         self.extent_crs = QgsCoordinateReferenceSystem(crs)
         too_coarse = self._too_coarse()
+        if too_coarse and not self._gsd_fits_limits():
+            # even at the coarsest training resolution the image would be over the output limit (a
+            # continent at 20 m/px: gigapixels): keep Longest side, whose warning says to draw smaller
+            too_coarse = False
+            if self.by_ground_resolution and self._auto_gsd:
+                self._switching = True
+                self.size_mode.setCurrentIndex(0)
+                self._auto_gsd = False
+                self._switching = False
         self._switching = True
         try:
             if too_coarse and (not self.by_ground_resolution or self._auto_gsd):
@@ -559,6 +568,19 @@ class GenerateTab(_Tab):
         canvas = self.dock.canvas()
         if canvas is not None:
             self.set_extent(canvas.extent(), canvas.mapSettings().destinationCrs())
+
+    def _gsd_fits_limits(self) -> bool:
+        """Whether the extent at the ground resolution the dock would choose stays within the
+        output megapixels of Engine settings (0: no limit)."""
+        try:
+            limit = float(self.dock.settings().max_output_mpx)
+            if limit <= 0:
+                return True
+            width, height = gsd_size(self.extent, self.extent_crs,
+                                     gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
+            return width * height / 1e6 <= limit
+        except (RequestError, AttributeError, TypeError, ValueError):
+            return True
 
     def _too_coarse(self) -> bool:
         """True when the extent at the largest Longest side allowed is coarser than the training GSDs."""

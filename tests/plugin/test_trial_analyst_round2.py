@@ -135,3 +135,18 @@ def test_the_progress_of_a_ground_resolution_job_counts_windows_and_steps(engine
     assert denoising, seen
     assert all(" · step 1/1" in t for t in denoising), seen
     assert not [t for t in seen if t.startswith("step ") and "/4" in t], seen
+
+
+def test_an_extent_too_large_even_at_20_m_per_px_keeps_longest_side(plugin):
+    """A 4,670 km extent at 20 m/px would be ~23 Gpx, far over Engine settings' output limit: the
+    dock keeps Longest side, whose GSD warning says to draw a smaller extent (test_usability)."""
+    from qgis.core import QgsCoordinateReferenceSystem, QgsRectangle
+
+    tab = plugin.dock.generate
+    tab.size_mode.setCurrentIndex(0)
+    tab.set_extent(QgsRectangle(-2_335_000, 4_000_000, 2_335_000, 6_000_000), QgsCoordinateReferenceSystem("EPSG:3857"))
+    assert not tab.by_ground_resolution
+    tab.set_extent(QgsRectangle(250000, 4600000, 310000, 4640000), QgsCoordinateReferenceSystem("EPSG:32633"))
+    assert tab.by_ground_resolution  # 60 km: 6 Mpx at 20 m/px, within the limit
+    tab.set_extent(QgsRectangle(-2_335_000, 4_000_000, 2_335_000, 6_000_000), QgsCoordinateReferenceSystem("EPSG:3857"))
+    assert not tab.by_ground_resolution  # the dock's own choice is undone
