@@ -244,6 +244,7 @@ def style_spread(layer: QgsRasterLayer) -> list[tuple[float, str]]:
     shader_fn.setColorRampType(RAMP_INTERPOLATED)
     shader_fn.setColorRampItemList(items)
     shader_fn.setClip(False)  # values above the top stop take its colour
+    _label_continuous_legend(shader_fn, stops)
     shader = QgsRasterShader()
     shader.setRasterShaderFunction(shader_fn)
     renderer = QgsSingleBandPseudoColorRenderer(provider, 1, shader)
@@ -251,6 +252,20 @@ def style_spread(layer: QgsRasterLayer) -> list[tuple[float, str]]:
     renderer.setClassificationMax(hi)
     layer.setRenderer(renderer)
     return stops
+
+
+def _label_continuous_legend(shader_fn, stops: list[tuple[float, str]]) -> None:
+    """QGIS (3.18+) draws an interpolated ramp's legend as one continuous bar labelled with the raw
+    minimum and maximum (``0`` and ``0.172415``), not with the stops' labels: give the bar's two
+    ends the stops' words."""
+    try:
+        from qgis.core import QgsColorRampLegendNodeSettings
+    except ImportError:  # older QGIS: the legend lists the stops with their labels
+        return
+    settings = QgsColorRampLegendNodeSettings(shader_fn.legendSettings() or QgsColorRampLegendNodeSettings())
+    settings.setMinimumLabel(stops[0][1])
+    settings.setMaximumLabel(stops[-1][1])
+    shader_fn.setLegendSettings(settings)
 
 
 def _grey(i: int):

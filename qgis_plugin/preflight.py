@@ -227,8 +227,15 @@ class Preflight:
         tiles = int(p.get("tiles") or 1)
         gsd = p.get("gsd_m")
         gsd_text = f"{float(gsd):.3g} m/px · " if isinstance(gsd, (int, float)) else ""
+        pieces = f"{tiles} tile{'s' if tiles != 1 else ''}"
+        windows = p.get("windows")
+        if p.get("joint_denoising") and isinstance(windows, int) and windows > 0:
+            # generate --gsd: overlapping windows denoised together (one image), not separate tiles
+            overlap = p.get("window_overlap_px")
+            pieces = (f"{windows} window{'s' if windows != 1 else ''} denoised together"
+                      + (f" ({overlap} px overlap)" if isinstance(overlap, int) and overlap > 0 else ""))
         return (f"{p.get('width')} × {p.get('height')} px ({self.megapixels:.3g} Mpx) · {gsd_text}"
-                f"{tiles} tile{'s' if tiles != 1 else ''} · {self.evaluations:,} UNet evaluations "
+                f"{pieces} · {self.evaluations:,} UNet evaluations "
                 f"({self.work_mpx:,.3g} Mpx through the UNet)")
 
     def estimate_text(self) -> str:

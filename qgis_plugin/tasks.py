@@ -44,8 +44,14 @@ class JobOutcome:
         return [str(w) for w in (self.result.get("warnings") or [])]
 
 
-def progress_text(job: dict[str, Any]) -> str:
-    """``step 3/20 · tile 1/4 · about 12 s left`` from a job record."""
+def progress_text(job: dict[str, Any], joint: bool = False) -> str:
+    """``step 3/20 · tile 1/4 · about 12 s left`` from a job record.
+
+    ``joint``: a generate job denoising windows together (its plan's ``joint_denoising``), whose
+    engine reports ``step`` = windows done in this denoising step and ``tile`` = steps done (so
+    its meter counts window steps): ``window 3/4 · step 1/20`` (it read "step 4/4" for 1 step)."""
+    if joint:
+        return _joint_progress_text(job)
     parts = []
     step, steps = job.get("step") or 0, job.get("total_steps") or 0
     # Between tiles (and while writing) the engine reports a placeholder "step 0/1": not a step.
@@ -61,6 +67,24 @@ def progress_text(job: dict[str, Any]) -> str:
     msg = job.get("message")
     if msg and not parts:
         parts.append(str(msg))
+    return " · ".join(parts) or str(job.get("state") or "")
+
+
+def _joint_progress_text(job: dict[str, Any]) -> str:
+    parts = []
+    done, windows = job.get("step") or 0, job.get("total_steps") or 0
+    steps = job.get("total_tiles") or 0
+    msg = str(job.get("message") or "")
+    if msg == "decoding" and windows:
+        parts.append(f"decoding {done}/{windows}")
+    elif msg == "denoising" and windows and steps:
+        parts.append(f"window {max(1, min(done, windows))}/{windows}")
+        parts.append(f"step {min((job.get('tile') or 0) + 1, steps)}/{steps}")
+    eta = job.get("eta_s")
+    if isinstance(eta, (int, float)) and eta > 0:
+        parts.append(f"about {eta:.0f} s left")
+    if msg and not parts:
+        parts.append(msg)
     return " · ".join(parts) or str(job.get("state") or "")
 
 
@@ -175,7 +199,8 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
         def on_progress(job: dict[str, Any]) -> None:
             if progress is not None:
                 frac = job.get("progress")
-                progress(float(frac) if isinstance(frac, (int, float)) else 0.0, progress_text(job))
+                joint = bool(plan.get("joint_denoising")) if isinstance(plan, dict) else False
+                progress(float(frac) if isinstance(frac, (int, float)) else 0.0, progress_text(job, joint))
 
         final = client.wait(job_id, poll=poll_s, on_progress=on_progress, cancelled=cancelled)
         final = final if isinstance(final, dict) else client.job(job_id)

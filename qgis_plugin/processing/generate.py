@@ -32,7 +32,11 @@ class GenerateAlgorithm(EngineAlgorithm):
             "the size), the DATE, the CLOUD_COVER fraction and an optional PROMPT.</p>"
             "<p>SIZE is the longest side in pixels; the other side follows the extent's shape on "
             "the ground (the engine decides the grid, as for the command line's --size). WIDTH and "
-            "HEIGHT (advanced) set a side exactly. The output CRS is CRS, or the extent's CRS.</p>"
+            "HEIGHT (advanced) set a side exactly. GSD (advanced) instead generates the extent at "
+            "that many metres per pixel, of any size (over one model window the engine denoises "
+            "overlapping windows jointly, as the command line's --gsd): use it for a large extent, "
+            "where one SIZE image would be coarser than the training imagery (about 0.3-20 m/px). "
+            "The output CRS is CRS, or the extent's CRS.</p>"
             "<p>From the command line: <code>qgis_process run diffusionsat:generate -- "
             "EXTENT='12.45,12.52,41.88,41.93 [EPSG:4326]' DATE=2021-06-15 SIZE=512 "
             "OUTPUT=/tmp/rome.tif</code> (extent order: xmin,xmax,ymin,ymax).</p>" + ENGINE_HELP
@@ -55,6 +59,9 @@ class GenerateAlgorithm(EngineAlgorithm):
         for name, label in (("WIDTH", "Width (px; overrides SIZE)"), ("HEIGHT", "Height (px; overrides SIZE)")):
             self.addParameter(set_advanced(QgsProcessingParameterNumber(
                 name, label, NUMBER_INTEGER, optional=True, minValue=8, maxValue=limits.max_side)))
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            "GSD", "Ground resolution (m/px; overrides SIZE: the extent at that resolution, any size)",
+            NUMBER_DOUBLE, optional=True, minValue=0.01, maxValue=10000.0)))
         self.add_sampling_parameters()
         spread = limits.get("generate", "spread")
         self.addParameter(set_advanced(QgsProcessingParameterNumber(
@@ -84,8 +91,13 @@ class GenerateAlgorithm(EngineAlgorithm):
         size = self.parameterAsInt(parameters, "SIZE", context)
         date = self.date_value(parameters, "DATE", context)
         options = self.options_value(parameters, context)
+        gsd = self.optional_number(parameters, "GSD", context)
+        if gsd is None and options.get("gsd") is not None:
+            gsd = options.pop("gsd")  # {"gsd": 20} in OPTIONS: the engine takes gsd or size, not both
+        if gsd is not None and (width or height):
+            raise QgsProcessingException("GSD sets the output size from the extent: leave WIDTH and HEIGHT empty")
         job = prepare_generate(
-            extent, crs, size=size, width=round8(width) if width else None,
+            extent, crs, size=None if gsd is not None else size, gsd=gsd, width=round8(width) if width else None,
             height=round8(height) if height else None,
             output_path=self.parameterAsOutputLayer(parameters, self.OUTPUT, context),
             date=date,
@@ -99,5 +111,7 @@ class GenerateAlgorithm(EngineAlgorithm):
         job.request.update(options)
         sides = f"{job.request['width'] if width else '…'}×{job.request['height'] if height else '…'} px" \
             if width or height else f"{size} px on the longest side"
+        if gsd is not None:
+            sides = f"{gsd:g} m/px over the extent"
         feedback.pushInfo(f"Target grid: {sides} in {job.request['crs'][:60]} (the engine's plan below)")
         return job

@@ -60,6 +60,7 @@ from ..requests import (
     RequestError,
     default_date,
     grid_info,
+    ground_size,
     gsd_for_extent,
     gsd_size,
     guess_band_name,
@@ -248,7 +249,7 @@ class _Tab(QWidget):
             self.date_set = QCheckBox("set")
             self.date_set.setObjectName(f"date_set_{self.task}")
             self.date_set.setToolTip("Condition on this date instead of the layer's own (unknown if it has none)")
-            self.adv_date = _date_edit()
+            self.adv_date = _date_edit(default_date(self.dock.canvas()))  # inside the training years
             self.adv_date.setEnabled(False)
             self.date_set.toggled.connect(self.adv_date.setEnabled)
             date_row.addWidget(self.date_set)
@@ -397,6 +398,12 @@ class GenerateTab(_Tab):
         self.gsd.setToolTip("Metres per pixel on the ground (the training imagery: about 0.3-20 m/px)")
         self.gsd.valueChanged.connect(self.refresh_info)
         self.size_mode.currentIndexChanged.connect(self._mode_changed)
+        # True while Ground resolution is the dock's own choice (a large extent), not the user's:
+        # a later extent that fits one image goes back to Longest side.
+        self._auto_gsd = False
+        self._switching = False
+        self.size_mode.currentIndexChanged.connect(self._size_chosen)
+        self.gsd.valueChanged.connect(self._size_chosen)
         size_row = QHBoxLayout()
         size_row.addWidget(self.size_mode)
         size_row.addWidget(self.size, 1)
@@ -466,6 +473,10 @@ class GenerateTab(_Tab):
     def by_ground_resolution(self) -> bool:
         return self.size_mode.currentIndex() == 1
 
+    def _size_chosen(self, *args) -> None:
+        if not self._switching:  # the user set the mode or the resolution: the dock keeps it
+            self._auto_gsd = False
+
     def _mode_changed(self, *args) -> None:
         self.size.setVisible(not self.by_ground_resolution)
         self.gsd.setVisible(self.by_ground_resolution)
@@ -474,11 +485,31 @@ class GenerateTab(_Tab):
     def set_extent(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
         self.extent = QgsRectangle(extent)
         self.extent_crs = QgsCoordinateReferenceSystem(crs)
-        if not self.by_ground_resolution and self._too_coarse():
-            # One image over this extent would be coarser than the training imagery: generate it
-            # at a ground resolution instead (any size; the engine denoises windows jointly).
-            self.gsd.setValue(gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
-            self.size_mode.setCurrentIndex(1)
+        too_coarse = self._too_coarse()
+        if too_coarse and not self._gsd_fits_limits():
+            # even at the coarsest training resolution the image would be over the output limit (a
+            # continent at 20 m/px: gigapixels): keep Longest side, whose warning says to draw smaller
+            too_coarse = False
+            if self.by_ground_resolution and self._auto_gsd:
+                self._switching = True
+                self.size_mode.setCurrentIndex(0)
+                self._auto_gsd = False
+                self._switching = False
+        self._switching = True
+        try:
+            if too_coarse and (not self.by_ground_resolution or self._auto_gsd):
+                # One image over this extent would be coarser than the training imagery: generate it
+                # at a ground resolution instead (any size; the engine denoises windows jointly).
+                self.gsd.setValue(gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
+                self.size_mode.setCurrentIndex(1)
+                self._auto_gsd = True
+            elif not too_coarse and self.by_ground_resolution and self._auto_gsd:
+                # The dock chose Ground resolution for an earlier, larger extent: this one fits one
+                # image (at 20 m/px a 1 km extent would be a 48 px thumbnail).
+                self.size_mode.setCurrentIndex(0)
+                self._auto_gsd = False
+        finally:
+            self._switching = False
         self.refresh_info()
         self.draw_outline()
 
@@ -538,6 +569,19 @@ class GenerateTab(_Tab):
         if canvas is not None:
             self.set_extent(canvas.extent(), canvas.mapSettings().destinationCrs())
 
+    def _gsd_fits_limits(self) -> bool:
+        """Whether the extent at the ground resolution the dock would choose stays within the
+        output megapixels of Engine settings (0: no limit)."""
+        try:
+            limit = float(self.dock.settings().max_output_mpx)
+            if limit <= 0:
+                return True
+            width, height = gsd_size(self.extent, self.extent_crs,
+                                     gsd_for_extent(self.extent, self.extent_crs, GSD_RANGE_M))
+            return width * height / 1e6 <= limit
+        except (RequestError, AttributeError, TypeError, ValueError):
+            return True
+
     def _too_coarse(self) -> bool:
         """True when the extent at the largest Longest side allowed is coarser than the training GSDs."""
         try:
@@ -561,12 +605,27 @@ class GenerateTab(_Tab):
         if top is not None:
             self.spread.setMaximum(int(top))
 
+    def grid_extent(self) -> QgsRectangle:
+        """The extent of the grid the engine makes: the drawn extent, or, at a ground resolution,
+        the grid centred on it at exactly that many m/px (it grows by up to 4 px per side to
+        multiples of 8 px, as engine.tasks.extent.grid.extent_grid)."""
+        if not self.by_ground_resolution:
+            return QgsRectangle(self.extent)
+        width, height = self.target_size()
+        width_m, height_m = ground_size(self.extent, self.extent_crs)
+        e, gsd = self.extent, self.gsd.value()
+        sx, sy = e.width() * gsd / width_m, e.height() * gsd / height_m
+        c = e.center()
+        return QgsRectangle(c.x() - width * sx / 2, c.y() - height * sy / 2,
+                            c.x() + width * sx / 2, c.y() + height * sy / 2)
+
     def refresh_info(self) -> None:
         if self.extent is None:
             return
         try:
             width, height = self.target_size()
-            info = grid_info(self.extent, self.extent_crs, width, height)
+            # at a ground resolution: the grid's own m/px and size (not 7.98 m/px over the drawn 3 km)
+            info = grid_info(self.grid_extent(), self.extent_crs, width, height)
         except RequestError as err:
             self.info.setText(str(err))
             return

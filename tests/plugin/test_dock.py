@@ -52,7 +52,10 @@ def drag(qtbot, canvas, start: QPoint, end: QPoint) -> None:
 
 def test_draw_extent_with_the_map_tool_fills_the_dock(plugin, qgis_canvas, qtbot):
     qgis_canvas.resize(600, 600)
-    set_canvas(qgis_canvas, UTM, UTM_EXTENT)
+    # Offscreen, pytest-qgis's canvas viewport can stay 98 x 28 px whatever resize says: over the
+    # 5 km UTM_EXTENT that is 200 m per canvas px, a drag of 300 px is 60 km, and the dock rightly
+    # switches to Ground resolution. 500 m keeps the drawn extent small either way.
+    set_canvas(qgis_canvas, UTM, QgsRectangle(289000, 4639000, 289500, 4639560))
     plugin.action_extent.trigger()
     assert qgis_canvas.mapTool() is plugin.extent_tool
     assert plugin.dock.generate.draw_button.isChecked()
@@ -194,6 +197,7 @@ def test_a_large_extent_switches_the_dock_to_ground_resolution(plugin, engine_en
     assert not [w for w in tab.range_warnings() if "ground sample distance" in w.problem]
 
     tab.set_extent(QgsRectangle(289000, 4639000, 292000, 4642000), UTM)  # 3 km at 8 m/px: 376 px, 2 x 2 windows
+    tab.size_mode.setCurrentIndex(1)  # 3 km fits one image: the dock went back to Longest side by itself
     tab.gsd.setValue(8.0)
     tab.steps.setValue(1)
     tab.seed.setValue(5)
@@ -201,6 +205,12 @@ def test_a_large_extent_switches_the_dock_to_ground_resolution(plugin, engine_en
     assert task.error is None, task.error
     layer = plugin.last_layer
     assert (layer.width(), layer.height()) == tab.target_size() == (376, 376)
+    # the grid the dock showed: 8 m/px exactly, 3.01 km (3 km grown to 376 px), not 7.98 m/px over 3 km
+    assert "376 × 376 px · 8 m/px · 3.01 km × 3.01 km" in tab.info.text(), tab.info.text()
+    shown = tab.grid_extent()
+    for got, want in ((layer.extent().xMinimum(), shown.xMinimum()), (layer.extent().yMinimum(), shown.yMinimum()),
+                      (layer.extent().xMaximum(), shown.xMaximum()), (layer.extent().yMaximum(), shown.yMaximum())):
+        assert got == pytest.approx(want, abs=0.5), (layer.extent().toString(), shown.toString())
     assert task.preflight is not None and task.preflight.plan.get("windows") == 4
     tab.size_mode.setCurrentIndex(0)
 
