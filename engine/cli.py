@@ -47,7 +47,7 @@ examples:
 
   # the same ground at 2 m per pixel (2904 x 2800 px): denoised jointly over overlapping windows,
   # each conditioned on its own centre
-  diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 --gsd 2 \
+  diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 --gsd 2 \\
       --date 2021-06-15 --out rome_2m.tif
 
 how the model is conditioned:
