@@ -393,6 +393,7 @@ def _progress_bar() -> tuple[Optional[Callable], Callable[[], None]]:
             bar["bar"] = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True, leave=False,
                               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         label = f"tile {p.tile + 1}/{p.total_tiles}" if p.total_tiles > 1 else "denoising"
+        label = "decoding" if p.message == "decoding" else label
         bar["bar"].set_description_str(label, refresh=False)
         bar["bar"].update(round(p.fraction * 100, 1) - bar["bar"].n)
 

@@ -93,6 +93,8 @@ class ProgressLines:
         parts = [] if between_tiles else [f"step {progress.step}/{progress.total_steps}"]
         if progress.total_tiles > 1:
             parts.insert(0, f"tile {min(progress.tile + 1, progress.total_tiles)}/{progress.total_tiles}")
+        if progress.message == "decoding":  # generate --gsd's last part: VAE tiles, not denoising steps
+            parts = [f"decoding {progress.step}/{progress.total_steps}"]
         parts.append(f"{fraction:.0%}")
         parts.append(f"elapsed {_duration(elapsed)}")
         if 0 < fraction < 1:

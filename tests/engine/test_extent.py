@@ -261,3 +261,26 @@ def test_the_default_sampler_keeps_large_canvases_on_disk(tmp_path, models, monk
     large = generate(request, tmp_path / "large.tif", models=models)
     assert _read(tmp_path / "large.tif")[1]["scheduler"] == "ddim"
     assert any("sampled with DDIM" in w and "--scheduler dpm++" in w for w in large.warnings)
+
+
+def test_progress_never_goes_back_when_decoding_starts(tmp_path, models):
+    """The decode after the joint steps is the job's last part: its fraction continues from the
+    steps' (it restarted at 0, so the CLI's ETA jumped to hours and the plugin's bar went back),
+    and the CLI's line names it (``decoding k/N``, not a step)."""
+    import io
+
+    from engine.progress import ProgressLines
+    from engine.tasks.generate import generate
+
+    seen = []
+    generate(GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=3, guidance=1.0),
+             tmp_path / "p.tif", models=models, progress=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {p.message for p in seen} >= {"denoising", "decoding"}
+    decoding = [p for p in seen if p.message == "decoding"]
+    assert decoding[0].fraction >= max(p.fraction for p in seen if p.message == "denoising")
+    stream = io.StringIO()
+    ProgressLines(stream, label="generate", interval=0)(decoding[1])
+    assert f"decoding {decoding[1].step}/{decoding[1].total_steps}" in stream.getvalue()
+    assert "tile" not in stream.getvalue()

@@ -266,11 +266,23 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     batch = request.batch_size or DEFAULT_BATCH
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
-    args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
-                guidance=request.guidance, seed=seed, batch_size=batch, progress=progress, cancel=cancel)
+    # The decode is the job's last part, after the steps (as one more step): the job's fraction
+    # never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar jumping back).
+    steps_seen = {"n": request.steps}
+
+    def denoising(p: Progress) -> None:
+        steps_seen["n"] = p.total_tiles
+        report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
+                                  message=p.message))
 
     def decoding(p: Progress) -> None:
-        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, message="decoding"))
+        n = steps_seen["n"]
+        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, tile=n, total_tiles=n + 1,
+                                  message="decoding"))
+
+    args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
+                guidance=request.guidance, seed=seed, batch_size=batch, progress=denoising if progress else None,
+                cancel=cancel)
 
     decode = dict(batch_size=batch, progress=decoding if progress else None, cancel=cancel)
     if streams(pipe.scheduler):  # the canvas in files, stepped band by band: memory flat in the extent
