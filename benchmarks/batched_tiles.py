@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from benchmarks._report import machine_description, write_section  # noqa: E402
-from benchmarks.tasks_tiny import STEPS, make_inputs  # noqa: E402
+from benchmarks.tasks_tiny import STEPS, make_request  # noqa: E402
 
 
 def child(request: dict, out: str, whole_batch: bool) -> dict:
@@ -55,7 +55,7 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        request = {**make_inputs(Path(tmp), args.size)["superres"], "model": "tiny", "steps": STEPS, "seed": 1,
+        request = {**make_request("superres", Path(tmp), args.size), "model": "tiny", "steps": STEPS, "seed": 1,
                    "device": "cpu"}
         for whole in [m == "whole" for m in args.modes.split(",")]:
             for b in [int(x) for x in args.batches.split(",")]:

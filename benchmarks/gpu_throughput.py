@@ -272,11 +272,11 @@ def end_to_end(model: str, device: str, dtype_name: str, batch_sizes: list[int],
     """Super-resolution tiles/s through ``engine.tasks.run_task`` on a synthetic 13-band scene of about
     ``tiles_side``² windows, per ``batch_size``: one warm-up run (loading, compiling every batch shape),
     then one timed run of the same scene with the model cached (as the server's next job)."""
-    from benchmarks.tasks_tiny import make_inputs
+    from benchmarks.tasks_tiny import make_request
     from engine.models.cache import ModelCache
     from engine.tasks import parse_request, plan, run_task
 
-    scene = make_inputs(folder, tiles_side * out_px)["superres"]
+    scene = make_request("superres", folder, tiles_side * out_px)
     cache = ModelCache()
     rows = []
     for batch_size in batch_sizes:
