@@ -501,7 +501,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def loaded(bundle, placement) -> None:
         if not args.quiet:
-            print(f"model: {bundle.name} on {placement.device} ({placement.dtype})", file=sys.stderr)
+            compiling = request.compile and not any(str(n).startswith("--compile ignored") for n in bundle.notices)
+            note = "; --compile: the first step of each batch shape compiles first (minutes on a CPU)" if compiling else ""
+            print(f"model: {bundle.name} on {placement.device} ({placement.dtype}){note}", file=sys.stderr)
 
     try:
         result = run_task(request, args.out, progress=update, on_model_loaded=loaded)  # measures the steps
