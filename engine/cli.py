@@ -394,6 +394,7 @@ def _progress_bar() -> tuple[Optional[Callable], Callable[[], None]]:
                               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         label = f"tile {p.tile + 1}/{p.total_tiles}" if p.total_tiles > 1 else "denoising"
         label = "decoding" if p.message == "decoding" else label
+        label = f"step {min(p.tile + 1, max(1, p.total_tiles - 1))}/{max(1, p.total_tiles - 1)}" if p.windows else label
         bar["bar"].set_description_str(label, refresh=False)
         bar["bar"].update(round(p.fraction * 100, 1) - bar["bar"].n)
 

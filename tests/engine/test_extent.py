@@ -281,6 +281,10 @@ def test_progress_never_goes_back_when_decoding_starts(tmp_path, models):
     assert {p.message for p in seen} >= {"denoising", "decoding"}
     decoding = [p for p in seen if p.message == "decoding"]
     assert decoding[0].fraction >= max(p.fraction for p in seen if p.message == "denoising")
+    window_step = next(p for p in seen if p.message == "denoising" and p.tile == 1 and p.step == 3)
+    stream = io.StringIO()
+    ProgressLines(stream, label="generate", interval=0)(window_step)  # step 2 of 2, its third window of 4
+    assert "step 2/2, window 3/4" in stream.getvalue() and "tile" not in stream.getvalue()
     stream = io.StringIO()
     ProgressLines(stream, label="generate", interval=0)(decoding[1])
     assert f"decoding {decoding[1].step}/{decoding[1].total_steps}" in stream.getvalue()

@@ -274,7 +274,7 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     def denoising(p: Progress) -> None:
         steps_seen["n"] = p.total_tiles
         report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
-                                  message=p.message))
+                                  message=p.message, windows=True))
 
     def decoding(p: Progress) -> None:
         n = steps_seen["n"]
