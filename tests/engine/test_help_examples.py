@@ -36,7 +36,7 @@ def test_every_example_keeps_its_line_breaks():
     """An example's continuation is ``\\`` at the end of the printed line: a single backslash in
     the Python source joins the two lines instead (``--gsd 2       --date`` on one 130-column
     line), which a reader copying the command cannot tell from a typo."""
-    import engine.cli as cli
+    from engine import cli
 
     epilogs = {name: text for name, text in vars(cli).items() if name.startswith("EPILOG_")}
     assert "EPILOG_GENERATE" in epilogs
