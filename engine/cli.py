@@ -47,7 +47,7 @@ examples:
 
   # the same ground at 2 m per pixel (2904 x 2800 px): denoised jointly over overlapping windows,
   # each conditioned on its own centre
-  diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 --gsd 2 \
+  diffusionsat generate --bbox 288500,4639300,294300,4644900 --crs EPSG:32633 --gsd 2 \\
       --date 2021-06-15 --out rome_2m.tif
 
 how the model is conditioned:
@@ -393,6 +393,8 @@ def _progress_bar() -> tuple[Optional[Callable], Callable[[], None]]:
             bar["bar"] = tqdm(total=100, unit="%", file=sys.stderr, dynamic_ncols=True, leave=False,
                               bar_format="{desc} {percentage:3.0f}%|{bar}| {elapsed}<{remaining}")
         label = f"tile {p.tile + 1}/{p.total_tiles}" if p.total_tiles > 1 else "denoising"
+        label = "decoding" if p.message == "decoding" else label
+        label = f"step {min(p.tile + 1, max(1, p.total_tiles - 1))}/{max(1, p.total_tiles - 1)}" if p.windows else label
         bar["bar"].set_description_str(label, refresh=False)
         bar["bar"].update(round(p.fraction * 100, 1) - bar["bar"].n)
 
@@ -500,7 +502,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     def loaded(bundle, placement) -> None:
         if not args.quiet:
-            print(f"model: {bundle.name} on {placement.device} ({placement.dtype})", file=sys.stderr)
+            compiling = request.compile and not any(str(n).startswith("--compile ignored") for n in bundle.notices)
+            note = "; --compile: the first step of each batch shape compiles first (minutes on a CPU)" if compiling else ""
+            print(f"model: {bundle.name} on {placement.device} ({placement.dtype}){note}", file=sys.stderr)
 
     try:
         result = run_task(request, args.out, progress=update, on_model_loaded=loaded)  # measures the steps

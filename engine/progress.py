@@ -25,6 +25,9 @@ class Progress:
     tile: int = 0  #: tiles finished before the current one
     total_tiles: int = 1
     message: str = ""
+    #: generate --gsd's joint steps: ``step`` counts the windows of denoising step ``tile`` + 1 (of
+    #: ``total_tiles`` - 1: the decode is the last part), so the job's fraction counts window steps
+    windows: bool = False
 
     @property
     def fraction(self) -> float:
@@ -93,6 +96,11 @@ class ProgressLines:
         parts = [] if between_tiles else [f"step {progress.step}/{progress.total_steps}"]
         if progress.total_tiles > 1:
             parts.insert(0, f"tile {min(progress.tile + 1, progress.total_tiles)}/{progress.total_tiles}")
+        if progress.windows:  # "step 1/2, window 13/225", not "tile 1/3, step 13/225"
+            steps = max(1, progress.total_tiles - 1)
+            parts = [f"step {min(progress.tile + 1, steps)}/{steps}", f"window {progress.step}/{progress.total_steps}"]
+        if progress.message == "decoding":  # generate --gsd's last part: VAE tiles, not denoising steps
+            parts = [f"decoding {progress.step}/{progress.total_steps}"]
         parts.append(f"{fraction:.0%}")
         parts.append(f"elapsed {_duration(elapsed)}")
         if 0 < fraction < 1:

@@ -61,6 +61,8 @@ def progress_text(job: dict[str, Any], joint: bool = False) -> str:
     if tiles > 1:
         # ``tile`` counts the tiles finished: the one running is the next, and none after the last.
         parts.append(f"tile {min((job.get('tile') or 0) + 1, tiles)}/{tiles}")
+    if job.get("message") == "decoding":  # generate --gsd's last part: VAE tiles after the steps, not steps
+        parts = [f"decoding {step}/{steps}"]
     eta = job.get("eta_s")
     if isinstance(eta, (int, float)) and eta > 0:
         parts.append(f"about {eta:.0f} s left")

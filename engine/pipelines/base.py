@@ -213,7 +213,9 @@ class DiffusionSatBasePipeline(DiffusionPipeline, StableDiffusionMixin):
         if values.shape[0] == 1:
             values = values.expand(batch, 7)
         if values.shape[0] != batch:
-            raise InvalidRequest(f"{values.shape[0]} metadata rows for {batch} prompts")
+            rows = values.shape[0]
+            raise InvalidRequest(f"{rows} metadata rows for {batch} prompt{'s' if batch != 1 else ''}: give one prompt "
+                                 f"per row (a list of {rows} prompts, e.g. [prompt] * {rows}) or one metadata for all")
         values = values.float()
         if self.match_reference_fp16 and self.dtype == torch.float16:
             values = values.half().float()

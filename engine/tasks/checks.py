@@ -110,7 +110,7 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
 def _check_extent(request, path, model_px: int, located) -> Checked:
     """``generate --gsd``: the bbox's grid at that GSD; larger than the model's window, the joint
     layout (its windows are the plan's tiles)."""
-    from .extent.grid import check_extent, extent_grid, extent_layout, is_joint
+    from .extent.grid import check_extent, extent_grid, extent_layout, extent_sampler, is_joint
 
     crs = parse_crs(request.crs)
     bbox, width, height = extent_grid(request.bbox, crs, request.gsd)
@@ -125,8 +125,12 @@ def _check_extent(request, path, model_px: int, located) -> Checked:
                                  f"{model_px} px window; leave out --spread or choose a coarser --gsd")
         layout = extent_layout(request.bbox, request.crs, request.gsd, model_px)
         extent, tiles = layout.plan(), len(layout.windows)
+    name, notices = _model_notes(located)
+    if extent is not None:  # the run's note when the default sampler becomes DDIM for this size
+        _, note = extent_sampler(request.scheduler, width, height, layout.canvas_h, layout.canvas_w)
+        notices = (*notices, note) if note else notices
     return Checked(request, path, model_px, width, height, request.crs, tuple(bbox), tiles,
-                   (gsd[0] * gsd[1]) ** 0.5, *_model_notes(located), extent=extent)
+                   (gsd[0] * gsd[1]) ** 0.5, name, notices, extent=extent)
 
 
 def _model_notes(located) -> tuple[str, tuple[str, ...]]:

@@ -125,7 +125,17 @@ def provenance_tags(task: str, bundle, placement, request, seed: int) -> dict:
         "dtype": placement.dtype,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "TIFFTAG_SOFTWARE": f"diffusionsat {__version__}",
+        **compile_tags(bundle, request),
     }
+
+
+def compile_tags(bundle, request) -> dict:
+    """``compile``: what ``--compile`` did (its kernels may move a pixel by one level against an
+    eager run, so the output says which ran); nothing without ``--compile``."""
+    if not getattr(request, "compile", False):
+        return {}
+    ignored = [n for n in getattr(bundle, "notices", ()) if str(n).startswith("--compile ignored")]
+    return {"compile": ignored[0] if ignored else "torch.compile (UNet and ControlNet blocks)"}
 
 
 def new_seed() -> int:

@@ -169,3 +169,21 @@ def test_model_cpu_offload_on_cuda_gives_the_gpu_image():
     cn.enable_model_cpu_offload()
     control = Control(torch.rand(1, 10, 32, 32), torch.tensor([MD]))
     assert np.isfinite(sample(cn, control=control)).all()
+
+
+def test_a_batch_of_places_with_their_own_generators(tiny_bundle):
+    """A researcher's batch: one SatMetadata and one generator per prompt; each image is the one
+    its own call gives, and one prompt for several places says how to ask for that."""
+    import datetime as dt
+
+    from engine.metadata import SatMetadata
+
+    pipe = DiffusionSatPipeline.from_bundle(tiny_bundle)
+    places = [SatMetadata(12.5, 41.9, 1.0, 0.1, dt.date(2021, 6, 15)), SatMetadata(-3.7, 40.4, 2.0, 0.0, dt.date(2020, 5, 1))]
+    args = dict(height=64, width=64, num_inference_steps=2)
+    both = pipe(["a satellite image", "a farm"], places, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                **args).images
+    alone = pipe("a farm", places[1], generator=torch.Generator().manual_seed(2), **args).images
+    assert both.shape == (2, 64, 64, 3) and np.array_equal(both[1], alone[0])
+    with pytest.raises(InvalidRequest, match=r"2 metadata rows for 1 prompt: .*\[prompt\] \* 2"):
+        pipe("a satellite image", places, generator=torch.Generator().manual_seed(1), **args)

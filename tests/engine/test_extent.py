@@ -192,6 +192,7 @@ def test_joint_run_writes_the_grid_and_batch_does_not_change_it(tmp_path, models
     assert transform.a == pytest.approx((layout.bbox[2] - layout.bbox[0]) / width)
     assert tags["gsd"] == "2.0" and "each window was conditioned on its own centre" in tags["metadata_note"]
     assert tags["synthetic"] == "true" and tags["seed"] == "11"
+    assert tags["batch_size"] == "1" and tags["batch_size_rule"] == "given (--batch-size)"  # as every tiled task
     assert a.std() > 5  # an image, not a constant
 
 
@@ -261,3 +262,47 @@ def test_the_default_sampler_keeps_large_canvases_on_disk(tmp_path, models, monk
     large = generate(request, tmp_path / "large.tif", models=models)
     assert _read(tmp_path / "large.tif")[1]["scheduler"] == "ddim"
     assert any("sampled with DDIM" in w and "--scheduler dpm++" in w for w in large.warnings)
+
+
+def test_progress_never_goes_back_when_decoding_starts(tmp_path, models):
+    """The decode after the joint steps is the job's last part: its fraction continues from the
+    steps' (it restarted at 0, so the CLI's ETA jumped to hours and the plugin's bar went back),
+    and the CLI's line names it (``decoding k/N``, not a step)."""
+    import io
+
+    from engine.progress import ProgressLines
+    from engine.tasks.generate import generate
+
+    seen = []
+    generate(GenerateRequest(model="tiny", bbox=JOINT_BBOX, crs=UTM, gsd=2.0, steps=2, seed=3, guidance=1.0),
+             tmp_path / "p.tif", models=models, progress=seen.append)
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert {p.message for p in seen} >= {"denoising", "decoding"}
+    decoding = [p for p in seen if p.message == "decoding"]
+    assert decoding[0].fraction >= max(p.fraction for p in seen if p.message == "denoising")
+    window_step = next(p for p in seen if p.message == "denoising" and p.tile == 1 and p.step == 3)
+    stream = io.StringIO()
+    ProgressLines(stream, label="generate", interval=0)(window_step)  # step 2 of 2, its third window of 4
+    assert "step 2/2, window 3/4" in stream.getvalue() and "tile" not in stream.getvalue()
+    stream = io.StringIO()
+    ProgressLines(stream, label="generate", interval=0)(decoding[1])
+    assert f"decoding {decoding[1].step}/{decoding[1].total_steps}" in stream.getvalue()
+    assert "tile" not in stream.getvalue()
+    tags = _read(tmp_path / "p.tif")[1]
+    assert tags["batch_size"] == "4" and "default" in tags["batch_size_rule"]
+
+
+def test_dry_run_shows_the_note_when_the_default_sampler_becomes_ddim(monkeypatch):
+    """``--dry-run`` shows "the notes the run will print": above 8192² px that includes the switch
+    of ``auto`` to DDIM (the plan's notices were empty while the run warned)."""
+    from engine.tasks.extent import grid
+
+    large = plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=0.5, steps=2))
+    assert large["width"] * large["height"] > 8192 ** 2
+    assert any("sampled with DDIM" in n and "--scheduler dpm++" in n for n in large["notices"])
+    assert not any("DDIM" in n for n in plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=0.5,
+                                                               scheduler="dpm++"))["notices"])
+    assert not any("DDIM" in n for n in plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0))["notices"])
+    monkeypatch.setattr(grid, "AUTO_IN_RAM_LATENTS", 1)  # the plan follows the same rule as the run
+    assert any("DDIM" in n for n in plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0))["notices"])

@@ -30,3 +30,18 @@ def test_generate_examples_state_the_size_they_make(tmp_path, capsys):
         assert main([*argv, "--model", "tiny", "--dry-run", "--json"]) == 0
         plan = json.loads(capsys.readouterr().out)
         assert (plan["width"], plan["height"]) == (width, height), " ".join(argv)
+
+
+def test_every_example_keeps_its_line_breaks():
+    """An example's continuation is ``\\`` at the end of the printed line: a single backslash in
+    the Python source joins the two lines instead (``--gsd 2       --date`` on one 130-column
+    line), which a reader copying the command cannot tell from a typo."""
+    from engine import cli
+
+    epilogs = {name: text for name, text in vars(cli).items() if name.startswith("EPILOG_")}
+    assert "EPILOG_GENERATE" in epilogs
+    for name, text in epilogs.items():
+        for line in text.splitlines():
+            body = line.split("  # ")[0].strip()  # an aligned trailing comment is fine
+            if body.startswith("diffusionsat ") or line.startswith("      --"):
+                assert "   " not in body, f"{name}: a line continuation was lost: {line!r}"

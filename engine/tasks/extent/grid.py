@@ -30,6 +30,22 @@ LATENT_FACTOR = 8
 WINDOW_OVERLAP = 0.25
 #: The largest --gsd extent: 32768 x 32768 px (the latent canvas is then 4096^2 x 4 floats, 256 MiB).
 EXTENT_MAX_PIXELS = 32768 * 32768
+#: Latent values (4 x the canvas's latent px) above which the default sampler (``auto``) is DDIM,
+#: whose steps run band by band from files (memory flat in the extent), rather than DPM-Solver++,
+#: whose multistep state is canvas-sized and lives in RAM (about 5 canvas copies): 8192² px output.
+AUTO_IN_RAM_LATENTS = 4 * 1024 * 1024
+
+
+def extent_sampler(scheduler: str, width: int, height: int, canvas_h: int, canvas_w: int,
+                   limit: Optional[int] = None) -> tuple[str, Optional[str]]:
+    """The sampler a joint run over a ``width`` x ``height`` px output uses for ``scheduler``, and
+    the note the run prints (and ``--dry-run`` shows) when ``auto`` becomes DDIM for its size."""
+    limit = AUTO_IN_RAM_LATENTS if limit is None else limit
+    if scheduler == "auto" and 4 * canvas_h * canvas_w > limit:
+        return "ddim", (f"{width}x{height} px is sampled with DDIM (the default sampler for extents this large: "
+                        "its canvas stays on disk, memory flat in the extent); --scheduler dpm++ keeps "
+                        "DPM-Solver++ with the canvas in RAM")
+    return scheduler, None
 
 
 def extent_grid(bbox: Any, crs: Any, gsd: float, multiple: int = LATENT_FACTOR

@@ -38,16 +38,15 @@ from ...progress import CancelToken, Progress, ProgressCallback, report
 from ...schedulers import make_scheduler, set_timesteps
 from ..common import TaskResult, metadata_tags, new_seed, provenance_tags
 from .canvas import streams
-from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, is_joint, whole_metadata, windows_metadata
+from .grid import AUTO_IN_RAM_LATENTS as GRID_AUTO_IN_RAM_LATENTS
+from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, extent_sampler, is_joint, whole_metadata, windows_metadata
 
 #: Side of the blocks the initial noise is drawn in, latent cells (independent of the windows).
 NOISE_BLOCK = 64
 #: Windows per UNet call when the request does not say (CPU: small; the result does not depend on it).
 DEFAULT_BATCH = 4
-#: Latent values (4 x the canvas's latent px) above which the default sampler (``auto``) is DDIM,
-#: whose steps run band by band from files (memory flat in the extent), rather than DPM-Solver++,
-#: whose multistep state is canvas-sized and lives in RAM (about 5 canvas copies): 8192² px output.
-AUTO_IN_RAM_LATENTS = 4 * 1024 * 1024
+#: (engine.tasks.extent.grid's; a name here too, which tests set)
+AUTO_IN_RAM_LATENTS = GRID_AUTO_IN_RAM_LATENTS
 
 
 def block_seed(seed: int, by: int, bx: int) -> int:
@@ -256,21 +255,35 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     whole = whole_metadata(layout, request.date, request.cloud_cover)
     per_window = windows_metadata(layout, request.date, request.cloud_cover)
     warnings = list(bundle.notices) + whole.out_of_range_warnings()
-    if request.scheduler == "auto" and 4 * layout.canvas_h * layout.canvas_w > AUTO_IN_RAM_LATENTS:
-        request = request.model_copy(update={"scheduler": "ddim"})  # and the tags say so
-        warnings.append(f"{layout.width}x{layout.height} px is sampled with DDIM (the default sampler for "
-                        "extents this large: its canvas stays on disk, memory flat in the extent); "
-                        "--scheduler dpm++ keeps DPM-Solver++ with the canvas in RAM")
+    scheduler, note = extent_sampler(request.scheduler, layout.width, layout.height, layout.canvas_h,
+                                     layout.canvas_w, AUTO_IN_RAM_LATENTS)
+    if note:
+        request = request.model_copy(update={"scheduler": scheduler})  # and the tags say so
+        warnings.append(note)
     seed = request.seed if request.seed is not None else new_seed()
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
     batch = request.batch_size or DEFAULT_BATCH
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
-    args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
-                guidance=request.guidance, seed=seed, batch_size=batch, progress=progress, cancel=cancel)
+    tags.update(batch_size=batch, batch_size_rule="given (--batch-size)" if request.batch_size else
+                f"generate --gsd's default: {DEFAULT_BATCH} windows per UNet call")
+    # The decode is the job's last part, after the steps (as one more step): the job's fraction
+    # never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar jumping back).
+    steps_seen = {"n": request.steps}
+
+    def denoising(p: Progress) -> None:
+        steps_seen["n"] = p.total_tiles
+        report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
+                                  message=p.message, windows=True))
 
     def decoding(p: Progress) -> None:
-        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, message="decoding"))
+        n = steps_seen["n"]
+        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, tile=n, total_tiles=n + 1,
+                                  message="decoding"))
+
+    args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
+                guidance=request.guidance, seed=seed, batch_size=batch, progress=denoising if progress else None,
+                cancel=cancel)
 
     decode = dict(batch_size=batch, progress=decoding if progress else None, cancel=cancel)
     if streams(pipe.scheduler):  # the canvas in files, stepped band by band: memory flat in the extent
