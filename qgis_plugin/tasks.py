@@ -48,8 +48,9 @@ def progress_text(job: dict[str, Any], joint: bool = False) -> str:
     """``step 3/20 · tile 1/4 · about 12 s left`` from a job record.
 
     ``joint``: a generate job denoising windows together (its plan's ``joint_denoising``), whose
-    engine reports ``step`` = windows done in this denoising step and ``tile`` = steps done (so
-    its meter counts window steps): ``window 3/4 · step 1/20`` (it read "step 4/4" for 1 step)."""
+    engine reports ``step`` = windows done in this denoising step, ``tile`` = steps done and
+    ``total_tiles`` = steps + 1 (the decode is the last part; its meter counts window steps):
+    ``window 3/4 · step 1/20`` (it read "step 4/4" for 1 step)."""
     if joint:
         return _joint_progress_text(job)
     parts = []
@@ -75,7 +76,8 @@ def progress_text(job: dict[str, Any], joint: bool = False) -> str:
 def _joint_progress_text(job: dict[str, Any]) -> str:
     parts = []
     done, windows = job.get("step") or 0, job.get("total_steps") or 0
-    steps = job.get("total_tiles") or 0
+    # ``total_tiles`` is the denoising steps + 1: the engine counts the decode as the job's last part
+    steps = max(1, (job.get("total_tiles") or 2) - 1)
     msg = str(job.get("message") or "")
     if msg == "decoding" and windows:
         parts.append(f"decoding {done}/{windows}")
