@@ -86,12 +86,12 @@ class GenerateRequest(_Request):
                                 "other side follows the bbox's shape on the ground (default: the model's "
                                 "native size)")
     gsd: Optional[float] = Field(
-        None, gt=0.0, le=100_000.0, description="ground resolution in metres per pixel: the output is the "
+        None, gt=0.0, le=100_000.0, allow_inf_nan=False, description="ground resolution in metres per pixel: the output is the "
         "bbox at this GSD, of any size (instead of size/width/height); larger than the model's window, it is "
         "denoised jointly over overlapping windows, each conditioned on its own place")
     prompt: str = PROMPT
     steps: int = STEPS
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
     spread: Optional[int] = Field(
@@ -157,11 +157,11 @@ class _ConditionalRequest(_Request):
     cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction to condition on")
     prompt: str = PROMPT
     steps: int = STEPS
-    guidance: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off, "
+    guidance: float = Field(1.0, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off, "
                             "as the reference's ControlNet samples)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
-    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="ControlNet residual scale")
     overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
     max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
     # What QGIS knows of the inputs (used only where a file lacks it; see engine.geo.assign).
@@ -221,7 +221,7 @@ class InpaintRequest(_ConditionalRequest):
                                   "reference); uses the temporal ControlNet")
     reference_dates: Optional[list[_dt.date]] = Field(None, description="the date of each reference, in order")
     resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step (needs scheduler ddim)")
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
     # Accepted (the plugin sends its extent) but not used: in-painting fills the whole input.
     bbox: Optional[tuple[float, float, float, float]] = Field(
         None, description="ignored: in-painting fills the whole input", json_schema_extra={"cli": False})

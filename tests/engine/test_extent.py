@@ -261,3 +261,17 @@ def test_the_default_sampler_keeps_large_canvases_on_disk(tmp_path, models, monk
     large = generate(request, tmp_path / "large.tif", models=models)
     assert _read(tmp_path / "large.tif")[1]["scheduler"] == "ddim"
     assert any("sampled with DDIM" in w and "--scheduler dpm++" in w for w in large.warnings)
+
+
+@pytest.mark.parametrize("flag,value", [("--gsd", "nan"), ("--gsd", "inf"), ("--guidance", "nan")])
+def test_cli_non_finite_gsd_or_guidance_says_finite_in_one_line(tmp_path, capsys, flag, value):
+    """NaN/inf slipped past gt/le as "Input should be less than or equal to 100000", which names
+    the wrong problem: the one line now says the number must be finite (exit 2, no traceback)."""
+    from engine.cli import main
+
+    code = main(["generate", "--model", "tiny", "--bbox", ",".join(map(str, ROME_UTM)), "--crs", UTM, flag, value,
+                 "--dry-run", "--out", str(tmp_path / "x.tif")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [f"diffusionsat generate: error: {flag[2:]}: Input should be a finite number"]
+    assert not list(tmp_path.iterdir())
