@@ -4,6 +4,7 @@ canvas, and runs with the real tiny model (batch invariance; one window = the or
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -275,3 +276,15 @@ def test_cli_non_finite_gsd_or_guidance_says_finite_in_one_line(tmp_path, capsys
     assert code == 2
     assert err.splitlines() == [f"diffusionsat generate: error: {flag[2:]}: Input should be a finite number"]
     assert not list(tmp_path.iterdir())
+
+
+def test_cli_resolution_cannot_lift_the_one_image_pixel_limit(tmp_path, capsys):
+    """The request's own limit assumed a 512 px default size; --resolution 8192 (the size left to
+    the model) made an 8192 x 8192 image, past MAX_PIXELS: the check now counts the real size."""
+    from engine.cli import main
+
+    code = main(["generate", "--model", "tiny", "--bbox", ",".join(map(str, ROME_UTM)), "--crs", UTM,
+                 "--resolution", "8192", "--dry-run", "--out", str(tmp_path / "x.tif")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert re.search(r"error: 8192x\d+ px is more than 16777216 pixels", err[0]) and "--size" in err[0]
