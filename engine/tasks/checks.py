@@ -40,7 +40,7 @@ from ..models.registry import (
 from ..models.resolution import request_resolution
 from . import layout_of
 from .common import Layout, check_resample, date_of, output_sidecars
-from .requests import MAX_PIXELS, _Request
+from .requests import _Request
 
 # --------------------------------------------------------------------------------------------
 # Checks before the first model call (the run, --dry-run and the server)
@@ -95,9 +95,6 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
         return _check_extent(request, path, model_px, located)
     if request.task == "generate":
         width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
-        if width * height > MAX_PIXELS:  # the request's own check assumed 512 px for a size left to the model
-            raise InvalidRequest(f"{width}x{height} px is more than {MAX_PIXELS} pixels for one generated image; "
-                                 "give a smaller --size (or --resolution), or --gsd for a larger extent")
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
         gsd = ground_pixel_size(request.bbox, crs, width, height)
         return Checked(request, path, model_px, width, height, request.crs, tuple(request.bbox), 1,

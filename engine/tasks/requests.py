@@ -34,6 +34,7 @@ SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; d
 # configs), 1000 DDIM/PNDM/DDPM steps would ask for timestep 1000, which does not exist.
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
+MAX_RESOLUTION = 4096  # px, the largest tile (model window) side: one tile is at most MAX_PIXELS
 
 
 class _Request(BaseModel):
@@ -47,7 +48,7 @@ class _Request(BaseModel):
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
     dtype: Dtype = Field("auto", description="precision; auto = fp16 on CUDA, fp32 on the CPU")
     resolution: Optional[int] = Field(
-        None, description="px the model runs at (tile size; generate's default size), a multiple of 8; "
+        None, description="px the model runs at (tile size; generate's default size), a multiple of 8 in 64..4096; "
         "default: what the model was trained at for this task (see `diffusionsat models`)")
 
     batch_size: Optional[int] = Field(
@@ -63,6 +64,9 @@ class _Request(BaseModel):
     def _resolution_multiple_of_8(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and (v < 64 or v % 8):
             raise ValueError(f"{v} px is not a multiple of 8 of at least 64 (the model works on 8x8 latent cells)")
+        if v is not None and v > MAX_RESOLUTION:  # a tile's side: 8192 ran the model on 8192^2 px for a 600 px input
+            raise ValueError(f"{v} px is more than {MAX_RESOLUTION} px per tile side; leave --resolution out (the "
+                             f"model's own size) or give at most {MAX_RESOLUTION}")
         return v
 
     def input_paths(self) -> list[str]:

@@ -38,4 +38,4 @@ def test_a_resolution_past_one_image_is_refused_at_once(server):
     for path in ("/v1/plan", "/v1/jobs"):
         reply = call(server, "POST", path, json_body=_without_size(resolution=2**40))
         assert reply.status == 422, (path, reply.body)
-        assert reply.json["code"] == "invalid_request" and "pixels for one generated image" in reply.json["detail"]
+        assert reply.json["code"] == "invalid_request" and "px per tile side" in reply.json["detail"]
