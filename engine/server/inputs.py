@@ -264,6 +264,11 @@ def check_default_size(request: Any, config: ServerConfig) -> None:
     alone (or ``width`` alone) asked for any size past the limit. Called with the step limit, after
     the run's own checks (the model paths are confined, its config is read here), so that submit
     and plan refuse alike and in the same order."""
+    resolution = getattr(request, "resolution", None)
+    if resolution and resolution * resolution > config.max_pixels:  # any task: one tile is resolution^2 px
+        raise TooLarge(f"a {resolution} px tile ({resolution * resolution} pixels, --resolution) is more than this "
+                       f"engine's limit of {config.max_pixels} (--max-pixels); leave resolution out (the model's "
+                       "own size) or give a smaller one")
     if getattr(request, "task", None) != "generate" or getattr(request, "gsd", None) is not None:
         return
     if getattr(request, "width", None) and getattr(request, "height", None):
