@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import rasterio.env
+import rasterio.errors
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
 
@@ -377,12 +378,23 @@ def process_many(process_fn: Callable, tiles: Sequence[Tile], arrays: Sequence[n
 
 def _prepare(read_fn: ReadFn, tile: Tile, fill_nodata: bool) -> Optional[tuple[np.ndarray, np.ndarray]]:
     """(model input, valid input mask over the tile's valid part), or None for a tile with no valid pixel."""
-    array, valid_in = _read_tile(read_fn, tile, fill_nodata)
+    try:
+        array, valid_in = _read_tile(read_fn, tile, fill_nodata)
+    except rasterio.errors.RasterioIOError as err:  # e.g. an input truncated or replaced mid-run
+        raise input_read_failed(tile, err) from err
     rs, cs = tile.valid_slices
     valid_in = valid_in[rs, cs]
     if not valid_in.any():
         return None
     return array, valid_in
+
+
+def input_read_failed(tile: Tile, err: BaseException) -> RasterError:
+    """The one-line RasterError of a tile whose input GDAL could not read (rasterio's own message,
+    "Read failed. See previous exception for details.", names neither the file nor the fix)."""
+    cause = " ".join(str(err.__cause__ or err).split()) or type(err).__name__
+    return RasterError(f"reading the input failed at tile {tile.index + 1} ({cause[:300]}); was an input file "
+                       "changed, truncated or removed while this ran? Check the input and run again")
 
 
 def _contribution(tile: Tile, out: Any, valid_in: np.ndarray, bands: int) -> tuple[np.ndarray, np.ndarray]:

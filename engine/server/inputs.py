@@ -257,6 +257,41 @@ def _check_model_paths(request: Any, config: ServerConfig) -> None:
             )
 
 
+def check_default_size(request: Any, config: ServerConfig) -> None:
+    """A generate request that leaves a side to the engine (no width+height, no gsd): the size
+    the run will use (the other side from the bbox's shape, ``size`` defaulting to the model's
+    native px, which ``resolution`` sets), against ``--max-pixels``. Without it ``resolution``
+    alone (or ``width`` alone) asked for any size past the limit. Called with the step limit, after
+    the run's own checks (the model paths are confined, its config is read here), so that submit
+    and plan refuse alike and in the same order."""
+    resolution = getattr(request, "resolution", None)
+    if resolution and resolution * resolution > config.max_pixels:  # any task: one tile is resolution^2 px
+        raise TooLarge(f"a {resolution} px tile ({resolution * resolution} pixels, --resolution) is more than this "
+                       f"engine's limit of {config.max_pixels} (--max-pixels); leave resolution out (the model's "
+                       "own size) or give a smaller one")
+    if getattr(request, "task", None) != "generate" or getattr(request, "gsd", None) is not None:
+        return
+    if getattr(request, "width", None) and getattr(request, "height", None):
+        return  # output_pixels checked it
+    from ..errors import DiffusionSatError
+    from ..metadata import output_size
+    from ..models.registry import plan_resolution
+
+    try:
+        default = plan_resolution(request)
+        width, height = output_size(request.bbox, request.crs, request.size, request.width, request.height, default)
+    except DiffusionSatError:  # a bad bbox, CRS or model: the task's check refuses it with its own message
+        return
+    pixels = width * height * int(getattr(request, "spread", None) or 1)
+    if pixels > config.max_pixels:
+        raise TooLarge(
+            f"the output would be {width}x{height} px"
+            + (f" x {request.spread} spread samples" if getattr(request, "spread", None) else "")
+            + f" ({pixels} pixels), more than this engine's limit of {config.max_pixels} (--max-pixels); "
+            "request a smaller size (or width/height) or resolution, or fewer spread samples"
+        )
+
+
 def precheck(request: Any, config: ServerConfig) -> None:
     """The engine's own limits (pixels, the folders it may read), before the task's checks."""
     pixels = output_pixels(request)

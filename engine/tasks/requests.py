@@ -34,6 +34,7 @@ SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; d
 # configs), 1000 DDIM/PNDM/DDPM steps would ask for timestep 1000, which does not exist.
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
+MAX_RESOLUTION = 4096  # px, the largest tile (model window) side: one tile is at most MAX_PIXELS
 
 
 class _Request(BaseModel):
@@ -47,7 +48,7 @@ class _Request(BaseModel):
     device: str = Field("auto", description="auto (CUDA if available), cpu, cuda or cuda:N")
     dtype: Dtype = Field("auto", description="precision; auto = fp16 on CUDA, fp32 on the CPU")
     resolution: Optional[int] = Field(
-        None, description="px the model runs at (tile size; generate's default size), a multiple of 8; "
+        None, description="px the model runs at (tile size; generate's default size), a multiple of 8 in 64..4096; "
         "default: what the model was trained at for this task (see `diffusionsat models`)")
 
     batch_size: Optional[int] = Field(
@@ -64,6 +65,9 @@ class _Request(BaseModel):
     def _resolution_multiple_of_8(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and (v < 64 or v % 8):
             raise ValueError(f"{v} px is not a multiple of 8 of at least 64 (the model works on 8x8 latent cells)")
+        if v is not None and v > MAX_RESOLUTION:  # a tile's side: 8192 ran the model on 8192^2 px for a 600 px input
+            raise ValueError(f"{v} px is more than {MAX_RESOLUTION} px per tile side; leave --resolution out (the "
+                             f"model's own size) or give at most {MAX_RESOLUTION}")
         return v
 
     def input_paths(self) -> list[str]:
@@ -87,12 +91,12 @@ class GenerateRequest(_Request):
                                 "other side follows the bbox's shape on the ground (default: the model's "
                                 "native size)")
     gsd: Optional[float] = Field(
-        None, gt=0.0, le=100_000.0, description="ground resolution in metres per pixel: the output is the "
+        None, gt=0.0, le=100_000.0, allow_inf_nan=False, description="ground resolution in metres per pixel: the output is the "
         "bbox at this GSD, of any size (instead of size/width/height); larger than the model's window, it is "
         "denoised jointly over overlapping windows, each conditioned on its own place")
     prompt: str = PROMPT
     steps: int = STEPS
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
     spread: Optional[int] = Field(
@@ -158,11 +162,11 @@ class _ConditionalRequest(_Request):
     cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction to condition on")
     prompt: str = PROMPT
     steps: int = STEPS
-    guidance: float = Field(1.0, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off, "
+    guidance: float = Field(1.0, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off, "
                             "as the reference's ControlNet samples)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
-    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, description="ControlNet residual scale")
+    conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="ControlNet residual scale")
     overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
     max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
     # What QGIS knows of the inputs (used only where a file lacks it; see engine.geo.assign).
@@ -222,7 +226,7 @@ class InpaintRequest(_ConditionalRequest):
                                   "reference); uses the temporal ControlNet")
     reference_dates: Optional[list[_dt.date]] = Field(None, description="the date of each reference, in order")
     resample: int = Field(0, ge=0, le=20, description="RePaint resampling passes per step (needs scheduler ddim)")
-    guidance: float = Field(7.5, ge=0.0, le=50.0, description="classifier-free guidance scale (<= 1 turns it off)")
+    guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
     # Accepted (the plugin sends its extent) but not used: in-painting fills the whole input.
     bbox: Optional[tuple[float, float, float, float]] = Field(
         None, description="ignored: in-painting fills the whole input", json_schema_extra={"cli": False})

@@ -168,7 +168,6 @@ JOINT_BBOX = (288500.0, 4639300.0, 288500.0 + 896.0, 4639300.0 + 896.0)
 
 
 def test_joint_run_writes_the_grid_and_batch_does_not_change_it(tmp_path, models):
-    from engine.tasks.generate import generate
 
     from engine.tasks import run_task
 
@@ -306,3 +305,37 @@ def test_dry_run_shows_the_note_when_the_default_sampler_becomes_ddim(monkeypatc
     assert not any("DDIM" in n for n in plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0))["notices"])
     monkeypatch.setattr(grid, "AUTO_IN_RAM_LATENTS", 1)  # the plan follows the same rule as the run
     assert any("DDIM" in n for n in plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0))["notices"])
+
+@pytest.mark.parametrize("flag,value", [("--gsd", "nan"), ("--gsd", "inf"), ("--guidance", "nan")])
+def test_cli_non_finite_gsd_or_guidance_says_finite_in_one_line(tmp_path, capsys, flag, value):
+    """NaN/inf slipped past gt/le as "Input should be less than or equal to 100000", which names
+    the wrong problem: the one line now says the number must be finite (exit 2, no traceback)."""
+    from engine.cli import main
+
+    code = main(["generate", "--model", "tiny", "--bbox", ",".join(map(str, ROME_UTM)), "--crs", UTM, flag, value,
+                 "--dry-run", "--out", str(tmp_path / "x.tif")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.splitlines() == [f"diffusionsat generate: error: {flag[2:]}: Input should be a finite number"]
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("task_args", [
+    ["generate", "--bbox", ",".join(map(str, ROME_UTM)), "--crs", UTM],
+    ["inpaint", "--input", "IN", "--mask", "nodata"],
+], ids=["generate", "inpaint"])
+def test_cli_resolution_is_at_most_4096(tmp_path, capsys, task_args):
+    """--resolution had no upper bound: inpaint --resolution 8192 planned one 8192 px tile (the
+    model on 67 Mpx) for a 600 px input, 2**40 a bogus "no space left"; now one line, exit 2."""
+    from engine.cli import main
+
+    src = tmp_path / "in.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs=UTM,
+                       transform=rasterio.transform.from_origin(288500, 4639364, 10, 10)) as ds:
+        ds.write(np.full((3, 64, 64), 100, np.uint8))
+    args = [str(src) if a == "IN" else a for a in task_args]
+    code = main([*args, "--model", "tiny", "--resolution", "8192", "--dry-run", "--out", str(tmp_path / "x.tif")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "8192 px is more than 4096 px per tile side" in err[0]
+    assert main([*args, "--model", "tiny", "--resolution", "64", "--dry-run", "--out", str(tmp_path / "x.tif")]) == 0

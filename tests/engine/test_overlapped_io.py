@@ -12,7 +12,7 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
-from engine.errors import Cancelled, DiskFull
+from engine.errors import Cancelled, DiskFull, RasterError
 from engine.geo.accumulate import QUEUE_DEPTH, batched, raster_reader, run_tiled
 from engine.geo.cog import CogWriter
 from engine.geo.tiles import plan_tiles
@@ -334,4 +334,28 @@ def test_split_run_reader_error_marks_the_rank_failed(tmp_path):
         accumulate_partial(reader, model, plan_tiles(W, H, 64, 16), bands=3, folder=tmp_path, rank=0,
                            world_size=1, run_id="e")
     assert (tmp_path / "tiling-e-rank0.failed").read_text().startswith("ValueError")
+    assert workers() == []
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_input_truncated_mid_run_is_a_raster_error_naming_the_fix(tmp_path, overlap):
+    """A real GeoTIFF cut short while the loop runs (another program rewriting it): GDAL's
+    RasterioIOError ("Read failed. See previous exception") became a one-line RasterError
+    (the CLI's exit 2, the server's 422), not an "internal error" with a traceback hint."""
+    src = source(tmp_path / "in.tif", nodata_block=False)
+    outdir, scratch = tmp_path / "out", tmp_path / "scratch"
+    outdir.mkdir()
+    scratch.mkdir()
+    dest = outdir / "out.tif"
+
+    def process(tile, array):
+        if tile.index == 0:
+            with open(src, "r+b") as f:
+                f.truncate(2048)
+        return model(tile, array)
+
+    with pytest.raises(RasterError, match=r"reading the input failed at tile \d+ .*in\.tif.*run again"):
+        run(src, dest, process, scratch=scratch, overlap=overlap)
+    assert not dest.exists()
+    assert left_behind(tmp_path, outdir, scratch) == []
     assert workers() == []

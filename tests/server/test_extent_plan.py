@@ -29,3 +29,14 @@ def test_plan_of_a_gsd_extent_shows_windows_and_the_limit_applies(server):
     assert reply.json["windows"] == reply.json["tiles"] == len(layout.windows) > 1
     assert reply.json["joint_denoising"] is True and reply.json["window_overlap_px"] == 16
     assert reply.json["unet_evaluations"] == len(layout.windows) * 3 * 2
+
+
+def test_non_finite_gsd_is_a_422_saying_finite(server):
+    """JSON's NaN/Infinity (Python's json reads them) for the new gsd field: 422 naming "finite",
+    not "less than or equal to 100000"; plan and jobs refuse alike."""
+    base = {"task": "generate", "bbox": [288500, 4639300, 288740, 4639540], "crs": UTM, "model": "tiny"}
+    for value in (float("nan"), float("inf")):
+        for path in ("/v1/plan", "/v1/jobs"):
+            reply = call(server, "POST", path, json_body=dict(base, gsd=value))
+            assert reply.status == 422, reply.body
+            assert reply.json == {"detail": "gsd: Input should be a finite number", "code": "invalid_request"}

@@ -140,6 +140,11 @@ def path_refused(err: OSError) -> Exception:
 
 
 def check_steps(job_request: Any, config: Any) -> None:
+    """The engine's limits checked after the run's own checks: steps, and the size of a generate
+    request that leaves a side to the engine (engine.server.inputs.check_default_size)."""
+    from ..inputs import check_default_size
+
+    check_default_size(job_request, config)
     steps = getattr(job_request, "steps", None)
     if isinstance(steps, int) and steps > config.max_steps:
         raise InvalidRequest(f"steps: {steps} is more than this engine's limit of {config.max_steps} "
