@@ -217,3 +217,18 @@ def test_dry_run_needs_no_out_but_a_run_does(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "required: --out" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+def test_batch_size_and_compile_take_no_lax_coercion():
+    """The attacker trial: JSON ``"batch_size": true`` and ``"compile": "yes"`` (or 1) were taken as
+    1 and True; they are a mistake in a client, refused with the field's name."""
+    from engine.errors import InvalidRequest
+    from engine.tasks.requests import parse_request
+
+    base = {"task": "generate", "bbox": [12.45, 41.88, 12.5, 41.92]}
+    for bad, field in (({"batch_size": True}, "batch_size"), ({"batch_size": "2"}, "batch_size"),
+                       ({"compile": "yes"}, "compile"), ({"compile": 1}, "compile")):
+        with pytest.raises(InvalidRequest, match=field):
+            parse_request({**base, **bad})
+    ok = parse_request({**base, "batch_size": 2, "compile": True})
+    assert (ok.batch_size, ok.compile) == (2, True)
