@@ -32,23 +32,9 @@ TITLE = "Tile loop: overlapped I/O vs sequential (CPU, sleeping stand-in model)"
 
 def make_input(size: int, path: str) -> None:
     """A size x size 3-band uint8 GeoTIFF, DEFLATE, written in 512-row strips (bounded memory)."""
-    import numpy as np
-    import rasterio
-    from rasterio.transform import from_origin
-    from rasterio.windows import Window
+    from benchmarks.tiling_memory import make_input as write_input
 
-    profile = dict(driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
-                   transform=from_origin(500000.0, 4600000.0, 10.0, 10.0), tiled=True, blockxsize=512,
-                   blockysize=512, compress="DEFLATE", bigtiff="IF_SAFER")
-    cols = np.arange(size, dtype=np.float32)
-    rng = np.random.default_rng(0)
-    with rasterio.open(path, "w", **profile) as ds:
-        for y in range(0, size, 512):
-            h = min(512, size - y)
-            rows = np.arange(y, y + h, dtype=np.float32)[:, None]
-            base = 127 + 60 * np.sin(cols / 97.0) + 60 * np.cos(rows / 131.0)
-            noise = rng.integers(-8, 9, size=(3, h, size))
-            ds.write(np.clip(base[None] + noise, 0, 255).astype(np.uint8), window=Window(0, y, size, h))
+    write_input(size, path, compress="DEFLATE")
 
 
 def peak_rss_mib() -> float:

@@ -41,8 +41,9 @@ SECTION = "## Tiling: peak memory vs raster size (CPU)"
 # ---- child processes ------------------------------------------------------------------------
 
 
-def make_input(size: int, path: str) -> None:
-    """Write a size x size 3-band uint8 GeoTIFF in 512-row strips (bounded memory)."""
+def make_input(size: int, path: str, compress: str = "NONE") -> None:
+    """Write a size x size 3-band uint8 GeoTIFF in 512-row strips (bounded memory); ``compress``: its
+    GDAL codec (benchmarks/overlap_io.py reads a DEFLATE one, as real inputs are)."""
     import numpy as np
     import rasterio
     from rasterio.transform import from_origin
@@ -51,7 +52,7 @@ def make_input(size: int, path: str) -> None:
     profile = dict(
         driver="GTiff", width=size, height=size, count=3, dtype="uint8", crs="EPSG:32633",
         transform=from_origin(500000.0, 4600000.0, 10.0, 10.0), tiled=True,
-        blockxsize=512, blockysize=512, compress="NONE", bigtiff="IF_SAFER",
+        blockxsize=512, blockysize=512, compress=compress, bigtiff="IF_SAFER",
     )
     cols = np.arange(size, dtype=np.float32)
     rng = np.random.default_rng(0)
