@@ -63,6 +63,7 @@ class Job:
     total_steps: int = 0
     tile: int = 0
     total_tiles: int = 1
+    windows: bool = False  #: joint denoising over windows: step = windows done, tile = steps done (Progress.windows)
     fraction: float = 0.0
     message: str = "queued"
     error: Optional[str] = None
@@ -102,6 +103,7 @@ class Job:
             "total_steps": self.total_steps,
             "tile": self.tile,
             "total_tiles": self.total_tiles,
+            "windows": self.windows,
             "eta_s": self.eta_s(),
             "message": self.message,
             "error": self.error,
@@ -306,6 +308,7 @@ class JobManager:
                     job.progress_started = time.time()
                 job.step, job.total_steps = p.step, p.total_steps
                 job.tile, job.total_tiles = p.tile, p.total_tiles
+                job.windows = job.windows or p.windows  # sticky: the decode that follows reports tiles
                 job.fraction = p.fraction
                 if job.state == RUNNING:
                     job.message = p.message or "running"

@@ -108,6 +108,9 @@ class JobOut(BaseModel):
     total_steps: int
     tile: int
     total_tiles: int
+    windows: bool = Field(False, description="the job denoises windows jointly (generate --gsd over "
+                          "several windows): while denoising, step counts the windows of denoising step tile + 1 "
+                          "(total_steps windows, total_tiles - 1 steps); the decode is the last part")
     eta_s: Optional[float]
     message: str
     error: Optional[str]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from engine.tasks.extent import extent_layout
 
-from .conftest import MAX_PIXELS, call
+from .conftest import MAX_PIXELS, call, wait_for
 
 UTM = "EPSG:32633"
 
@@ -40,3 +40,19 @@ def test_non_finite_gsd_is_a_422_saying_finite(server):
             reply = call(server, "POST", path, json_body=dict(base, gsd=value))
             assert reply.status == 422, reply.body
             assert reply.json == {"detail": "gsd: Input should be a finite number", "code": "invalid_request"}
+
+
+def test_a_joint_job_says_windows_in_its_record_and_a_plain_one_does_not(server):
+    """The job record's ``windows`` flag: a client that did not ask for the plan (a script polling
+    /v1/jobs) can still read step/tile as windows/steps; it stays set through the decode."""
+    joint = {"task": "generate", "bbox": [288500, 4639300, 288740, 4639540], "crs": UTM, "gsd": 2.0,
+             "model": "tiny", "resolution": 64, "steps": 1, "guidance": 1.0, "seed": 3}
+    plain = dict(joint, gsd=None, width=64, height=64)
+    flags = {}
+    for name, body in (("joint", joint), ("plain", plain)):
+        reply = call(server, "POST", "/v1/jobs", json_body=body)
+        assert reply.status in (200, 201, 202), reply.body
+        job = wait_for(server, reply.json["id"], timeout=180)
+        assert job["state"] == "done", job
+        flags[name] = job["windows"]
+    assert flags == {"joint": True, "plain": False}
