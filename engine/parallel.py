@@ -243,6 +243,8 @@ def merge_partials(
     folder = Path(folder)
     sources: list[Accumulator] = []
     try:
+        # this rank's tiles are done (fraction 1: the bar does not jump back); the wait and the merge follow
+        report(progress, Progress(1, 1, 0, 1, "waiting for the other ranks' tiles"))
         headers = _wait_for_ranks(folder, run_id, world_size, timeout_s, poll_s, cancel)
         shapes = {(h["width"], h["height"], h["bands"], h["dtype"]) for h in headers}
         if len(shapes) != 1:
@@ -266,7 +268,7 @@ def merge_partials(
                         create=False,
                     )
                 )
-        report(progress, Progress(0, 1, 0, 1, "merging the ranks' tiles"))
+        report(progress, Progress(1, 1, 0, 1, "merging the ranks' tiles"))
         nodata_px = flush(sources, 0, height, width, bands, writer, enc, cancel, False)
         report(progress, Progress(0, 1, 1, 1, "merged"))
         return TilingStats(
@@ -337,6 +339,7 @@ def run_tiled_distributed(
             scale=scale,
             offset=offset,
             timeout_s=timeout_s,
+            progress=progress,
             cancel=cancel,
         )
     return TilingStats(stats.tiles, stats.skipped_tiles, stats.nodata_pixels, stats.seconds + mine.seconds)

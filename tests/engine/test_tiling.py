@@ -494,6 +494,25 @@ def test_ranks_without_tiles_still_merge(tmp_path):
     assert np.abs(read(dest) - smooth_on(Window(0, 0, 50, 30))).max() < 1e-6
 
 
+def test_rank_0_reports_the_wait_and_the_merge_without_going_back(tmp_path):
+    """A split run's rank 0 said nothing while it waited for the other ranks and merged (the bar sat
+    at its last tile, then the run ended); now it reports both, at the fraction its tiles reached."""
+    tiles = plan_tiles(100, 100, 64, 16)
+    accumulate_partial(zeros_reader, global_denoiser, tiles, bands=3, folder=tmp_path / "s", rank=1,
+                       world_size=2, run_id="r4")
+    seen = []
+    run_tiled_distributed(
+        zeros_reader, global_denoiser, tiles, bands=3, folder=tmp_path / "s", rank=0, world_size=2,
+        run_id="r4", open_writer=lambda: writer(tmp_path / "o.tif", 100, 100, dtype="float32"),
+        timeout_s=30, progress=lambda p: seen.append((p.message, p.fraction)),
+    )
+    messages = [m for m, _ in seen]
+    assert "waiting for the other ranks' tiles" in messages and "merging the ranks' tiles" in messages
+    assert messages.index("waiting for the other ranks' tiles") < messages.index("merging the ranks' tiles")
+    fractions = [f for _, f in seen]
+    assert all(b >= a for a, b in zip(fractions, fractions[1:])), seen
+
+
 # ---- batches --------------------------------------------------------------------------------
 
 
