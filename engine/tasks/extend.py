@@ -578,7 +578,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
                 canvas.close()
     finally:
         source.close()
-    warnings += centre.out_of_range_warnings("inpaint")
+    warnings += centre.out_of_range_warnings("extend")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 
