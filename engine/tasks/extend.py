@@ -505,9 +505,14 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     from .extent.joint import denoise_to_file
     from .inpaint import OTHER_BANDS_RULE, _CompositeWriter, _OtherBands
 
-    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=request.device, dtype=request.dtype,
-                                   compile=request.compile)
+    from ..parallel import RunContext
+    from .sampling import bundle_for
+
+    context = context or RunContext()
+    if context.rank != 0:  # a split run (accelerate launch): one canvas, denoised by rank 0 alone
+        grid = grid_of(request.input)
+        return Outcome(grid=grid, seed=request.seed or 0, model="", metadata={})
+    bundle, placement = bundle_for(models, request, context)
     model_px = request_resolution(bundle, request)
     e = extend_layout(request, model_px)
     check_sampler(request, type(bundle.scheduler).__name__)
