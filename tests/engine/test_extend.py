@@ -213,7 +213,10 @@ def test_refusals_are_one_line(tmp_path, bbox, crs, words):
     assert words in str(err.value) and "\n" not in str(err.value)
 
 
-def test_cli_refusals_exit_2_in_one_line(tmp_path):
+def test_cli_refusals_exit_2_in_one_line(tmp_path, capsys):
+    """The CLI's own main() (in this process; the end-to-end subprocess run is the fixture above)."""
+    from engine.cli import main
+
     src = tmp_path / "layer.tif"
     make_input(src, w=64, h=64)
     inside = ",".join(map(str, (X0 + 100, Y0 - 500, X0 + 500, Y0 - 100)))
@@ -222,15 +225,18 @@ def test_cli_refusals_exit_2_in_one_line(tmp_path):
              ("--bbox", outside, "--out", str(src), "--overwrite"),  # the output is the input
              ("--bbox", outside, "--out", str(tmp_path / "o.tif"), "--scheduler", "dpm++")]
     for case in cases:
-        done = cli("--input", str(src), "--model", "tiny", *case, "--dry-run")
-        assert done.returncode == 2, done.stderr
-        lines = [line for line in done.stderr.splitlines() if not line.startswith("note:")]
-        assert len(lines) == 1 and lines[0].startswith("diffusionsat extend: error:"), done.stderr
+        code = main(["extend", "--input", str(src), "--model", "tiny", *case, "--dry-run"])
+        err = capsys.readouterr().err
+        assert code == 2, err
+        lines = [line for line in err.splitlines() if not line.startswith("note:")]
+        assert len(lines) == 1 and lines[0].startswith("diffusionsat extend: error:"), err
     assert not (tmp_path / "o.tif").exists()
     # the plan as JSON
-    done = cli("--input", str(src), "--model", "tiny", "--bbox", outside, "--dry-run", "--json", "--steps", "2")
-    assert done.returncode == 0, done.stderr
-    p = json.loads(done.stdout)
+    code = main(["extend", "--input", str(src), "--model", "tiny", "--bbox", outside, "--dry-run", "--json",
+                 "--steps", "2"])
+    out = capsys.readouterr().out
+    assert code == 0
+    p = json.loads(out)
     assert p["task"] == "extend" and (p["width"], p["height"]) == (110, 110) and p["unet_evaluations"] == 4
 
 
