@@ -134,3 +134,32 @@ def test_plan_counts_the_samples(tmp_path):
     assert four["unet_evaluations"] == 4 * one["unet_evaluations"]
     assert four["work_mpx"] == pytest.approx(4 * one["work_mpx"])
     assert four["mpx_per_step"] == one["mpx_per_step"] and four["spread_samples"] == 4
+
+
+# 448 x 448 px at 2 m: a canvas of 56 x 56 latent cells, 2 x 2 windows of 32 cells overlapping by 8
+JOINT_BBOX = (288500.0, 4639300.0, 288500.0 + 896.0, 4639300.0 + 896.0)
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++"])  # the canvas in files; in RAM (a multistep sampler)
+def test_generate_gsd_spread_over_windows(tmp_path, models, scheduler):
+    joint = {"task": "generate", "model": "tiny", "bbox": JOINT_BBOX, "crs": UTM, "gsd": 2.0, "steps": 2, "seed": 7,
+             "guidance": 1.0, "scheduler": scheduler, "batch_size": 2}
+    plain = run_task(parse_request(joint), tmp_path / "plain.tif", models=models)
+    seen = []
+    result = run_task(parse_request({**joint, "spread": 2}), tmp_path / "spread.tif", models=models,
+                      progress=seen.append)
+    image, spread = check_spread_map(result.path, 2, seed=7)
+    assert image.shape == (3, 448, 448)
+    assert np.array_equal(image, read(plain.path)[0]), "sample 0 is not the output without --spread"
+    assert (spread > 0).mean() > 0.9 and spread.max() < 1.0
+    assert result.denoise_steps == 2 * plain.denoise_steps  # 2 samples x 4 windows x 2 steps
+    fractions = [p.fraction for p in seen]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no scratch left behind
+
+
+def test_plan_of_generate_gsd_spread_counts_the_samples():
+    joint = {"task": "generate", "model": "tiny", "bbox": JOINT_BBOX, "crs": UTM, "gsd": 2.0, "steps": 2}
+    one, three = plan(parse_request(joint)), plan(parse_request({**joint, "spread": 3}))
+    assert three["unet_evaluations"] == 3 * one["unet_evaluations"] == 3 * 4 * 2 * 2  # windows x steps x cfg
+    assert three["work_mpx"] == pytest.approx(3 * one["work_mpx"]) and three["windows"] == 4
