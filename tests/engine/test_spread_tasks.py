@@ -163,3 +163,30 @@ def test_plan_of_generate_gsd_spread_counts_the_samples():
     one, three = plan(parse_request(joint)), plan(parse_request({**joint, "spread": 3}))
     assert three["unet_evaluations"] == 3 * one["unet_evaluations"] == 3 * 4 * 2 * 2  # windows x steps x cfg
     assert three["work_mpx"] == pytest.approx(3 * one["work_mpx"]) and three["windows"] == 4
+
+
+def test_split_run_with_spread_equals_one_process(tmp_path, models):
+    """Two ranks (as accelerate launch runs them) write the same output and spread map as one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    request = {**FAST, **superres_input(tmp_path), "spread": 2}
+    single = run_task(parse_request(request), tmp_path / "single.tif", models=models)
+    split_out = tmp_path / "split.tif"
+    code = ("import json,sys; from engine.tasks import parse_request, run_task; "
+            "from engine.parallel import RunContext; "
+            f"r = run_task(parse_request(json.loads(sys.argv[1])), {str(split_out)!r}, "
+            "context=RunContext.from_env('cpu')); print('REPORTS', r is not None)")
+    procs = [subprocess.Popen([sys.executable, "-c", code, json.dumps(request)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
+             for rank in (0, 1)]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+    image, spread = check_spread_map(split_out, 2)
+    one_image, one_spread = check_spread_map(single.path, 2)
+    assert np.array_equal(image, one_image) and np.array_equal(spread, one_spread)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch cleaned up
