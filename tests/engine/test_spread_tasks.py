@@ -47,7 +47,7 @@ def superres_input(tmp_path):
 def temporal_input(tmp_path):
     rng = np.random.default_rng(1)
     return {"task": "temporal", "date": "2022-07-01",
-            "inputs": [write(tmp_path / f"rome_{y}-06-01.tif", (rng.random((3, 64, 120)) * 255).astype("uint8"))
+            "inputs": [write(tmp_path / f"rome_{y}-06-01.tif", (rng.random((3, 64, 64)) * 255).astype("uint8"))
                        for y in (2020, 2021)]}
 
 
@@ -190,3 +190,23 @@ def test_split_run_with_spread_equals_one_process(tmp_path, models):
     one_image, one_spread = check_spread_map(single.path, 2)
     assert np.array_equal(image, one_image) and np.array_equal(spread, one_spread)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch cleaned up
+
+
+def test_generate_gsd_spread_failing_output_leaves_no_spread_map(tmp_path, models, monkeypatch):
+    out = tmp_path / "fails.tif"
+    finish = cog.CogWriter._finish
+    published = []
+
+    def fail_for_the_output(writer):
+        if writer.dest == out:
+            raise OSError("the disk went away")
+        published.append(writer.dest)
+        return finish(writer)
+
+    monkeypatch.setattr(cog.CogWriter, "_finish", fail_for_the_output)
+    joint = {"task": "generate", "model": "tiny", "bbox": JOINT_BBOX, "crs": UTM, "gsd": 2.0, "steps": 1, "seed": 7,
+             "guidance": 1.0, "scheduler": "ddim", "spread": 2}
+    with pytest.raises(Exception, match="disk went away"):
+        run_task(parse_request(joint), out, models=models)
+    assert published == [spread_path(out)]  # the map was written first, then removed with the failed output
+    assert list(tmp_path.iterdir()) == []
