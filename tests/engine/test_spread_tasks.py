@@ -184,7 +184,7 @@ def test_split_run_with_spread_equals_one_process(tmp_path, models):
                               env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_RANK": str(rank)})
              for rank in (0, 1)]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err[-2000:]
     image, spread = check_spread_map(split_out, 2)
     one_image, one_spread = check_spread_map(single.path, 2)
