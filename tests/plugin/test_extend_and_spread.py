@@ -10,18 +10,15 @@ from pathlib import Path
 
 import pytest
 from osgeo import gdal
-from qgis.core import QgsApplication, QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
+from qgis.core import QgsCoordinateReferenceSystem, QgsProject, QgsRasterLayer, QgsRectangle
 from qgis.PyQt.QtCore import QPoint
 
 from qgis_plugin.layers import GROUP_NAME
-from qgis_plugin.prepare import extended_grid
 from qgis_plugin.requests import RequestError
 
 from .conftest import require_task
 from .helpers import ORIGIN, make_rgb_geotiff, make_s2_geotiff
 from .test_dock import S2_BANDS, add_layer, drag, run_and_wait, set_canvas
-from .test_processing import provider  # noqa: F401 - the fixture
-from .test_processing_dialog import layers_from, run_like_the_dialog
 
 UTM = QgsCoordinateReferenceSystem("EPSG:32633")
 #: make_rgb_geotiff's 64 px at 10 m: x 290000..290640, y 4641360..4642000
@@ -190,22 +187,6 @@ def test_uncertainty_is_offered_for_every_task_and_sent_only_when_set(plugin, tm
     assert not hasattr(dock.extend, "spread")  # the engine's extend takes no spread
 
 
-def test_processing_algorithms_have_extend_and_spread(provider):  # noqa: F811
-    registry = QgsApplication.processingRegistry()
-    ext = registry.algorithmById("diffusionsat:extend")
-    assert ext is not None and ext.displayName() == "Extend (outpaint) a raster"
-    names = {p.name() for p in ext.parameterDefinitions()}
-    assert {"INPUT", "EXTENT", "STEPS", "GUIDANCE", "SEED", "OUTPUT", "DATE", "PROMPT", "CLOUD_COVER"} <= names
-    assert ext.parameterDefinition("EXTENT").type() == "extent"
-    assert ext.parameterDefinition("GUIDANCE").defaultValue() == 7.5
-    for task in ("generate", "superres", "inpaint", "temporal"):
-        alg = registry.algorithmById(f"diffusionsat:{task}")
-        spread = alg.parameterDefinition("SPREAD")
-        assert spread is not None and spread.flags() & spread.FlagOptional, task
-        assert spread.maximum() == 16 and spread.minimum() == 2, task
-        assert "SPREAD" in {o.name() for o in alg.outputDefinitions()}, task
-
-
 # -- end to end against the engine --------------------------------------------------------------------
 
 
@@ -232,32 +213,6 @@ def test_extend_from_the_dock_end_to_end(plugin, engine_env, qtbot, tmp_path):
     assert "Plan: 89 × 68 px" in plugin.dock.plan_label.text() or "89 × 68 px" in task.preflight.summary()
     node = QgsProject.instance().layerTreeRoot().findLayer(out.id())
     assert node is not None and node.parent().name() == GROUP_NAME
-
-
-def test_extend_with_processing_run_and_the_dialog(provider, engine_env, tmp_path, qgis_new_project, qtbot):  # noqa: F811
-    import processing
-
-    require_task(engine_env, "extend")
-    src = make_rgb_geotiff(tmp_path / "scene.tif")
-    extent = f"{GROWN.xMinimum()!r},{GROWN.xMaximum()!r},{GROWN.yMinimum()!r},{GROWN.yMaximum()!r} [EPSG:32633]"
-    out = tmp_path / "extended.tif"
-    result = processing.run("diffusionsat:extend", {"INPUT": str(src), "EXTENT": extent, "STEPS": 2, "SEED": 4,
-                                                    "MODEL": "tiny", "OUTPUT": str(out)})
-    assert result["OUTPUT"] == str(out) and result["SEED"] == 4
-    ds = gdal.Open(str(out))
-    assert (ds.RasterXSize, ds.RasterYSize, ds.RasterCount) == (89, 68, 3)
-    assert _window(out, 16, 4, 64, 64) == _pixels(src)
-    # the algorithm dialog's path: the output is loaded, named after its input
-    scene = QgsRasterLayer(str(src), "my scene")
-    QgsProject.instance().addMapLayer(scene)
-    out2 = tmp_path / "dialog_extended.tif"
-    ok, results, loaded, feedback = run_like_the_dialog(qtbot, "diffusionsat:extend", {
-        "INPUT": scene.id(), "EXTENT": extent, "STEPS": 2, "MODEL": "tiny", "OUTPUT": str(out2)})
-    assert ok and loaded, feedback.textLog()
-    (layer,) = layers_from(out2)
-    assert layer.name().startswith("my scene · extended · "), layer.name()
-    assert (layer.width(), layer.height()) == (89, 68)
-    assert "Plan:" in feedback.textLog()
 
 
 def test_superres_uncertainty_adds_the_spread_layer_from_the_dock(plugin, engine_env, qtbot, tmp_path):
@@ -287,27 +242,3 @@ def test_superres_uncertainty_adds_the_spread_layer_from_the_dock(plugin, engine
     assert ids.index(spread.id()) == ids.index(image.id()) + 1
 
 
-def test_inpaint_spread_with_the_processing_dialog_loads_the_spread_layer(provider, engine_env, tmp_path,  # noqa: F811
-                                                                         qgis_new_project, qtbot):
-    require_task(engine_env, "inpaint")
-    src = make_rgb_geotiff(tmp_path / "rgb.tif", hole=True)
-    require_spread(engine_env, "inpaint", {"task": "inpaint", "input": str(src), "mask": "nodata", "steps": 1,
-                                           "model": "tiny"})
-    scene = QgsRasterLayer(str(src), "holey")
-    QgsProject.instance().addMapLayer(scene)
-    out = tmp_path / "filled.tif"
-    ok, results, loaded, feedback = run_like_the_dialog(qtbot, "diffusionsat:inpaint", {
-        "INPUT": scene.id(), "MASK_KIND": 3, "MODEL": "tiny", "STEPS": 1, "SPREAD": 2, "OUTPUT": str(out)})
-    assert ok and loaded, feedback.textLog()
-    assert results["SPREAD"] == str(tmp_path / "filled.spread.tif")
-    (spread,) = layers_from(tmp_path / "filled.spread.tif")
-    assert spread.renderer().type() == "singlebandpseudocolor" and "spread over 2 seeds" in spread.name()
-    node = QgsProject.instance().layerTreeRoot().findLayer(spread.id())
-    assert node is not None and node.parent().name() == GROUP_NAME
-    # without SPREAD: no spread map, no spread sent
-    plain = tmp_path / "plain.tif"
-    ok, results, _, feedback = run_like_the_dialog(qtbot, "diffusionsat:inpaint", {
-        "INPUT": scene.id(), "MASK_KIND": 3, "MODEL": "tiny", "STEPS": 1, "OUTPUT": str(plain)})
-    assert ok, feedback.textLog()
-    assert not results.get("SPREAD") and not (tmp_path / "plain.spread.tif").exists()
-    assert '"spread"' not in feedback.textLog()
