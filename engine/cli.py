@@ -189,6 +189,14 @@ s2-scl-cloud, fmask ...), combined with |. Pixels outside the (dilated) mask are
 bit for bit; only masked pixels are synthetic.
 """
 
+EPILOG_EXTEND = """\
+examples:
+  diffusionsat extend --input layer.tif --bbox 288000,4639000,295000,4646000 --out bigger.tif
+  diffusionsat extend --input layer.tif --bbox 12.45,41.88,12.52,41.93 --crs EPSG:4326 --out bigger.tif
+
+The output is the input's grid (CRS, pixel size, pixel edges) grown to cover --bbox; every input
+pixel is written back bit for bit (all bands); only the new pixels are synthetic. Sampled with DDIM.
+"""
 
 _CONDITIONAL = {
     "superres": ("super-resolve a Sentinel-2 product to RGB",
@@ -197,6 +205,9 @@ _CONDITIONAL = {
                  "Generate an image for --date from dated images of the same place (ControlNet3D).", EPILOG_TEMPORAL),
     "inpaint": ("fill cloud-masked or missing pixels of an image",
                 "Fill the masked pixels of an image; all other pixels are kept bit for bit.", EPILOG_INPAINT),
+    "extend": ("extend (outpaint) a raster layer to a larger extent",
+               "Make a larger raster around an existing one: its pixels are kept bit for bit, the new ones "
+               "are generated to continue them.", EPILOG_EXTEND),
 }
 
 

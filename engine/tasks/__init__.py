@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 from .requests import (
     DEFAULT_PROMPT,
+    ExtendRequest,
     MAX_PIXELS,
     REQUEST_MODELS,
     SCHEDULER_NAMES,
@@ -41,6 +42,7 @@ RUNNERS: dict[str, str] = {
     "superres": "superres:run",
     "temporal": "temporal:run",
     "inpaint": "inpaint:run",
+    "extend": "extend:run",
 }
 
 #: task name -> "module:function" of its layout, ``function(request, model_px) -> Layout`` (the
@@ -49,6 +51,7 @@ LAYOUTS: dict[str, str] = {
     "superres": "superres:layout",
     "temporal": "temporal:layout",
     "inpaint": "inpaint:layout",
+    "extend": "extend:layout",
 }
 
 
@@ -89,7 +92,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "DEFAULT_PROMPT", "MAX_PIXELS", "REQUEST_MODELS", "SCHEDULER_NAMES", "GenerateRequest", "InpaintRequest",
+    "DEFAULT_PROMPT", "ExtendRequest", "MAX_PIXELS", "REQUEST_MODELS", "SCHEDULER_NAMES", "GenerateRequest", "InpaintRequest",
     "SuperresRequest", "TemporalRequest", "format_validation_error", "parse_request", "RUNNERS", "LAYOUTS",
     "runner_of", "layout_of", *_LAZY,
 ]

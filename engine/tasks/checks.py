@@ -93,6 +93,10 @@ def check(request: _Request, out: Optional[str | Path] = None) -> Checked:
         raise missing_controlnet(located.root.name, needs, have)
     if request.task == "generate" and getattr(request, "gsd", None) is not None:
         return _check_extent(request, path, model_px, located)
+    if request.task == "extend":  # the input's grid grown to the bbox, jointly denoised windows
+        from .extend import check_extend
+
+        return check_extend(request, path, model_px, located)
     if request.task == "generate":
         width, height = output_size(request.bbox, crs, request.size, request.width, request.height, model_px)
         derive_from_bbox(request.bbox, crs, width, height, date=request.date, cloud_cover=request.cloud_cover)
@@ -203,7 +207,9 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
     # tasks one model_px window per tile (a time estimate scales with this, not with evaluations).
     eval_px = c.width * c.height if request.task == "generate" and not c.extent else c.model_px * c.model_px
     if c.extent:  # generate --gsd over windows: each window is one model_px evaluation per step
-        plan.update(c.extent, gsd_requested=request.gsd)
+        plan.update(c.extent)
+        if request.task == "generate":
+            plan["gsd_requested"] = request.gsd
     passes = 1 + int(getattr(request, "resample", 0) or 0)
     plan["mpx_per_step"] = round(eval_px * cfg * samples * passes / 1e6, 6)
     plan["work_mpx"] = round(plan["mpx_per_step"] * c.tiles * request.steps, 6)

@@ -254,6 +254,43 @@ class InpaintRequest(_ConditionalRequest):
         return paths + ([self.mask] if self.mask != "nodata" else [])
 
 
+class ExtendRequest(_Request):
+    """Extend (outpaint) a raster layer to a larger extent: its pixels kept, the new ones generated."""
+
+    task: Literal["extend"] = "extend"
+    input: str = Field(..., description="the raster layer to extend (its RGB bands: rgb_bands)")
+    bbox: tuple[float, float, float, float] = Field(
+        ..., description="the extent to cover: minx,miny,maxx,maxy in crs; the output is the input's grid grown "
+        "to cover it (snapped outward to the input's pixels)")
+    crs: Optional[str] = Field(None, description="CRS of bbox (default: the input's)")
+    date: Optional[_dt.date] = Field(None, description="acquisition date YYYY-MM-DD (default: from the input)")
+    cloud_cover: Optional[float] = Field(None, ge=0.0, le=1.0, description="cloud cover fraction to condition on")
+    prompt: str = PROMPT
+    steps: int = STEPS
+    guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
+    seed: Optional[int] = SEED
+    scheduler: Scheduler = Field("auto", description="sampler: auto = ddim (the known region is put back at "
+                                 "every step, which needs a stateless sampler: ddim, or default for DDIM checkpoints)")
+    rgb_bands: list[int] = Field([1, 2, 3], min_length=3, max_length=3, description="input bands used as R,G,B")
+    max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")
+    input_crs: Optional[str] = Field(None, description="CRS of inputs whose file has none (e.g. assigned in QGIS)")
+    input_nodata: Optional[float] = Field(None, description="nodata value of inputs whose file declares none")
+    band_names: Optional[list[str]] = Field(None, description="band names of inputs whose file has no band descriptions")
+
+    @field_validator("rgb_bands", mode="before")
+    @classmethod
+    def _bands_text(cls, v: Any) -> Any:
+        return InpaintRequest._bands_text(v)
+
+    @field_validator("rgb_bands")
+    @classmethod
+    def _bands_from_1(cls, v: list[int]) -> list[int]:
+        return InpaintRequest._bands_from_1(v)
+
+    def input_paths(self) -> list[str]:
+        return [self.input]
+
+
 def parse_request(data: dict[str, Any]) -> _Request:
     """Validate a request dict (CLI or JSON) into its request model; errors name the field."""
     if not isinstance(data, dict):
@@ -282,4 +319,5 @@ REQUEST_MODELS: dict[str, type[_Request]] = {
     "superres": SuperresRequest,
     "temporal": TemporalRequest,
     "inpaint": InpaintRequest,
+    "extend": ExtendRequest,
 }

@@ -92,11 +92,16 @@ class CanvasFile:
 
 def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, folder: Path,
                      batch_size: int, weights: list, progress: Optional[ProgressCallback] = None,
-                     cancel: Optional[CancelToken] = None) -> CanvasFile:
+                     cancel: Optional[CancelToken] = None, known=None) -> CanvasFile:
     """Joint denoising with the canvas in files (see the module docstring); returns the open file
     of the final latents (the caller closes it and removes ``folder``'s files). ``predict`` and
     ``weights`` as in :func:`engine.tasks.extent.joint.joint_denoise`; the scheduler's timesteps
-    are set."""
+    are set.
+
+    ``known`` (``extend``: a region of the canvas held to known latents) has ``skip(k)`` (window
+    ``k`` lies where the known latents replace everything: no UNet call), ``start(y0, block)``
+    (the initial rows y0.. of the canvas, (4, rows, width) numpy) and ``replace(y0, stepped, i)``
+    (rows y0.. after step ``i``, (1, 4, rows, width) torch); see engine.tasks.extend."""
     from .joint import NOISE_BLOCK, _view, canvas_noise
 
     windows = list(layout.windows)
@@ -110,9 +115,13 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
         for y0 in range(0, height, NOISE_BLOCK):
             y1 = min(height, y0 + NOISE_BLOCK)
             block = canvas_noise(seed, height, width, rows=slice(y0, y1))[0] * sigma
+            if known is not None:
+                block = torch.from_numpy(known.start(y0, block.numpy()))
             files[0].write_rows(y0, block.numpy())
         # window rows: (first row, indices of its windows), row-major as planned
         bands: list[tuple[int, list[int]]] = []
+        skipped = {k for k in range(n) if known.skip(k)} if known is not None else set()
+        n -= len(skipped)  # progress counts the windows that run
         for k, w in enumerate(windows):
             y = int(w.window.row_off)
             if not bands or bands[-1][0] != y:
@@ -136,6 +145,10 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
                     if cancel is not None:
                         cancel.raise_if_cancelled()
                     index = members[start:start + batch_size]
+                    if skipped:
+                        index = [k for k in index if k not in skipped]
+                        if not index:
+                            continue
                     views = [_view(windows[k]) for k in index]
                     x = torch.stack([torch.from_numpy(band[:, :, c]) for _, c in views])
                     eps = predict(x, t, index).numpy()
@@ -152,9 +165,16 @@ def streamed_denoise(pipe, layout, predict, *, steps_kwargs: dict, seed: int, fo
                 final_to = bands[b + 1][0] if b + 1 < len(bands) else acc_y0 + eps_sum.shape[1]
                 m = final_to - acc_y0
                 if m > 0:
-                    noise = torch.from_numpy(eps_sum[:, :m] / w_sum[:, :m])[None]
+                    if skipped:  # rows only skipped windows cover: no prediction (the known latents replace them)
+                        with np.errstate(invalid="ignore", divide="ignore"):
+                            noise = torch.from_numpy(np.where(w_sum[:, :m] > 0, eps_sum[:, :m] / w_sum[:, :m],
+                                                              0).astype(np.float32))[None]
+                    else:
+                        noise = torch.from_numpy(eps_sum[:, :m] / w_sum[:, :m])[None]
                     sample = torch.from_numpy(np.ascontiguousarray(band[:, :m]))[None]  # acc_y0 == y
                     stepped = pipe.scheduler.step(noise, t, sample, **steps_kwargs).prev_sample
+                    if known is not None:
+                        stepped = known.replace(acc_y0, stepped, i)
                     target.write_rows(acc_y0, stepped[0].numpy())
                     eps_sum, w_sum = eps_sum[:, m:].copy(), w_sum[:, m:].copy()
                     acc_y0 = final_to

@@ -175,9 +175,11 @@ def joint_denoise(pipe, layout: ExtentLayout, *, prompt: str, metadata: Optional
 
 def denoise_to_file(pipe, layout: ExtentLayout, folder: Path, *, prompt: str, metadata: Optional[list], steps: int,
                     guidance: float, seed: int, batch_size: int = DEFAULT_BATCH, predict=None,
-                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+                    progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None,
+                    known=None):
     """:func:`joint_denoise` with the canvas in files in ``folder``, memory flat in the extent
-    (:mod:`.canvas`; a stateless scheduler only); returns the open CanvasFile of the result."""
+    (:mod:`.canvas`; a stateless scheduler only); returns the open CanvasFile of the result.
+    ``known``: latents held to a known region (``extend``; :func:`.canvas.streamed_denoise`)."""
     from .canvas import streamed_denoise
 
     if predict is None:
@@ -185,7 +187,7 @@ def denoise_to_file(pipe, layout: ExtentLayout, folder: Path, *, prompt: str, me
     step_kwargs = prepare_steps(pipe, steps, seed)
     return streamed_denoise(pipe, layout, predict, steps_kwargs=step_kwargs, seed=seed, folder=folder,
                             batch_size=max(1, int(batch_size)), weights=window_weights(layout), progress=progress,
-                            cancel=cancel)
+                            cancel=cancel, known=known)
 
 
 def _view(tile) -> tuple[slice, slice]:
