@@ -239,6 +239,12 @@ def _encode(values: np.ndarray, valid: np.ndarray, enc: Encoding) -> np.ndarray:
     return out
 
 
+#: (public name) what :func:`flush` does to normalised values before the writer: a writer that
+#: takes the tiling's float values and writes some of the bands itself (e.g. the spread map beside
+#: the output, engine.tasks.common) encodes them with the output's :class:`Encoding` through this
+encode = _encode
+
+
 def _chunking(writer: Any) -> tuple[int, int]:
     """(rows, cols) of a flush chunk: the writer's block, so every block is written once, whole."""
     prof = writer.profile
@@ -841,6 +847,7 @@ __all__ = [
     "ReadFn",
     "TilingStats",
     "check_writer",
+    "encode",
     "encoding",
     "flush",
     "raster_reader",

@@ -39,7 +39,7 @@ from ..models.registry import (
 )
 from ..models.resolution import request_resolution
 from . import layout_of
-from .common import Layout, check_resample, date_of, output_sidecars
+from .common import Layout, check_resample, date_of, output_sidecars, spread_samples
 from .requests import _Request
 
 # --------------------------------------------------------------------------------------------
@@ -124,9 +124,6 @@ def _check_extent(request, path, model_px: int, located) -> Checked:
     extent = None
     tiles = 1
     if is_joint(width, height, model_px):
-        if request.spread:
-            raise InvalidRequest("--spread is not available yet for a --gsd extent larger than the model's "
-                                 f"{model_px} px window; leave out --spread or choose a coarser --gsd")
         layout = extent_layout(request.bbox, request.crs, request.gsd, model_px)
         extent, tiles = layout.plan(), len(layout.windows)
     name, notices = _model_notes(located)
@@ -198,7 +195,7 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
     plugin's pre-flight."""
     c = check(request, out)
     cfg = 2 if request.guidance > 1.0 else 1
-    samples = (getattr(request, "spread", None) or 1) if request.task == "generate" else 1
+    samples = spread_samples(request)  # every sample is denoised (and decoded) in full
     plan = {"width": c.width, "height": c.height, "crs": c.crs, "bbox": list(c.bbox), "tiles": c.tiles,
             "gsd_m": c.gsd_m, "task": request.task, "model_px": c.model_px, "steps": request.steps,
             "unet_evaluations": c.tiles * request.steps * cfg * samples,
@@ -211,6 +208,10 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
         if request.task == "generate":
             plan["gsd_requested"] = request.gsd
     passes = 1 + int(getattr(request, "resample", 0) or 0)
-    plan["mpx_per_step"] = round(eval_px * cfg * samples * passes / 1e6, 6)
-    plan["work_mpx"] = round(plan["mpx_per_step"] * c.tiles * request.steps, 6)
+    # one step of one tile (window) and one sample: the tasks report each tile-sample's steps (the
+    # measured denoise_steps count tiles x samples x steps); the work counts every sample
+    plan["mpx_per_step"] = round(eval_px * cfg * passes / 1e6, 6)
+    plan["work_mpx"] = round(eval_px * cfg * passes * samples * c.tiles * request.steps / 1e6, 6)
+    if samples > 1:
+        plan["spread_samples"] = samples
     return plan

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import numpy as np
 from rasterio.windows import Window
 
 from .. import __version__
 from ..errors import InvalidRequest
-from ..geo.accumulate import run_tiled
+from ..geo.accumulate import encode, encoding, run_tiled
 from ..geo.cog import CogWriter
 from ..geo.grid import Grid
 from ..geo.guard import display_text
@@ -93,14 +94,76 @@ class Outcome:
 
 
 def spread_path(out: Path) -> Path:
-    """Where ``generate --spread`` writes the spread map: beside the output."""
+    """Where ``--spread`` writes the spread map: beside the output."""
     return out.with_name(out.stem + ".spread.tif")
 
 
 def output_sidecars(request, out: Path) -> list[Path]:
-    """The files a run writes beside ``out`` (the spread map of ``generate --spread``): the output
-    checks guard them as they guard ``out`` itself."""
+    """The files a run writes beside ``out`` (the spread map of ``--spread``): the output checks
+    guard them as they guard ``out`` itself."""
     return [spread_path(Path(out))] if getattr(request, "spread", None) else []
+
+
+def spread_samples(request) -> int:
+    """The samples per tile (window, image) of ``request``: its ``spread``, else 1."""
+    return int(getattr(request, "spread", None) or 1)
+
+
+def spread_tags(tags: dict, seed: int, samples: int) -> dict:
+    """The spread map's tags: the output's (less its description), the samples and their seeds."""
+    out = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION") and k != "spread_file"}
+    out.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
+               TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
+               f"{samples} DiffusionSat samples: high = the model is guessing")
+    return out
+
+
+def brightness_spread(images: Sequence[Any]):
+    """The per-pixel standard deviation over ``images`` ((3, h, w) in 0..1, in sample order) of
+    their brightness (the mean of R, G, B), float64 (h, w): Welford's running mean and M2, in
+    sample order (as ``generate --spread`` accumulates its samples)."""
+    mean = m2 = None
+    for i, image in enumerate(images):
+        b = np.asarray(image).mean(axis=0, dtype=np.float64)
+        if mean is None:
+            mean, m2 = b.copy(), np.zeros_like(b)
+            continue
+        delta = b - mean
+        mean += delta / (i + 1)
+        m2 += delta * (b - mean)
+    return np.sqrt(m2 / len(images))
+
+
+def with_spread(images: Sequence[Any]):
+    """Sample 0 of one tile's samples with their :func:`brightness_spread` as one more band
+    ((4, h, w) float64): what a tiled task's ``process`` returns per tile with ``--spread``."""
+    first = np.asarray(images[0], dtype=np.float64)
+    return np.concatenate([first, brightness_spread(images)[None]])
+
+
+class SpreadSplit:
+    """The writer the tiling writes to with ``--spread``: the blended tiles carry one more band (the
+    spread), all as float64 (``profile``: the output's, one band more, float64, no nodata); each
+    window's output bands are encoded exactly as the tiling would have encoded them into the output
+    (``enc``: the output's :class:`~engine.geo.accumulate.Encoding`) and written to ``target``, and
+    the last band goes to ``spread`` (float32; NaN where the output is nodata). ``keep(window)``
+    (in-painting: the mask) says where the output is generated: elsewhere the spread is 0."""
+
+    def __init__(self, target, spread, enc, keep: Optional[Callable] = None) -> None:
+        self.target, self.spread, self.enc, self.keep = target, spread, enc, keep
+        self.profile = {**target.profile, "count": int(target.profile["count"]) + 1, "dtype": "float64",
+                        "nodata": None}
+
+    def write(self, data, window=None) -> None:
+        values = np.array(data[:-1], dtype=np.float64)
+        valid = np.isfinite(values).all(axis=0)
+        values[:, ~valid] = 0.0  # as the tiling leaves pixels without a contribution
+        self.target.write(encode(values, valid, self.enc), window)
+        spread = np.asarray(data[-1], dtype=np.float32).copy()
+        if self.keep is not None:
+            spread[valid & ~np.asarray(self.keep(window), dtype=bool)] = 0.0
+        spread[~valid] = np.nan
+        self.spread.write(spread[None], window)
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,34 +363,61 @@ class TiledJob:
     run_key: str = ""
     out_bands: Optional[int] = None  #: bands of the written file, when wrap_writer widens the tiles' ``bands``
     batch_size: int = 1  #: tiles per model call (``process`` marked with engine.geo.accumulate.batched)
+    #: ``--spread``'s samples per tile: ``process`` then returns one more band per tile (the spread,
+    #: :func:`with_spread`), written beside the output (:class:`SpreadSplit`, :func:`spread_path`)
+    spread: int = 1
+    spread_keep: Optional[Callable] = None  #: ``SpreadSplit``'s ``keep`` (in-painting: the mask)
 
 
 def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallback],
             cancel: Optional[CancelToken]):
     """Run a tiled job in this process, or this rank's share of a split run (``context``)."""
 
+    spread = job.spread > 1
+    tags = {**job.tags, "spread_file": spread_path(job.out).name} if spread else job.tags
+    bands = job.bands + 1 if spread else job.bands
+    # with --spread the tiling writes float64 values; SpreadSplit encodes them as it would have
+    scale, offset = (1.0, 0.0) if spread else (job.scale, job.offset)
+
     @contextlib.contextmanager
     def open_target():
-        """The COG writer (wrapped, e.g. for in-painting's compositing), published on success."""
-        with CogWriter(
-            job.out, width=job.grid.width, height=job.grid.height, count=job.out_bands or job.bands, dtype=job.dtype,
-            crs=job.grid.crs, transform=job.grid.transform, tags=job.tags, nodata=job.nodata,
-            band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
-        ) as writer:
-            yield job.wrap_writer(writer) if job.wrap_writer else writer
+        """The COG writer (wrapped, e.g. for in-painting's compositing), published on success; with
+        ``spread``, the spread map's too, published just before the output (removed if that fails)."""
+        published = False
+        try:
+            with CogWriter(
+                job.out, width=job.grid.width, height=job.grid.height, count=job.out_bands or job.bands,
+                dtype=job.dtype, crs=job.grid.crs, transform=job.grid.transform, tags=tags, nodata=job.nodata,
+                band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
+            ) as writer:
+                target = job.wrap_writer(writer) if job.wrap_writer else writer
+                if not spread:
+                    yield target
+                    return
+                with CogWriter(spread_path(job.out), width=job.grid.width, height=job.grid.height, count=1,
+                               dtype="float32", crs=job.grid.crs, transform=job.grid.transform,
+                               tags=spread_tags(job.tags, int(job.tags["seed"]), job.spread), nodata=float("nan"),
+                               band_descriptions=["spread"]) as spread_writer:
+                    yield SpreadSplit(target, spread_writer, encoding(target, job.scale, job.offset),
+                                      job.spread_keep)
+                published = True
+        except BaseException:
+            if published:  # no spread map without its output
+                spread_path(job.out).unlink(missing_ok=True)
+            raise
 
     rank, world = context.rank, context.world_size
     if not context.distributed:
         with open_target() as target:
-            return run_tiled(job.read, job.process, target, job.tiles, scale=job.scale, offset=job.offset,
+            return run_tiled(job.read, job.process, target, job.tiles, scale=scale, offset=offset,
                              fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
                              cancel=cancel, batch_size=job.batch_size)
     run_id = split_run_id(job.out, job.run_key)
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
     stats = run_tiled_distributed(
-        job.read, job.process, job.tiles, bands=job.bands, folder=folder, rank=rank, world_size=world,
-        run_id=run_id, open_writer=open_target, scale=job.scale, offset=job.offset, fill_nodata=job.fill_nodata,
+        job.read, job.process, job.tiles, bands=bands, folder=folder, rank=rank, world_size=world,
+        run_id=run_id, open_writer=open_target, scale=scale, offset=offset, fill_nodata=job.fill_nodata,
         progress=progress, cancel=cancel, batch_size=job.batch_size,
     )
     if rank == 0:

@@ -19,7 +19,7 @@ from ..geo.grid import Grid
 from ..geo.guard import display_name
 from ..geo.masks import feather
 from ..geo.sources import MaskSource, RGBSource, grid_of, open_input
-from ..geo.tiles import plan_tiles, tile_progress
+from ..geo.tiles import plan_tiles
 from ..models.resolution import request_resolution
 from ..parallel import RunContext
 from ..pipelines.inpaint import DiffusionSatInpaintPipeline, Inpaint
@@ -36,12 +36,24 @@ from .common import (
     provenance_tags,
     run_job,
     seed_for,
+    spread_samples,
     tile_metadata,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import Batches, batch_choice, bundle_for, frames_controls, pipeline, tile_generators
+from .sampling import (
+    Batches,
+    batch_choice,
+    bundle_for,
+    frames_controls,
+    per_tile,
+    pipeline,
+    row_generators,
+    rows_progress,
+    sample_rows,
+    tiles_per_call,
+)
 
 
 def layout(request, model_px: int) -> Layout:
@@ -213,31 +225,37 @@ class _Tiles:
     @batched
     def process(self, tiles, arrays):
         """The filled R,G,B of each tile; the tiles with masked pixels go to the model together."""
-        out: list = [array[:3] for array in arrays]  # a tile with nothing to fill: the input, unchanged
+        samples = spread_samples(self.request)
+        # a tile with nothing to fill: the input, unchanged (and with --spread, a spread of 0)
+        out: list = [array[:3] if samples == 1 else np.concatenate([array[:3], np.zeros_like(array[:1])])
+                     for array in arrays]
         todo = [(i, tile, array) for i, (tile, array) in enumerate(zip(tiles, arrays)) if (array[3] > 0.5).any()]
         if todo:
-            for (i, _, _), filled in zip(todo, self.batches(self._fill, [(t, a) for _, t, a in todo])):
+            rows = sample_rows([t for _, t, _ in todo], [a for _, _, a in todo], samples)
+            for (i, _, _), filled in zip(todo, per_tile(self.batches(self._fill, rows), samples)):
                 out[i] = filled
         return out
 
     def _fill(self, batch):
-        """One pipeline call for a batch of (tile, array) with masked pixels -> their blended R,G,B."""
+        """One pipeline call for a batch of (tile, array, sample) rows with masked pixels -> their
+        blended R,G,B (sample k: seed + k)."""
         request = self.request
-        chunk = [t for t, _ in batch]
-        images = [a[:3] for _, a in batch]
-        masks = [a[3] > 0.5 for _, a in batch]
-        mds = [tile_metadata(self.grid, t, self.model_px, self.date, request.cloud_cover) for t in chunk]
+        rows = [(t, k) for t, _, k in batch]
+        images = [a[:3] for _, a, _ in batch]
+        masks = [a[3] > 0.5 for _, a, _ in batch]
+        mds = [tile_metadata(self.grid, t, self.model_px, self.date, request.cloud_cover) for t, _ in rows]
         control = None
         if self.ref_sources:
-            control = frames_controls([a[4:] for _, a in batch], [d for _, d in self.refs], mds,
+            control = frames_controls([a[4:] for _, a, _ in batch], [d for _, d in self.refs], mds,
                                       request.conditioning_scale)
         spec = Inpaint(image=torch.from_numpy(np.ascontiguousarray(np.stack(images))),
                        mask=torch.from_numpy(np.stack(masks).astype(np.float32))[:, None],
                        resample=request.resample)
         result = self.pipe([request.prompt] * len(batch), mds, height=self.model_px, width=self.model_px,
                            num_inference_steps=request.steps, guidance_scale=request.guidance,
-                           generator=tile_generators(self.seed, chunk), control=control, inpaint=spec,
-                           callback=tile_progress(self.progress, chunk, len(self.tiles)), cancel=self.cancel)
+                           generator=row_generators(self.seed, rows), control=control, inpaint=spec,
+                           callback=rows_progress(self.progress, rows, len(self.tiles), spread_samples(request)),
+                           cancel=self.cancel)
         filled = []
         for image, m, generated in zip(images, masks, result.images):
             soft = feather(m, max(1, request.dilate)) if request.dilate else m.astype(np.float32)
@@ -319,7 +337,8 @@ def _job(request, out: Path, steps: _Tiles, tags: dict, others: _OtherBands,
                     process=steps.process, tags=tags, scale=scale, offset=offset, nodata=src.nodata,
                     band_descriptions=[d or "" for d in src.descriptions], colorinterp=colorinterp,
                     wrap_writer=wrap, run_key=request.model_dump_json(), out_bands=src.count,
-                    batch_size=steps.batches.size)
+                    batch_size=tiles_per_call(steps.batches, spread_samples(request)),
+                    spread=spread_samples(request), spread_keep=steps.mask.read)
 
 
 #: the task's runner (engine.tasks.RUNNERS): check, assigned inputs, then :func:`inpaint`

@@ -33,6 +33,10 @@ SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; d
 # At most 999: with 1000 training timesteps and SD 2.1's steps_offset of 1 (the released scheduler
 # configs), 1000 DDIM/PNDM/DDPM steps would ask for timestep 1000, which does not exist.
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
+SPREAD = Field(
+    None, ge=2, le=16,
+    description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
+    "output as <name>.spread.tif: where it is high the model is guessing")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 MAX_RESOLUTION = 4096  # px, the largest tile (model window) side: one tile is at most MAX_PIXELS
 
@@ -99,10 +103,7 @@ class GenerateRequest(_Request):
     guidance: float = Field(7.5, ge=0.0, le=50.0, allow_inf_nan=False, description="classifier-free guidance scale (<= 1 turns it off)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
-    spread: Optional[int] = Field(
-        None, ge=2, le=16,
-        description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
-        "output as <name>.spread.tif: where it is high the model is guessing")
+    spread: Optional[int] = SPREAD
 
     @field_validator("width", "height", "size")
     @classmethod
@@ -166,6 +167,7 @@ class _ConditionalRequest(_Request):
                             "as the reference's ControlNet samples)")
     seed: Optional[int] = SEED
     scheduler: Scheduler = SCHEDULER
+    spread: Optional[int] = SPREAD
     conditioning_scale: float = Field(1.0, ge=0.0, le=5.0, allow_inf_nan=False, description="ControlNet residual scale")
     overlap: Optional[int] = Field(None, ge=0, description="tile overlap in input px (default: an eighth of a tile)")
     max_pixels: Optional[int] = Field(64 * 1024 * 1024, ge=1, description="refuse outputs with more pixels than this")

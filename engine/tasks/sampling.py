@@ -6,6 +6,7 @@ share; :mod:`engine.tasks.common` is the half that checks and plans use too, wit
 from __future__ import annotations
 
 import datetime as _dt
+from types import SimpleNamespace
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..parallel import RunContext
 from ..pipelines.controlnet import Control, DiffusionSatControlNetPipeline
 from ..pipelines.inpaint import DiffusionSatInpaintPipeline
 from ..schedulers import make_scheduler
-from .common import tile_metadata
+from .common import spread_samples, tile_metadata, with_spread
 
 
 def tile_generator(seed: int, tile_index: int):
@@ -34,6 +35,43 @@ def tile_generators(seed: int, tiles: Sequence) -> Any:
     not a list, for a single tile), so a tile's noise does not depend on the batch it is in."""
     generators = [tile_generator(seed, tile.index) for tile in tiles]
     return generators[0] if len(generators) == 1 else generators
+
+
+def row_generators(seed: int, rows: Sequence) -> Any:
+    """The generators of a batch of (tile, sample) rows: sample ``k`` of a tile draws from
+    :func:`tile_generator` of seed ``seed + k`` (sample 0: the tile's own noise without
+    ``--spread``), one generator per row (a single one for one row), whatever the batch."""
+    generators = [tile_generator(seed + k, tile.index) for tile, k in rows]
+    return generators[0] if len(generators) == 1 else generators
+
+
+def rows_progress(progress, rows: Sequence, total_tiles: int, samples: int):
+    """:func:`engine.geo.tiles.tile_progress` for a batch of (tile, sample) rows: each sample of a
+    tile is one tile-sample of ``total_tiles x samples`` (the tile loop's own "tile i/n" updates
+    land on the same fractions)."""
+    if samples == 1:
+        return tile_progress(progress, [tile for tile, _ in rows], total_tiles)
+    virtual = [SimpleNamespace(index=tile.index * samples + k) for tile, k in rows]
+    return tile_progress(progress, virtual, total_tiles * samples)
+
+
+def sample_rows(tiles: Sequence, items: Sequence, samples: int) -> list:
+    """(tile, item, sample) rows: every tile ``samples`` times, its samples one after another."""
+    return [(tile, item, k) for tile, item in zip(tiles, items) for k in range(samples)]
+
+
+def per_tile(outputs: Sequence, samples: int) -> list:
+    """The rows' outputs back to one output per tile: as they are for one sample, else sample 0
+    with the tile's spread as one more band (engine.tasks.common.with_spread)."""
+    if samples == 1:
+        return list(outputs)
+    return [with_spread(outputs[i : i + samples]) for i in range(0, len(outputs), samples)]
+
+
+def tiles_per_call(choice: BatchChoice, samples: int) -> int:
+    """Tiles handed to ``process`` at once: the batch's rows are tiles x samples, so with ``--spread``
+    about one model call's rows (at least one tile)."""
+    return max(1, choice.size // samples)
 
 
 def batch_choice(request, bundle, placement, model_px: int, controlnet: bool) -> BatchChoice:
@@ -118,19 +156,23 @@ def controlnet_process(pipe, request, batches: Batches, control_of: Callable, *,
     """The ``@batched`` process function of a ControlNet task (super-resolution, temporal): each
     batch of tiles through one pipeline call (``batches``: the size, the halving on CUDA OOM), every
     tile with its own metadata (its footprint's centre), its own generator, and its conditioning
-    from ``control_of(arrays, metadata)``; one (3, h, w) output per tile."""
+    from ``control_of(arrays, metadata)``; one (3, h, w) output per tile. With ``--spread`` N
+    every tile is N rows (sample k: seed + k), and each tile's output is sample 0 with the
+    samples' spread as a 4th band."""
 
-    def sample(batch):
-        chunk = [tile for tile, _ in batch]
-        mds = [tile_metadata(grid, tile, model_px, date, request.cloud_cover) for tile in chunk]
+    samples = spread_samples(request)
+
+    def sample(batch):  # (tile, array, sample) rows
+        rows = [(tile, k) for tile, _, k in batch]
+        mds = [tile_metadata(grid, tile, model_px, date, request.cloud_cover) for tile, _ in rows]
         result = pipe([request.prompt] * len(batch), mds, height=model_px, width=model_px,
                       num_inference_steps=request.steps, guidance_scale=request.guidance,
-                      generator=tile_generators(seed, chunk), control=control_of([a for _, a in batch], mds),
-                      callback=tile_progress(progress, chunk, total_tiles), cancel=cancel)
+                      generator=row_generators(seed, rows), control=control_of([a for _, a, _ in batch], mds),
+                      callback=rows_progress(progress, rows, total_tiles, samples), cancel=cancel)
         return [image.transpose(2, 0, 1) for image in result.images]
 
     @batched
     def process(chunk, arrays):
-        return batches(sample, list(zip(chunk, arrays)))
+        return per_tile(batches(sample, sample_rows(chunk, arrays, samples)), samples)
 
     return process

@@ -28,11 +28,12 @@ from .common import (
     provenance_tags,
     run_job,
     seed_for,
+    spread_samples,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import Batches, batch_choice, bundle_for, controlnet_process, pipeline
+from .sampling import Batches, batch_choice, bundle_for, controlnet_process, pipeline, tiles_per_call
 
 
 def layout(request, model_px: int) -> Layout:
@@ -96,7 +97,7 @@ def superres(request, out: Path, *, models, context: RunContext, progress=None, 
     tags.update(choice.tags())
     job = TiledJob(out=out, grid=out_grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process,
                    tags=tags, scale=254.0, offset=1.0, nodata=0, run_key=request.model_dump_json(),
-                   batch_size=choice.size)
+                   batch_size=tiles_per_call(choice, spread_samples(request)), spread=spread_samples(request))
     run_job(job, context, progress, cancel)
     warnings += centre.out_of_range_warnings("superres")
     return Outcome(grid=out_grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)

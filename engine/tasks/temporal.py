@@ -23,11 +23,12 @@ from .common import (
     provenance_tags,
     run_job,
     seed_for,
+    spread_samples,
     tile_overlap,
     whole_metadata,
 )
 from .run import tiled_runner
-from .sampling import Batches, batch_choice, bundle_for, controlnet_process, frames_controls, pipeline
+from .sampling import Batches, batch_choice, bundle_for, controlnet_process, frames_controls, pipeline, tiles_per_call
 
 
 def layout(request, model_px: int) -> Layout:
@@ -72,7 +73,8 @@ def temporal(request, out: Path, *, models, context: RunContext, progress=None, 
     tags = _tags(request, provenance_tags("temporal", bundle, placement, request, seed), frames, centre)
     tags.update(choice.tags())
     job = TiledJob(out=out, grid=grid, tiles=tiles, bands=3, dtype="uint8", read=read, process=process, tags=tags,
-                   run_key=request.model_dump_json(), batch_size=choice.size)
+                   run_key=request.model_dump_json(),
+                   batch_size=tiles_per_call(choice, spread_samples(request)), spread=spread_samples(request))
     try:
         run_job(job, context, progress, cancel)
     finally:
