@@ -242,3 +242,14 @@ def test_superres_uncertainty_adds_the_spread_layer_from_the_dock(plugin, engine
     assert ids.index(spread.id()) == ids.index(image.id()) + 1
 
 
+
+
+def test_the_preflight_names_the_windows_an_extend_skips():
+    # The engine's plan of an extend over a large layer: windows wholly inside the layer cost nothing.
+    from qgis_plugin.preflight import Preflight
+
+    plan = {"task": "extend", "width": 1200, "height": 1000, "tiles": 4, "windows": 12, "windows_skipped": 8,
+            "window_overlap_px": 64, "joint_denoising": True, "unet_evaluations": 160, "work_mpx": 10.5}
+    text = Preflight(plan, 0.3, "default").summary()
+    assert "12 windows denoised together (64 px overlap), 8 skipped (all known pixels)" in text
+    assert "skipped" not in Preflight({**plan, "windows_skipped": 0}, 0.3, "default").summary()
