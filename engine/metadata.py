@@ -84,6 +84,8 @@ _GSD_ADVICE = {
                 "for more realistic output",
     "inpaint": "the GSD is the input's pixel size, which in-painting keeps: expect the filled pixels to look "
                "less realistic",
+    "extend": "the GSD is the input's pixel size, which extending keeps: expect the new pixels to look less "
+              "realistic (or resample the input, e.g. gdalwarp -tr, into the range first)",
 }
 TRAINING_YEAR_RANGE: tuple[int, int] = (2000, 2024)
 MAX_TRAINING_CLOUD_COVER = 0.5

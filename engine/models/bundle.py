@@ -49,7 +49,7 @@ class ModelBundle:
         for task in ("superres", "temporal"):
             if task in self.controlnets:
                 tasks.append(task)
-        return tasks
+        return tasks + ["extend"]
 
     def controlnet_for(self, task: str) -> Any:
         if task not in self.controlnets:

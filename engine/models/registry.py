@@ -147,7 +147,7 @@ def tiny_entry() -> dict:
     """The built-in tiny model as ``diffusionsat models --json`` and ``GET /v1/models`` list it."""
     return {"name": "tiny", "path": None, "resolution": TINY_RESOLUTION, "kind": "built-in",
             "resolution_source": "built-in", "conditioning_resolution": None, "release": None,
-            "tasks": ["generate", "superres", "temporal", "inpaint"], "unet_checkpoint": None,
+            "tasks": ["generate", "superres", "temporal", "inpaint", "extend"], "unet_checkpoint": None,
             "trained_against": None, "warning": None}
 
 
@@ -169,7 +169,7 @@ class InstalledModel:
         rel = releases.release(self.release) if self.release else None
         if rel is not None:
             return list(rel.tasks)
-        return {"single-image": ["generate", "inpaint"], "controlnet-superres": ["superres"],
+        return {"single-image": ["generate", "inpaint", "extend"], "controlnet-superres": ["superres"],
                 "controlnet-temporal": ["temporal", "inpaint"]}.get(self.kind, [])
 
     @property

@@ -97,6 +97,13 @@ class PlanOut(BaseModel):
     window_overlap_px: Optional[int] = Field(None, description="overlap of neighbouring windows, output px")
     joint_denoising: Optional[bool] = Field(None, description="one latent canvas denoised over the windows")
     gsd_requested: Optional[float] = Field(None, description="the gsd asked for, metres per pixel")
+    # extend (outpaint a layer; its windows are jointly denoised too, tiles = windows_run)
+    windows_skipped: Optional[int] = Field(None, description="extend: windows wholly inside the input (no UNet call)")
+    windows_run: Optional[int] = Field(None, description="extend: windows denoised (windows - windows_skipped)")
+    new_pixels: Optional[int] = Field(None, description="extend: output pixels outside the input (generated)")
+    known_pixels: Optional[int] = Field(None, description="extend: the input's pixels (kept bit for bit)")
+    extended_from: Optional[list[float]] = Field(None, description="extend: the input's bounds in crs units")
+    input_offset_px: Optional[list[int]] = Field(None, description="extend: the input's column, row in the output")
 
 
 class JobOut(BaseModel):

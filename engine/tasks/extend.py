@@ -49,6 +49,9 @@ from .extent.grid import LATENT_FACTOR, ExtentLayout, window_overlap
 #: Width of the soft latent mask inside the known region's open borders, latent cells: the
 #: outermost whole known cell is held at 1/(F+1), the next at 2/(F+1), ... then 1.
 FEATHER_CELLS = 2
+#: The new pixels this close to the input (px) cross-fade from the input's edge into the generated
+#: ones (a smoothstep of the distance): the decoder's reconstruction of the edge is not the input.
+FEATHER_PX = 8
 #: Windows per UNet call when the request does not say (as generate --gsd).
 DEFAULT_BATCH = 4
 #: The one sampler the known-region replacement runs with (stateless: the canvas in files).
@@ -384,13 +387,14 @@ class _NewPixels:
 
 
 class _Cropped:
-    """What the canvas decode writes to: canvas-sized for the tile loop, cropped to the output
-    and composited over the input (engine.tasks.inpaint._CompositeWriter)."""
+    """What the canvas decode writes to: canvas-sized for the tile loop, cropped to the output,
+    the new pixels within :data:`FEATHER_PX` of the input cross-faded from the input's edge
+    pixels, then composited over the input (engine.tasks.inpaint._CompositeWriter)."""
 
-    def __init__(self, composite, canvas_w: int, canvas_h: int, width: int, height: int) -> None:
-        self.composite = composite
+    def __init__(self, composite, e: ExtendLayout, src, rgb_bands, canvas_w: int, canvas_h: int) -> None:
+        self.composite, self.e, self.src, self.rgb = composite, e, src, list(rgb_bands)
         self.profile = {**composite.profile, "width": canvas_w, "height": canvas_h}
-        self.width, self.height = width, height
+        self.width, self.height = e.out_grid.width, e.out_grid.height
 
     def write(self, data: np.ndarray, window=None) -> None:
         r0, c0 = int(window.row_off), int(window.col_off)
@@ -398,7 +402,43 @@ class _Cropped:
         w = min(int(window.width), self.width - c0)
         if h <= 0 or w <= 0:
             return
-        self.composite.write(np.ascontiguousarray(data[:, :h, :w]), Window(c0, r0, w, h))
+        data = self._feather(np.ascontiguousarray(data[:, :h, :w]), r0, c0)
+        self.composite.write(data, Window(c0, r0, w, h))
+
+    def _feather(self, data: np.ndarray, r0: int, c0: int) -> np.ndarray:
+        """The new pixels near the input: ``s * generated + (1 - s) * edge``, ``edge`` the input's
+        nearest pixel (its border pixel, extended outward), ``s`` a smoothstep of the distance
+        over FEATHER_PX: the decoder's version of the input's edge differs from the input by its
+        reconstruction error, which would otherwise show as a step at the border."""
+        e = self.e
+        _, h, w = data.shape
+        rows, cols = np.arange(r0, r0 + h), np.arange(c0, c0 + w)
+        top, left = e.row_off, e.col_off
+        bottom, right = top + e.in_grid.height - 1, left + e.in_grid.width - 1
+        cr, cc = np.clip(rows, top, bottom), np.clip(cols, left, right)
+        d = np.hypot((rows - cr)[:, None].astype(np.float64), (cols - cc)[None, :].astype(np.float64))
+        near = (d > 0) & (d < FEATHER_PX)
+        if not near.any():
+            return data
+        y0, x0 = int(cr.min()), int(cc.min())
+        win = Window(x0 - left, y0 - top, int(cc.max()) - x0 + 1, int(cr.max()) - y0 + 1)
+        block = self.src.read(self.rgb, window=win).astype(np.float64)
+        valid = (self.src.read_masks(self.rgb, window=win) > 0).all(axis=0)
+        edge = block[:, cr - y0][:, :, cc - x0]
+        near &= valid[cr - y0][:, cc - x0]
+        t = np.clip(d / FEATHER_PX, 0.0, 1.0)
+        soft = t * t * (3.0 - 2.0 * t)
+        mixed = soft * data.astype(np.float64) + (1.0 - soft) * edge
+        dtype = data.dtype
+        if dtype.kind in "iu":
+            info = np.iinfo(dtype)
+            mixed = np.clip(np.rint(mixed), info.min, info.max)
+            nodata = self.src.nodata
+            if nodata is not None and info.min <= nodata <= info.max:  # as the tile loop: no pixel becomes nodata
+                mixed[mixed == nodata] += 1 if nodata < info.max else -1
+        out = data.copy()
+        out[:, near] = mixed[:, near].astype(dtype)
+        return out
 
 
 def decode_composite(pipe, canvas, e: ExtendLayout, writer, *, scale: float, offset: float, batch_size: int,
@@ -530,15 +570,15 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
                                band_descriptions=[d or "" for d in src.descriptions],
                                colorinterp=colorinterp) as writer:
                     composite = _CompositeWriter(writer, _Placed(src, e), new, request.rgb_bands, others)
-                    target = _Cropped(composite, e.extent.canvas_w * LATENT_FACTOR,
-                                      e.extent.canvas_h * LATENT_FACTOR, grid.width, grid.height)
+                    target = _Cropped(composite, e, src, request.rgb_bands, e.extent.canvas_w * LATENT_FACTOR,
+                                      e.extent.canvas_h * LATENT_FACTOR)
                     decode_composite(pipe, canvas, e, target, scale=scale, offset=offset, batch_size=batch,
                                      progress=decoding if progress else None, cancel=cancel)
             finally:
                 canvas.close()
     finally:
         source.close()
-    warnings += centre.out_of_range_warnings("inpaint")
+    warnings += centre.out_of_range_warnings("extend")
     return Outcome(grid=grid, seed=seed, model=bundle.name, metadata=centre.as_dict(), warnings=warnings)
 
 

@@ -64,7 +64,7 @@ def test_every_request_field_is_an_option_with_the_models_default_and_range(task
         if isinstance(default, (int, float)) and not isinstance(default, bool) and default < 1 << 20:
             assert f"default {default:g}" in action.help, (name, action.help)
     assert "1..999; default 20" in actions["steps"].help
-    want = {"generate": 7.5, "inpaint": 7.5, "superres": 1, "temporal": 1}[task]
+    want = {"generate": 7.5, "inpaint": 7.5, "extend": 7.5, "superres": 1, "temporal": 1}[task]
     assert f"default {want:g}" in actions["guidance"].help
     assert actions["scheduler"].choices == list(model.model_fields["scheduler"].annotation.__args__)
     assert actions["dtype"].choices == ["auto", "fp32", "fp16", "bf16"]

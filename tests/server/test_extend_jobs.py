@@ -1,0 +1,72 @@
+"""extend through the real server: POST /v1/plan and /v1/jobs with an uploaded layer, the result
+downloaded; refusals are 4xx JSON."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from engine.tasks import ExtendRequest
+
+from .conftest import call, wait_for
+from .test_api import assert_error
+
+UTM = "EPSG:32618"
+X0, Y0 = 583000.0, 4507640.0  # 64 x 64 px at 10 m
+
+
+def upload_layer(server, tmp_path) -> tuple[str, np.ndarray]:
+    yy, xx = np.mgrid[0:64, 0:64]
+    image = np.stack([(60 + 40 * np.sin(xx / 7.0) + 30 * np.cos(yy / 5.0) + 20 * b).astype("uint8")
+                      for b in range(3)])
+    path = tmp_path / "layer.tif"
+    with rasterio.open(path, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8", crs=UTM,
+                       transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+        dst.write(image)
+    reply = call(server, "POST", "/v1/uploads", data=path.read_bytes(), headers={"Content-Type": "image/tiff"})
+    assert reply.status in (200, 201), reply.body
+    return reply.json["path_ref"], image
+
+
+def test_extend_job_runs_and_its_result_downloads(server, tmp_path):
+    ref, image = upload_layer(server, tmp_path)
+    # 64 x 64 px grown 320 m left and 320 m down: 96 x 96 px... and 160 m right: 112 x 96 px
+    body = {"task": "extend", "input": ref, "bbox": [X0 - 320, Y0 - 960, X0 + 800, Y0], "steps": 2, "seed": 4}
+    plan = call(server, "POST", "/v1/plan", json_body=body)
+    assert plan.status == 200, plan.body
+    p = plan.json
+    assert (p["task"], p["width"], p["height"], p["windows"], p["windows_skipped"]) == ("extend", 112, 96, 1, 0)
+    assert p["new_pixels"] == 112 * 96 - 64 * 64 and p["unet_evaluations"] == 1 * 2 * 2
+    reply = call(server, "POST", "/v1/jobs", json_body=body)
+    assert reply.status == 202, reply.body
+    job = wait_for(server, reply.json["id"], timeout=180)
+    assert job["state"] == "done", job
+    assert job["task"] == "extend" and (job["result"]["width"], job["result"]["height"]) == (112, 96)
+    out = tmp_path / "big.tif"
+    out.write_bytes(call(server, "GET", job["result"]["result_url"]).body)
+    with rasterio.open(out) as ds:
+        assert tuple(ds.bounds) == pytest.approx((X0 - 320, Y0 - 960, X0 + 800, Y0))
+        assert ds.tags()["task"] == "extend"
+        data = ds.read()
+    assert np.array_equal(data[:, 0:64, 32:96], image)  # the layer, bit for bit
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"bbox": [X0 + 10, Y0 - 300, X0 + 300, Y0 - 10]}, "nothing to extend"),
+    ({"bbox": [X0 - 5000, Y0 - 5000, X0 + 5000, Y0 + 5000]}, "max-pixels"),
+    ({"scheduler": "dpm++"}, "ddim"),
+])
+def test_extend_refusals_are_4xx_json(server, tmp_path, change, words):
+    ref, _ = upload_layer(server, tmp_path)
+    body = {"task": "extend", "input": ref, "bbox": [X0 - 320, Y0 - 960, X0 + 800, Y0], **change}
+    for path in ("/v1/plan", "/v1/jobs"):
+        reply = call(server, "POST", path, json_body=body)
+        assert 400 <= reply.status < 500, reply.body
+        detail = assert_error(reply, reply.status)["detail"]
+        assert words in detail and "\n" not in detail
+
+
+def test_the_server_confines_the_extend_input():
+    assert ExtendRequest(input="/data/a.tif", bbox=(0, 0, 1, 1)).input_paths() == ["/data/a.tif"]
