@@ -126,9 +126,9 @@ def test_plan_shows_the_grid_windows_and_evaluations():
     assert small["tiles"] == 1 and "windows" not in small and small["unet_evaluations"] == 20
 
 
-def test_plan_refuses_spread_over_windows():
-    with pytest.raises(InvalidRequest, match="spread"):
-        plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0, spread=2))
+def test_plan_takes_spread_over_windows():  # it was refused before --spread ran over windows
+    p = plan(GenerateRequest(model="tiny", bbox=ROME_UTM, crs=UTM, gsd=4.0, spread=2))
+    assert p["unet_evaluations"] == p["windows"] * 20 * 2 * 2  # windows x steps x guidance x samples
 
 
 # ---- the noise --------------------------------------------------------------------------------

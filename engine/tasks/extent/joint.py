@@ -36,10 +36,11 @@ from ...metadata import parse_crs
 from ...pipelines.text2img import DiffusionSatPipeline
 from ...progress import CancelToken, Progress, ProgressCallback, report
 from ...schedulers import make_scheduler, set_timesteps
-from ..common import TaskResult, metadata_tags, new_seed, provenance_tags
+from ..common import TaskResult, metadata_tags, new_seed, provenance_tags, spread_path, spread_samples
 from .canvas import streams
 from .grid import AUTO_IN_RAM_LATENTS as GRID_AUTO_IN_RAM_LATENTS
 from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, extent_sampler, is_joint, whole_metadata, windows_metadata
+from .spread import generate_spread, sampled_progress
 
 #: Side of the blocks the initial noise is drawn in, latent cells (independent of the windows).
 NOISE_BLOCK = 64
@@ -200,8 +201,25 @@ def decode_to_cog(pipe, canvas: torch.Tensor, layout: ExtentLayout, out: Path, t
                   cancel: Optional[CancelToken] = None):
     """Decode the output's part of ``canvas`` with the VAE in overlapping, blended tiles of the
     model's window, into a COG at ``out`` (published atomically): the engine's tile loop."""
+    with output_writer(layout, out, tags) as writer:
+        return decode_tiles(pipe, canvas, layout, writer, scratch_dir=out.parent, batch_size=batch_size,
+                            progress=progress, cancel=cancel)
+
+
+def output_writer(layout: ExtentLayout, out: Path, tags: dict) -> CogWriter:
+    """The (not yet entered) CogWriter of the output: RGB uint8 on the layout's grid."""
     from ..generate import rasterio_crs
 
+    crs = rasterio_crs(parse_crs(layout.crs))
+    return CogWriter(out, width=layout.width, height=layout.height, count=3, dtype="uint8", crs=crs,
+                     transform=layout.canvas_grid().transform, tags=tags, band_descriptions=["red", "green", "blue"],
+                     colorinterp=["red", "green", "blue"])
+
+
+def decode_tiles(pipe, canvas, layout: ExtentLayout, writer, *, scratch_dir: Path, batch_size: int = 1,
+                 progress: Optional[ProgressCallback] = None, cancel: Optional[CancelToken] = None):
+    """:func:`decode_to_cog`'s tile loop into any tiling writer (``generate --spread``: one that
+    also accumulates the samples' spread, engine.tasks.extent.spread)."""
     size = layout.window
     tiles = plan_tiles(layout.latent_w, layout.latent_h, size, max(1, size // 4), factor=LATENT_FACTOR)
 
@@ -219,13 +237,8 @@ def decode_to_cog(pipe, canvas: torch.Tensor, layout: ExtentLayout, out: Path, t
         images = pipe.decode(x).cpu().numpy()
         return list(images)
 
-    crs = rasterio_crs(parse_crs(layout.crs))
-    transform = layout.canvas_grid().transform
-    with CogWriter(out, width=layout.width, height=layout.height, count=3, dtype="uint8", crs=crs,
-                   transform=transform, tags=tags, band_descriptions=["red", "green", "blue"],
-                   colorinterp=["red", "green", "blue"]) as writer:
-        return run_tiled(read, process, writer, tiles, scratch_dir=out.parent, progress=progress, cancel=cancel,
-                         batch_size=batch_size)
+    return run_tiled(read, process, writer, tiles, scratch_dir=scratch_dir, progress=progress, cancel=cancel,
+                     batch_size=batch_size)
 
 
 def generate_extent(request, out, *, models=None, progress: Optional[ProgressCallback] = None,
@@ -272,6 +285,10 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     # The decode is the job's last part, after the steps (as one more step): the job's fraction
     # never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar jumping back).
     steps_seen = {"n": request.steps}
+    sample = {"k": 0, "n": spread_samples(request)}  # --spread: the samples run one after another
+    if sample["n"] > 1:
+        progress = sampled_progress(progress, sample)
+        tags["spread_file"] = spread_path(out).name
 
     def denoising(p: Progress) -> None:
         steps_seen["n"] = p.total_tiles
@@ -288,7 +305,9 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
                 cancel=cancel)
 
     decode = dict(batch_size=batch, progress=decoding if progress else None, cancel=cancel)
-    if streams(pipe.scheduler):  # the canvas in files, stepped band by band: memory flat in the extent
+    if sample["n"] > 1:  # N joint runs, their spread accumulated in a file (engine.tasks.extent.spread)
+        generate_spread(pipe, layout, out, tags, args, decode, sample)
+    elif streams(pipe.scheduler):  # the canvas in files, stepped band by band: memory flat in the extent
         with run_folder(out.parent) as scratch:
             canvas = denoise_to_file(pipe, layout, scratch, **args)
             try:
