@@ -253,3 +253,27 @@ def test_the_preflight_names_the_windows_an_extend_skips():
     text = Preflight(plan, 0.3, "default").summary()
     assert "12 windows denoised together (64 px overlap), 8 skipped (all known pixels)" in text
     assert "skipped" not in Preflight({**plan, "windows_skipped": 0}, 0.3, "default").summary()
+
+
+def test_the_extend_preflight_shows_the_engines_windows_and_skipped_windows(plugin, engine_env, tmp_path):
+    """A layer of several windows extended by a margin: the plan (POST /v1/plan, nothing runs) counts
+    the windows wholly inside the layer as skipped, and the dock's pre-flight text says so."""
+    require_task(engine_env, "extend")
+    from qgis_plugin import preflight as pf
+    from qgis_plugin.connection import resolve_spec, shared_manager
+    from qgis_plugin.tasks import plan_job
+
+    layer = add_layer(make_rgb_geotiff(tmp_path / "big.tif", size=640), "big")
+    tab = plugin.dock.extend
+    tab.layer.setLayer(layer)
+    tab.set_extent(QgsRectangle(ORIGIN[0] - 160, ORIGIN[1] - 6400, ORIGIN[0] + 6400, ORIGIN[1]), UTM)
+    tab.steps.setValue(2)
+    job = tab.prepare()
+    client = shared_manager().client(resolve_spec(plugin.settings()))
+    _, plan = plan_job(client, job.request, job, upload=False, temps=[])
+    assert plan["task"] == "extend" and (plan["width"], plan["height"]) == (656, 640)
+    assert plan["windows_skipped"] > 0 and plan["windows"] > plan["windows_skipped"]
+    text = pf.evaluate(client, job.request, plan, engine="test", max_megapixels=0, max_minutes=0).summary()
+    assert f"{plan['windows']} windows denoised together" in text
+    assert f"{plan['windows_skipped']} skipped (all known pixels)" in text
+    assert "656 × 640 px" in text
