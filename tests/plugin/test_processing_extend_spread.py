@@ -82,3 +82,25 @@ def test_inpaint_spread_with_the_processing_dialog_loads_the_spread_layer(provid
     assert ok, feedback.textLog()
     assert not results.get("SPREAD") and not (tmp_path / "plain.spread.tif").exists()
     assert '"spread"' not in feedback.textLog()
+
+
+def test_generate_at_a_ground_resolution_with_spread_loads_the_spread_map(provider, engine_env, tmp_path,  # noqa: F811
+                                                                         qgis_new_project):
+    """Uncertainty for a large-extent generate (windows denoised jointly, GSD): the spread map of
+    the whole grid comes back and is loaded, styled, under the image."""
+    import processing
+
+    extent = "289000,291200,4639000,4641200 [EPSG:32633]"  # 2.2 km at 8 m/px: 280 px, 2 x 2 windows
+    require_spread(engine_env, "generate", {"task": "generate", "bbox": [289000, 4639000, 291200, 4641200],
+                                            "crs": "EPSG:32633", "gsd": 8.0, "steps": 1, "model": "tiny"})
+    out = tmp_path / "large.tif"
+    result = processing.runAndLoadResults("diffusionsat:generate", {
+        "EXTENT": extent, "GSD": 8.0, "SPREAD": 2, "STEPS": 1, "SEED": 2, "MODEL": "tiny", "OUTPUT": str(out)})
+    assert result["SPREAD"] == str(tmp_path / "large.spread.tif")
+    image, spread = gdal.Open(str(out)), gdal.Open(result["SPREAD"])
+    assert (spread.RasterXSize, spread.RasterYSize) == (image.RasterXSize, image.RasterYSize) == (280, 280)
+    assert spread.GetGeoTransform() == image.GetGeoTransform() and spread.RasterCount == 1
+    (layer,) = layers_from(tmp_path / "large.spread.tif")
+    assert layer.renderer().type() == "singlebandpseudocolor" and "spread over 2 seeds" in layer.name()
+    node = QgsProject.instance().layerTreeRoot().findLayer(layer.id())
+    assert node is not None and node.parent().name() == GROUP_NAME
