@@ -1141,7 +1141,8 @@ class ExtendTab(_Tab):
             self.outline.setFillColor(QColor(40, 120, 220, 25))
             self.outline.setWidth(2)
         self.outline.setToGeometry(QgsGeometry.fromRect(extent), crs)
-        self.outline.show()
+        tabs = getattr(self.dock, "tabs", None)
+        self.outline.setVisible(tabs is None or tabs.currentWidget() is self)
 
     def clear_outline(self) -> None:
         if self.outline is not None:
@@ -1149,6 +1150,11 @@ class ExtendTab(_Tab):
             if canvas is not None and canvas.scene() is not None:
                 canvas.scene().removeItem(self.outline)
             self.outline = None
+
+    def show_outline(self, visible: bool) -> None:
+        """Show the outline while this tab is the dock's current one (it is not the Generate extent)."""
+        if self.outline is not None:
+            self.outline.setVisible(visible)
 
     def save_values(self) -> None:
         super().save_values()
@@ -1232,6 +1238,8 @@ class DiffusionSatDock(QgsDockWidget):
             index = self.tabs.addTab(tab, icon(tab.task), name)
             self.tabs.setTabToolTip(index, tip)
         layout.addWidget(self.tabs, 1)
+        # The new extent's outline belongs to the Extend tab: shown while it is the current one
+        self.tabs.currentChanged.connect(lambda *_: self.extend.show_outline(self.tabs.currentWidget() is self.extend))
 
         # Status: a fixed-height, scrollable, selectable text (messages are never clipped and
         # the Run buttons above never move), and a progress row.
