@@ -472,9 +472,15 @@ def _print_plan(args: argparse.Namespace, request) -> int:
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
               f"GSD {p['gsd_m']:.2f} m; {p['tiles']} {'jointly denoised window(s)' if p.get('joint_denoising') else 'tile(s)'} "
-              f"of {p['model_px']} px, {p['steps']} steps, "
+              f"of {p['model_px']} px{_skipped_text(p)}, {p['steps']} steps, "
               f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
+
+
+def _skipped_text(p: dict) -> str:
+    """extend's plan: the windows inside the input, which make no UNet call."""
+    skipped = p.get("windows_skipped")
+    return f" ({skipped} of {p['windows']} inside the input, skipped)" if skipped else ""
 
 
 def _dates(values: Optional[Sequence[str]]):

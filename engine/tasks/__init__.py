@@ -23,10 +23,10 @@ from typing import Any, Callable
 
 from .requests import (
     DEFAULT_PROMPT,
-    ExtendRequest,
     MAX_PIXELS,
     REQUEST_MODELS,
     SCHEDULER_NAMES,
+    ExtendRequest,
     GenerateRequest,
     InpaintRequest,
     SuperresRequest,

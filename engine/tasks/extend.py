@@ -29,10 +29,9 @@ The replacement needs a stateless sampler: ``auto`` is DDIM here (as with in-pai
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 from affine import Affine
@@ -43,8 +42,8 @@ from ..geo.grid import EDGE_EPS_PX, Grid
 from ..geo.guard import display_name
 from ..geo.sources import grid_of
 from .common import Layout, check_pixels
-from .run import tiled_runner
 from .extent.grid import LATENT_FACTOR, ExtentLayout, window_overlap
+from .run import tiled_runner
 
 #: Width of the soft latent mask inside the known region's open borders, latent cells: the
 #: outermost whole known cell is held at 1/(F+1), the next at 2/(F+1), ... then 1.
@@ -261,11 +260,10 @@ class _Known:
         self.rows, self.cols = e.cell_weights(0), e.cell_weights(1)
         timesteps = [int(t) for t in scheduler.timesteps]
         acp = scheduler.alphas_cumprod
-        final = float(getattr(scheduler, "final_alpha_cumprod", 1.0))
         # the noise level of the canvas before step 0 and after each step i
         self.first = float(acp[timesteps[0]])
+        # (after the last step: the known latents themselves)
         self.after = [float(acp[timesteps[i + 1]]) for i in range(len(timesteps) - 1)] + [1.0]
-        self.final = final
 
     def skip(self, k: int) -> bool:
         return k in self.e.skipped
@@ -497,17 +495,21 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     from ..geo.cog import CogWriter, run_folder
     from ..geo.sources import RGBSource
     from ..models.resolution import request_resolution
+    from ..parallel import RunContext
     from ..pipelines.inpaint import DiffusionSatInpaintPipeline
     from ..progress import Progress, report
     from ..schedulers import make_scheduler
-    from .common import Outcome, date_of, metadata_tags, new_seed, provenance_tags, whole_metadata
+    from .common import Outcome, date_of, new_seed, whole_metadata
     from .extent.grid import windows_metadata
     from .extent.joint import denoise_to_file
-    from .inpaint import OTHER_BANDS_RULE, _CompositeWriter, _OtherBands
+    from .inpaint import _CompositeWriter, _OtherBands
+    from .sampling import bundle_for
 
-    bundle, placement = models.get(request.model, unet=request.unet, base=request.base,
-                                   controlnet=request.controlnet, device=request.device, dtype=request.dtype,
-                                   compile=request.compile)
+    context = context or RunContext()
+    if context.rank != 0:  # a split run (accelerate launch): one canvas, denoised by rank 0 alone
+        grid = grid_of(request.input)
+        return Outcome(grid=grid, seed=request.seed or 0, model="", metadata={})
+    bundle, placement = bundle_for(models, request, context)
     model_px = request_resolution(bundle, request)
     e = extend_layout(request, model_px)
     check_sampler(request, type(bundle.scheduler).__name__)
@@ -531,8 +533,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     warnings += [w.replace("its masked pixels", "its new pixels").replace("unmasked pixels", "input's pixels")
                  .replace("its in-painted pixels", "its new pixels").replace("In-painting", "Extend")
                  for w in others.warnings(list(src.descriptions), src.nodata)]
-    tags = _tags(request, bundle, placement, seed, e, centre, batch, others, OTHER_BANDS_RULE,
-                 provenance_tags, metadata_tags)
+    tags = _tags(request, bundle, placement, seed, e, centre, batch, others)
     dtype = src.dtypes[0]
     scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
     offset = 0.0 if dtype == "uint8" else source.lo
@@ -605,8 +606,12 @@ class _LazyKnown:
         return self._get().replace(y0, stepped, i)
 
 
-def _tags(request, bundle, placement, seed, e: ExtendLayout, centre, batch, others, rule, provenance_tags,
-          metadata_tags) -> dict:
+def _tags(request, bundle, placement, seed, e: ExtendLayout, centre, batch, others) -> dict:
+    """The output's tags: provenance, the input and where it lies, the joint layout, the other
+    bands' fill, the whole output's metadata."""
+    from .common import metadata_tags, provenance_tags
+    from .inpaint import OTHER_BANDS_RULE as rule
+
     b = e.in_grid.bounds
     tags = {
         **provenance_tags("extend", bundle, placement, request, seed),

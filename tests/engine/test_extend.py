@@ -232,3 +232,16 @@ def test_cli_refusals_exit_2_in_one_line(tmp_path):
     assert done.returncode == 0, done.stderr
     p = json.loads(done.stdout)
     assert p["task"] == "extend" and (p["width"], p["height"]) == (110, 110) and p["unet_evaluations"] == 4
+
+
+def test_an_input_without_crs_takes_input_crs(tmp_path):
+    """What QGIS assigned (input_crs) is used where the file has no CRS (engine.geo.assign)."""
+    src = tmp_path / "nocrs.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=64, height=64, count=3, dtype="uint8",
+                       transform=from_origin(X0, Y0, RES, RES)) as dst:
+        dst.write(np.full((3, 64, 64), 100, np.uint8))
+    bbox = (X0 - 100, Y0 - 1000, X0 + 1000, Y0 + 100)
+    with pytest.raises(Exception, match="no CRS"):
+        plan(ExtendRequest(input=str(src), bbox=bbox, model="tiny"))
+    p = plan(ExtendRequest(input=str(src), bbox=bbox, crs=UTM, input_crs=UTM, model="tiny"))
+    assert (p["width"], p["height"], p["crs"]) == (110, 110, UTM)

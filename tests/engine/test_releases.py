@@ -35,8 +35,8 @@ from .test_tiled_tasks import s2_dn, write
 
 BBOX = "12.45,41.88,12.52,41.93"
 EXPECTED = {  # release -> (kind, resolution, conditioning resolution, tasks)
-    "diffusionsat-512": ("single-image", 512, None, ["generate", "inpaint"]),
-    "diffusionsat-256": ("single-image", 256, None, ["generate", "inpaint"]),
+    "diffusionsat-512": ("single-image", 512, None, ["generate", "inpaint", "extend"]),
+    "diffusionsat-256": ("single-image", 256, None, ["generate", "inpaint", "extend"]),
     "controlnet-superres": ("controlnet-superres", 512, 256, ["superres"]),
     "controlnet-texas": ("controlnet-temporal", 256, 256, ["temporal", "inpaint"]),
 }

@@ -395,7 +395,7 @@ def test_models_lists_the_releases_with_their_trained_resolution(tmp_path):
     single = listed[ZIP_FOLDERS["diffusionsat-512"]]
     assert (single["resolution"], single["resolution_source"], single["release"]) == (512, "manifest",
                                                                                      "diffusionsat-512")
-    assert single["tasks"] == ["generate", "inpaint"] and single["unet_checkpoint"] == "checkpoint-150000"
+    assert single["tasks"] == ["generate", "inpaint", "extend"] and single["unet_checkpoint"] == "checkpoint-150000"
     assert listed[ZIP_FOLDERS["diffusionsat-256"]]["resolution"] == 256
     sr = listed[ZIP_FOLDERS["controlnet-superres"]]
     assert (sr["resolution"], sr["conditioning_resolution"], sr["tasks"]) == (512, 256, ["superres"])

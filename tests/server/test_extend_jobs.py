@@ -70,3 +70,35 @@ def test_extend_refusals_are_4xx_json(server, tmp_path, change, words):
 
 def test_the_server_confines_the_extend_input():
     assert ExtendRequest(input="/data/a.tif", bbox=(0, 0, 1, 1)).input_paths() == ["/data/a.tif"]
+
+
+def test_near_valid_extend_plans_never_5xx(server, tmp_path):
+    """Bboxes in other CRSs, inverted, degenerate, off the CRS's area, bands beyond the file, a
+    one-band file, a file that is no raster: POST /v1/plan answers 200 or a 4xx JSON, never 5xx."""
+    import itertools
+
+    ref, _ = upload_layer(server, tmp_path)
+    grey = tmp_path / "grey.tif"
+    with rasterio.open(grey, "w", driver="GTiff", width=32, height=32, count=1, dtype="float32", crs=UTM,
+                       transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+        dst.write(np.random.default_rng(1).random((1, 32, 32), dtype=np.float32))
+    junk = tmp_path / "junk.tif"
+    junk.write_text("not a raster")
+    bboxes = [[X0 - 320, Y0 - 960, X0 + 800, Y0], [0, 0, 1, 1], [5, 5, 1, 1], [-74.01, 40.70, -73.99, 40.72],
+              [X0 - 1e7, Y0 - 1e7, X0 + 1e7, Y0 + 1e7], [X0 - 10, Y0 - 10, X0 - 10, Y0 - 10]]
+    statuses = []
+    cases = [(ref, bbox, crs, [1, 2, 3]) for bbox, crs in itertools.product(
+        bboxes, [None, "EPSG:4326", "EPSG:3857"])]
+    cases += [(ref, bboxes[0], "nonsense", [1, 2, 3]), (ref, bboxes[0], None, [1, 1, 1]),
+              (ref, bboxes[0], None, [1, 2, 9]), (str(grey), bboxes[0], None, [1, 2, 3]),
+              (str(grey), bboxes[0], None, [1, 1, 1]), (str(junk), bboxes[0], None, [1, 2, 3])]
+    for inp, bbox, crs, bands in cases:
+        body = {"task": "extend", "input": inp, "bbox": bbox, "rgb_bands": bands, "steps": 2}
+        if crs:
+            body["crs"] = crs
+        reply = call(server, "POST", "/v1/plan", json_body=body)
+        statuses.append(reply.status)
+        assert reply.status < 500, (body, reply.body[:500])
+        if reply.status >= 400:
+            assert set(reply.json) == {"detail", "code"} and "\n" not in reply.json["detail"], reply.body
+    assert 200 in statuses and any(400 <= s < 500 for s in statuses)
