@@ -24,7 +24,7 @@ from ..pipelines.text2img import DiffusionSatPipeline
 from ..progress import CancelToken, Progress, ProgressCallback
 from ..schedulers import make_scheduler
 from .checks import check
-from .common import TaskResult, new_seed, provenance_tags, spread_path
+from .common import TaskResult, new_seed, provenance_tags, spread_path, spread_tags
 from .requests import GenerateRequest
 from .sampling import Batches
 
@@ -227,12 +227,9 @@ def _write(out: Path, first: np.ndarray, spread: Optional[np.ndarray], tags: dic
     """Write the image (and the spread map beside it, first) as COGs; no orphan spread map is left."""
     image = np.clip(np.rint(first * 255.0), 0, 255).astype(np.uint8).transpose(2, 0, 1)
     if spread is not None:
-        spread_tags = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION")}
-        spread_tags.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
-                           TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
-                           f"{samples} DiffusionSat samples: high = the model is guessing")
+        map_tags = spread_tags(tags, seed, samples)
         tags["spread_file"] = spread_path(out).name
-        write_cog(spread_path(out), spread, crs=rasterio_crs(crs), transform=transform, tags=spread_tags,
+        write_cog(spread_path(out), spread, crs=rasterio_crs(crs), transform=transform, tags=map_tags,
                   band_descriptions=["spread"])
     try:
         write_cog(

@@ -56,7 +56,8 @@ class _Request(BaseModel):
         "default: what the model was trained at for this task (see `diffusionsat models`)")
 
     batch_size: Optional[int] = Field(
-        None, ge=1, le=64, strict=True, description="tiles (generate --spread: samples; generate --gsd: windows) per model call; "
+        None, ge=1, le=64, strict=True, description="tiles (with --spread: tile samples; generate --spread: samples; generate --gsd: "
+        "windows) per model call; "
         "on the CPU the pixels equal those of 1 (generate --gsd: within 1 level; on CUDA up to rounding); default: "
         "4 for generate --gsd; else 1 on the CPU, and on CUDA chosen from the free GPU memory and the model's size at the "
         "task's resolution, at most 16, halved if the GPU runs out of memory")

@@ -8,6 +8,8 @@
   whole canvas), the VAE decoded in overlapping blended tiles into the COG.
 - :mod:`.canvas` (torch): the latent canvas in files, stepped band by band for a stateless
   scheduler (DDIM), so memory does not grow with the extent.
+- :mod:`.spread` (numpy; joint.py imports it): ``--spread N`` over windows, the N joint runs one
+  after another, their brightness accumulated (Welford) in a file the size of the output.
 
 Importing this package stays light (pyproj and rasterio, no torch).
 """

@@ -20,6 +20,7 @@ from typing import Any, Optional
 import numpy as np
 from rasterio.windows import Window
 
+from ...atomic import disk_full, is_disk_full
 from ...geo.accumulate import Accumulator, encode, encoding
 from ...geo.cog import CogWriter, run_folder
 from ...progress import Progress, ProgressCallback
@@ -116,9 +117,11 @@ def generate_spread(pipe, layout, out: Path, tags: dict, args: dict, decode: dic
                     published = True
             finally:
                 state.close()
-    except BaseException:
+    except BaseException as err:
         if published:  # the spread map was published but the output was not: no orphan
             spread_path(out).unlink(missing_ok=True)
+        if isinstance(err, OSError) and is_disk_full(err):
+            raise disk_full(out.parent, width * height * 16, "the spread accumulation") from None
         raise
 
 
