@@ -68,11 +68,12 @@ def child(size: int, steps: int, out: str) -> None:
                       "peak_rss_mb": round(peak_mb, 1)}))
 
 
-def child_stand_in(size: int, steps: int, out: str) -> None:
+def child_stand_in(size: int, steps: int, out: str, spread: int = 1) -> None:
     """The engine's machinery of a --gsd job (layout, per-window metadata, the canvas files stepped
     band by band, the blended VAE tiles into the COG) with a stand-in model (a cheap function for
     the UNet and for the decoder): the memory of everything but the model, at sizes the tiny
-    model's CPU time rules out here."""
+    model's CPU time rules out here. ``spread`` > 1: ``--spread`` over windows (the samples one
+    after another, their spread accumulated in a file: engine.tasks.extent.spread)."""
     import resource
     from types import SimpleNamespace
 
@@ -86,6 +87,7 @@ def child_stand_in(size: int, steps: int, out: str) -> None:
     from engine.tasks.extent import extent_layout
     from engine.tasks.extent.grid import windows_metadata
     from engine.tasks.extent.joint import decode_to_cog, denoise_to_file
+    from engine.tasks.extent.spread import generate_spread
 
     bbox = (ORIGIN[0], ORIGIN[1], ORIGIN[0] + size * GSD, ORIGIN[1] + size * GSD)
     started = time.perf_counter()
@@ -97,30 +99,37 @@ def child_stand_in(size: int, steps: int, out: str) -> None:
 
     pipe = SimpleNamespace(scheduler=DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                                    clip_sample=False), _execution_device="cpu", decode=decode)
-    with run_folder(Path(out).parent) as scratch:
-        canvas = denoise_to_file(pipe, layout, scratch, prompt="", metadata=None, steps=steps, guidance=1.0, seed=1,
-                                 predict=lambda x, t, index: x * 0.1)
-        denoise_s = time.perf_counter() - started
-        try:
-            decode_to_cog(pipe, canvas, layout, Path(out), {"synthetic": True}, batch_size=4)
-        finally:
-            canvas.close()
+    args = dict(prompt="", metadata=None, steps=steps, guidance=1.0, seed=1, predict=lambda x, t, index: x * 0.1)
+    if spread > 1:
+        generate_spread(pipe, layout, Path(out), {"synthetic": True, "seed": 1}, args, {"batch_size": 4},
+                        {"k": 0, "n": spread})
+        denoise_s = 0.0  # the samples' denoising and decoding alternate
+    else:
+        with run_folder(Path(out).parent) as scratch:
+            canvas = denoise_to_file(pipe, layout, scratch, **args)
+            denoise_s = time.perf_counter() - started
+            try:
+                decode_to_cog(pipe, canvas, layout, Path(out), {"synthetic": True}, batch_size=4)
+            finally:
+                canvas.close()
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"size": size, "width": layout.width, "height": layout.height, "windows": len(layout.windows),
                       "steps": steps, "seconds": round(time.perf_counter() - started, 1),
-                      "denoise_s": round(denoise_s, 1), "peak_rss_mb": round(peak_mb, 1), "stand_in": True}))
+                      "denoise_s": round(denoise_s, 1), "peak_rss_mb": round(peak_mb, 1), "stand_in": True,
+                      "spread": spread}))
 
 
 GDAL_CACHE_MB = 8  #: GDAL_CACHEMAX of the measured process (--gdal-cache-mb; 0: the engine's default, engine.runtime.GDAL_CACHE_MB)
 
 
-def measure(size: int, steps: int, stand_in: bool = False) -> dict:
+def measure(size: int, steps: int, stand_in: bool = False, spread: int = 1) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         if GDAL_CACHE_MB:  # as benchmarks/tiling_memory.py: GDAL's block cache would hold the output's blocks
             env["GDAL_CACHEMAX"] = str(GDAL_CACHE_MB)
         proc = subprocess.run([sys.executable, __file__, "--child", str(size), "--steps", str(steps),
-                               "--out", str(Path(tmp) / "out.tif"), *(["--stand-in"] if stand_in else [])],
+                               "--out", str(Path(tmp) / "out.tif"), *(["--stand-in"] if stand_in else []),
+                               "--spread", str(spread)],
                               env=env, capture_output=True, text=True, check=False)
         if proc.returncode:
             raise SystemExit(proc.stderr[-2000:])
@@ -135,25 +144,31 @@ def main() -> None:
                         "the memory of the canvas, blending and COG machinery alone, at any size")
     parser.add_argument("--gdal-cache-mb", type=int, default=8, help="GDAL_CACHEMAX of the measured process, "
                         "MiB (default 8, as benchmarks/tiling_memory.py); 0 = the engine's default (engine.runtime.GDAL_CACHE_MB, 32)")
+    parser.add_argument("--spread", type=int, default=1, help="with --stand-in: --spread N over windows (N samples)")
     parser.add_argument("--write", action="store_true", help="update docs/benchmarks.md")
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        (child_stand_in if args.stand_in else child)(args.child, args.steps, args.out)
+        if args.stand_in:
+            child_stand_in(args.child, args.steps, args.out, args.spread)
+        else:
+            child(args.child, args.steps, args.out)
         return
+    if args.spread > 1 and not args.stand_in:
+        raise SystemExit("--spread is measured with --stand-in only (the tiny model's N runs take hours here)")
     global GDAL_CACHE_MB
     GDAL_CACHE_MB = args.gdal_cache_mb
     rows = []
     for size in (int(s) for s in args.sizes.split(",")):
-        row = measure(size, args.steps, args.stand_in)
+        row = measure(size, args.steps, args.stand_in, args.spread)
         rows.append(row)
         print(json.dumps(row), flush=True)
     if args.write:
         sys.path.insert(0, str(ROOT))
         from benchmarks._report import machine_description, write_section
 
-        mode = " --stand-in" if args.stand_in else ""
+        mode = (" --stand-in" if args.stand_in else "") + (f" --spread {args.spread}" if args.spread > 1 else "")
         lines = [f"`python benchmarks/extent_memory.py --sizes {args.sizes} --steps {args.steps}{mode} --write` "
                  f"({machine_description()}). Fresh process per size; {'' if args.stand_in else 'tiny model, '}"
                  f"{GSD:g} m/px, guidance 1, "
@@ -169,6 +184,11 @@ def main() -> None:
             lines[0] += " Stand-in model (`--stand-in`): a cheap function for the UNet and for the decoder."
         title = SECTION.replace("time vs extent (tiny, cpu)", "vs extent (stand-in model, cpu)") if args.stand_in \
             else SECTION
+        if args.spread > 1:
+            title = title.replace("joint denoising,", f"--spread {args.spread} over windows,").replace("and vs", "vs")
+            lines[0] += (f" `--spread {args.spread}`: the samples run one after another, their brightness accumulated "
+                         "(Welford mean and M2) in a float64 file the size of the output; denoise (s) is not "
+                         "separated (0).")
         write_section(title, "\n".join(lines) + "\n")
 
 
