@@ -106,7 +106,13 @@ DOCK_WORDS: dict[str, dict[str, str]] = {
     "temporal": {"--input-date": "the dates in the layer table", "--input-dates": "the dates in the layer table",
                  "--date": "Target date", "--bbox": "the layers' extent",
                  "--crs": "the layers' CRS (Layer Properties → Source)", "--steps": "Steps (Advanced)"},
+    "extend": {"--date": "Date (Advanced)", "--rgb-bands": "RGB bands (Advanced)", "--bbox": "the new extent",
+               "--crs": "the layer's CRS (Layer Properties → Source)", "--steps": "Steps (Advanced)",
+               "--guidance": "Guidance (Advanced)", "--cloud-cover": "Cloud cover (Advanced)",
+               "--max-pixels": "a smaller new extent"},
 }
+for _task in ("superres", "inpaint", "temporal", "generate"):
+    DOCK_WORDS[_task].setdefault("--spread", "Uncertainty (Advanced)")
 
 
 def in_dock_words(message: str, task: str) -> str:

@@ -104,6 +104,7 @@ class DiffusionSatPlugin:
         self.action_extent = self._action("extent", "Draw extent to generate", checkable=True)
         self.extent_tool.setAction(self.action_extent)
         self.action_extent.toggled.connect(self.activate_extent_tool)
+        self.action_extent.triggered.connect(self._toolbar_extent)
         self.dock.connect_extent_tool(self.extent_tool, self.activate_extent_tool)
         self.extent_tool.deactivated.connect(lambda: self._set_draw_checked(False))
         # One rectangle per activation: the previous map tool comes back after drawing.
@@ -157,7 +158,7 @@ class DiffusionSatPlugin:
             self.toolbar.deleteLater()
             self.toolbar = None
         if self.dock is not None:
-            self.dock.generate.clear_outline()
+            self.dock.clear_outlines()
             self.iface.removeDockWidget(self.dock)
             self.dock.deleteLater()
             self.dock = None
@@ -202,12 +203,28 @@ class DiffusionSatPlugin:
                 canvas.unsetMapTool(self.extent_tool)
         self._set_draw_checked(on)
 
+    def _toolbar_extent(self, on: bool) -> None:
+        """The toolbar's Draw extent to generate (triggered by the user, after its toggle): the
+        drawn extent goes to the Generate tab. (Not on ``toggled``: the map tool checks its action
+        when any Draw button activates it.)"""
+        canvas = self.canvas()
+        if self.dock is not None and canvas is not None and canvas.mapTool() is self.extent_tool:
+            # ``on`` may already read False: the toggle's handler unchecked it for another tab
+            self.dock.extent_target = self.dock.generate
+            self._set_draw_checked(True)
+
     def _set_draw_checked(self, on: bool) -> None:
-        for widget in (getattr(self, "action_extent", None),
-                       self.dock.generate.draw_button if self.dock is not None else None):
-            if widget is not None and widget.isChecked() != on:
+        """Check the Draw button of the tab the extent goes to (and the toolbar action, for
+        Generate); uncheck the others."""
+        target = self.dock.extent_target if self.dock is not None else None
+        action = getattr(self, "action_extent", None)
+        buttons = self.dock.draw_buttons() if self.dock is not None else []
+        wanted = [(action, on and (target is None or target is self.dock.generate))]
+        wanted += [(button, on and target is not None and button is target.draw_button) for button in buttons]
+        for widget, checked in wanted:
+            if widget is not None and widget.isChecked() != checked:
                 widget.blockSignals(True)
-                widget.setChecked(on)
+                widget.setChecked(checked)
                 widget.blockSignals(False)
 
     def selected_layers(self) -> list:
@@ -380,7 +397,7 @@ class DiffusionSatPlugin:
         except OSError as err:
             self.show_failure(str(err))
             return
-        if prepared.task == "inpaint":
+        if prepared.task in ("inpaint", "extend"):  # the same bands as the input: its style
             copy_style(source, layer)
         self.last_layer = layer
         if outcome.spread_path:

@@ -222,6 +222,17 @@ class Preflight:
                        f"{self.max_minutes:g} min")
         return out
 
+    #: Plan keys an engine may use for the windows (or tiles) it will not denoise.
+    SKIPPED_KEYS = ("windows_skipped", "skipped_windows", "skipped_tiles", "tiles_skipped")
+
+    @property
+    def skipped_windows(self) -> int:
+        for key in self.SKIPPED_KEYS:
+            value = self.plan.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return 0
+
     def grid_text(self) -> str:
         p = self.plan
         tiles = int(p.get("tiles") or 1)
@@ -234,6 +245,9 @@ class Preflight:
             overlap = p.get("window_overlap_px")
             pieces = (f"{windows} window{'s' if windows != 1 else ''} denoised together"
                       + (f" ({overlap} px overlap)" if isinstance(overlap, int) and overlap > 0 else ""))
+        skipped = self.skipped_windows
+        if skipped:  # extend: windows wholly inside the known layer are not denoised
+            pieces += f", {skipped} skipped (all known pixels)"
         return (f"{p.get('width')} × {p.get('height')} px ({self.megapixels:.3g} Mpx) · {gsd_text}"
                 f"{pieces} · {self.evaluations:,} UNet evaluations "
                 f"({self.work_mpx:,.3g} Mpx through the UNet)")

@@ -8,6 +8,8 @@ plain values, so the task that runs it never touches a QGIS layer.
 from __future__ import annotations
 
 import datetime as _dt
+import math
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
 from qgis.core import (
@@ -21,6 +23,7 @@ from . import inputs
 from .requests import (
     PreparedJob,
     RequestError,
+    extend_request,
     file_hints,
     generate_request,
     inpaint_request,
@@ -191,3 +194,80 @@ def prepare_temporal(layers: Sequence, dates: Sequence[Optional[_dt.date]], date
     return PreparedJob("temporal", request, output_path, name or f"Temporal {date.isoformat()}", date=date,
                        files=("inputs",), temp_files=temps,
                        title=f"DiffusionSat: image for {date.isoformat()} from {len(layers)} layer(s)")
+
+
+@dataclass(frozen=True)
+class ExtendedGrid:
+    """The grid an ``extend`` job writes, estimated for display (the engine computes its own):
+    the layer's grid grown to cover the extent, in the layer's CRS."""
+
+    extent: QgsRectangle
+    width: int
+    height: int
+    input_width: int
+    input_height: int
+    #: pixels added on each side: left, top, right, bottom
+    margins: tuple[int, int, int, int]
+
+    @property
+    def new_pixels(self) -> int:
+        return self.width * self.height - self.input_width * self.input_height
+
+    def summary(self) -> str:
+        left, top, right, bottom = self.margins
+        return (f"{self.input_width} × {self.input_height} px → {self.width} × {self.height} px "
+                f"(+{left} left, +{right} right, +{top} top, +{bottom} bottom; "
+                f"{self.new_pixels:,} new pixels)")
+
+
+def _outward(edge: float, origin: float, step: float, down: bool) -> tuple[float, int]:
+    """``edge`` moved outward from ``origin`` to a whole number of ``step``; (edge, steps added)."""
+    n = (origin - edge) / step if down else (edge - origin) / step
+    k = max(0, math.ceil(n - 1e-6))
+    return (origin - k * step if down else origin + k * step), k
+
+
+def extended_grid(layer, extent: Optional[QgsRectangle],
+                  extent_crs: Optional[QgsCoordinateReferenceSystem]) -> ExtendedGrid:
+    """The layer's grid (its CRS, pixel size and alignment) grown to cover ``extent``: the union of
+    the extent snapped outward to the layer's pixels and the layer's own extent (as the engine's
+    extend task makes it)."""
+    if layer is None or not layer.isValid():
+        raise RequestError("choose the raster layer to extend")
+    if not layer.crs().isValid():
+        raise RequestError(f"the layer {layer.name()} has no CRS: set it in Layer Properties → Source first")
+    box = extent_in(extent, extent_crs, layer.crs())
+    if box is None:
+        raise RequestError("draw the new extent on the map (Draw extent) or use the canvas extent")
+    own = layer.extent()
+    px, py = layer.rasterUnitsPerPixelX(), layer.rasterUnitsPerPixelY()
+    if not (px > 0 and py > 0) or not layer.width():
+        raise RequestError(f"the layer {layer.name()} has no pixel grid (a web layer?): export it first")
+    xmin, left = _outward(box.xMinimum(), own.xMinimum(), px, True)
+    xmax, right = _outward(box.xMaximum(), own.xMaximum(), px, False)
+    ymin, bottom = _outward(box.yMinimum(), own.yMinimum(), py, True)
+    ymax, top = _outward(box.yMaximum(), own.yMaximum(), py, False)
+    return ExtendedGrid(QgsRectangle(xmin, ymin, xmax, ymax), layer.width() + left + right,
+                        layer.height() + top + bottom, layer.width(), layer.height(), (left, top, right, bottom))
+
+
+def prepare_extend(layer, *, output_path: str, extent: Optional[QgsRectangle],
+                   extent_crs: Optional[QgsCoordinateReferenceSystem], date: Optional[_dt.date] = None,
+                   cloud_cover: Optional[float] = None, prompt: str = "", model: Optional[str] = None,
+                   options: Optional[dict[str, Any]] = None, name: str = "") -> PreparedJob:
+    """Extend (outpaint) ``layer`` to cover ``extent``: the layer's pixels stay as they are, the
+    new ones are generated. The extent is sent in the layer's CRS (a CRS QGIS assigned to a file
+    without one goes as ``input_crs``); a layer that is not a plain file is exported first."""
+    temps: list[str] = []
+    grid = extended_grid(layer, extent, extent_crs)
+    if grid.new_pixels <= 0:
+        raise RequestError(f"the extent lies inside {layer.name()}: draw an extent larger than the layer "
+                           "(beyond at least one of its edges)")
+    crs = layer.crs()
+    source = raster_source(layer, None, temps)
+    request = extend_request(source, extent_in(extent, extent_crs, crs), crs, date=date,
+                             cloud_cover=cloud_cover, prompt=prompt, model=model, options=options)
+    add_hints(request, layer, source)
+    return PreparedJob("extend", request, output_path, name or f"{layer.name()} (extended)", date=date,
+                       files=("input",), temp_files=temps,
+                       title=f"DiffusionSat: extend {layer.name()} to {grid.width}×{grid.height} px")

@@ -575,6 +575,41 @@ def temporal_request(
     return req
 
 
+def extend_request(
+    input_ref: str,
+    extent: QgsRectangle,
+    crs: QgsCoordinateReferenceSystem,
+    *,
+    date: Optional[_dt.date] = None,
+    cloud_cover: Optional[float] = None,
+    prompt: str = "",
+    model: Optional[str] = None,
+    options: Optional[dict[str, Any]] = None,
+) -> dict[str, Any]:
+    """The ``extend`` (outpaint) request: ``input_ref`` grown to cover ``extent`` (in ``crs``).
+
+    The engine keeps the input's grid (CRS, pixel size, alignment), snaps the extent outward to it,
+    covers the union of that and the input's own extent, keeps every input pixel and generates the
+    new ones. ``options`` (steps, seed, guidance, rgb_bands, ...) go in as they are.
+    """
+    if not input_ref:
+        raise RequestError("choose the raster layer to extend")
+    if cloud_cover is not None and not 0.0 <= cloud_cover <= 1.0:
+        raise RequestError(f"cloud cover is a fraction 0..1, got {cloud_cover}")
+    if extent is None or extent.isNull() or extent.isEmpty():
+        raise RequestError("draw the new extent on the map (Draw extent) or use the canvas extent")
+    req: dict[str, Any] = {"task": "extend", "input": input_ref, "bbox": bbox_of(extent), "crs": crs_ref(crs),
+                           **_common(model)}
+    if date is not None:
+        req["date"] = date.isoformat()
+    if cloud_cover is not None:
+        req["cloud_cover"] = float(cloud_cover)
+    if prompt and prompt.strip():
+        req["prompt"] = prompt.strip()
+    req.update(options or {})
+    return req
+
+
 def parse_band_names(text: str) -> Optional[list[str]]:
     """``"B02, B03,B04"`` → ``["B02", "B03", "B04"]``; empty → None."""
     names = [t.strip() for t in re.split(r"[,\s]+", text or "") if t.strip()]

@@ -22,7 +22,8 @@ SYNTHETIC_MARK = "[synthetic]"
 #: Sentinel-2 band order (for sorting matched band layers).
 S2_ORDER = ("B01", "B02", "B03", "B04", "B05", "B06", "B07", "B08", "B8A", "B09", "B10", "B11", "B12")
 
-_WHAT = {"generate": "generated", "inpaint": "in-painted", "superres": "super-resolved", "temporal": "for"}
+_WHAT = {"generate": "generated", "inpaint": "in-painted", "superres": "super-resolved", "temporal": "for",
+         "extend": "extended"}
 
 
 def result_name(task: str, *, source: str = "", date: Optional[_dt.date] = None,

@@ -21,7 +21,7 @@ from typing import Any, Dict, Mapping, Optional
 
 #: The request model (OpenAPI component) of each task.
 MODELS = {"generate": "GenerateRequest", "superres": "SuperresRequest", "inpaint": "InpaintRequest",
-          "temporal": "TemporalRequest"}
+          "temporal": "TemporalRequest", "extend": "ExtendRequest"}
 
 #: The fields whose default and range the plugin's forms show, as the engine publishes them
 #: (``default``, ``minimum``, ``maximum``), plus ``x-max-pixels`` of one generated image.
@@ -37,15 +37,23 @@ FALLBACK: Dict[str, Dict[str, Dict[str, Any]]] = {
         "guidance": {"default": 1.0, "minimum": 0.0, "maximum": 50.0},
         "factor": {"default": 4, "minimum": 1, "maximum": 64},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
+        "spread": {"default": None, "minimum": 2, "maximum": 16},
     },
     "inpaint": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
         "guidance": {"default": 7.5, "minimum": 0.0, "maximum": 50.0},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
+        "spread": {"default": None, "minimum": 2, "maximum": 16},
     },
     "temporal": {
         "steps": {"default": 20, "minimum": 1, "maximum": 999},
         "guidance": {"default": 1.0, "minimum": 0.0, "maximum": 50.0},
+        "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
+        "spread": {"default": None, "minimum": 2, "maximum": 16},
+    },
+    "extend": {
+        "steps": {"default": 20, "minimum": 1, "maximum": 999},
+        "guidance": {"default": 7.5, "minimum": 0.0, "maximum": 50.0},
         "seed": {"default": None, "minimum": 0, "maximum": 2**63 - 1},
     },
 }

@@ -173,9 +173,30 @@ class EngineAlgorithm(QgsProcessingAlgorithm):
             values["seed"] = seed
         return values
 
+    SPREAD = "SPREAD"
+
+    def add_spread_parameter(self) -> None:
+        """SPREAD (advanced, empty = off): that many seeds, and a spread map (their per-pixel
+        standard deviation) written beside the output, returned as the SPREAD output and loaded
+        (styled, under the image) when the output is."""
+        from qgis.core import QgsProcessingOutputRasterLayer
+
+        spread = schema.current().get(self.TASK, "spread")
+        self.addParameter(set_advanced(QgsProcessingParameterNumber(
+            self.SPREAD, "Uncertainty seeds (empty = off; 2 or more: a spread map of that many seeds)",
+            NUMBER_INTEGER, optional=True, minValue=spread.minimum if spread.minimum is not None else 2,
+            maxValue=spread.maximum if spread.maximum is not None else 16)))
+        self.addOutput(QgsProcessingOutputRasterLayer(self.SPREAD, "Spread map (with SPREAD)"))
+
     def request_options(self, parameters, context) -> dict[str, Any]:
-        """The sampling fields, with OPTIONS (JSON, the explicit word) on top."""
-        return {**self.sampling_values(parameters, context), **self.options_value(parameters, context)}
+        """The sampling fields (and SPREAD where the algorithm has it), with OPTIONS (JSON, the
+        explicit word) on top."""
+        values = self.sampling_values(parameters, context)
+        if self.parameterDefinition(self.SPREAD) is not None:
+            spread = self.optional_number(parameters, self.SPREAD, context, integer=True)
+            if spread is not None:
+                values["spread"] = spread
+        return {**values, **self.options_value(parameters, context)}
 
     def model_value(self, parameters, context) -> Optional[str]:
         text = (self.parameterAsString(parameters, self.MODEL, context) or "").strip()

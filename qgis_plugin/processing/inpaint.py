@@ -54,6 +54,7 @@ class InpaintAlgorithm(EngineAlgorithm):
             "DATE", "Acquisition date of INPUT (YYYY-MM-DD; empty = the layer's temporal properties or "
             "tags, else unknown)", optional=True))
         self.add_sampling_parameters()
+        self.add_spread_parameter()
         self.add_engine_options()
         self.add_output("In-painted image")
 

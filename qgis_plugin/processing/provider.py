@@ -8,7 +8,7 @@ from ..compat import icon, plugin_metadata
 
 
 class DiffusionSatProvider(QgsProcessingProvider):
-    """Provides ``diffusionsat:generate``, ``:superres``, ``:inpaint``, ``:temporal``,
+    """Provides ``diffusionsat:generate``, ``:superres``, ``:inpaint``, ``:temporal``, ``:extend``,
     ``:enginestatus``."""
 
     def id(self) -> str:  # noqa: A003 - QGIS API name
@@ -31,6 +31,7 @@ class DiffusionSatProvider(QgsProcessingProvider):
         return str(path) if path else ""
 
     def loadAlgorithms(self) -> None:
+        from .extend import ExtendAlgorithm
         from .generate import GenerateAlgorithm
         from .inpaint import InpaintAlgorithm
         from .status import EngineStatusAlgorithm
@@ -38,7 +39,7 @@ class DiffusionSatProvider(QgsProcessingProvider):
         from .temporal import TemporalAlgorithm
 
         for alg in (GenerateAlgorithm(), SuperresAlgorithm(), InpaintAlgorithm(), TemporalAlgorithm(),
-                    EngineStatusAlgorithm()):
+                    ExtendAlgorithm(), EngineStatusAlgorithm()):
             self.addAlgorithm(alg)
 
     def supportedOutputRasterLayerExtensions(self) -> list[str]:

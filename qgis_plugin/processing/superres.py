@@ -50,6 +50,7 @@ class SuperresAlgorithm(EngineAlgorithm):
             "DATE", "Acquisition date (YYYY-MM-DD; empty = the layer's temporal properties or tags, "
             "else unknown)", optional=True))
         self.add_sampling_parameters()
+        self.add_spread_parameter()
         self.add_engine_options()
         self.add_output("Super-resolved image")
 

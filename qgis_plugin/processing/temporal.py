@@ -38,6 +38,7 @@ class TemporalAlgorithm(EngineAlgorithm):
         self.addParameter(QgsProcessingParameterString("DATE", "Target date (YYYY-MM-DD)"))
         self.addParameter(QgsProcessingParameterExtent("EXTENT", "Extent (empty = the first layer's)", optional=True))
         self.add_sampling_parameters()
+        self.add_spread_parameter()
         self.add_engine_options()
         self.add_output("Image for the target date")
 

@@ -1,4 +1,4 @@
-"""The DiffusionSat dock: Generate, In-paint, Super-resolve and Temporal tabs.
+"""The DiffusionSat dock: Generate, In-paint, Super-resolve, Temporal and Extend tabs.
 
 The widgets only collect values; each tab's ``prepare()`` turns them into a
 :class:`~..requests.PreparedJob` through :mod:`..prepare` (the same code the Processing
@@ -48,6 +48,8 @@ from ..prepare import (
     MASK_NODATA,
     MASK_POLYGONS,
     MASK_RASTER,
+    extended_grid,
+    prepare_extend,
     prepare_generate,
     prepare_inpaint,
     prepare_superres,
@@ -153,6 +155,20 @@ def _date_edit(d: Optional[_dt.date] = None) -> QDateEdit:
     return edit
 
 
+def _spread_box(task: str) -> QSpinBox:
+    """The Uncertainty (spread) box: 1 shows "off" (the default: no spread sent); the top: the
+    engine's (``apply_limits``)."""
+    box = QSpinBox()
+    box.setObjectName(f"spread_{task}")
+    box.setRange(1, 16)
+    box.setValue(1)
+    box.setSpecialValueText("off")
+    box.setSuffix(" seeds")
+    box.setToolTip("Also sample this many seeds and add a layer of their per-pixel spread under the "
+                   "image: where it is high, the model is guessing (the job takes that many times longer)")
+    return box
+
+
 def _layer_gsd(layer) -> Optional[float]:
     """A raster layer's mean ground sample distance in metres (None when unknown)."""
     try:
@@ -205,6 +221,10 @@ class _Tab(QWidget):
                 start = (getattr(self.dock.settings(), name, 0) or None) if name == "steps" else None
                 start = start if start is not None else bounds.default
             _apply_bounds(widget, bounds, old.default(self.task, name) if old is not None else None, start)
+        spread = getattr(self, "spread", None)
+        top = limits.get(self.task, "spread").maximum
+        if spread is not None and top is not None:
+            spread.setMaximum(int(top))
         seed = getattr(self, "seed", None)
         if seed is not None:  # -1 is "random": the engine's minimum (0) is the first seed
             top = limits.get(self.task, "seed").maximum
@@ -230,8 +250,10 @@ class _Tab(QWidget):
 
     # -- the conditional tasks' advanced options ------------------------------------------------
 
-    def add_advanced(self, *, rgb: bool = False, product: bool = False, date: bool = True) -> QFormLayout:
-        """Steps, seed, date and (``rgb``) RGB bands / (``product``) level and baseline."""
+    def add_advanced(self, *, rgb: bool = False, product: bool = False, date: bool = True,
+                     spread: bool = True) -> QFormLayout:
+        """Steps, seed, date, (``spread``) Uncertainty and (``rgb``) RGB bands / (``product``) level
+        and baseline."""
         box = QgsCollapsibleGroupBox("Advanced")
         box.setObjectName(f"advanced_{self.task}")
         box.setCollapsed(True)
@@ -244,6 +266,10 @@ class _Tab(QWidget):
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
         self.remembered.update(steps=self.steps, seed=self.seed)
+        if spread:
+            self.spread = _spread_box(self.task)
+            adv.addRow("Uncertainty", self.spread)
+            self.remembered.update(spread=self.spread)
         if date:
             date_row = QHBoxLayout()
             self.date_set = QCheckBox("set")
@@ -300,6 +326,9 @@ class _Tab(QWidget):
         seed = getattr(self, "seed", None)
         if seed is not None and seed.value() >= 0:
             opts["seed"] = int(seed.value())
+        spread = getattr(self, "spread", None)
+        if spread is not None and spread.value() > 1:  # 1 is "off": nothing sent
+            opts["spread"] = int(spread.value())
         if self.date_override() is not None:
             opts["date"] = self.date_override().isoformat()
         if getattr(self, "rgb", None):
@@ -450,14 +479,7 @@ class GenerateTab(_Tab):
         self.seed.setValue(-1)
         self.seed.setSpecialValueText("random")
         adv.addRow("Seed", self.seed)
-        self.spread = QSpinBox()  # 1 shows "off"; the top: the engine's (apply_limits)
-        self.spread.setObjectName("spread_generate")
-        self.spread.setRange(1, 16)
-        self.spread.setValue(1)
-        self.spread.setSpecialValueText("off")
-        self.spread.setSuffix(" seeds")
-        self.spread.setToolTip("Also sample this many seeds and add a layer of their per-pixel spread under the "
-                               "image: where it is high, the model is guessing (the job takes that many times longer)")
+        self.spread = _spread_box(self.task)
         adv.addRow("Uncertainty", self.spread)
         self.layout_.addWidget(advanced)
         self.remembered.update(size=self.size, date=self.date, cloud_known=self.cloud_known, cloud=self.cloud,
@@ -1004,6 +1026,181 @@ class TemporalTab(_Tab):
                                 model=self.dock.settings().model, options=self.options())
 
 
+class ExtendTab(_Tab):
+    """Extend (outpaint) a layer: its pixels kept as they are, a larger extent around them generated.
+
+    The new extent is drawn with the dock's extent tool (or taken from the canvas); the dock shows
+    the grid the engine will write (the layer's own pixels and alignment, grown outward) and
+    outlines it on the map."""
+
+    task = "extend"
+
+    def __init__(self, dock: "DiffusionSatDock") -> None:
+        super().__init__(dock)
+        self.extent: Optional[QgsRectangle] = None
+        self.extent_crs: Optional[QgsCoordinateReferenceSystem] = None
+        self.outline: Optional[QgsRubberBand] = None
+        self.layer = QgsMapLayerComboBox()
+        self.layer.setObjectName("extend_layer")
+        self.layer.setFilters(LAYER_RASTER)
+        self.layer.setToolTip("The raster layer to extend: its pixels stay exactly as they are")
+        self.form.addRow("Layer", self.layer)
+
+        row = QHBoxLayout()
+        self.draw_button = QToolButton()
+        self.draw_button.setObjectName("draw_extent_extend")
+        self.draw_button.setText("Draw new extent")
+        self.draw_button.setIcon(icon("extent"))
+        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.draw_button.setCheckable(True)
+        self.draw_button.setToolTip("Drag a rectangle on the map around the layer: the extent to cover")
+        self.canvas_button = QPushButton("Canvas extent")
+        self.canvas_button.setObjectName("canvas_extent_extend")
+        self.canvas_button.setToolTip("Cover the map canvas's current extent")
+        self.canvas_button.clicked.connect(self.use_canvas_extent)
+        row.addWidget(self.draw_button)
+        row.addWidget(self.canvas_button)
+        row.addStretch(1)
+        self.form.addRow("Extent", row)
+        self.info = QLabel("No extent yet: draw the new extent around the layer on the map.")
+        self.info.setObjectName("extend_info")
+        self.info.setWordWrap(True)
+        self.form.addRow("", self.info)
+
+        self.prompt = QLineEdit()
+        self.prompt.setPlaceholderText("optional, e.g. a satellite image of farmland")
+        self.form.addRow("Prompt", self.prompt)
+        adv = self.add_advanced(rgb=True, spread=False)
+        self.guidance = QDoubleSpinBox()  # range and default: the engine's (apply_limits)
+        self.guidance.setSingleStep(0.5)
+        adv.insertRow(1, "Guidance", self.guidance)
+        cloud_row = QHBoxLayout()
+        self.cloud_known = QCheckBox("known")
+        self.cloud_known.setObjectName("cloud_known_extend")
+        self.cloud = QDoubleSpinBox()
+        self.cloud.setRange(0.0, 100.0)
+        self.cloud.setSuffix(" %")
+        self.cloud.setDecimals(0)
+        self.cloud.setEnabled(False)
+        self.cloud_known.toggled.connect(self.cloud.setEnabled)
+        cloud_row.addWidget(self.cloud_known)
+        cloud_row.addWidget(self.cloud, 1)
+        adv.addRow("Cloud cover", cloud_row)
+        self.layer.layerChanged.connect(lambda *_: self.refresh_info())
+        self.remembered.update(prompt=self.prompt, guidance=self.guidance, cloud_known=self.cloud_known,
+                               cloud=self.cloud)
+        self.remembered_layers.update(layer=self.layer)
+        self.finish("Extend layer")
+
+    def source_layer(self):
+        return self.layer.currentLayer()
+
+    def use_canvas_extent(self) -> None:
+        canvas = self.dock.canvas()
+        if canvas is not None:
+            self.set_extent(canvas.extent(), canvas.mapSettings().destinationCrs())
+
+    def set_extent(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+        self.extent = QgsRectangle(extent)
+        self.extent_crs = QgsCoordinateReferenceSystem(crs)
+        self.refresh_info()
+
+    def grid(self):
+        """The grid the engine will write (:func:`..prepare.extended_grid`); RequestError says why not."""
+        if self.extent is None:
+            raise RequestError("draw the new extent around the layer on the map first (Draw new extent)")
+        return extended_grid(self.layer.currentLayer(), self.extent, self.extent_crs)
+
+    def refresh_info(self) -> None:
+        if self.extent is None:
+            return
+        layer = self.layer.currentLayer()
+        try:
+            grid = self.grid()
+        except RequestError as err:
+            self.info.setText(str(err))
+            self.clear_outline()
+            return
+        text = grid.summary()
+        gsd = _layer_gsd(layer)
+        if gsd:
+            text += f" · {gsd:.3g} m/px (the layer's)"
+        if grid.new_pixels <= 0:
+            text += ". The extent lies inside the layer: draw one beyond its edges."
+        self.info.setText(text)
+        self.draw_outline(grid.extent, layer.crs())
+
+    def draw_outline(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+        """Outline the grid to write on the map (the layer's own extent stays inside it)."""
+        canvas = self.dock.canvas()
+        if canvas is None:
+            return
+        if self.outline is None:
+            self.outline = QgsRubberBand(canvas, QgsWkbTypes.GeometryType.PolygonGeometry)
+            self.outline.setStrokeColor(QColor(40, 120, 220))
+            self.outline.setFillColor(QColor(40, 120, 220, 25))
+            self.outline.setWidth(2)
+        self.outline.setToGeometry(QgsGeometry.fromRect(extent), crs)
+        tabs = getattr(self.dock, "tabs", None)
+        self.outline.setVisible(tabs is None or tabs.currentWidget() is self)
+
+    def clear_outline(self) -> None:
+        if self.outline is not None:
+            canvas = self.dock.canvas()
+            if canvas is not None and canvas.scene() is not None:
+                canvas.scene().removeItem(self.outline)
+            self.outline = None
+
+    def show_outline(self, visible: bool) -> None:
+        """Show the outline while this tab is the dock's current one (it is not the Generate extent)."""
+        if self.outline is not None:
+            self.outline.setVisible(visible)
+
+    def save_values(self) -> None:
+        super().save_values()
+        if self.extent is not None:
+            e = self.extent
+            memory.save("extend/extent", f"{e.xMinimum()!r},{e.yMinimum()!r},{e.xMaximum()!r},{e.yMaximum()!r}",
+                        user=False)
+            memory.save("extend/extent_crs", self.extent_crs.toWkt(), user=False)
+
+    def restore_values(self) -> None:
+        super().restore_values()
+        text = memory.load("extend/extent", "", user=False)
+        crs = QgsCoordinateReferenceSystem.fromWkt(memory.load("extend/extent_crs", "", user=False))
+        try:
+            values = [float(v) for v in text.split(",")] if text else []
+        except ValueError:
+            values = []
+        if len(values) == 4 and crs.isValid():
+            self.set_extent(QgsRectangle(*values), crs)
+
+    def cloud_cover(self) -> Optional[float]:
+        return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
+
+    def range_warnings(self) -> list[RangeWarning]:
+        layer = self.layer.currentLayer()
+        date = self.date_override() or (layer_date(layer)[0] if layer is not None else None)
+        found = [gsd_warning(_layer_gsd(layer)), date_warning(date, "Date (Advanced)"),
+                 cloud_warning(self.cloud_cover())]
+        return [w for w in found if w is not None]
+
+    def options(self) -> dict:
+        opts = super().options()
+        opts["guidance"] = float(self.guidance.value())
+        return opts
+
+    def prepare(self) -> PreparedJob:
+        layer = self.layer.currentLayer()
+        if layer is None:
+            raise RequestError("choose the raster layer to extend")
+        self.grid()  # an extent is drawn and the layer has a grid
+        date = self.date_override() or layer_date(layer)[0]
+        return prepare_extend(layer, output_path=self.output_path(date), extent=self.extent,
+                              extent_crs=self.extent_crs, date=date, cloud_cover=self.cloud_cover(),
+                              prompt=self.prompt.text(), model=self.dock.settings().model, options=self.options())
+
+
 class DiffusionSatDock(QgsDockWidget):
     """The dock. ``controller`` provides ``settings()``, ``start(prepared)``, ``show_error(msg)``,
     ``open_settings()``, ``open_help()``, ``canvas()``, ``selected_layers()``,
@@ -1029,13 +1226,20 @@ class DiffusionSatDock(QgsDockWidget):
         self.inpaint = InpaintTab(self)
         self.superres = SuperresTab(self)
         self.temporal = TemporalTab(self)
+        self.extend = ExtendTab(self)
+        #: the tab a drawn extent goes to (the one whose Draw button started the extent tool)
+        self.extent_target = self.generate
         for tab, name, tip in ((self.generate, "Generate", "Generate an image for a drawn extent and a date"),
                                (self.inpaint, "In-paint", "Fill masked (cloudy, missing) pixels of a layer"),
                                (self.superres, "Super-resolve", "Sharpen Sentinel-2 bands"),
-                               (self.temporal, "Temporal", "The image of a place for another date")):
+                               (self.temporal, "Temporal", "The image of a place for another date"),
+                               (self.extend, "Extend", "Extend (outpaint) a layer: a larger extent around it, "
+                                                       "its own pixels kept")):
             index = self.tabs.addTab(tab, icon(tab.task), name)
             self.tabs.setTabToolTip(index, tip)
         layout.addWidget(self.tabs, 1)
+        # The new extent's outline belongs to the Extend tab: shown while it is the current one
+        self.tabs.currentChanged.connect(lambda *_: self.extend.show_outline(self.tabs.currentWidget() is self.extend))
 
         # Status: a fixed-height, scrollable, selectable text (messages are never clipped and
         # the Run buttons above never move), and a progress row.
@@ -1118,7 +1322,18 @@ class DiffusionSatDock(QgsDockWidget):
         self.engine_label.setText(self.controller.engine_summary())
 
     def tabs_of(self) -> list:
-        return [self.generate, self.inpaint, self.superres, self.temporal]
+        return [self.generate, self.inpaint, self.superres, self.temporal, self.extend]
+
+    def extent_tabs(self) -> list:
+        """The tabs with a Draw extent button (the dock's extent tool)."""
+        return [self.generate, self.extend]
+
+    def draw_buttons(self) -> list:
+        return [tab.draw_button for tab in self.extent_tabs()]
+
+    def clear_outlines(self) -> None:
+        for tab in self.extent_tabs():
+            tab.clear_outline()
 
     def apply_limits(self, limits: "schema.Limits") -> None:
         """The ranges and defaults of the engine the plugin talks to (read from its OpenAPI)."""
@@ -1137,5 +1352,14 @@ class DiffusionSatDock(QgsDockWidget):
 
     def connect_extent_tool(self, tool, activate: Callable[[bool], None]) -> None:
         """Wire the Draw extent button to the map tool (checked while the tool is active)."""
-        self.generate.draw_button.toggled.connect(activate)
-        tool.extentDrawn.connect(self.generate.set_extent)
+        for tab in self.extent_tabs():
+            tab.draw_button.toggled.connect(lambda on, t=tab: self._draw_toggled(t, on, activate))
+        tool.extentDrawn.connect(self._extent_drawn)
+
+    def _draw_toggled(self, tab, on: bool, activate: Callable[[bool], None]) -> None:
+        if on:
+            self.extent_target = tab
+        activate(on)
+
+    def _extent_drawn(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> None:
+        (self.extent_target or self.generate).set_extent(extent, crs)

@@ -33,7 +33,7 @@ def test_init_gui_and_unload_leave_no_trace(qgis_iface, plugin_settings, qgis_ne
     plugin.action_dock.trigger()
     assert plugin.dock.isVisible() or plugin.action_dock.isChecked()
     assert [plugin.dock.tabs.tabText(i) for i in range(plugin.dock.tabs.count())] == [
-        "Generate", "In-paint", "Super-resolve", "Temporal"]
+        "Generate", "In-paint", "Super-resolve", "Temporal", "Extend"]
     plugin.unload()
     assert registry.providerById("diffusionsat") is None
     assert plugin.dock is None and plugin.toolbar is None and plugin.actions == []

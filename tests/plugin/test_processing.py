@@ -47,7 +47,7 @@ def provider(qgis_processing):
 def test_algorithms_are_registered(provider):
     ids = {alg.id() for alg in provider.algorithms()}
     assert ids == {"diffusionsat:generate", "diffusionsat:superres", "diffusionsat:inpaint",
-                   "diffusionsat:temporal", "diffusionsat:enginestatus"}
+                   "diffusionsat:temporal", "diffusionsat:extend", "diffusionsat:enginestatus"}
     gen = QgsApplication.processingRegistry().algorithmById("diffusionsat:generate")
     assert "qgis_process" in gen.shortHelpString()
     assert not int(gen.flags() & gen.FlagNoThreading)  # runs in the background, never blocks the UI
@@ -176,7 +176,7 @@ def test_every_task_has_steps_guidance_and_seed_with_the_engines_defaults(provid
     from qgis_plugin import schema
 
     limits = schema.current()
-    for task in ("generate", "superres", "inpaint", "temporal"):
+    for task in ("generate", "superres", "inpaint", "temporal", "extend"):
         alg = provider.algorithm(task)
         for name, field in (("STEPS", "steps"), ("GUIDANCE", "guidance"), ("SEED", "seed")):
             param = alg.parameterDefinition(name)
