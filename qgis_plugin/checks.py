@@ -111,8 +111,13 @@ DOCK_WORDS: dict[str, dict[str, str]] = {
                "--guidance": "Guidance (Advanced)", "--cloud-cover": "Cloud cover (Advanced)",
                "--max-pixels": "a smaller new extent"},
 }
+DOCK_WORDS["generate"].update({"--gsd": "Ground resolution (Size)", "--width": "Longest side",
+                               "--height": "Longest side", "--guidance": "Guidance (Advanced)"})
 for _task in ("superres", "inpaint", "temporal", "generate"):
     DOCK_WORDS[_task].setdefault("--spread", "Uncertainty (Advanced)")
+for _task in DOCK_WORDS:  # what every tab has (the engine's messages name them too)
+    DOCK_WORDS[_task].setdefault("--seed", "Seed (Advanced)")
+    DOCK_WORDS[_task].setdefault("--model", "the Model (DiffusionSat settings)")
 
 
 def in_dock_words(message: str, task: str) -> str:

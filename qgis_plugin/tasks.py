@@ -73,6 +73,12 @@ def progress_text(job: dict[str, Any], joint: bool = False) -> str:
     return " · ".join(parts) or str(job.get("state") or "")
 
 
+def denoises_windows(job: dict[str, Any], plan: Any = None) -> bool:
+    """Whether ``job`` denoises windows together (generate over windows, extend): the engine's job
+    record says so (``windows``) and so does its plan (``joint_denoising``)."""
+    return bool(job.get("windows")) or (isinstance(plan, dict) and bool(plan.get("joint_denoising")))
+
+
 def _joint_progress_text(job: dict[str, Any]) -> str:
     parts = []
     done, windows = job.get("step") or 0, job.get("total_steps") or 0
@@ -203,8 +209,8 @@ def run_job(client, prepared: PreparedJob, *, upload: bool = False,
         def on_progress(job: dict[str, Any]) -> None:
             if progress is not None:
                 frac = job.get("progress")
-                joint = bool(plan.get("joint_denoising")) if isinstance(plan, dict) else False
-                progress(float(frac) if isinstance(frac, (int, float)) else 0.0, progress_text(job, joint))
+                progress(float(frac) if isinstance(frac, (int, float)) else 0.0,
+                         progress_text(job, denoises_windows(job, plan)))
 
         final = client.wait(job_id, poll=poll_s, on_progress=on_progress, cancelled=cancelled)
         final = final if isinstance(final, dict) else client.job(job_id)

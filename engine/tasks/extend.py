@@ -51,8 +51,6 @@ FEATHER_CELLS = 2
 #: The new pixels this close to the input (px) cross-fade from the input's edge into the generated
 #: ones (a smoothstep of the distance): the decoder's reconstruction of the edge is not the input.
 FEATHER_PX = 8
-#: Windows per UNet call when the request does not say (as generate --gsd).
-DEFAULT_BATCH = 4
 #: The one sampler the known-region replacement runs with (stateless: the canvas in files).
 SAMPLER = "DDIMScheduler"
 
@@ -501,7 +499,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     from ..schedulers import make_scheduler
     from .common import Outcome, date_of, new_seed, whole_metadata
     from .extent.grid import windows_metadata
-    from .extent.joint import denoise_to_file
+    from .extent.joint import denoise_to_file, window_batch
     from .inpaint import _CompositeWriter, _OtherBands
     from .sampling import bundle_for
 
@@ -515,8 +513,9 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     check_sampler(request, type(bundle.scheduler).__name__)
     warnings = list(bundle.notices)
     if request.scheduler == "auto":
-        request = request.model_copy(update={"scheduler": "ddim"})  # and the tags say so
-        warnings.append(_AUTO_NOTE)
+        # and the tags say so (sampler_note); the plan's notice too. Not a warning: every extend job
+        # samples so, and the dock showed the note as a yellow warning on each one
+        request = request.model_copy(update={"scheduler": "ddim"})
     seed = request.seed if request.seed is not None else new_seed()
     date = date_of(request.input, request.date)
     grid = e.out_grid
@@ -524,7 +523,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     per_window = windows_metadata(e.extent, date, request.cloud_cover)
     pipe = DiffusionSatInpaintPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    batch = request.batch_size or DEFAULT_BATCH
+    batch, batch_rule = window_batch(request, bundle, e.extent.model_px, what="extend")
 
     source = RGBSource(request.input, e.in_grid, request.rgb_bands)
     src = source.src
@@ -534,6 +533,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
                  .replace("its in-painted pixels", "its new pixels").replace("In-painting", "Extend")
                  for w in others.warnings(list(src.descriptions), src.nodata)]
     tags = _tags(request, bundle, placement, seed, e, centre, batch, others)
+    tags["batch_size_rule"] = batch_rule
     dtype = src.dtypes[0]
     scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
     offset = 0.0 if dtype == "uint8" else source.lo

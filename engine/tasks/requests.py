@@ -59,7 +59,7 @@ class _Request(BaseModel):
         None, ge=1, le=64, strict=True, description="tiles (with --spread: tile samples; generate --spread: samples; generate --gsd: "
         "windows) per model call; "
         "on the CPU the pixels equal those of 1 (generate --gsd: within 1 level; on CUDA up to rounding); default: "
-        "4 for generate --gsd; else 1 on the CPU, and on CUDA chosen from the free GPU memory and the model's size at the "
+        "4 on the CPU for generate --gsd and extend, else 1 on the CPU; on CUDA chosen from the free GPU memory and the model's size at the "
         "task's resolution, at most 16, halved if the GPU runs out of memory")
     compile: bool = Field(False, strict=True, description="torch.compile the UNet and ControlNet blocks (once per shape, "
                           "reused across tiles and jobs): slower start, faster large jobs on CUDA; ignored with "

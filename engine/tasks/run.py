@@ -62,7 +62,7 @@ class _DenoiseMeter:
         self._last: Optional[float] = None
 
     def __call__(self, p) -> None:
-        if p.message == "denoising":
+        if p.message == "denoising" or p.message.endswith(": denoising"):  # generate --spread: "sample 2/3: denoising"
             now = time.perf_counter()
             if p.step > 0 and self._last is not None:
                 self.steps += 1

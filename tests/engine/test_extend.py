@@ -92,6 +92,9 @@ def test_the_cli_extends_a_layer_keeping_its_pixels(rgb_run):
     assert tags["task"] == "extend" and tags["synthetic"] == "true" and tags["scheduler"] == "ddim"
     assert [float(v) for v in tags["extended_from"].split(",")] == pytest.approx([X0, Y0 - 960, X0 + 960, Y0])
     assert tags["windows"] == "1" and "metadata_note" in tags
+    assert "stateless sampler" in tags["sampler_note"] and tags["batch_size_rule"].startswith("extend's default")
+    # the DDIM note is the plan's notice and a tag, not a warning on every job (the dock shows warnings)
+    assert not any("DDIM" in w for w in result["warnings"]), result["warnings"]
     assert not list(out.parent.glob(".*"))  # no scratch left beside the output
 
 

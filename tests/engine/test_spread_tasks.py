@@ -210,3 +210,14 @@ def test_generate_gsd_spread_failing_output_leaves_no_spread_map(tmp_path, model
         run_task(parse_request(joint), out, models=models)
     assert published == [spread_path(out)]  # the map was written first, then removed with the failed output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_plain_generate_spread_counts_its_denoising_steps(tmp_path, models):
+    """generate --spread (one window) reports "sample i/N: denoising"; the step meter counted none
+    (denoise_steps 0: the plugin learned no rate from such jobs). Now samples x steps."""
+    fields = {"task": "generate", "bbox": [288500.0, 4639300.0, 288628.0, 4639428.0], "crs": UTM, "width": 64,
+              "height": 64, "guidance": 1.0}
+    plain = run(tmp_path, models, fields, "plain")
+    spread = run(tmp_path, models, fields, "spread", spread=3)
+    assert plain.denoise_steps == FAST["steps"] and spread.denoise_steps == 3 * FAST["steps"]
+    assert spread.denoise_seconds > 0

@@ -230,6 +230,11 @@ def test_engine_warnings_speak_the_docks_words():
     assert "--" not in checks.in_dock_words("name the file's bands with --bands", "superres")
     assert "the dates in the layer table" in checks.in_dock_words("with --input-date", "temporal")
     assert "Longest side" in checks.in_dock_words("lower --size", "generate")
+    # the options added since: ground resolution, the seed and the model, named as the dock names them
+    said = checks.in_dock_words("give either --gsd or --width; --seed 3; install weights or use --model tiny", "generate")
+    assert said == ("give either Ground resolution (Size) or Longest side; Seed (Advanced) 3; install weights or "
+                    "use the Model (DiffusionSat settings) tiny"), said
+    assert "--" not in checks.in_dock_words("choose another --seed or --model", "extend")
 
 
 def test_an_undated_superres_warning_reaches_the_user_without_cli_flags(plugin, engine_env, qgis_iface, qtbot,

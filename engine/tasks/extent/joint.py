@@ -50,6 +50,27 @@ DEFAULT_BATCH = 4
 AUTO_IN_RAM_LATENTS = GRID_AUTO_IN_RAM_LATENTS
 
 
+def window_batch(request, bundle, model_px: int, *, what: str = "generate --gsd",
+                 free_bytes: Optional[int] = None) -> tuple[int, str]:
+    """Windows per UNet call and the rule that chose it (the ``batch_size``/``batch_size_rule``
+    tags): the request's; on the CPU :data:`DEFAULT_BATCH`; on CUDA engine.batching's rule (free GPU
+    memory over one window's estimated activations, 1..16), as the tiled tasks choose. ``free_bytes``
+    stands in for the device's free memory (tests)."""
+    from ...batching import RULE, choose
+
+    if request.batch_size:
+        return int(request.batch_size), "given (--batch-size)"
+    param = next(bundle.unet.parameters())
+    device = str(param.device)
+    if not device.startswith("cuda"):
+        return DEFAULT_BATCH, f"{what}'s default on the CPU: {DEFAULT_BATCH} windows per UNet call"
+    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype, "fp32")
+    choice = choose(None, device, unet_channels=bundle.unet.config.block_out_channels,
+                    vae_channels=bundle.vae.config.block_out_channels, model_px=model_px, dtype=dtype,
+                    guidance=request.guidance > 1.0, controlnet=False, free_bytes=free_bytes)
+    return choice.size, RULE.replace("1 on the CPU", f"{DEFAULT_BATCH} on the CPU")
+
+
 def block_seed(seed: int, by: int, bx: int) -> int:
     """The generator seed of noise block (``by``, ``bx``): a hash, so no two blocks share noise."""
     digest = hashlib.sha256(f"diffusionsat-extent:{seed}:{by}:{bx}".encode()).digest()
@@ -278,10 +299,9 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     seed = request.seed if request.seed is not None else new_seed()
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    batch = request.batch_size or DEFAULT_BATCH
+    batch, rule = window_batch(request, bundle, layout.model_px)
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
-    tags.update(batch_size=batch, batch_size_rule="given (--batch-size)" if request.batch_size else
-                f"generate --gsd's default: {DEFAULT_BATCH} windows per UNet call")
+    tags.update(batch_size=batch, batch_size_rule=rule)
     # The decode is the job's last part, after the steps (as one more step): the job's fraction
     # never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar jumping back).
     steps_seen = {"n": request.steps}
