@@ -495,11 +495,10 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     from ..models.resolution import request_resolution
     from ..parallel import RunContext
     from ..pipelines.inpaint import DiffusionSatInpaintPipeline
-    from ..progress import Progress, report
     from ..schedulers import make_scheduler
     from .common import Outcome, date_of, new_seed, whole_metadata
     from .extent.grid import windows_metadata
-    from .extent.joint import denoise_to_file, window_batch
+    from .extent.joint import denoise_to_file, joint_progress, window_batch
     from .inpaint import _CompositeWriter, _OtherBands
     from .sampling import bundle_for
 
@@ -542,17 +541,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
         colorinterp = []
 
     # progress: the denoising steps, then the decode as one more step (as generate --gsd)
-    seen = {"n": request.steps}
-
-    def denoising(p: Progress) -> None:
-        seen["n"] = p.total_tiles
-        report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
-                                  message=p.message, windows=True))
-
-    def decoding(p: Progress) -> None:
-        n = seen["n"]
-        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, tile=n, total_tiles=n + 1,
-                                  message="decoding"))
+    denoising, decoding = joint_progress(progress, request.steps)
 
     try:
         with run_folder(out.parent) as scratch:

@@ -36,10 +36,25 @@ from ...metadata import parse_crs
 from ...pipelines.text2img import DiffusionSatPipeline
 from ...progress import CancelToken, Progress, ProgressCallback, report
 from ...schedulers import make_scheduler, set_timesteps
-from ..common import TaskResult, metadata_tags, new_seed, provenance_tags, spread_path, spread_samples
+from ..common import (
+    TaskResult,
+    metadata_tags,
+    new_seed,
+    provenance_tags,
+    spread_path,
+    spread_samples,
+)
 from .canvas import streams
 from .grid import AUTO_IN_RAM_LATENTS as GRID_AUTO_IN_RAM_LATENTS
-from .grid import LATENT_FACTOR, ExtentLayout, extent_layout, extent_sampler, is_joint, whole_metadata, windows_metadata
+from .grid import (
+    LATENT_FACTOR,
+    ExtentLayout,
+    extent_layout,
+    extent_sampler,
+    is_joint,
+    whole_metadata,
+    windows_metadata,
+)
 from .spread import generate_spread, sampled_progress
 
 #: Side of the blocks the initial noise is drawn in, latent cells (independent of the windows).
@@ -48,6 +63,26 @@ NOISE_BLOCK = 64
 DEFAULT_BATCH = 4
 #: (engine.tasks.extent.grid's; a name here too, which tests set)
 AUTO_IN_RAM_LATENTS = GRID_AUTO_IN_RAM_LATENTS
+
+
+def joint_progress(progress: Optional[ProgressCallback], steps: int):
+    """The ``(denoising, decoding)`` callbacks of a joint run (generate --gsd, extend): the steps
+    report windows (``Progress.windows``), then the decode comes as one more step of the job, so
+    its fraction never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar
+    jumping back)."""
+    seen = {"n": steps}
+
+    def denoising(p: Progress) -> None:
+        seen["n"] = p.total_tiles
+        report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
+                                  message=p.message, windows=True))
+
+    def decoding(p: Progress) -> None:
+        n = seen["n"]
+        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, tile=n, total_tiles=n + 1,
+                                  message="decoding"))
+
+    return denoising, decoding
 
 
 def window_batch(request, bundle, model_px: int, *, what: str = "generate --gsd",
@@ -302,23 +337,11 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     batch, rule = window_batch(request, bundle, layout.model_px)
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
     tags.update(batch_size=batch, batch_size_rule=rule)
-    # The decode is the job's last part, after the steps (as one more step): the job's fraction
-    # never goes back to 0 when decoding starts (a CLI ETA of hours, a plugin bar jumping back).
-    steps_seen = {"n": request.steps}
     sample = {"k": 0, "n": spread_samples(request)}  # --spread: the samples run one after another
     if sample["n"] > 1:
         progress = sampled_progress(progress, sample)
         tags["spread_file"] = spread_path(out).name
-
-    def denoising(p: Progress) -> None:
-        steps_seen["n"] = p.total_tiles
-        report(progress, Progress(step=p.step, total_steps=p.total_steps, tile=p.tile, total_tiles=p.total_tiles + 1,
-                                  message=p.message, windows=True))
-
-    def decoding(p: Progress) -> None:
-        n = steps_seen["n"]
-        report(progress, Progress(step=p.tile, total_steps=p.total_tiles, tile=n, total_tiles=n + 1,
-                                  message="decoding"))
+    denoising, decoding = joint_progress(progress, request.steps)
 
     args = dict(prompt=request.prompt, metadata=per_window if bundle.uses_metadata else None, steps=request.steps,
                 guidance=request.guidance, seed=seed, batch_size=batch, progress=denoising if progress else None,
