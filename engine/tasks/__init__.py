@@ -8,7 +8,8 @@
   :mod:`~engine.tasks.temporal`, :mod:`~engine.tasks.inpaint`; what the tiled ones share
   (provenance, seeds, the tiled job, results) is :mod:`engine.tasks.common`, and their model side
   (device, pipeline, each tile's noise) :mod:`engine.tasks.sampling`; ``generate --gsd`` over
-  several windows (joint denoising of one latent canvas) is :mod:`engine.tasks.extent`.
+  several windows (joint denoising of one latent canvas) is :mod:`engine.tasks.extent`, and
+  :mod:`~engine.tasks.extend` outpaints a layer on that canvas, the layer's latents held fixed.
 
 Importing this package stays light (pydantic, no torch, diffusers or rasterio): the CLI builds its
 parser from the request models and ``diffusionsat --help`` must be quick. So the registries name

@@ -24,6 +24,11 @@ as a constraint (blended latent diffusion, RePaint's known-region step without r
 
 The replacement needs a stateless sampler: ``auto`` is DDIM here (as with in-painting's
 ``--resample``), and the canvas then stays on disk (memory flat in the extent).
+
+The module is over 500 lines because it is one task's whole path, in the order it runs: the grid
+and the layout (no torch, for the checks and the plan), the known latents, the replacement at
+every step, the decode and the composite, then the run that ties them together; the joint
+machinery it builds on is engine.tasks.extent's, the compositing in-painting's.
 """
 
 from __future__ import annotations
