@@ -575,6 +575,32 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+def _files_read(inp: Path, depth: int = 0) -> list[Path]:
+    """The other files GDAL reads to open raster ``inp`` (a VRT's sources, nested VRTs'): an output
+    must not be one of them either. Nothing for files GDAL cannot open as a raster (vectors)."""
+    if depth > 4 or not inp.is_file():
+        return []
+    try:
+        import rasterio
+        from rasterio.errors import RasterioError
+
+        with rasterio.Env(), rasterio.open(inp) as ds:
+            names = list(ds.files or [])
+    except (ImportError, RasterioError, OSError, ValueError, TypeError):
+        return []
+    found: list[Path] = []
+    own = inp.resolve()
+    for name in names:
+        if str(name).startswith("/vsi") or "://" in str(name):
+            continue
+        path = Path(name)
+        if path.resolve() == own:
+            continue
+        found.append(path)
+        found += _files_read(path, depth + 1)
+    return found
+
+
 def check_output(out: Any, inputs: Sequence[Any] = (), *, overwrite: bool = True,
                  sidecars: Sequence[Any] = ()) -> None:
     """Refuse an output that would destroy an input, and (unless ``overwrite``) any existing file.
@@ -601,6 +627,10 @@ def check_output(out: Any, inputs: Sequence[Any] = (), *, overwrite: bool = True
             if resolved == inp.resolve() or (target.exists() and _same_file(target, inp)):
                 raise InvalidRequest(f"the output {str(target)!r} is the input {str(given)!r}: it would be "
                                      "destroyed; give another --out")
+            for source in _files_read(inp) if target.exists() or target.is_symlink() else []:
+                if resolved == source.resolve() or _same_file(target, source):
+                    raise InvalidRequest(f"the output {str(target)!r} is {str(source)!r}, a file the input "
+                                         f"{str(given)!r} reads: it would be destroyed; give another --out")
         if not overwrite and (target.exists() or target.is_symlink()):
             raise InvalidRequest(f"the output {str(target)!r} already exists; give another --out, or "
                                  "--overwrite to replace it")

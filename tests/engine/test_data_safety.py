@@ -80,6 +80,40 @@ def test_output_that_is_an_input_is_refused_before_any_work(tmp_path, capsys):
     assert hidden(tmp_path) == []
 
 
+def _vrt_of(path: Path, source: Path, size: int = 64) -> Path:
+    bands = "".join(
+        f'<VRTRasterBand dataType="Byte" band="{i}"><SimpleSource><SourceFilename relativeToVRT="1">'
+        f"{source.name}</SourceFilename><SourceBand>{i}</SourceBand></SimpleSource></VRTRasterBand>"
+        for i in (1, 2, 3))
+    path.write_text(f'<VRTDataset rasterXSize="{size}" rasterYSize="{size}"><SRS>{UTM}</SRS>'
+                    f"<GeoTransform>300000,10,0,4650000,0,-10</GeoTransform>{bands}</VRTDataset>")
+    return path
+
+
+def test_output_that_is_a_file_a_vrt_input_reads_is_refused(tmp_path, capsys):
+    """A VRT input's source file is an input too: ``extend --input v.vrt --out src.tif --overwrite``
+    (or the output's spread map landing on it) rewrote the source the VRT reads."""
+    src = rgb(tmp_path / "src.tif")
+    vrt = _vrt_of(tmp_path / "v.vrt", src)
+    inner = _vrt_of(tmp_path / "outer.vrt", vrt)  # a VRT of a VRT: the source two levels down
+    before = src.read_bytes()
+    bbox = "299680,4649040,300640,4650000"
+    cases = [
+        ["extend", "--input", vrt, "--bbox", bbox, "--out", src],
+        ["extend", "--input", inner, "--bbox", bbox, "--out", src],
+        ["extend", "--input", vrt, "--bbox", bbox, "--out", tmp_path / "." / "src.tif"],
+        ["inpaint", "--input", vrt, "--out", src],
+        ["inpaint", "--input", vrt, "--out", tmp_path / "x.tif", "--spread", "2"],
+    ]
+    (tmp_path / "x.spread.tif").symlink_to(src)  # the spread map of x.tif would land on the source
+    for argv in cases:
+        code, err = cli(capsys, *argv, *FAST, "--overwrite")
+        assert code == 2, (argv, err)
+        assert len(err.strip().splitlines()) == 1 and "src.tif" in err and "reads" in err, err
+        assert src.read_bytes() == before
+    assert not (tmp_path / "x.tif").exists() and hidden(tmp_path) == []
+
+
 def test_existing_output_kept_unless_overwrite_and_umask_respected(tmp_path, capsys):
     out = tmp_path / "x.tif"
     out.write_bytes(b"the user's earlier result")

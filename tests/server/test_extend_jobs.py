@@ -102,3 +102,49 @@ def test_near_valid_extend_plans_never_5xx(server, tmp_path):
         if reply.status >= 400:
             assert set(reply.json) == {"detail", "code"} and "\n" not in reply.json["detail"], reply.body
     assert 200 in statuses and any(400 <= s < 500 for s in statuses)
+
+
+def test_fuzzed_extend_plans_are_200_or_4xx_json(server, tmp_path):
+    """A bounded fuzzer over ExtendRequest's fields (bbox NaN/inf/huge/inverted/empty, CRSs that do
+    not transform, bands past the file's, spread as any JSON type, 1x1 px, all-nodata and 8-band
+    uint16 layers): POST /v1/plan answers 200 or a 4xx {detail, code}, never 5xx."""
+    import json as _json
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    ref, _ = upload_layer(server, tmp_path)
+    layers = [ref]
+    for name, (count, dtype, n, value, nodata) in {"one": (3, "uint8", 1, 9, None), "empty": (3, "uint8", 32, 0, 0),
+                                                   "u16": (8, "uint16", 32, 900, None)}.items():
+        path = tmp_path / f"{name}.tif"
+        with rasterio.open(path, "w", driver="GTiff", width=n, height=n, count=count, dtype=dtype, crs=UTM,
+                           nodata=nodata, transform=from_origin(X0, Y0, 10.0, 10.0)) as dst:
+            dst.write(np.full((count, n, n), value, dtype=dtype))
+        layers.append(call(server, "POST", "/v1/uploads", data=path.read_bytes(),
+                           headers={"Content-Type": "image/tiff"}).json["path_ref"])
+    number = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([X0 - 320, Y0 - 960, X0 + 800,
+                       Y0, 0.0, -1e308, 1e308]), st.integers(-2**70, 2**70))
+    anything = st.one_of(st.none(), st.booleans(), st.integers(-5, 2**64), st.floats(), st.text(max_size=8),
+                         st.lists(st.integers(-1, 9), max_size=4))
+    fields = {
+        "bbox": st.one_of(st.lists(number, min_size=4, max_size=4), st.just([X0 - 320, Y0 - 960, X0 + 800, Y0]), anything),
+        "crs": st.sampled_from(["EPSG:4326", "EPSG:3857", "EPSG:32633", 'LOCAL_CS["x",UNIT["m",1]]', "EPSG:0", "", "x"]),
+        "rgb_bands": st.one_of(st.lists(st.integers(-1, 2**40), min_size=0, max_size=4), st.text(max_size=8)),
+        "spread": anything, "cloud_cover": anything, "date": anything, "input_nodata": anything,
+        "guidance": anything, "seed": anything, "scheduler": st.sampled_from(["ddim", "default", "dpm++", 3]),
+    }
+
+    @settings(max_examples=60, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck))
+    @given(layer=st.sampled_from(layers), parts=st.fixed_dictionaries({}, optional=fields))
+    def check(layer, parts):
+        body = {"task": "extend", "input": layer, "bbox": [X0 - 320, Y0 - 960, X0 + 800, Y0], "steps": 1, **parts}
+        data = _json.dumps(body).encode()  # NaN and Infinity as Python's json writes them
+        reply = call(server, "POST", "/v1/plan", data=data, headers={"Content-Type": "application/json"})
+        assert reply.status == 200 or 400 <= reply.status < 500, (body, reply.body[:500])
+        if reply.status >= 400:
+            assert set(reply.json) == {"detail", "code"} and "\n" not in reply.json["detail"], reply.body
+
+    check()
+    assert call(server, "GET", "/v1/health", token=None).json["status"] == "ok"
