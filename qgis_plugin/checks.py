@@ -109,7 +109,7 @@ DOCK_WORDS: dict[str, dict[str, str]] = {
     "extend": {"--date": "Date (Advanced)", "--rgb-bands": "RGB bands (Advanced)", "--bbox": "the new extent",
                "--crs": "the layer's CRS (Layer Properties → Source)", "--steps": "Steps (Advanced)",
                "--guidance": "Guidance (Advanced)", "--cloud-cover": "Cloud cover (Advanced)",
-               "--max-pixels": "a smaller new extent"},
+               "--max-pixels": "the pixel limit the engine was started with"},
 }
 DOCK_WORDS["generate"].update({"--gsd": "Ground resolution (Size)", "--width": "Longest side",
                                "--height": "Longest side", "--guidance": "Guidance (Advanced)"})
@@ -118,6 +118,7 @@ for _task in ("superres", "inpaint", "temporal", "generate"):
 for _task in DOCK_WORDS:  # what every tab has (the engine's messages name them too)
     DOCK_WORDS[_task].setdefault("--seed", "Seed (Advanced)")
     DOCK_WORDS[_task].setdefault("--model", "the Model (DiffusionSat settings)")
+    DOCK_WORDS[_task].setdefault("--max-pixels", "the pixel limit the engine was started with")
 
 
 def in_dock_words(message: str, task: str) -> str:
@@ -129,4 +130,6 @@ def in_dock_words(message: str, task: str) -> str:
         return words.get(flag, words.get(flag.rstrip("s"), flag))
 
     # the longest flags first: --input-dates before --input-date before --date
-    return re.sub(r"--[a-z][a-z0-9-]*", swap, str(message))
+    said = re.sub(r"--[a-z][a-z0-9-]*", swap, str(message))
+    # "a smaller --bbox" became "a smaller the new extent": drop the field's own article
+    return re.sub(r"\b(an?|any|another) (smaller |larger |other )?(the|a|an) ", r"\1 \2", said)

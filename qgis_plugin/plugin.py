@@ -400,6 +400,7 @@ class DiffusionSatPlugin:
         if prepared.task in ("inpaint", "extend"):  # the same bands as the input: its style
             copy_style(source, layer)
         self.last_layer = layer
+        self.last_spread_layer = None  # a job without Uncertainty has none (not the previous job's)
         if outcome.spread_path:
             try:
                 self.last_spread_layer = add_spread_layer(

@@ -12,7 +12,7 @@ from typing import Callable, Optional
 
 from qgis.core import QgsCoordinateReferenceSystem, QgsGeometry, QgsProject, QgsRasterLayer, QgsRectangle, QgsWkbTypes
 from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsExtentWidget, QgsMapLayerComboBox, QgsRubberBand
-from qgis.PyQt.QtCore import QDate, Qt
+from qgis.PyQt.QtCore import QDate, QEvent, Qt
 from qgis.PyQt.QtGui import QColor
 from qgis.PyQt.QtWidgets import (
     QAbstractItemView,
@@ -49,6 +49,7 @@ from ..prepare import (
     MASK_POLYGONS,
     MASK_RASTER,
     extended_grid,
+    extent_in,
     prepare_extend,
     prepare_generate,
     prepare_inpaint,
@@ -1127,6 +1128,11 @@ class ExtendTab(_Tab):
             text += f" · {gsd:.3g} m/px (the layer's)"
         if grid.new_pixels <= 0:
             text += ". The extent lies inside the layer: draw one beyond its edges."
+        else:
+            drawn = extent_in(self.extent, self.extent_crs, layer.crs())
+            if drawn is not None and not drawn.intersects(layer.extent()):
+                text += (". The drawn extent does not touch the layer: the output covers both and the gap "
+                         "between them (draw the extent around the layer to extend it outward)")
         self.info.setText(text)
         self.draw_outline(grid.extent, layer.crs())
 
@@ -1238,6 +1244,19 @@ class DiffusionSatDock(QgsDockWidget):
             index = self.tabs.addTab(tab, icon(tab.task), name)
             self.tabs.setTabToolTip(index, tip)
         layout.addWidget(self.tabs, 1)
+        # Five tab titles do not fit a typical dock (~400 px: "Ge…", "In…", "Supe…"): below the width
+        # they need, the tab bar gives way to a task selector (icon and full name) above the same pages.
+        self.task_selector = QComboBox()
+        self.task_selector.setObjectName("task_selector")
+        self.task_selector.setToolTip("The task (the dock's tabs, when the dock is wide enough to show them)")
+        for i in range(self.tabs.count()):
+            self.task_selector.addItem(self.tabs.tabIcon(i), self.tabs.tabText(i))
+            self.task_selector.setItemData(i, self.tabs.tabToolTip(i), Qt.ItemDataRole.ToolTipRole)
+        self.task_selector.currentIndexChanged.connect(self.tabs.setCurrentIndex)
+        self.tabs.currentChanged.connect(self.task_selector.setCurrentIndex)
+        layout.insertWidget(layout.indexOf(self.tabs), self.task_selector)
+        self.task_selector.hide()
+        self.tabs.installEventFilter(self)
         # The new extent's outline belongs to the Extend tab: shown while it is the current one
         self.tabs.currentChanged.connect(lambda *_: self.extend.show_outline(self.tabs.currentWidget() is self.extend))
 
@@ -1290,6 +1309,31 @@ class DiffusionSatDock(QgsDockWidget):
         layout.addWidget(note)
         self.setWidget(body)
         self.refresh_engine_label()
+
+    def eventFilter(self, watched, event) -> bool:  # noqa: N802 (Qt's name)
+        if watched is self.tabs and event.type() in (QEvent.Type.Resize, QEvent.Type.Show):
+            self.fit_tabs()
+        return super().eventFilter(watched, event)
+
+    def tab_titles_fit(self) -> bool:
+        """Whether the tab bar can show every tab's full title (icon and text) at the dock's width."""
+        bar = self.tabs.tabBar()
+        metrics, icon_px = bar.fontMetrics(), bar.iconSize().width()
+        # tabSizeHint is protected (not callable on QTabWidget's own bar): the title, the icon and
+        # the style's margins around them (about 12 px a side, 4 px between icon and text)
+        needed = sum(metrics.horizontalAdvance(bar.tabText(i)) + icon_px + 28 for i in range(bar.count()))
+        return needed <= self.tabs.width()
+
+    def fit_tabs(self) -> None:
+        """Tabs when their titles fit, else the task selector (the same pages, the same order)."""
+        fit = self.tab_titles_fit()
+        if fit == self.tabs.tabBar().isVisibleTo(self.tabs) and fit != self.task_selector.isVisibleTo(self):
+            return
+        self.tabs.tabBar().setVisible(fit)
+        self.task_selector.setVisible(not fit)
+        body = self.widget()
+        if body is not None and body.layout() is not None:  # now, not at the next event loop turn
+            body.layout().activate()
 
     # -- the controller's services, for the tabs --------------------------------------------------
 

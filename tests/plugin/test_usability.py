@@ -361,9 +361,14 @@ def test_all_tabs_visible_at_a_narrow_dock_and_the_run_button_does_not_move(plug
     dock.show()
     qtbot.waitExposed(dock)
     bar = dock.tabs.tabBar()
-    for i in range(dock.tabs.count()):
-        rect = bar.tabRect(i)
-        assert rect.right() <= bar.width() and rect.width() > 20, (i, rect, bar.width())
+    if bar.isVisible():
+        for i in range(dock.tabs.count()):
+            rect = bar.tabRect(i)
+            assert rect.right() <= bar.width() and rect.width() > 20, (i, rect, bar.width())
+    else:  # too narrow for the tab titles: every task is in the task selector instead
+        selector = dock.task_selector
+        assert selector.isVisible() and selector.count() == dock.tabs.count()
+    QApplication.processEvents()  # the floating dock settles to its minimum size (task selector shown)
     button = dock.generate.run_button
     before = button.mapTo(dock, button.rect().topLeft())
     dock.show_plan("Plan: " + "a long status line that wraps " * 30)
