@@ -233,12 +233,21 @@ class _Tab(QWidget):
 
     # -- remembered values ----------------------------------------------------------------------
 
+    #: a tab with a drawn extent (``extent``, ``extent_crs``, ``set_extent``: Generate, Extend) keeps
+    #: it per project under ``<task>/extent``
+    keeps_extent = False
+
     def save_values(self) -> None:
         for key, widget in self.remembered.items():
             memory.save(f"{self.task}/{key}", _get(widget))
         for key, combo in self.remembered_layers.items():
             layer = combo.currentLayer()
             memory.save(f"{self.task}/{key}", layer.id() if layer is not None else "", user=False)
+        if self.keeps_extent and self.extent is not None:
+            e = self.extent
+            memory.save(f"{self.task}/extent", f"{e.xMinimum()!r},{e.yMinimum()!r},{e.xMaximum()!r},{e.yMaximum()!r}",
+                        user=False)
+            memory.save(f"{self.task}/extent_crs", self.extent_crs.toWkt(), user=False)
 
     def restore_values(self) -> None:
         for key, widget in self.remembered.items():
@@ -248,6 +257,23 @@ class _Tab(QWidget):
             layer = project.mapLayer(memory.load(f"{self.task}/{key}", "", user=False))
             if layer is not None:
                 combo.setLayer(layer)
+        if self.keeps_extent:
+            text = memory.load(f"{self.task}/extent", "", user=False)
+            crs = QgsCoordinateReferenceSystem.fromWkt(memory.load(f"{self.task}/extent_crs", "", user=False))
+            try:
+                values = [float(v) for v in text.split(",")] if text else []
+            except ValueError:
+                values = []
+            if len(values) == 4 and crs.isValid():
+                self.set_extent(QgsRectangle(*values), crs)
+
+    def clear_outline(self) -> None:
+        """Remove the tab's outline of its extent from the map (Generate, Extend), if it has one."""
+        if getattr(self, "outline", None) is not None:
+            canvas = self.dock.canvas()
+            if canvas is not None and canvas.scene() is not None:
+                canvas.scene().removeItem(self.outline)
+            self.outline = None
 
     # -- the conditional tasks' advanced options ------------------------------------------------
 
@@ -377,6 +403,7 @@ class _Tab(QWidget):
 
 class GenerateTab(_Tab):
     task = "generate"
+    keeps_extent = True
 
     def __init__(self, dock: "DiffusionSatDock") -> None:
         super().__init__(dock)
@@ -548,32 +575,6 @@ class GenerateTab(_Tab):
             self.outline.setWidth(2)
         self.outline.setToGeometry(QgsGeometry.fromRect(self.extent), self.extent_crs)
         self.outline.show()
-
-    def clear_outline(self) -> None:
-        if self.outline is not None:
-            canvas = self.dock.canvas()
-            if canvas is not None and canvas.scene() is not None:
-                canvas.scene().removeItem(self.outline)
-            self.outline = None
-
-    def save_values(self) -> None:
-        super().save_values()
-        if self.extent is not None:
-            e = self.extent
-            memory.save("generate/extent", f"{e.xMinimum()!r},{e.yMinimum()!r},{e.xMaximum()!r},{e.yMaximum()!r}",
-                        user=False)
-            memory.save("generate/extent_crs", self.extent_crs.toWkt(), user=False)
-
-    def restore_values(self) -> None:
-        super().restore_values()
-        text = memory.load("generate/extent", "", user=False)
-        crs = QgsCoordinateReferenceSystem.fromWkt(memory.load("generate/extent_crs", "", user=False))
-        try:
-            values = [float(v) for v in text.split(",")] if text else []
-        except ValueError:
-            values = []
-        if len(values) == 4 and crs.isValid():
-            self.set_extent(QgsRectangle(*values), crs)
 
     def range_warnings(self) -> list[RangeWarning]:
         if self.extent is None:
@@ -1035,6 +1036,7 @@ class ExtendTab(_Tab):
     outlines it on the map."""
 
     task = "extend"
+    keeps_extent = True
 
     def __init__(self, dock: "DiffusionSatDock") -> None:
         super().__init__(dock)
@@ -1150,36 +1152,10 @@ class ExtendTab(_Tab):
         tabs = getattr(self.dock, "tabs", None)
         self.outline.setVisible(tabs is None or tabs.currentWidget() is self)
 
-    def clear_outline(self) -> None:
-        if self.outline is not None:
-            canvas = self.dock.canvas()
-            if canvas is not None and canvas.scene() is not None:
-                canvas.scene().removeItem(self.outline)
-            self.outline = None
-
     def show_outline(self, visible: bool) -> None:
         """Show the outline while this tab is the dock's current one (it is not the Generate extent)."""
         if self.outline is not None:
             self.outline.setVisible(visible)
-
-    def save_values(self) -> None:
-        super().save_values()
-        if self.extent is not None:
-            e = self.extent
-            memory.save("extend/extent", f"{e.xMinimum()!r},{e.yMinimum()!r},{e.xMaximum()!r},{e.yMaximum()!r}",
-                        user=False)
-            memory.save("extend/extent_crs", self.extent_crs.toWkt(), user=False)
-
-    def restore_values(self) -> None:
-        super().restore_values()
-        text = memory.load("extend/extent", "", user=False)
-        crs = QgsCoordinateReferenceSystem.fromWkt(memory.load("extend/extent_crs", "", user=False))
-        try:
-            values = [float(v) for v in text.split(",")] if text else []
-        except ValueError:
-            values = []
-        if len(values) == 4 and crs.isValid():
-            self.set_extent(QgsRectangle(*values), crs)
 
     def cloud_cover(self) -> Optional[float]:
         return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
