@@ -35,8 +35,9 @@ SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; d
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
 SPREAD = Field(
     None, ge=2, le=16,
-    description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
-    "output as <name>.spread.tif: where it is high the model is guessing")
+    description="sample this many seeds in all (seed, seed+1, ...; the output is the first, unchanged) and "
+    "write their per-pixel spread (std, 0..1) beside the output as <name>.spread.tif: where it is high the "
+    "model is guessing; N times the time (default: off, one sample)")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 MAX_RESOLUTION = 4096  # px, the largest tile (model window) side: one tile is at most MAX_PIXELS
 

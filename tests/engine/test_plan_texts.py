@@ -1,0 +1,64 @@
+"""What a newcomer reads before a run: the plan's counts (--dry-run, POST /v1/plan) and the
+--spread help, checked against real GeoTIFFs and the CLI's own main() (no model is loaded)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import rasterio
+from rasterio.transform import from_origin
+
+from engine.tasks import parse_request, plan
+
+
+def _scene(path, nodata_patch=True):
+    data = np.random.default_rng(0).integers(1, 255, (3, 96, 96)).astype("uint8")
+    if nodata_patch:
+        data[:, 20:40, 20:40] = 0
+    with rasterio.open(path, "w", driver="GTiff", width=96, height=96, count=3, dtype="uint8",
+                       crs="EPSG:32633", transform=from_origin(500000, 4600000, 10, 10), nodata=0) as dst:
+        dst.write(data)
+    return str(path)
+
+
+def test_inpaint_resample_passes_are_counted_as_unet_evaluations(tmp_path):
+    """--resample R runs the UNet 1 + R times a step (engine.pipelines.inpaint): the plan's
+    evaluations counted one (while its work_mpx counted them all)."""
+    src = _scene(tmp_path / "scene.tif")
+    base = {"task": "inpaint", "input": src, "model": "tiny", "steps": 4, "scheduler": "ddim", "resolution": 64}
+    one, three = plan(parse_request(base)), plan(parse_request({**base, "resample": 2}))
+    assert one["tiles"] == three["tiles"] >= 1
+    assert one["unet_evaluations"] == one["tiles"] * 4 * 2  # guidance 7.5: two a step
+    assert three["unet_evaluations"] == 3 * one["unet_evaluations"]
+    assert three["work_mpx"] == pytest.approx(3 * one["work_mpx"])
+
+
+def test_dry_run_text_names_the_spread_samples(tmp_path, capsys):
+    """The one-line plan: with --spread the evaluations are tiles x steps x samples, and the line
+    says where the factor comes from."""
+    from engine.cli import main
+
+    src = _scene(tmp_path / "scene.tif")
+    common = ["inpaint", "--input", src, "--model", "tiny", "--steps", "2", "--resolution", "64", "--dry-run",
+              "--quiet"]
+    assert main([*common, "--spread", "3"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert "2 steps x 3 samples (--spread)" in line
+    tiles = int(line.split("; ")[1].split(" tile")[0])
+    assert f"{tiles * 2 * 2 * 3} UNet evaluations" in line
+    assert main(common) == 0
+    assert "samples" not in capsys.readouterr().out
+
+
+def test_spread_help_says_the_output_is_one_of_the_n_samples(capsys):
+    """--spread N samples N seeds in all (the output is sample 0), not N more."""
+    from engine.cli import main
+
+    try:
+        main(["superres", "--help"])
+    except SystemExit:
+        pass
+    text = " ".join(capsys.readouterr().out.split())
+    part = text[text.index("--spread SPREAD "):][:400]
+    assert "also sample" not in part.lower()
+    assert "in all" in part and "the output is the first" in part and "default: off" in part
