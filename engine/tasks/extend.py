@@ -24,6 +24,10 @@ as a constraint (blended latent diffusion, RePaint's known-region step without r
 
 The replacement needs a stateless sampler: ``auto`` is DDIM here (as with in-painting's
 ``--resample``), and the canvas then stays on disk (memory flat in the extent).
+
+A little over 500 lines: the layout (no torch, for the checks and the plan), the known latents, the
+compositing and the task are one pipeline over one ExtendLayout; split, each part would import the
+others' private pieces.
 """
 
 from __future__ import annotations

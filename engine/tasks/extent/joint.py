@@ -201,7 +201,7 @@ def denoise_to_file(pipe, layout: ExtentLayout, folder: Path, *, prompt: str, me
                     known=None):
     """:func:`joint_denoise` with the canvas in files in ``folder``, memory flat in the extent
     (:mod:`.canvas`; a stateless scheduler only); returns the open CanvasFile of the result.
-    ``known``: latents held to a known region (``extend``; :func:`.canvas.streamed_denoise`)."""
+    ``known``: latents held to a known region (``extend``; :func:`engine.tasks.extent.canvas.streamed_denoise`)."""
     from .canvas import streamed_denoise
 
     if predict is None:
