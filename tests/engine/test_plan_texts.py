@@ -62,3 +62,26 @@ def test_spread_help_says_the_output_is_one_of_the_n_samples(capsys):
     part = text[text.index("--spread SPREAD "):][:400]
     assert "also sample" not in part.lower()
     assert "in all" in part and "the output is the first" in part and "default: off" in part
+
+
+def test_the_spread_map_does_not_inherit_the_images_value_notes(tmp_path):
+    """superres tags its output "0 = no input data (values 1..255)"; the float32 spread map has
+    NaN there, and its tags must say so, not copy the image's note (nor in-painting's band notes)."""
+    from engine.tasks import run_task
+
+    dn = (np.random.default_rng(0).random((13, 16, 16)) * 2500 + 800).astype("uint16")
+    dn[:, :4, :4] = 0  # S2 no-data corner
+    src = tmp_path / "S2A_MSIL1C_20210615T101031_N0301_R022_T33TTG.tif"
+    with rasterio.open(src, "w", driver="GTiff", width=16, height=16, count=13, dtype="uint16", crs="EPSG:32633",
+                       transform=from_origin(290000, 4640000, 10, 10)) as dst:
+        dst.write(dn)
+    request = parse_request({"task": "superres", "input": str(src), "model": "tiny", "steps": 1, "seed": 2,
+                             "resolution": 64, "spread": 2})
+    out = tmp_path / "sr.tif"
+    run_task(request, out)
+    with rasterio.open(out) as image, rasterio.open(tmp_path / "sr.spread.tif") as spread:
+        assert image.tags()["nodata_note"].startswith("0 = no input data")
+        values, tags = spread.read(1), spread.tags()
+    assert np.isnan(values[:16, :16]).all() and np.isfinite(values[20:, 20:]).all()
+    assert tags["nodata_note"].startswith("NaN = no input data") and "1..255" not in tags["nodata_note"]
+    assert tags["spread_samples"] == "2" and tags["spread_seeds"] == "2..3"
