@@ -85,3 +85,24 @@ def test_the_spread_map_does_not_inherit_the_images_value_notes(tmp_path):
     assert np.isnan(values[:16, :16]).all() and np.isfinite(values[20:, 20:]).all()
     assert tags["nodata_note"].startswith("NaN = no input data") and "1..255" not in tags["nodata_note"]
     assert tags["spread_samples"] == "2" and tags["spread_seeds"] == "2..3"
+
+
+@pytest.mark.parametrize("value", ["1", "17"])
+def test_spread_out_of_range_names_the_allowed_range(tmp_path, capsys, value):
+    """--spread 1 (one sample has no spread) or 17: one line that says what is allowed, exit 2."""
+    from engine.cli import main
+
+    src = _scene(tmp_path / "scene.tif")
+    code = main(["inpaint", "--input", src, "--model", "tiny", "--spread", value, "--dry-run"])
+    lines = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("note:")]
+    assert code == 2 and len(lines) == 1
+    assert lines[0].startswith("diffusionsat inpaint: error: spread:") and f"got {value}; allowed 2..16" in lines[0]
+
+
+def test_exclusive_and_wide_bounds_read_plainly():
+    from engine.errors import InvalidRequest
+
+    with pytest.raises(InvalidRequest, match=r"got 0; allowed > 0 and <= 100000\)"):
+        parse_request({"task": "generate", "bbox": [0, 0, 1, 1], "crs": "EPSG:4326", "gsd": 0})
+    with pytest.raises(InvalidRequest, match=r"allowed 0\.\.9223372036854775807\)"):
+        parse_request({"task": "generate", "bbox": [0, 0, 1, 1], "crs": "EPSG:4326", "seed": -1})
