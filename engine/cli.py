@@ -472,9 +472,15 @@ def _print_plan(args: argparse.Namespace, request) -> int:
     else:
         print(f"{p['task']}: {p['width']}x{p['height']} px ({p['output_megapixels']} Mpx) in {p['crs']}, "
               f"GSD {p['gsd_m']:.2f} m; {p['tiles']} {'jointly denoised window(s)' if p.get('joint_denoising') else 'tile(s)'} "
-              f"of {p['model_px']} px{_skipped_text(p)}, {p['steps']} steps, "
+              f"of {p['model_px']} px{_skipped_text(p)}, {p['steps']} steps{_samples_text(p)}, "
               f"{p['unet_evaluations']} UNet evaluations, model {p['model']}; nothing written (--dry-run)")
     return 0
+
+
+def _samples_text(p: dict) -> str:
+    """--spread's plan: every sample is a full run (the evaluations count them)."""
+    n = p.get("spread_samples")
+    return f" x {n} samples (--spread)" if n else ""
 
 
 def _skipped_text(p: dict) -> str:

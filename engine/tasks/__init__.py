@@ -5,7 +5,7 @@
   call; no torch), and :mod:`engine.tasks.run`: :func:`run_task` (any request, through the
   registry below).
 - one module per task: :mod:`~engine.tasks.generate`, :mod:`~engine.tasks.superres`,
-  :mod:`~engine.tasks.temporal`, :mod:`~engine.tasks.inpaint`; what the tiled ones share
+  :mod:`~engine.tasks.temporal`, :mod:`~engine.tasks.inpaint`, :mod:`~engine.tasks.extend`; what the tiled ones share
   (provenance, seeds, the tiled job, results) is :mod:`engine.tasks.common`, and their model side
   (device, pipeline, each tile's noise) :mod:`engine.tasks.sampling`; ``generate --gsd`` over
   several windows (joint denoising of one latent canvas) is :mod:`engine.tasks.extent`, and

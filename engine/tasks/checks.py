@@ -208,6 +208,7 @@ def plan(request: _Request, out: Optional[str | Path] = None) -> dict[str, Any]:
         if request.task == "generate":
             plan["gsd_requested"] = request.gsd
     passes = 1 + int(getattr(request, "resample", 0) or 0)
+    plan["unet_evaluations"] *= passes  # in-painting's --resample: every pass of a step runs the UNet
     # one step of one tile (window) and one sample: the tasks report each tile-sample's steps (the
     # measured denoise_steps count tiles x samples x steps); the work counts every sample
     plan["mpx_per_step"] = round(eval_px * cfg * passes / 1e6, 6)

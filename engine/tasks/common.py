@@ -109,9 +109,16 @@ def spread_samples(request) -> int:
     return int(getattr(request, "spread", None) or 1)
 
 
+#: the output's tags that describe its bands or values, not the one-band float32 spread map's
+_IMAGE_ONLY = frozenset({"spread_file", "nodata_note", "generated_bands", "other_bands", "other_bands_r2",
+                         "other_bands_rule"})
+
+
 def spread_tags(tags: dict, seed: int, samples: int) -> dict:
     """The spread map's tags: the output's (less its description), the samples and their seeds."""
-    out = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION") and k != "spread_file"}
+    out = {k: v for k, v in tags.items() if not k.startswith("TIFFTAG_IMAGEDESCRIPTION") and k not in _IMAGE_ONLY}
+    if "nodata_note" in tags:  # the output's nodata pixels: NaN in the map (no samples there)
+        out["nodata_note"] = "NaN = no input data (the output's nodata pixels)"
     out.update(spread_samples=samples, spread_seeds=f"{seed}..{seed + samples - 1}",
                TIFFTAG_IMAGEDESCRIPTION="per-pixel spread (std of brightness, 0..1) over "
                f"{samples} DiffusionSat samples: high = the model is guessing")

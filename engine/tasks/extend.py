@@ -140,6 +140,23 @@ def _bbox_in_input_crs(request, grid: Grid) -> tuple[float, float, float, float]
     return tuple(float(v) for v in out)
 
 
+def _coords(b) -> str:
+    """A bbox for a message: whole metres as such (4599040, not 4.59904e+06), degrees to 1e-7."""
+    return ",".join(f"{round(float(v), 7):.12g}" for v in b)
+
+
+def _check_touches(request, in_grid: Grid, bbox) -> None:
+    """A bbox apart from the layer (a gap between them) is refused: the output would be the whole
+    hull of both, mostly far from any input pixel (often a bbox in the wrong CRS or place)."""
+    b = in_grid.bounds
+    gap = 0.5 * min(abs(in_grid.transform.a), abs(in_grid.transform.e))  # less than half a pixel: touching
+    if bbox[0] > b[2] + gap or bbox[2] < b[0] - gap or bbox[1] > b[3] + gap or bbox[3] < b[1] - gap:
+        raise InvalidRequest(
+            f"the bbox ({_coords(bbox)} in the input's CRS) does not touch "
+            f"{display_name(request.input)}'s extent ({_coords(b)}): extend grows the "
+            "layer, so give a --bbox that overlaps or adjoins it (check --crs and the coordinates' order)")
+
+
 def extend_grid(request, in_grid: Grid) -> tuple[Grid, int, int]:
     """The output grid (the input's grown to cover the bbox) and the input's offset in it."""
     t = in_grid.transform
@@ -147,6 +164,7 @@ def extend_grid(request, in_grid: Grid) -> tuple[Grid, int, int]:
         raise InvalidRequest(f"{request.input!r} is not on a north-up grid (rotated or flipped); warp it north-up "
                              "first (gdalwarp) and extend that")
     minx, miny, maxx, maxy = _bbox_in_input_crs(request, in_grid)
+    _check_touches(request, in_grid, (minx, miny, maxx, maxy))
     inv = ~t
     c_a, r_a = inv * (minx, maxy)
     c_b, r_b = inv * (maxx, miny)
@@ -158,7 +176,7 @@ def extend_grid(request, in_grid: Grid) -> tuple[Grid, int, int]:
     if (width, height) == (in_grid.width, in_grid.height):
         b = in_grid.bounds
         raise InvalidRequest(
-            f"the bbox lies within {display_name(request.input)}'s extent ({b[0]:.6g},{b[1]:.6g},{b[2]:.6g},{b[3]:.6g} "
+            f"the bbox lies within {display_name(request.input)}'s extent ({_coords(b)} "
             "in its CRS): nothing to extend; give a --bbox that reaches beyond the layer")
     check_pixels(width, height, request.max_pixels,
                  "a smaller --bbox (or raise --max-pixels)")
@@ -537,6 +555,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
                  .replace("its in-painted pixels", "its new pixels").replace("In-painting", "Extend")
                  for w in others.warnings(list(src.descriptions), src.nodata)]
     tags = _tags(request, bundle, placement, seed, e, centre, batch, others)
+    tags.update(input_provenance(src.tags(), bundle.name, seed))
     tags["batch_size_rule"] = batch_rule
     dtype = src.dtypes[0]
     scale = 255.0 if dtype == "uint8" else (source.hi - source.lo)
@@ -598,6 +617,31 @@ class _LazyKnown:
 
     def replace(self, y0, stepped, i):
         return self._get().replace(y0, stepped, i)
+
+
+def input_provenance(t: dict, model: str, seed: int) -> dict:
+    """Tags for an input that is itself AI-generated (``synthetic=true``, e.g. an earlier extend's
+    output): which of the output's pixels are synthetic is then more than "outside extended_from".
+    ``original_extent`` carries the real pixels' bounds down a chain of extends."""
+    if str(t.get("synthetic", "")).lower() != "true":
+        return {}
+    out = {"input_synthetic": "true",
+           "input_provenance": f"{t.get('task', 'unknown task')} by {t.get('model', 'unknown model')}, "
+                               f"seed {t.get('seed', 'unknown')}"}
+    real = t.get("original_extent")
+    if real is None and t.get("task") == "extend" and t.get("input_synthetic") != "true":
+        real = t.get("extended_from")
+    if real:
+        out["original_extent"] = real
+        out["synthetic_pixels"] = ("outside original_extent (the input was itself extended from there; its pixels "
+                                   "are kept bit for bit)")
+        where = "outside original_extent"
+    else:
+        out["synthetic_pixels"] = "all (the input is itself AI-generated; its pixels are kept bit for bit)"
+        where = "all"
+    out["TIFFTAG_IMAGEDESCRIPTION"] = (f"Extended by DiffusionSat {model} (seed {seed}) from an AI-generated "
+                                       f"input: the pixels {where} are AI-generated (synthetic)")
+    return out
 
 
 def _tags(request, bundle, placement, seed, e: ExtendLayout, centre, batch, others) -> dict:

@@ -35,8 +35,9 @@ SCHEDULER = Field("auto", description="sampler: auto = dpm++ (DPM-Solver++ 2M; d
 STEPS = Field(20, ge=1, le=999, description="denoising steps")
 SPREAD = Field(
     None, ge=2, le=16,
-    description="also sample this many seeds and write their per-pixel spread (std, 0..1) beside the "
-    "output as <name>.spread.tif: where it is high the model is guessing")
+    description="sample this many seeds in all (seed, seed+1, ...; the output is the first, unchanged) and "
+    "write their per-pixel spread (std, 0..1) beside the output as <name>.spread.tif: where it is high the "
+    "model is guessing; N times the time (default: off, one sample)")
 MAX_PIXELS = 4096 * 4096  # a single generated image; larger areas need tiling (conditional tasks)
 MAX_RESOLUTION = 4096  # px, the largest tile (model window) side: one tile is at most MAX_PIXELS
 
@@ -312,8 +313,29 @@ def format_validation_error(err: ValidationError) -> str:
     for e in err.errors():
         where = ".".join(str(x) for x in e["loc"]) or "request"
         msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+            msg += _range_hint(err.title, e["loc"], e.get("input"))
         parts.append(f"{where}: {msg}")
     return "; ".join(parts)
+
+
+def _range_hint(model_name: str, loc, value) -> str:
+    """" (got 1; allowed 2..16)": the field's whole range, where the message names one bound."""
+    model = next((m for m in REQUEST_MODELS.values() if m.__name__ == model_name), None)
+    info = model.model_fields.get(str(loc[0])) if model is not None and len(loc) == 1 else None
+    if info is None:
+        return ""
+    lo = next(((a, getattr(m, a)) for m in info.metadata for a in ("ge", "gt") if hasattr(m, a)), None)
+    hi = next(((a, getattr(m, a)) for m in info.metadata for a in ("le", "lt") if hasattr(m, a)), None)
+    if lo is None or hi is None:
+        return ""
+    def num(v) -> str:
+        return f"{v:g}" if isinstance(v, float) else str(v)
+
+    if lo[0] == "ge" and hi[0] == "le":
+        return f" (got {num(value)}; allowed {num(lo[1])}..{num(hi[1])})"
+    return (f" (got {num(value)}; allowed {'>=' if lo[0] == 'ge' else '>'} {num(lo[1])} and "
+            f"{'<=' if hi[0] == 'le' else '<'} {num(hi[1])})")
 
 
 #: task name -> request model; the CLI, the server and the plugin's request builders use these names.

@@ -165,8 +165,9 @@ def _spread_box(task: str) -> QSpinBox:
     box.setValue(1)
     box.setSpecialValueText("off")
     box.setSuffix(" seeds")
-    box.setToolTip("Also sample this many seeds and add a layer of their per-pixel spread under the "
-                   "image: where it is high, the model is guessing (the job takes that many times longer)")
+    box.setToolTip("Sample this many seeds in all (the image is the first, unchanged) and add a layer of "
+                   "their per-pixel spread under the image: where it is high, the model is guessing (the job "
+                   "takes that many times longer)")
     return box
 
 

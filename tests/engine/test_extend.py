@@ -254,3 +254,54 @@ def test_an_input_without_crs_takes_input_crs(tmp_path):
         plan(ExtendRequest(input=str(src), bbox=bbox, model="tiny"))
     p = plan(ExtendRequest(input=str(src), bbox=bbox, crs=UTM, input_crs=UTM, model="tiny"))
     assert (p["width"], p["height"], p["crs"]) == (110, 110, UTM)
+
+
+def test_a_bbox_apart_from_the_layer_is_refused_one_that_adjoins_it_is_not(tmp_path):
+    """A bbox with a gap to the layer would make the hull of both (mostly far from any input
+    pixel; often a bbox in the wrong place or CRS): one line naming both extents, in plain numbers."""
+    src = tmp_path / "layer.tif"
+    make_input(src, w=64, h=64)
+    apart = (X0 + 2000.0, Y0 - 640.0, X0 + 2600.0, Y0)  # 1360 m east of the layer's right edge
+    with pytest.raises(InvalidRequest) as err:
+        plan(ExtendRequest(input=str(src), bbox=apart, model="tiny"))
+    text = str(err.value)
+    assert "does not touch" in text and "--bbox" in text and "\n" not in text
+    assert "(500000,4599360,500640,4600000)" in text and "e+06" not in text  # the extent as written
+    adjoining = (X0 + 640.0, Y0 - 640.0, X0 + 1280.0, Y0)  # shares the layer's right edge
+    p = plan(ExtendRequest(input=str(src), bbox=adjoining, model="tiny", resolution=64))
+    assert (p["width"], p["height"], p["input_offset_px"]) == (128, 64, [0, 0])
+
+
+def test_extending_an_extend_output_keeps_every_pixel_and_the_real_extent(tmp_path):
+    """Reprocessing a result: the second output keeps all the first's pixels, and its tags say
+    that the pixels outside the *original* layer are synthetic (not only those outside
+    extended_from, which now include the first run's new ring); a third run carries it on."""
+    src = tmp_path / "layer.tif"
+    image = make_input(src, w=64, h=64)
+    fast = dict(model="tiny", steps=1, seed=4, resolution=64, guidance=1.0)
+    first, second, third = tmp_path / "a.tif", tmp_path / "b.tif", tmp_path / "c.tif"
+    run_task(ExtendRequest(input=str(src), bbox=(X0 - 80, Y0 - 720, X0 + 640, Y0), **fast), first)
+    run_task(ExtendRequest(input=str(first), bbox=(X0 - 80, Y0 - 720, X0 + 720, Y0 + 80), **fast), second)
+    run_task(ExtendRequest(input=str(second), bbox=(X0 - 160, Y0 - 720, X0 + 720, Y0 + 80), **fast), third)
+    with rasterio.open(first) as a, rasterio.open(second) as b, rasterio.open(third) as c:
+        assert (a.width, a.height, b.width, b.height, c.width, c.height) == (72, 72, 80, 80, 88, 80)
+        one, two, three = a.read(), b.read(), c.read()
+        tags_a, tags_b, tags_c = a.tags(), b.tags(), c.tags()
+    assert np.array_equal(one[:, :64, 8:], image)
+    assert np.array_equal(two[:, 8:, :72], one) and np.array_equal(three[:, :, 8:], two)
+    layer = f"{X0!r},{Y0 - 640.0!r},{X0 + 640.0!r},{Y0!r}"
+    assert tags_a["extended_from"] == layer and "input_synthetic" not in tags_a
+    assert tags_b["extended_from"] != layer and tags_b["input_synthetic"] == "true"
+    for tags in (tags_b, tags_c):
+        assert tags["original_extent"] == layer and "original_extent" in tags["synthetic_pixels"]
+        assert "original_extent" in tags["TIFFTAG_IMAGEDESCRIPTION"]
+    assert tags_c["input_provenance"] == "extend by tiny, seed 4"
+
+
+def test_an_ai_generated_input_makes_every_pixel_synthetic():
+    from engine.tasks.extend import input_provenance
+
+    assert input_provenance({"task": "superres"}, "tiny", 1) == {}  # no synthetic tag: a real layer
+    tags = input_provenance({"synthetic": "true", "task": "generate", "model": "m", "seed": "3"}, "tiny", 1)
+    assert tags["synthetic_pixels"].startswith("all") and "original_extent" not in tags
+    assert tags["input_provenance"] == "generate by m, seed 3"
