@@ -1134,8 +1134,9 @@ class ExtendTab(_Tab):
         else:
             drawn = extent_in(self.extent, self.extent_crs, layer.crs())
             if drawn is not None and not drawn.intersects(layer.extent()):
-                text += (". The drawn extent does not touch the layer: the output covers both and the gap "
-                         "between them (draw the extent around the layer to extend it outward)")
+                # the engine refuses it (a gap would make the output mostly far from any known pixel)
+                text += (". The drawn extent does not touch the layer: Extend grows the layer outward, so "
+                         "draw the new extent around the layer or against one of its edges")
         self.info.setText(text)
         self.draw_outline(grid.extent, layer.crs())
 

@@ -21,9 +21,8 @@ def test_an_extend_over_the_engines_pixel_limit_is_refused_in_plain_words(plugin
     layer = add_layer(make_rgb_geotiff(tmp_path / "scene.tif"), "scene")
     tab = plugin.dock.extend
     tab.layer.setLayer(layer)
-    # 100 km east and south of the layer: a 10,000 × 10,000 px grid at 10 m
-    tab.set_extent(QgsRectangle(ORIGIN[0] + 99_000, ORIGIN[1] - 100_000, ORIGIN[0] + 100_000, ORIGIN[1] - 99_000),
-                   UTM)
+    # from the layer out to 100 km east and south: a 10,000 × 10,000 px grid at 10 m
+    tab.set_extent(QgsRectangle(ORIGIN[0], ORIGIN[1] - 100_000, ORIGIN[0] + 100_000, ORIGIN[1]), UTM)
     tab.steps.setValue(1)
     task = run_and_wait(qtbot, tab, 120_000)
     assert task.outcome is None and task.error
@@ -109,15 +108,24 @@ def test_a_job_without_uncertainty_adds_no_spread_layer_and_forgets_the_last_one
     assert [n.layerId() for n in spreads] == [spread.id()]
 
 
-def test_an_extent_drawn_away_from_the_layer_is_said_to_be_so(plugin, tmp_path):
+def test_an_extent_drawn_away_from_the_layer_is_said_to_be_so(plugin, engine_env, qtbot, tmp_path):
     """Drawn beside the layer (not touching it), the Extend tab's text only said "+298 right, +199
-    bottom": it now says that the output covers the layer, the drawn extent and the gap between."""
+    bottom": it now says so, and that Extend grows the layer outward (the engine refuses a gap)."""
     layer = add_layer(make_rgb_geotiff(tmp_path / "scene.tif"), "scene")
     tab = plugin.dock.extend
     tab.layer.setLayer(layer)
     # the layer: x 290000..290640, y 4641360..4642000; 2 km east of it, no overlap
     tab.set_extent(QgsRectangle(ORIGIN[0] + 2640, ORIGIN[1] - 640, ORIGIN[0] + 3000, ORIGIN[1]), UTM)
     assert "does not touch the layer" in tab.info.text() and "+236 right" in tab.info.text()
+    assert "draw the new extent around the layer" in tab.info.text()  # the engine refuses a gap
     # around the layer (the usual case): no such note
     tab.set_extent(QgsRectangle(ORIGIN[0] - 100, ORIGIN[1] - 740, ORIGIN[0] + 740, ORIGIN[1] + 100), UTM)
     assert "does not touch" not in tab.info.text() and "+10 left" in tab.info.text()
+    # run away from it: the engine refuses the gap, in the dock's words
+    require_task(engine_env, "extend")
+    tab.set_extent(QgsRectangle(ORIGIN[0] + 2640, ORIGIN[1] - 640, ORIGIN[0] + 3000, ORIGIN[1]), UTM)
+    tab.steps.setValue(1)
+    task = run_and_wait(qtbot, tab, 120_000)
+    assert task.outcome is None and task.error
+    said = plugin.dock.plan_label.text()
+    assert "does not touch" in said and "--" not in said, said
