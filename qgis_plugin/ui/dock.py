@@ -268,6 +268,27 @@ class _Tab(QWidget):
             if len(values) == 4 and crs.isValid():
                 self.set_extent(QgsRectangle(*values), crs)
 
+    def extent_buttons(self, suffix: str, text: str, tip: str, canvas_tip: str = "") -> QHBoxLayout:
+        """The row of a tab with a drawn extent (Generate, Extend): ``draw_button`` (the map tool's
+        toggle, object name ``draw_extent<suffix>``) and ``canvas_button`` (the canvas's extent)."""
+        row = QHBoxLayout()
+        self.draw_button = QToolButton()
+        self.draw_button.setObjectName(f"draw_extent{suffix}")
+        self.draw_button.setText(text)
+        self.draw_button.setIcon(icon("extent"))
+        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.draw_button.setCheckable(True)
+        self.draw_button.setToolTip(tip)
+        self.canvas_button = QPushButton("Canvas extent")
+        self.canvas_button.setObjectName(f"canvas_extent{suffix}")
+        if canvas_tip:
+            self.canvas_button.setToolTip(canvas_tip)
+        self.canvas_button.clicked.connect(self.use_canvas_extent)
+        row.addWidget(self.draw_button)
+        row.addWidget(self.canvas_button)
+        row.addStretch(1)
+        return row
+
     def clear_outline(self) -> None:
         """Remove the tab's outline of its extent from the map (Generate, Extend), if it has one."""
         if getattr(self, "outline", None) is not None:
@@ -412,20 +433,7 @@ class GenerateTab(_Tab):
         self.extent_crs: Optional[QgsCoordinateReferenceSystem] = None
         settings = dock.settings()
 
-        row = QHBoxLayout()
-        self.draw_button = QToolButton()
-        self.draw_button.setObjectName("draw_extent")
-        self.draw_button.setText("Draw extent")
-        self.draw_button.setIcon(icon("extent"))
-        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.draw_button.setCheckable(True)
-        self.draw_button.setToolTip("Drag a rectangle on the map")
-        self.canvas_button = QPushButton("Canvas extent")
-        self.canvas_button.clicked.connect(self.use_canvas_extent)
-        row.addWidget(self.draw_button)
-        row.addWidget(self.canvas_button)
-        row.addStretch(1)
-        self.layout_.insertLayout(0, row)
+        self.layout_.insertLayout(0, self.extent_buttons("", "Draw extent", "Drag a rectangle on the map"))
 
         self.info = QLabel("No extent yet: draw a rectangle on the map.")
         self.info.setObjectName("extent_info")
@@ -1050,22 +1058,9 @@ class ExtendTab(_Tab):
         self.layer.setToolTip("The raster layer to extend: its pixels stay exactly as they are")
         self.form.addRow("Layer", self.layer)
 
-        row = QHBoxLayout()
-        self.draw_button = QToolButton()
-        self.draw_button.setObjectName("draw_extent_extend")
-        self.draw_button.setText("Draw new extent")
-        self.draw_button.setIcon(icon("extent"))
-        self.draw_button.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
-        self.draw_button.setCheckable(True)
-        self.draw_button.setToolTip("Drag a rectangle on the map around the layer: the extent to cover")
-        self.canvas_button = QPushButton("Canvas extent")
-        self.canvas_button.setObjectName("canvas_extent_extend")
-        self.canvas_button.setToolTip("Cover the map canvas's current extent")
-        self.canvas_button.clicked.connect(self.use_canvas_extent)
-        row.addWidget(self.draw_button)
-        row.addWidget(self.canvas_button)
-        row.addStretch(1)
-        self.form.addRow("Extent", row)
+        self.form.addRow("Extent", self.extent_buttons(
+            "_extend", "Draw new extent", "Drag a rectangle on the map around the layer: the extent to cover",
+            "Cover the map canvas's current extent"))
         self.info = QLabel("No extent yet: draw the new extent around the layer on the map.")
         self.info.setObjectName("extend_info")
         self.info.setWordWrap(True)
