@@ -823,7 +823,11 @@ def _when_imported(name: str, action: Callable[[types.ModuleType], None]) -> Non
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:  # named by the command's own parser: "diffusionsat extend: ... (see diffusionsat extend --help)"
+            commands = next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
+            (commands.get(getattr(args, "command", None)) or parser).error(
+                f"unrecognized arguments: {' '.join(extra)}")
     except SystemExit as exit_:  # --help, --version and usage errors (already printed)
         return int(exit_.code or 0)
     if not getattr(args, "command", None):

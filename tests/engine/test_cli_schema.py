@@ -232,3 +232,16 @@ def test_batch_size_and_compile_take_no_lax_coercion():
             parse_request({**base, **bad})
     ok = parse_request({**base, "batch_size": 2, "compile": True})
     assert (ok.batch_size, ok.compile) == (2, True)
+
+
+def test_an_unknown_option_names_the_commands_own_help(capsys):
+    """`extend --spread 2` (extend has no --spread) pointed at `diffusionsat --help`, whose list of
+    commands does not say which options extend takes; the command's own help does."""
+    from engine.cli import main
+
+    code = main(["extend", "--input", "x.tif", "--bbox", "1,2,3,4", "--spread", "2", "--out", "o.tif"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == ("diffusionsat extend: error: unrecognized arguments: --spread 2 "
+                                 "(see diffusionsat extend --help)"), err
+    assert main(["--bogus"]) == 2
+    assert "see diffusionsat --help" in capsys.readouterr().err
