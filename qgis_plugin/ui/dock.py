@@ -268,6 +268,27 @@ class _Tab(QWidget):
             if len(values) == 4 and crs.isValid():
                 self.set_extent(QgsRectangle(*values), crs)
 
+    def cloud_row(self, object_name: str = "") -> QHBoxLayout:
+        """A "known" check box and a percentage (``cloud_known``, ``cloud``; Generate, Extend): unticked,
+        the cloud cover is unknown to the model (:meth:`cloud_cover` is None)."""
+        row = QHBoxLayout()
+        self.cloud_known = QCheckBox("known")
+        if object_name:
+            self.cloud_known.setObjectName(object_name)
+        self.cloud = QDoubleSpinBox()
+        self.cloud.setRange(0.0, 100.0)
+        self.cloud.setSuffix(" %")
+        self.cloud.setDecimals(0)
+        self.cloud.setEnabled(False)
+        self.cloud_known.toggled.connect(self.cloud.setEnabled)
+        row.addWidget(self.cloud_known)
+        row.addWidget(self.cloud, 1)
+        return row
+
+    def cloud_cover(self) -> Optional[float]:
+        """The cloud cover fraction of :meth:`cloud_row`, None where unknown (not ticked)."""
+        return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
+
     def extent_buttons(self, suffix: str, text: str, tip: str, canvas_tip: str = "") -> QHBoxLayout:
         """The row of a tab with a drawn extent (Generate, Extend): ``draw_button`` (the map tool's
         toggle, object name ``draw_extent<suffix>``) and ``canvas_button`` (the canvas's extent)."""
@@ -487,17 +508,7 @@ class GenerateTab(_Tab):
         date_row.addWidget(self.date_from_time)
         self.form.addRow("Date", date_row)
 
-        cloud_row = QHBoxLayout()
-        self.cloud_known = QCheckBox("known")
-        self.cloud = QDoubleSpinBox()
-        self.cloud.setRange(0.0, 100.0)
-        self.cloud.setSuffix(" %")
-        self.cloud.setDecimals(0)
-        self.cloud.setEnabled(False)
-        self.cloud_known.toggled.connect(self.cloud.setEnabled)
-        cloud_row.addWidget(self.cloud_known)
-        cloud_row.addWidget(self.cloud, 1)
-        self.form.addRow("Cloud cover", cloud_row)
+        self.form.addRow("Cloud cover", self.cloud_row())
 
         self.prompt = QLineEdit()
         self.prompt.setPlaceholderText("optional, e.g. a satellite image of farmland")
@@ -664,9 +675,6 @@ class GenerateTab(_Tab):
             return
         authid = self.extent_crs.authid() or "custom CRS"
         self.info.setText(f"{info.summary()} · {authid}")
-
-    def cloud_cover(self) -> Optional[float]:
-        return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
 
     def prepare(self) -> PreparedJob:
         self.target_size()  # an extent is drawn and has an area; the engine sizes the grid from `size`
@@ -1073,18 +1081,7 @@ class ExtendTab(_Tab):
         self.guidance = QDoubleSpinBox()  # range and default: the engine's (apply_limits)
         self.guidance.setSingleStep(0.5)
         adv.insertRow(1, "Guidance", self.guidance)
-        cloud_row = QHBoxLayout()
-        self.cloud_known = QCheckBox("known")
-        self.cloud_known.setObjectName("cloud_known_extend")
-        self.cloud = QDoubleSpinBox()
-        self.cloud.setRange(0.0, 100.0)
-        self.cloud.setSuffix(" %")
-        self.cloud.setDecimals(0)
-        self.cloud.setEnabled(False)
-        self.cloud_known.toggled.connect(self.cloud.setEnabled)
-        cloud_row.addWidget(self.cloud_known)
-        cloud_row.addWidget(self.cloud, 1)
-        adv.addRow("Cloud cover", cloud_row)
+        adv.addRow("Cloud cover", self.cloud_row("cloud_known_extend"))
         self.layer.layerChanged.connect(lambda *_: self.refresh_info())
         self.remembered.update(prompt=self.prompt, guidance=self.guidance, cloud_known=self.cloud_known,
                                cloud=self.cloud)
@@ -1153,9 +1150,6 @@ class ExtendTab(_Tab):
         """Show the outline while this tab is the dock's current one (it is not the Generate extent)."""
         if self.outline is not None:
             self.outline.setVisible(visible)
-
-    def cloud_cover(self) -> Optional[float]:
-        return self.cloud.value() / 100.0 if self.cloud_known.isChecked() else None
 
     def range_warnings(self) -> list[RangeWarning]:
         layer = self.layer.currentLayer()
