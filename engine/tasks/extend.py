@@ -545,7 +545,7 @@ def extend(request, out: Path, *, models, context=None, progress=None, cancel=No
     per_window = windows_metadata(e.extent, date, request.cloud_cover)
     pipe = DiffusionSatInpaintPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    batch, batch_rule = window_batch(request, bundle, e.extent.model_px, what="extend")
+    batch, batch_rule = window_batch(request, bundle, placement, e.extent.model_px, what="extend")
 
     source = RGBSource(request.input, e.in_grid, request.rgb_bands)
     src = source.src

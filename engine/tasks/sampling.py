@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from types import SimpleNamespace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -74,11 +74,13 @@ def tiles_per_call(choice: BatchChoice, samples: int) -> int:
     return max(1, choice.size // samples)
 
 
-def batch_choice(request, bundle, placement, model_px: int, controlnet: bool) -> BatchChoice:
-    """The run's tiles per model call: ``request.batch_size`` or the automatic rule (engine.batching)."""
+def batch_choice(request, bundle, placement, model_px: int, controlnet: bool,
+                 free_bytes: Optional[int] = None) -> BatchChoice:
+    """The run's tiles per model call: ``request.batch_size`` or the automatic rule (engine.batching;
+    ``free_bytes`` stands in for the device's free memory)."""
     return choose(request.batch_size, placement.device, unet_channels=bundle.unet.config.block_out_channels,
                   vae_channels=bundle.vae.config.block_out_channels, model_px=model_px, dtype=placement.dtype,
-                  guidance=request.guidance > 1.0, controlnet=controlnet)
+                  guidance=request.guidance > 1.0, controlnet=controlnet, free_bytes=free_bytes)
 
 
 class Batches:

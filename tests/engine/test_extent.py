@@ -346,33 +346,22 @@ def test_window_batch_is_4_on_the_cpu_given_when_given_and_from_memory_on_cuda()
     CUDA engine.batching's rule from the free memory (it was 4 on an H200 too)."""
     import types
 
-    import torch
-
     from engine.batching import auto_batch_size, tile_bytes
+    from engine.device import Placement
     from engine.tasks.extent.joint import DEFAULT_BATCH, window_batch
 
     channels = types.SimpleNamespace(block_out_channels=(320, 640, 1280, 1280))
     vae = types.SimpleNamespace(block_out_channels=(128, 256, 512, 512))
-
-    class Unet(torch.nn.Module):
-        def __init__(self, device):
-            super().__init__()
-            self.config = channels
-            self.w = torch.nn.Parameter(torch.zeros(1, dtype=torch.float16), requires_grad=False)
-            self._device = device
-
-        def parameters(self, recurse=True):  # the device the bundle sits on, without a GPU here
-            yield types.SimpleNamespace(device=self._device, dtype=torch.float16)
-
-    def bundle(device):
-        return types.SimpleNamespace(unet=Unet(device), vae=types.SimpleNamespace(config=vae))
+    bundle = types.SimpleNamespace(unet=types.SimpleNamespace(config=channels),
+                                   vae=types.SimpleNamespace(config=vae))
+    cpu, cuda = Placement("cpu", "fp32"), Placement("cuda:0", "fp16")  # where the model runs, without a GPU here
 
     request = types.SimpleNamespace(batch_size=None, guidance=7.5)
-    assert window_batch(request, bundle("cpu"), 512) == (DEFAULT_BATCH, "generate --gsd's default on the CPU: 4 "
-                                                                       "windows per UNet call")
-    assert window_batch(types.SimpleNamespace(batch_size=2, guidance=1.0), bundle("cpu"), 512)[0] == 2
+    assert window_batch(request, bundle, cpu, 512) == (DEFAULT_BATCH, "generate --gsd's default on the CPU: 4 "
+                                                                      "windows per UNet call")
+    assert window_batch(types.SimpleNamespace(batch_size=2, guidance=1.0), bundle, cpu, 512)[0] == 2
     free = 100 * 2**30
-    size, rule = window_batch(request, bundle("cuda:0"), 512, what="extend", free_bytes=free)
+    size, rule = window_batch(request, bundle, cuda, 512, what="extend", free_bytes=free)
     per = tile_bytes(channels.block_out_channels, vae.block_out_channels, 512, "fp16", True, False)
     assert size == auto_batch_size(free, per) > DEFAULT_BATCH and "free GPU memory" in rule
-    assert window_batch(request, bundle("cuda:0"), 512, free_bytes=2 * 2**30)[0] < size
+    assert window_batch(request, bundle, cuda, 512, free_bytes=2 * 2**30)[0] < size

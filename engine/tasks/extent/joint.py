@@ -85,24 +85,20 @@ def joint_progress(progress: Optional[ProgressCallback], steps: int):
     return denoising, decoding
 
 
-def window_batch(request, bundle, model_px: int, *, what: str = "generate --gsd",
+def window_batch(request, bundle, placement, model_px: int, *, what: str = "generate --gsd",
                  free_bytes: Optional[int] = None) -> tuple[int, str]:
     """Windows per UNet call and the rule that chose it (the ``batch_size``/``batch_size_rule``
-    tags): the request's; on the CPU :data:`DEFAULT_BATCH`; on CUDA engine.batching's rule (free GPU
-    memory over one window's estimated activations, 1..16), as the tiled tasks choose. ``free_bytes``
-    stands in for the device's free memory (tests)."""
-    from ...batching import RULE, choose
+    tags): the request's; on the CPU :data:`DEFAULT_BATCH`; on CUDA the tiled tasks' rule
+    (:func:`engine.tasks.sampling.batch_choice`: free GPU memory over one window's estimated
+    activations, 1..16). ``free_bytes`` stands in for the device's free memory (tests)."""
+    from ...batching import RULE
+    from ..sampling import batch_choice
 
     if request.batch_size:
         return int(request.batch_size), "given (--batch-size)"
-    param = next(bundle.unet.parameters())
-    device = str(param.device)
-    if not device.startswith("cuda"):
+    if not str(placement.device).startswith("cuda"):
         return DEFAULT_BATCH, f"{what}'s default on the CPU: {DEFAULT_BATCH} windows per UNet call"
-    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype, "fp32")
-    choice = choose(None, device, unet_channels=bundle.unet.config.block_out_channels,
-                    vae_channels=bundle.vae.config.block_out_channels, model_px=model_px, dtype=dtype,
-                    guidance=request.guidance > 1.0, controlnet=False, free_bytes=free_bytes)
+    choice = batch_choice(request, bundle, placement, model_px, controlnet=False, free_bytes=free_bytes)
     return choice.size, RULE.replace("1 on the CPU", f"{DEFAULT_BATCH} on the CPU")
 
 
@@ -334,7 +330,7 @@ def generate_extent(request, out, *, models=None, progress: Optional[ProgressCal
     seed = request.seed if request.seed is not None else new_seed()
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     pipe.scheduler = make_scheduler(request.scheduler, bundle.scheduler)
-    batch, rule = window_batch(request, bundle, layout.model_px)
+    batch, rule = window_batch(request, bundle, placement, layout.model_px)
     tags = extent_tags(request, bundle, placement, seed, whole, layout)
     tags.update(batch_size=batch, batch_size_rule=rule)
     sample = {"k": 0, "n": spread_samples(request)}  # --spread: the samples run one after another
