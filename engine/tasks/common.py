@@ -125,6 +125,15 @@ def spread_tags(tags: dict, seed: int, samples: int) -> dict:
     return out
 
 
+def welford_step(mean, m2, value, k: int) -> None:
+    """Add sample ``k`` (0-based, in sample order) to the running ``mean`` and ``M2`` (float64
+    arrays, updated in place; both start at zeros, so sample 0 makes mean = value, M2 = 0 exactly):
+    Welford's update, the one every spread map is accumulated with (std = sqrt(M2 / N))."""
+    delta = value - mean
+    mean += delta / (k + 1)
+    m2 += delta * (value - mean)
+
+
 def brightness_spread(images: Sequence[Any]):
     """The per-pixel standard deviation over ``images`` ((3, h, w) in 0..1, in sample order) of
     their brightness (the mean of R, G, B), float64 (h, w): Welford's running mean and M2, in
@@ -133,11 +142,8 @@ def brightness_spread(images: Sequence[Any]):
     for i, image in enumerate(images):
         b = np.asarray(image).mean(axis=0, dtype=np.float64)
         if mean is None:
-            mean, m2 = b.copy(), np.zeros_like(b)
-            continue
-        delta = b - mean
-        mean += delta / (i + 1)
-        m2 += delta * (b - mean)
+            mean, m2 = np.zeros_like(b), np.zeros_like(b)
+        welford_step(mean, m2, b, i)
     return np.sqrt(m2 / len(images))
 
 

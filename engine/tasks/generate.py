@@ -24,7 +24,14 @@ from ..pipelines.text2img import DiffusionSatPipeline
 from ..progress import CancelToken, Progress, ProgressCallback
 from ..schedulers import make_scheduler
 from .checks import check
-from .common import TaskResult, new_seed, provenance_tags, spread_path, spread_tags
+from .common import (
+    TaskResult,
+    new_seed,
+    provenance_tags,
+    spread_path,
+    spread_tags,
+    welford_step,
+)
 from .requests import GenerateRequest
 from .sampling import Batches
 
@@ -161,11 +168,8 @@ def _add_sample(state: dict, i: int, image: np.ndarray, samples: int) -> None:
     if samples > 1:
         brightness = image.mean(axis=-1, dtype=np.float64)
         if state["mean"] is None:
-            state["mean"], state["m2"] = brightness.copy(), np.zeros_like(brightness)
-        else:
-            delta = brightness - state["mean"]
-            state["mean"] += delta / (i + 1)
-            state["m2"] += delta * (brightness - state["mean"])
+            state["mean"], state["m2"] = np.zeros_like(brightness), np.zeros_like(brightness)
+        welford_step(state["mean"], state["m2"], brightness, i)
     state["done"] = i + 1
 
 

@@ -24,7 +24,7 @@ from ...atomic import disk_full, is_disk_full
 from ...geo.accumulate import Accumulator, encode, encoding
 from ...geo.cog import CogWriter, run_folder
 from ...progress import Progress, ProgressCallback
-from ..common import spread_path, spread_tags
+from ..common import spread_path, spread_tags, welford_step
 
 #: Output rows per block when the spread map is written from the accumulation (RAM: rows x width x 16 B).
 ROWS = 64
@@ -63,10 +63,7 @@ class SampleSink:
         y0, x0 = int(window.row_off), int(window.col_off)
         h, w = brightness.shape
         block = self.state.read(y0, x0, h, w)
-        mean, m2 = block[..., 0], block[..., 1]
-        delta = brightness - mean  # the file starts at zeros: sample 0 makes mean = b, M2 = 0
-        mean += delta / (self.k + 1)
-        m2 += delta * (brightness - mean)
+        welford_step(block[..., 0], block[..., 1], brightness, self.k)  # views: the file starts at zeros
         self.state.write(y0, x0, block)
         if self.target is not None:
             self.target.write(encode(values, valid, self.enc), window)
