@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from rasterio.crs import CRS
 
-from ..batching import BatchChoice, choose
+from ..batching import BatchChoice
 from ..geo.cog import write_cog
 from ..metadata import derive_from_bbox, grid_transform, output_size, parse_crs
 from ..models.cache import ModelCache
@@ -33,7 +33,7 @@ from .common import (
     welford_step,
 )
 from .requests import GenerateRequest
-from .sampling import Batches
+from .sampling import Batches, batch_choice
 
 
 def rasterio_crs(crs: Any):
@@ -85,7 +85,7 @@ def generate(
             "expect repeated structures; generate at the native size and tile, or lower --size"
         )
     seed = request.seed if request.seed is not None else new_seed()
-    first, spread = _sample(request, bundle, metadata, width, height, seed, progress, cancel)
+    first, spread = _sample(request, bundle, placement, metadata, width, height, seed, progress, cancel)
     tags = _tags(request, bundle, placement, seed, metadata)
     if cancel is not None:
         cancel.raise_if_cancelled()
@@ -105,7 +105,7 @@ def generate(
     )
 
 
-def _sample(request, bundle, metadata, width: int, height: int, seed: int, progress, cancel):
+def _sample(request, bundle, placement, metadata, width: int, height: int, seed: int, progress, cancel):
     """The image of seed ``seed`` (H, W, 3 in 0..1) and, with ``spread``, the per-pixel spread map.
 
     Each sample has its own seed (seed, seed+1, ...): its initial noise and its scheduler's noise
@@ -116,7 +116,7 @@ def _sample(request, bundle, metadata, width: int, height: int, seed: int, progr
     """
     pipe = DiffusionSatPipeline.from_bundle(bundle)
     samples = request.spread or 1
-    choice = _batch_choice(request, bundle, max(width, height))
+    choice = _batch_choice(request, bundle, placement, max(width, height))
     _CHOICES[id(request)] = choice
     notices: list[str] = []
     batches = Batches(choice, notices, what="samples")
@@ -178,13 +178,10 @@ _CHOICES: dict[int, BatchChoice] = {}
 _log = logging.getLogger(__name__)
 
 
-def _batch_choice(request, bundle, size_px: int) -> BatchChoice:
-    """``request.batch_size`` or the automatic one (engine.batching) for the model at ``size_px``."""
-    param = next(bundle.unet.parameters())
-    dtype = {torch.float16: "fp16", torch.bfloat16: "bf16"}.get(param.dtype, "fp32")
-    choice = choose(request.batch_size, str(param.device), unet_channels=bundle.unet.config.block_out_channels,
-                    vae_channels=bundle.vae.config.block_out_channels, model_px=size_px, dtype=dtype,
-                    guidance=request.guidance > 1.0, controlnet=False)
+def _batch_choice(request, bundle, placement, size_px: int) -> BatchChoice:
+    """``request.batch_size`` or the automatic one (engine.tasks.sampling.batch_choice) for the model
+    at ``size_px``, at most the samples there are."""
+    choice = batch_choice(request, bundle, placement, size_px, controlnet=False)
     samples = request.spread or 1
     return BatchChoice(min(choice.size, samples), choice.auto)
 
