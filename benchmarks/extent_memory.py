@@ -83,7 +83,7 @@ def child_stand_in(size: int, steps: int, out: str, spread: int = 1) -> None:
     import torch
     from diffusers import DDIMScheduler
 
-    from engine.geo.cog import run_folder
+    from engine.geo.run_folders import run_folder
     from engine.tasks.extent import extent_layout
     from engine.tasks.extent.grid import windows_metadata
     from engine.tasks.extent.joint import decode_to_cog, denoise_to_file

@@ -1,10 +1,11 @@
 """A tiled task split over processes (what ``accelerate launch`` / ``torchrun`` do on GPUs): wall
-time, speedup and efficiency against one process, the serial part (rank 0's merge and the COG
-publish), and the projection for more devices.
+time, speedup and efficiency against one process, the merge of each rank's stripe (side by side),
+the serial part (rank 0's publish of the COG), and the projection for more devices.
 
 Each process is a rank of one split run (``RANK``/``WORLD_SIZE``/``LOCAL_RANK`` in its environment,
 as a launcher sets them; the engine's :class:`engine.parallel.RunContext` reads them): it takes its
-share of the tiles, writes a partial accumulator, and rank 0 merges the partials into the COG.
+share of the tiles, writes a partial accumulator, then its stripe of output rows (summing the partials
+that reach into it, overviews included), and rank 0 publishes the COG from the stripes.
 Every rank is a fresh process running super-resolution of the synthetic 13-band scene of
 ``benchmarks/tasks_tiny.py`` with the real tiny model, its model loaded before the clock starts
 (as the server keeps it); ``--threads`` torch threads per process (1: on a machine with C cores up
@@ -12,9 +13,9 @@ to C processes run side by side without sharing a core). A world of 1 is the ord
 unsplit run.
 
 Measured per world size N: the run's wall time (the slowest rank's ``run_task``, rank 0's
-including the merge), the tile phase of each rank, rank 0's merge + publish (the part that does not
-shrink with N), speedup T1 / TN and efficiency speedup / N; and whether the merged COG equals the
-single-process output pixel for pixel. The projection for G devices is Amdahl's law with the
+including the publish), the tile phase of each rank, the slowest stripe merge, rank 0's publish (the
+part that does not shrink with N), speedup T1 / TN and efficiency speedup / N; and whether the
+merged COG equals the single-process output pixel for pixel. The projection for G devices is Amdahl's law with the
 measured serial part: T(G) = (T1 - serial) / G + serial.
 
     python benchmarks/split_scaling.py                     # 2048² px output, worlds 1 and 2
@@ -60,16 +61,21 @@ def child(request: dict, out: str) -> dict:
     marks: dict[str, float] = {}
     t0 = time.perf_counter()
 
-    def progress(p):  # engine.parallel.merge_partials: "waiting ..." after this rank's tiles, then "merging ..."
-        if p.message.startswith("waiting for the other ranks") and "tiles" not in marks:
-            marks["tiles"] = time.perf_counter() - t0
-        if p.message.startswith("merging") and "merge" not in marks:
-            marks["merge"] = time.perf_counter() - t0
+    # engine.parallel.run_tiled_distributed's messages after this rank's tiles, in order
+    phases = {"waiting for the other ranks' tiles": "tiles", "merging": "merge", "wrote rows": "stripe",
+              "publishing": "publish"}
+
+    def progress(p):
+        for prefix, name in phases.items():
+            if p.message.startswith(prefix) and name not in marks:
+                marks[name] = time.perf_counter() - t0
 
     run_task(req, out, models=models, context=context, progress=progress)
     seconds = time.perf_counter() - t0
     return {"rank": context.rank, "world": context.world_size, "seconds": seconds,
-            "tiles_s": marks.get("tiles", seconds), "merge_from_s": marks.get("merge", seconds)}
+            "tiles_s": marks.get("tiles", seconds),
+            "stripe_s": marks.get("stripe", seconds) - marks.get("merge", seconds),
+            "publish_from_s": marks.get("publish", seconds)}
 
 
 def run_world(request: dict, out: Path, world: int, threads: int) -> dict:
@@ -92,9 +98,10 @@ def run_world(request: dict, out: Path, world: int, threads: int) -> dict:
         if proc.returncode != 0:
             raise SystemExit(f"rank {rank} of {world} failed:\n{stderr[-3000:]}")
         ranks.append(json.loads(stdout.strip().splitlines()[-1]))
-    # serial: rank 0 from the moment every rank's tiles are in (its wait is over) to the published COG
+    # serial: rank 0 from the moment every rank's stripe is in (its wait is over) to the published COG
     return {"world": world, "seconds": max(r["seconds"] for r in ranks), "ranks": ranks,
-            "serial_s": ranks[0]["seconds"] - ranks[0]["merge_from_s"] if world > 1 else None}
+            "stripe_s": max(r["stripe_s"] for r in ranks) if world > 1 else None,
+            "serial_s": ranks[0]["seconds"] - ranks[0]["publish_from_s"] if world > 1 else None}
 
 
 def same_pixels(a: Path, b: Path) -> bool:
@@ -144,24 +151,31 @@ def main() -> None:
         f"{machine_description()}; {software_versions()}). Super-resolution x{FACTOR} of the synthetic 13-band "
         f"scene to {args.size}² px, tiny model, {args.steps} steps, {args.threads} torch thread(s) per process, "
         "each rank a fresh process with RANK/WORLD_SIZE/LOCAL_RANK set as a launcher sets them, its model "
-        "loaded before the clock starts. Wall: the slowest rank's run (rank 0's includes merging the "
-        "partials and publishing the COG); serial: rank 0's merge + publish.",
+        "loaded before the clock starts. Wall: the slowest rank's run (rank 0's includes publishing the "
+        "COG); stripe merge: the slowest rank's merge of its stripe of rows (summing the partials, encoding, "
+        "overviews; the ranks side by side); serial: rank 0's publish (compressing the stripes into the COG, "
+        "on every core), the one part no other rank shares.",
         "",
-        "| processes | wall (s) | speedup | efficiency | slowest rank's tiles (s) | serial: merge + publish (s) "
-        "| equal to 1 process | 1-min load |",
-        "|---|---|---|---|---|---|---|---|",
+        "| processes | wall (s) | speedup | efficiency | slowest rank's tiles (s) | slowest stripe merge (s) "
+        "| serial: publish (s) | equal to 1 process | 1-min load |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def cell(value):
+        return "-" if value is None else f"{value:.1f}"
+
     for r in rows:
         speedup = t1 / r["seconds"]
         tiles_s = max(x["tiles_s"] for x in r["ranks"])
-        serial_text = "-" if r["serial_s"] is None else f"{r['serial_s']:.1f}"
         lines.append(f"| {r['world']} | {r['seconds']:.1f} | {speedup:.2f}x | {100 * speedup / r['world']:.0f} % "
-                     f"| {tiles_s:.1f} | {serial_text} | {'yes' if r['equal'] else 'NO'} | {r['load']:.1f} |")
+                     f"| {tiles_s:.1f} | {cell(r['stripe_s'])} | {cell(r['serial_s'])} "
+                     f"| {'yes' if r['equal'] else 'NO'} | {r['load']:.1f} |")
     projection = ", ".join(f"{g}: {t1 / ((t1 - serial) / g + serial):.1f}x"
                            for g in (int(x) for x in args.project.split(",")))
-    lines += ["", f"Projection (Amdahl, serial part {serial:.1f} s of {t1:.1f} s): speedup for {projection}. "
-              "On GPUs the tile phase shrinks by the device's speed while the merge and publish stay CPU "
-              "work, so the serial share there is larger than here; see the GPU section for tiles/s."]
+    mpx = args.size * args.size / 1e6
+    lines += ["", f"Projection (Amdahl, serial part {serial:.2f} s of {t1:.1f} s): speedup for {projection}. "
+              f"The serial part is {serial / mpx:.3f} s per output Mpx here; the stripe merges shrink with "
+              "the number of ranks like the tiles do."]
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:

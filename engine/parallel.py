@@ -2,8 +2,16 @@
 
 Every rank takes a contiguous block of tiles (:func:`tiles_for_rank`), accumulates it into its
 own partial file in a shared folder (:func:`accumulate_partial`; no two processes ever write one
-file), then marks itself done; rank 0 waits for the markers and merges the partials into one COG
-(:func:`merge_partials`). :func:`run_tiled_distributed` does both steps for a rank.
+file), then marks itself done. Once every rank is done, each rank normalises and writes its own
+band of output rows, its :class:`~engine.geo.stripes.Stripe` (:func:`plan_stripes`), summing the
+partials that reach into it (:func:`merge_partials`), and marks that done too; rank 0 then
+publishes the COG from the stripes. Only the COG's compression is left to one process: the merge,
+the encoding and the overviews are shared (a whole tile's output is ~2 Gpx, which one process
+merged in minutes after the last tile). :func:`run_tiled_distributed` does all of it for a rank.
+
+A rank removes its own markers of an earlier run of the same id before it starts (a run that
+failed leaves some), so a rerun never takes a stale marker of its own; rank 0 removes the whole
+run's files at the end, whatever the outcome.
 
 Which rank this process is, how many there are and which device it takes come in a
 :class:`RunContext` (:meth:`RunContext.from_env` reads what the launcher set), given by the
@@ -17,6 +25,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +45,7 @@ from .geo.accumulate import (
     flush,
     tile_loop,
 )
+from .geo.stripes import Stripe, stripe_alignment
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
 
@@ -91,6 +101,26 @@ def tiles_for_rank(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Ti
     return ordered[rank * n // world_size : (rank + 1) * n // world_size]
 
 
+def plan_stripes(tiles: Sequence[Tile], world_size: int, folder: Union[str, os.PathLike],
+                 align: Optional[int] = None) -> list[Stripe]:
+    """Every rank's band of output rows to merge and write (their files in ``folder``), rank order,
+    together the whole output.
+
+    Stripe ``r`` starts where rank ``r``'s tiles start (rounded to a multiple of ``align``,
+    default :func:`~engine.geo.stripes.stripe_alignment` of the output), so a rank mostly reads its own
+    partial; a stripe may be empty (an output of fewer rows than ranks x ``align``).
+    """
+    width, height = output_size(tiles)
+    align = align or stripe_alignment(width, height)
+    starts = [0]
+    for r in range(1, world_size):
+        mine = tiles_for_rank(tiles, r, world_size)
+        first = min((int(t.out_valid.row_off) for t in mine), default=height)
+        starts.append(min(height, max(starts[-1], align * round(first / align))))
+    starts.append(height)
+    return [Stripe(Path(folder), r, starts[r], starts[r + 1]) for r in range(world_size)]
+
+
 def split_run_id(out: Union[str, os.PathLike], key: str = "") -> str:
     """The run id every rank of one split run derives alike, without talking to the others: a
     hash of the output's absolute path and ``key`` (what makes the run distinct, e.g. the request)."""
@@ -105,6 +135,16 @@ def _check_run_id(run_id: str) -> str:
 
 def _part(folder: Path, run_id: str, rank: int, suffix: str) -> Path:
     return folder / f"tiling-{run_id}-rank{rank}.{suffix}"
+
+
+#: A rank's markers: its tiles are accumulated, its stripe is written, it failed (the message).
+_MARKERS = ("done", "stripe", "failed")
+
+
+def _mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> None:
+    """Say that ``rank`` failed, so that no rank waits for it any longer."""
+    with contextlib.suppress(OSError):  # on a full disk even the marker may not fit
+        write_text_atomic(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
 
 
 def accumulate_partial(
@@ -139,6 +179,8 @@ def accumulate_partial(
     folder.mkdir(parents=True, exist_ok=True)
     if not tiles:
         raise InvalidRequest("no tiles to run")
+    for suffix in _MARKERS:  # this rank's markers of an earlier run of this id (one that failed)
+        _part(folder, run_id, rank, suffix).unlink(missing_ok=True)
     width, height = output_size(tiles)
     mine = tiles_for_rank(tiles, rank, world_size)
     row0 = min((int(t.out_valid.row_off) for t in mine), default=0)
@@ -176,8 +218,7 @@ def accumulate_partial(
         )
         write_text_atomic(_part(folder, run_id, rank, "done"), json.dumps(header))
     except BaseException as err:
-        with contextlib.suppress(OSError):  # on a full disk even the marker may not fit
-            write_text_atomic(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
+        _mark_failed(folder, run_id, rank, err)
         if isinstance(err, OSError):
             if is_disk_full(err):
                 _part(folder, run_id, rank, "acc").unlink(missing_ok=True)
@@ -188,25 +229,32 @@ def accumulate_partial(
 
 
 def _wait_for_ranks(
-    folder: Path, run_id: str, world_size: int, timeout_s: float, poll_s: float, cancel: Optional[CancelToken]
+    folder: Path, run_id: str, world_size: int, timeout_s: float, poll_s: float, cancel: Optional[CancelToken],
+    marker: str = "done",
 ) -> list[dict]:
+    """The ``marker`` headers of ranks ``0..world_size-1``, once all are there; a rank's ``failed``
+    marker stops the wait at once."""
+    what = "tiles" if marker == "done" else "stripes"
     deadline = time.monotonic() + timeout_s
     while True:
         if cancel is not None:
             cancel.raise_if_cancelled()
+        if not folder.is_dir():  # rank 0 removes it when the run fails anywhere
+            raise RasterError(f"the split run {run_id} was abandoned (its folder {str(folder)!r} is gone: "
+                              "rank 0 failed or was cancelled; see its log); nothing was written")
         for r in range(world_size):
             failed = _part(folder, run_id, r, "failed")
             if failed.exists():
                 message = failed.read_text()
                 if message.startswith("Cancelled"):
                     raise Cancelled(f"rank {r} was cancelled; nothing was written")
-                raise RasterError(f"rank {r} failed while tiling ({message}); nothing was written")
-        missing = [r for r in range(world_size) if not _part(folder, run_id, r, "done").exists()]
+                raise RasterError(f"rank {r} failed ({message}); nothing was written")
+        missing = [r for r in range(world_size) if not _part(folder, run_id, r, marker).exists()]
         if not missing:
-            return [json.loads(_part(folder, run_id, r, "done").read_text()) for r in range(world_size)]
+            return [json.loads(_part(folder, run_id, r, marker).read_text()) for r in range(world_size)]
         if time.monotonic() >= deadline:
             raise RasterError(
-                f"rank(s) {', '.join(map(str, missing))} of {world_size} did not finish their tiles "
+                f"rank(s) {', '.join(map(str, missing))} of {world_size} did not finish their {what} "
                 f"within {timeout_s:g} s (no marker in {str(folder)!r}, run {run_id}); check those "
                 "processes' logs, or give merge_partials a longer timeout_s"
             )
@@ -219,6 +267,7 @@ def merge_partials(
     writer: Any,
     *,
     run_id: str,
+    rows: Optional[tuple[int, int]] = None,
     scale: Optional[float] = None,
     offset: float = 0.0,
     timeout_s: float = 3600.0,
@@ -227,12 +276,14 @@ def merge_partials(
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelToken] = None,
 ) -> TilingStats:
-    """On rank 0: wait for every rank's marker, sum the partials, normalise and write ``writer``.
+    """Wait for every rank's marker, sum the partials over ``rows``, normalise and write ``writer``.
 
-    Waits up to ``timeout_s`` seconds (polling every ``poll_s``) for the ``.done`` markers of
-    ranks ``0..world_size-1``; a ``.failed`` marker stops the wait at once. ``cleanup`` removes
-    this run's partial files afterwards, whatever the outcome. ``scale``/``offset`` as in
-    :func:`~engine.geo.accumulate.run_tiled`.
+    ``rows`` (first, end) is the band of output rows to write (default: all of them, into a writer
+    of the whole output); only the partials that reach into it are read. Waits up to ``timeout_s``
+    seconds (polling every ``poll_s``) for the ``.done`` markers of ranks ``0..world_size-1``; a
+    ``.failed`` marker stops the wait at once. ``cleanup`` removes this run's partial files
+    afterwards, whatever the outcome (a split run's ranks leave that to rank 0, at the very end).
+    ``scale``/``offset`` as in :func:`~engine.geo.accumulate.run_tiled`.
 
     Raises:
         RasterError: a rank failed, did not finish in time, or the partials disagree in size.
@@ -254,9 +305,10 @@ def merge_partials(
             raise RasterError(f"partials hold {dtype}, this engine reads {ACCUMULATOR_DTYPE.name}")
         if check_writer(writer, width, height) != bands:
             raise InvalidRequest(f"the output has {writer.profile['count']} bands, the partials {bands}")
+        y0, y1 = (0, height) if rows is None else rows
         enc = encoding(writer, scale, offset)
         for h in headers:
-            if h["nrows"] > 0:
+            if h["nrows"] > 0 and h["row0"] < y1 and h["row0"] + h["nrows"] > y0:
                 sources.append(
                     Accumulator(
                         _part(folder, run_id, h["rank"], "acc"),
@@ -269,7 +321,7 @@ def merge_partials(
                     )
                 )
         report(progress, Progress(1, 1, 0, 1, "merging the ranks' tiles"))
-        nodata_px = flush(sources, 0, height, width, bands, writer, enc, cancel, False)
+        nodata_px = flush(sources, y0, y1, width, bands, writer, enc, cancel, False)
         report(progress, Progress(0, 1, 1, 1, "merged"))
         return TilingStats(
             sum(h["tiles"] for h in headers),
@@ -281,9 +333,17 @@ def merge_partials(
         for src in sources:
             src.close()
         if cleanup:
-            for r in range(world_size):
-                for suffix in ("acc", "done", "failed"):
-                    _part(folder, run_id, r, suffix).unlink(missing_ok=True)
+            remove_partials(folder, run_id, world_size)
+
+
+def remove_partials(folder: Union[str, os.PathLike], run_id: str, world_size: int,
+                    keep: Optional[Path] = None) -> None:
+    """Remove a split run's partials and markers (what is there of them), but ``keep``."""
+    for r in range(world_size):
+        for suffix in ("acc", *_MARKERS):
+            path = _part(Path(folder), run_id, r, suffix)
+            if path != keep:
+                path.unlink(missing_ok=True)
 
 
 def run_tiled_distributed(
@@ -296,7 +356,7 @@ def run_tiled_distributed(
     rank: int,
     world_size: int,
     run_id: str,
-    open_writer: Callable[[], Any],
+    open_writer: Callable[[Union[Stripe, Sequence[Stripe]]], Any],
     scale: Optional[float] = None,
     offset: float = 0.0,
     fill_nodata: bool = True,
@@ -305,50 +365,64 @@ def run_tiled_distributed(
     cancel: Optional[CancelToken] = None,
     batch_size: int = 1,
     overlap: bool = True,
+    align: Optional[int] = None,
 ) -> Optional[TilingStats]:
-    """One rank's part of a split run: accumulate its tiles; rank 0 then merges and writes.
+    """One rank's part of a split run: accumulate its tiles, merge and write its stripe; rank 0
+    then publishes the COG from every rank's stripe.
 
-    ``open_writer()`` is called on rank 0 only and must return a not-yet-entered
-    :class:`~engine.geo.cog.CogWriter`; the COG appears at its destination when the merge
-    succeeds, and nothing does otherwise. Returns the merge's stats on rank 0, None elsewhere.
-    With ``world_size == 1`` this is :func:`~engine.geo.accumulate.run_tiled` through one partial file.
+    ``open_writer(stripe)`` must return a not-yet-entered :class:`~engine.geo.cog.CogWriter` of that
+    :class:`~engine.geo.stripes.Stripe` of the output (``CogWriter(..., stripe=stripe)``), and
+    ``open_writer(stripes)`` (rank 0 only, a list) the one that publishes the output from them
+    (``stripes=stripes``); ``align`` is the stripes' row multiple (:func:`plan_stripes`). The COG
+    appears at its destination when every rank succeeded, and nothing does otherwise. Returns the
+    run's stats on rank 0, None elsewhere.
     """
+    folder = Path(folder)
     mine = accumulate_partial(
-        read_fn,
-        process_fn,
-        tiles,
-        bands=bands,
-        folder=folder,
-        rank=rank,
-        world_size=world_size,
-        run_id=run_id,
-        fill_nodata=fill_nodata,
-        progress=progress,
-        cancel=cancel,
-        batch_size=batch_size,
+        read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
+        run_id=run_id, fill_nodata=fill_nodata, progress=progress, cancel=cancel, batch_size=batch_size,
         overlap=overlap,
     )
-    if rank != 0:
-        return None
-    with open_writer() as writer:
-        stats = merge_partials(
-            folder,
-            world_size,
-            writer,
-            run_id=run_id,
-            scale=scale,
-            offset=offset,
-            timeout_s=timeout_s,
-            progress=progress,
-            cancel=cancel,
-        )
-    return TilingStats(stats.tiles, stats.skipped_tiles, stats.nodata_pixels, stats.seconds + mine.seconds)
+    stripes = plan_stripes(tiles, world_size, folder / f"tiling-{run_id}-stripes", align)
+    stripe = stripes[rank]
+    try:
+        try:
+            stripe.folder.mkdir(exist_ok=True)
+            with open_writer(stripe) as writer:
+                merged = merge_partials(
+                    folder, world_size, writer, run_id=run_id, rows=(stripe.row0, stripe.row1), scale=scale,
+                    offset=offset, timeout_s=timeout_s, cleanup=False, progress=progress, cancel=cancel,
+                )
+            write_text_atomic(_part(folder, run_id, rank, "stripe"), json.dumps(
+                dict(rank=rank, row0=stripe.row0, row1=stripe.row1, nodata_pixels=merged.nodata_pixels)))
+            report(progress, Progress(0, 1, 1, 1, f"wrote rows {stripe.row0}-{stripe.row1}"))
+        except BaseException as err:
+            _mark_failed(folder, run_id, rank, err)
+            raise
+        if rank != 0:
+            return None
+        report(progress, Progress(1, 1, 0, 1, "waiting for the other ranks' stripes"))
+        written = _wait_for_ranks(folder, run_id, world_size, timeout_s, 0.2, cancel, marker="stripe")
+        report(progress, Progress(1, 1, 0, 1, "publishing the COG"))
+        with open_writer(stripes):
+            pass
+    except BaseException:
+        if rank == 0:  # all but its own failure marker, which the other ranks may still wait to see
+            remove_partials(folder, run_id, world_size, keep=_part(folder, run_id, 0, "failed"))
+            shutil.rmtree(stripe.folder, ignore_errors=True)
+        raise
+    remove_partials(folder, run_id, world_size)
+    shutil.rmtree(stripe.folder, ignore_errors=True)
+    return TilingStats(merged.tiles, merged.skipped_tiles, sum(w["nodata_pixels"] for w in written),
+                       merged.seconds + mine.seconds)
 
 
 __all__ = [
     "RunContext",
     "accumulate_partial",
     "merge_partials",
+    "plan_stripes",
+    "remove_partials",
     "run_tiled_distributed",
     "split_run_id",
     "tiles_for_rank",

@@ -12,5 +12,6 @@
 - Tiling: :mod:`.tiles` (tile plans and blend weights, pure) and :mod:`.accumulate` (the on-disk
   accumulator and the tile loop); splitting a run over processes is :mod:`engine.parallel`.
 - Writing: :mod:`.cog` (window-by-window Cloud-Optimized GeoTIFFs, atomic) with :mod:`.overviews`
-  (their overviews averaged in one pass, the COG options).
+  (their overviews averaged in one pass, the COG options), :mod:`.run_folders` (the hidden folder of
+  a write's scratch) and :mod:`.stripes` (a split run's bands of output rows, written apart).
 """

@@ -41,7 +41,7 @@ from rasterio.windows import Window
 from ..atomic import disk_full, is_disk_full
 from ..errors import InvalidRequest, RasterError
 from ..progress import CancelToken, Progress, ProgressCallback, report
-from .cog import active_run_dir
+from .run_folders import active_run_dir
 from .tiles import Tile, output_size, row_major
 
 #: Accumulator precision. float64 rather than float32 because a split run sums the same
@@ -551,7 +551,7 @@ def tile_loop(
     ``process_fn`` error, an ``OSError`` from a full disk...) stops the others, which are
     joined before it is re-raised here, with its own type. Worker threads are daemons, so a
     second Ctrl-C during that join still ends the process. Context variables (e.g. the run folder
-    of :func:`~engine.geo.cog.active_run_dir`) are copied into the workers.
+    of :func:`~engine.geo.run_folders.active_run_dir`) are copied into the workers.
 
     Returns the number of tiles skipped (no valid input pixel; never sent to the model).
     """

@@ -4,12 +4,10 @@ Every raster the engine produces goes through here: it is written to a temporary
 destination and renamed over it only when complete, so an interrupted run (Ctrl-C, SIGTERM, a crash,
 a cancelled job) leaves nothing at the destination and never a half-written file.
 
-All scratch of one write (the temporary output, the tiled scratch GeoTIFF, the tiling
-accumulator) lives in one hidden run folder beside the destination, ``.diffusionsat-run-<pid>-*``,
-removed on every exit path; the process id in its name (and in its ``pid`` file) lets the next run
-in the same folder remove the folders of runs that were killed (SIGKILL, power loss). A full disk
-becomes :class:`~engine.errors.DiskFull`, naming the folder and the space needed, with nothing left
-behind. The output gets the user's umask, as any GIS tool's does.
+All scratch of one write lives in one hidden run folder beside the destination
+(:mod:`engine.geo.run_folders`), removed on every exit path. A full disk becomes
+:class:`~engine.errors.DiskFull`, naming the folder and the space needed, with nothing left behind.
+The output gets the user's umask, as any GIS tool's does.
 
 Large outputs are written window by window into a tiled scratch GeoTIFF (:class:`CogWriter`), then
 published as a COG (internal tiles, overviews, DEFLATE) in one ``CreateCopy``. The publish is the
@@ -22,34 +20,35 @@ part of a run nobody waits for gladly, so it does the least work it can (benchma
   read back, cost more than the compression of the full resolution);
 * DEFLATE at level :data:`engine.geo.overviews.DEFLATE_LEVEL` (libdeflate's fastest: ~3.5x less CPU than the default
   level 6 for ~6 % more bytes), with the horizontal predictor, on every core.
+
+A split run (:mod:`engine.parallel`) writes one output from several processes: each writes its own
+band of rows, a :class:`~engine.geo.stripes.Stripe`, into its own files (``CogWriter(..., stripe=)``: the stripe's
+uncompressed scratch and its overviews, averaged like the whole raster's because stripes start on
+multiples of :func:`~engine.geo.stripes.stripe_alignment`), and rank 0 publishes the COG from all of them
+(``CogWriter(..., stripes=)``: a VRT mosaic of the stripes and of their overviews, copied and
+compressed by the COG driver). The normalising, encoding and averaging of the output is thus shared
+by the processes; only the compression is rank 0's.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
+import glob
 import math
 import os
-import re
-import shutil
-import socket
 import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ..atomic import atomic_path as atomic_file
 from ..atomic import disk_full, is_disk_full
 from ..errors import RasterError
 from .grid import Grid
-from .overviews import cog_options, with_overviews, build_overviews, overview_factors
+from .overviews import build_overviews, cog_options, overview_factors, with_overviews
+from .run_folders import atomic_path
+from .stripes import Stripe, mosaic_vrt, stripe_alignment
 
-#: Hidden run folders beside outputs: ``.diffusionsat-run-<pid>-<random>``.
-RUN_PREFIX = ".diffusionsat-run-"
-_RUN_NAME = re.compile(r"^\.diffusionsat-run-(\d+)-")
-_RUN_DIR: contextvars.ContextVar[Optional[Path]] = contextvars.ContextVar("diffusionsat_run_dir", default=None)
 
 
 def _write_error_types() -> tuple[type[BaseException], ...]:
@@ -98,98 +97,6 @@ def quiet_libtiff() -> bool:
 _LIBTIFF_QUIET: Optional[bool] = None
 
 
-def active_run_dir() -> Optional[Path]:
-    """The run folder of the innermost write in progress in this thread, if any (tiling puts its
-    accumulator there, so one folder holds all scratch of a run)."""
-    return _RUN_DIR.get()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # someone else's process, or unknown: keep its folder
-    return True
-
-
-def sweep_stale_runs(folder: str | os.PathLike) -> int:
-    """Remove run folders in ``folder`` left by processes of this machine that are gone.
-
-    The pid comes from the folder name (and the host from its ``pid`` file, so that a folder on a
-    shared file system is only removed by the machine that made it). Returns how many were removed.
-    """
-    removed = 0
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return 0
-    host = socket.gethostname()
-    for entry in entries:
-        m = _RUN_NAME.match(entry.name)
-        if not m or not entry.is_dir(follow_symlinks=False):
-            continue
-        pid = int(m.group(1))
-        try:
-            owner = (Path(entry.path) / "pid").read_text().split()
-        except (OSError, UnicodeDecodeError):
-            owner = []
-        if len(owner) >= 2 and owner[1] != host:
-            continue
-        if pid != os.getpid() and not _alive(pid):
-            shutil.rmtree(entry.path, ignore_errors=True)
-            removed += 1
-    return removed
-
-
-@contextlib.contextmanager
-def run_folder(folder: str | os.PathLike) -> Iterator[Path]:
-    """A fresh hidden run folder in ``folder`` (made after removing stale ones), removed on exit."""
-    folder = Path(folder)
-    sweep_stale_runs(folder)
-    try:
-        path = Path(tempfile.mkdtemp(prefix=f"{RUN_PREFIX}{os.getpid()}-", dir=folder))
-    except OSError as err:
-        if is_disk_full(err):
-            raise disk_full(folder, None, "a scratch folder") from None
-        raise RasterError(f"cannot create a scratch folder in {str(folder)!r} ({err.strerror}); choose "
-                          "another --out") from None
-    token = _RUN_DIR.set(path)
-    try:
-        try:
-            (path / "pid").write_text(f"{os.getpid()} {socket.gethostname()}\n")
-        except OSError as err:
-            if is_disk_full(err):
-                raise disk_full(folder, None, "a scratch folder") from None
-            raise
-        yield path
-    finally:
-        _RUN_DIR.reset(token)
-        shutil.rmtree(path, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_path(dest: str | os.PathLike, suffix: str = ".tif") -> Iterator[Path]:
-    """Yield a temporary path (in a hidden run folder in ``dest``'s folder); rename it onto
-    ``dest`` if the block succeeds.
-
-    The temporary path does not exist yet: whoever writes it creates it, with the user's umask.
-    On any exception (including KeyboardInterrupt) the run folder is removed and ``dest`` is left
-    as it was (absent, or the previous complete file).
-    """
-    dest = Path(dest)
-    folder = dest.parent if str(dest.parent) else Path(".")
-    if not folder.is_dir():
-        raise RasterError(
-            f"output folder {str(folder)!r} does not exist; create it or choose another --out"
-        )
-    if not os.access(folder, os.W_OK):
-        raise RasterError(f"output folder {str(folder)!r} is not writable; choose another --out")
-    with run_folder(folder) as run, atomic_file(dest, suffix, tmp_dir=run) as tmp_path:
-        yield tmp_path
-
-
 def _normalise_tags(tags: Optional[Mapping[str, Any]]) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, value in (tags or {}).items():
@@ -214,6 +121,12 @@ class CogWriter:
     ``height=``, ``crs=``, ``transform=``); :attr:`grid` is the grid written either way.
 
     Peak memory is one block: pixels go to a tiled scratch GeoTIFF on disk, not into RAM.
+
+    In a split run, ``stripe=`` makes a writer of that :class:`Stripe`'s rows only (windows in the
+    output's coordinates, inside the stripe): it leaves the stripe's scratch and overviews in the
+    stripe's folder and publishes nothing. ``stripes=`` makes the writer that publishes the COG from
+    every stripe written before (it takes no ``write``): the COG holds this writer's tags, band
+    descriptions and colour interpretation.
     """
 
     def __init__(
@@ -233,7 +146,11 @@ class CogWriter:
         blocksize: int = 256,
         overviews: bool = True,
         colorinterp: Optional[Sequence[str]] = None,
+        stripe: Optional[Stripe] = None,
+        stripes: Sequence[Stripe] = (),
     ) -> None:
+        if stripe is not None and stripes:
+            raise TypeError("a CogWriter writes one stripe= or publishes stripes=, not both")
         self.dest = Path(dest)
         self.grid = _grid_of(grid, width, height, crs, transform)
         width, height, crs, transform = self.grid.width, self.grid.height, self.grid.crs, self.grid.transform
@@ -260,6 +177,18 @@ class CogWriter:
         self._stack: Optional[contextlib.ExitStack] = None
         self._ds = None
         self._scratch: Optional[Path] = None
+        self.stripe = stripe
+        self.stripes = [s for s in stripes if s.height > 0]
+        if stripes:
+            rows = sorted((s.row0, s.row1) for s in self.stripes)
+            covered = all(a[1] == b[0] for a, b in zip(rows, rows[1:])) and rows and rows[0][0] == 0
+            if not covered or rows[-1][1] != self.profile["height"]:
+                raise ValueError(f"the stripes {rows} do not cover rows 0..{self.profile['height']}")
+        if stripe is not None:
+            align = stripe_alignment(self.profile["width"], self.profile["height"], blocksize)
+            if stripe.row0 % align or not 0 <= stripe.row0 <= stripe.row1 <= self.profile["height"]:
+                raise ValueError(f"a stripe starts on a multiple of {align} rows inside the output, not "
+                                 f"rows {stripe.row0}..{stripe.row1}")
 
     def __enter__(self) -> "CogWriter":
         import rasterio
@@ -270,11 +199,21 @@ class CogWriter:
             # (the CLI keeps them quiet) and exceptions, instead of raw lines on stderr.
             self._stack.enter_context(rasterio.Env())
             quiet_libtiff()
-            self._final_tmp = self._stack.enter_context(atomic_path(self.dest))
-            self._scratch = self._final_tmp.parent / (self.dest.stem + ".scratch.tif")
-            self._stack.callback(self._remove_scratch)
+            if self.stripe is not None:
+                self._final_tmp = None
+                if self.stripe.height == 0:
+                    return self  # an empty stripe (a small output split many ways): no file, no write
+                self._scratch = self.stripe.file(self.dest)
+                self._stack.callback(self._remove_scratch)
+            else:
+                self._final_tmp = self._stack.enter_context(atomic_path(self.dest))
+                if self.stripes:  # publishes what the stripes' writers left, then removes it
+                    self._stack.callback(self._remove_stripes)
+                    return self
+                self._scratch = self._final_tmp.parent / (self.dest.stem + ".scratch.tif")
+                self._stack.callback(self._remove_scratch)
             try:
-                self._ds = rasterio.open(self._scratch, "w", **self.profile)
+                self._ds = rasterio.open(self._scratch, "w", **self._scratch_profile())
             except _write_error_types() as err:
                 self._raise_write_error(err)
         except BaseException:
@@ -282,10 +221,22 @@ class CogWriter:
             raise
         return self
 
+    def _scratch_profile(self, factor: int = 1) -> dict:
+        """The scratch's profile (the whole output's, or this writer's stripe's), at overview ``factor``."""
+        p = self.profile
+        row0, height = (0, p["height"]) if self.stripe is None else (self.stripe.row0, self.stripe.height)
+        transform = p["transform"]
+        if transform is not None:
+            transform = transform * transform.translation(0, row0) * transform.scale(factor)
+        return dict(p, width=math.ceil(p["width"] / factor), height=math.ceil(height / factor), transform=transform)
+
     @property
     def scratch_dir(self) -> Optional[Path]:
-        """The run folder holding this write's scratch (None outside the ``with`` block)."""
-        return self._final_tmp.parent if self._stack is not None else None
+        """The folder holding this write's scratch (None outside the ``with`` block): the run folder,
+        or the stripe's folder."""
+        if self._stack is None:
+            return None
+        return Path(self.stripe.folder) if self.stripe is not None else self._final_tmp.parent
 
     def needed_bytes(self) -> int:
         """Space this write needs at most: the uncompressed scratch and its overviews (a third of
@@ -305,72 +256,141 @@ class CogWriter:
             # On a full disk the close's flush fails again: the first error is the one to report.
             with contextlib.suppress(Exception):
                 self._ds.close()
-        if self._scratch is not None:
+        if self._scratch is not None and (self.stripe is None or self._failed):
             with contextlib.suppress(FileNotFoundError):
                 self._scratch.unlink()
+            if self.stripe is not None:  # a failed stripe leaves none of its files
+                for f in overview_factors(self.profile["width"], self.profile["height"], self.blocksize):
+                    self.stripe.file(self.dest, f).unlink(missing_ok=True)
+
+    _failed = True  #: a stripe's files stay only once its writer finished without an error
+
+    def _remove_stripes(self) -> None:
+        """Remove the stripes' files and the VRTs of the publish (whatever its outcome)."""
+        folder = Path(self.stripes[0].folder)
+        for path in folder.glob(f"{glob.escape(self.dest.name)}.stripe*"):
+            path.unlink(missing_ok=True)
 
     def write(self, data: np.ndarray, window: Any = None) -> None:
         """Write ``data`` (bands, rows, cols) into ``window`` (a rasterio Window; None = all)."""
         if data.ndim == 2:
             data = data[None]
+        if self.stripe is not None:
+            window = self._in_stripe(data, window)
+        if self._ds is None:
+            raise TypeError("this CogWriter publishes stripes= written before; it takes no write()")
         try:
             self._ds.write(data.astype(self.profile["dtype"], copy=False), window=window)
         except _write_error_types() as err:
             self._raise_write_error(err)
 
+    def _in_stripe(self, data: np.ndarray, window: Any) -> Any:
+        """``window`` (output rows) in the stripe's scratch; a window outside the stripe is an error."""
+        from rasterio.windows import Window
+
+        if window is None:
+            window = Window(0, 0, self.profile["width"], self.profile["height"])
+        top, bottom = int(window.row_off), int(window.row_off) + int(window.height)
+        if top < self.stripe.row0 or bottom > self.stripe.row1:
+            raise ValueError(f"rows {top}..{bottom} are outside the stripe {self.stripe.row0}..{self.stripe.row1}")
+        return Window(window.col_off, top - self.stripe.row0, window.width, window.height)
+
     def __exit__(self, exc_type, exc, tb) -> bool:
         assert self._stack is not None
         try:
             if exc_type is None:
-                self._finish()
+                if self.stripe is not None:
+                    if self._ds is not None:
+                        self._finish_stripe()
+                elif self.stripes:
+                    self._publish_stripes()
+                else:
+                    self._finish()
         except BaseException:
             self._stack.__exit__(*sys.exc_info())
             raise
         return bool(self._stack.__exit__(exc_type, exc, tb))
 
     def _finish(self) -> None:
-        from rasterio.enums import ColorInterp
+        """Publish the scratch: its overviews averaged beside it, then copied and compressed."""
+        try:
+            self._ds.close()  # flushes the last blocks: a full disk can show here
+            run, stem = self._final_tmp.parent, self._scratch.stem
+            levels = self._build_overviews(lambda f: run / f"{stem}.ovr{f}.tif")
+            self._publish(run / f"{stem}.vrt", [(self._scratch, 0)], {f: [(path, 0)] for f, path in levels})
+        except _write_error_types() as err:
+            self._raise_write_error(err)
+
+    def _finish_stripe(self) -> None:
+        """Close the stripe's scratch and average its overviews beside it; both stay for the publish."""
+        try:
+            self._ds.close()
+            self._build_overviews(lambda f: self.stripe.file(self.dest, f))
+        except _write_error_types() as err:
+            self._raise_write_error(err)
+        self._failed = False
+
+    def _publish_stripes(self) -> None:
+        """Publish the COG from the stripes' scratches and overviews (written by their own writers)."""
+        levels = {f: [(s.file(self.dest, f), s.row0 // f) for s in self.stripes] for f in self._factors()}
+        try:
+            self._publish(Path(self.stripes[0].folder) / f"{self.dest.name}.stripes.vrt",
+                          [(s.file(self.dest), s.row0) for s in self.stripes], levels)
+        except _write_error_types() as err:
+            self._raise_write_error(err)
+
+    def _factors(self) -> list[int]:
+        """The overview factors of the output (none without overviews)."""
+        p = self.profile
+        return overview_factors(p["width"], p["height"], self.blocksize) if self.overviews else []
+
+    def _build_overviews(self, path_of: Callable[[int], Path]) -> list[tuple[int, Path]]:
+        """Average the scratch's overviews (:func:`engine.geo.overviews.build_overviews`) into
+        ``path_of(factor)`` for every factor; (factor, path) of each level."""
+        import rasterio
+
+        factors = self._factors()
+        if not factors:
+            return []
+        paths = [path_of(f) for f in factors]
+        with contextlib.ExitStack() as stack:
+            src = stack.enter_context(rasterio.open(self._scratch))
+            levels = [stack.enter_context(rasterio.open(path, "w", **self._scratch_profile(f)))
+                      for path, f in zip(paths, factors)]
+            build_overviews(src, levels, factors, self.profile["nodata"])
+        return list(zip(factors, paths))
+
+    def _publish(self, vrt: Path, parts: Sequence[tuple[Path, int]],
+                 levels: Mapping[int, Sequence[tuple[Path, int]]]) -> None:
+        """Copy the mosaic of ``parts`` ((scratch, first row)) as the COG, with this writer's tags,
+        band descriptions and colours, declaring ``levels`` (factor: its parts) as its overviews
+        (so GDAL's COG driver copies and compresses them instead of computing its own)."""
         from rasterio.shutil import copy as rio_copy
 
-        ds = self._ds
-        try:
+        p = self.profile
+        mosaic_vrt(vrt, parts, p["width"], p["height"], p["transform"])
+        self._describe(vrt)
+        level_vrts = []
+        for f, level_parts in levels.items():
+            level_vrts.append(vrt.with_name(f"{vrt.stem}.ovr{f}.vrt"))
+            mosaic_vrt(level_vrts[-1], level_parts, math.ceil(p["width"] / f), math.ceil(p["height"] / f),
+                        p["transform"] * p["transform"].scale(f) if p["transform"] else None)
+        if level_vrts:
+            vrt.write_text(with_overviews(vrt.read_text(), level_vrts))
+        rio_copy(vrt, self._final_tmp, **cog_options(self.blocksize, self.overviews))
+
+    def _describe(self, path: Path) -> None:
+        """Give the raster at ``path`` (a VRT) this writer's tags, band descriptions and colours."""
+        import rasterio
+        from rasterio.enums import ColorInterp
+
+        with rasterio.open(path, "r+") as ds:
             if self.tags:
                 ds.update_tags(**self.tags)
             for i, desc in enumerate(self.band_descriptions, start=1):
                 ds.set_band_description(i, desc)
             if self.colorinterp:
                 ds.colorinterp = [ColorInterp[name] for name in self.colorinterp]
-            ds.close()  # flushes the last blocks: a full disk can show here
-            source = self._scratch_with_overviews() if self.overviews else self._scratch
-            rio_copy(source, self._final_tmp, **cog_options(self.blocksize, self.overviews))
-        except _write_error_types() as err:
-            self._raise_write_error(err)
-
-    def _scratch_with_overviews(self) -> Path:
-        """Average the scratch's overviews (:func:`engine.geo.overviews.build_overviews`) and return a VRT of the
-        scratch that declares them, for the COG driver to copy; the scratch itself if the raster
-        fits in one block (no overviews)."""
-        import rasterio
-        from rasterio.shutil import copy as rio_copy
-
-        p = self.profile
-        factors = overview_factors(p["width"], p["height"], self.blocksize)
-        if not factors:
-            return self._scratch
-        run = self._scratch.parent
-        paths = [run / f"{self._scratch.stem}.ovr{f}.tif" for f in factors]
-        with contextlib.ExitStack() as stack:
-            src = stack.enter_context(rasterio.open(self._scratch))
-            levels = []
-            for path, f in zip(paths, factors):
-                profile = dict(p, width=math.ceil(p["width"] / f), height=math.ceil(p["height"] / f),
-                               transform=p["transform"] * p["transform"].scale(f) if p["transform"] else None)
-                levels.append(stack.enter_context(rasterio.open(path, "w", **profile)))
-            build_overviews(src, levels, factors, p["nodata"])
-        vrt = run / f"{self._scratch.stem}.vrt"
-        rio_copy(self._scratch, vrt, driver="VRT")
-        vrt.write_text(with_overviews(vrt.read_text(), paths))
-        return vrt
 
 
 def _grid_of(grid: Optional[Grid], width: Optional[int], height: Optional[int], crs: Any, transform: Any) -> Grid:
@@ -422,3 +442,4 @@ def write_cog(
     ) as out:
         out.write(array)
     return Path(dest)
+

@@ -30,6 +30,7 @@ from .. import __version__
 from ..errors import InvalidRequest
 from ..geo.accumulate import encode, encoding, run_tiled
 from ..geo.cog import CogWriter
+from ..geo.stripes import Stripe
 from ..geo.grid import Grid
 from ..geo.guard import display_text
 from ..geo.raster_metadata import date_from_name, date_from_raster
@@ -393,27 +394,31 @@ def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallb
     scale, offset = (1.0, 0.0) if spread else (job.scale, job.offset)
 
     @contextlib.contextmanager
-    def open_target():
+    def open_target(part=None):
         """The COG writer (wrapped, e.g. for in-painting's compositing), published on success; with
-        ``spread``, the spread map's too, published just before the output (removed if that fails)."""
+        ``spread``, the spread map's too, published just before the output (removed if that fails).
+        In a split run ``part`` is this rank's stripe to write, or (rank 0) all of them to publish
+        (:func:`engine.parallel.run_tiled_distributed`)."""
+        layout = {} if part is None else {"stripe": part} if isinstance(part, Stripe) else {"stripes": part}
         published = False
         try:
             with CogWriter(
                 job.out, width=job.grid.width, height=job.grid.height, count=job.out_bands or job.bands,
                 dtype=job.dtype, crs=job.grid.crs, transform=job.grid.transform, tags=tags, nodata=job.nodata,
-                band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []),
+                band_descriptions=list(job.band_descriptions), colorinterp=list(job.colorinterp or []), **layout,
             ) as writer:
-                target = job.wrap_writer(writer) if job.wrap_writer else writer
+                # the publish of a split run writes no pixel: nothing to wrap
+                target = job.wrap_writer(writer) if job.wrap_writer and "stripes" not in layout else writer
                 if not spread:
                     yield target
                     return
                 with CogWriter(spread_path(job.out), width=job.grid.width, height=job.grid.height, count=1,
                                dtype="float32", crs=job.grid.crs, transform=job.grid.transform,
                                tags=spread_tags(job.tags, int(job.tags["seed"]), job.spread), nodata=float("nan"),
-                               band_descriptions=["spread"]) as spread_writer:
+                               band_descriptions=["spread"], **layout) as spread_writer:
                     yield SpreadSplit(target, spread_writer, encoding(target, job.scale, job.offset),
                                       job.spread_keep)
-                published = True
+                published = "stripe" not in layout
         except BaseException:
             if published:  # no spread map without its output
                 spread_path(job.out).unlink(missing_ok=True)
@@ -428,11 +433,12 @@ def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallb
     run_id = split_run_id(job.out, job.run_key)
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
-    stats = run_tiled_distributed(
-        job.read, job.process, job.tiles, bands=bands, folder=folder, rank=rank, world_size=world,
-        run_id=run_id, open_writer=open_target, scale=scale, offset=offset, fill_nodata=job.fill_nodata,
-        progress=progress, cancel=cancel, batch_size=job.batch_size,
-    )
-    if rank == 0:
-        shutil.rmtree(folder, ignore_errors=True)
-    return stats
+    try:
+        return run_tiled_distributed(
+            job.read, job.process, job.tiles, bands=bands, folder=folder, rank=rank, world_size=world,
+            run_id=run_id, open_writer=open_target, scale=scale, offset=offset, fill_nodata=job.fill_nodata,
+            progress=progress, cancel=cancel, batch_size=job.batch_size,
+        )
+    finally:
+        if rank == 0:  # the run's shared folder, whatever the outcome (its stripes included)
+            shutil.rmtree(folder, ignore_errors=True)

@@ -513,7 +513,8 @@ def decode_composite(pipe, canvas, e: ExtendLayout, writer, *, scale: float, off
 
 def extend(request, out: Path, *, models, context=None, progress=None, cancel=None):
     """Extend the input to the bbox (module docstring); returns an Outcome."""
-    from ..geo.cog import CogWriter, run_folder
+    from ..geo.cog import CogWriter
+    from ..geo.run_folders import run_folder
     from ..geo.sources import RGBSource
     from ..models.resolution import request_resolution
     from ..parallel import RunContext

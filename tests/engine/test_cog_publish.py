@@ -16,7 +16,8 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from engine.geo import cog
-from engine.geo.cog import RUN_PREFIX, CogWriter
+from engine.geo.cog import CogWriter
+from engine.geo.run_folders import RUN_PREFIX
 from engine.geo.overviews import DEFLATE_LEVEL, overview_factors
 from engine.geo.grid import Grid
 
@@ -154,3 +155,76 @@ def test_a_failure_while_averaging_leaves_nothing_behind(tmp_path, monkeypatch):
         _write(tmp_path / "out.tif", np.zeros((1, 600, 600), np.uint8))
     assert (tmp_path / "out.tif").read_bytes() == b"previous result"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(RUN_PREFIX)]
+
+
+# ---- a split run's stripes: written by several writers, published by one ---------------------
+
+
+def _stripes(folder, bounds):
+    from engine.geo.stripes import Stripe
+
+    folder.mkdir(exist_ok=True)
+    return [Stripe(folder, i, a, b) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+
+
+def _levels(path):
+    with rasterio.open(path) as ds:
+        out, n = [(ds.read(), ds.tags(), ds.descriptions, ds.colorinterp, ds.nodata, ds.transform)], len(ds.overviews(1))
+    for i in range(n):
+        with rasterio.open(path, overview_level=i) as ov:
+            out.append((ov.read(), ov.transform))
+    return out
+
+
+def test_stripes_written_apart_publish_the_cog_one_writer_writes(tmp_path):
+    """Each stripe's writer averages its own overviews (its rows start on a multiple of the coarsest
+    factor), and the publisher's mosaic gives exactly the one-writer COG: every level, the tags,
+    descriptions, colours and nodata (the publisher's own, not the stripes')."""
+    from engine.geo.stripes import stripe_alignment
+
+    rng = np.random.default_rng(11)
+    data = rng.integers(1, 250, (3, 1000, 700)).astype("uint8")
+    data[:, rng.random((1000, 700)) < 0.05] = 0
+    meta = dict(nodata=0, tags={"model": "tiny", "created": "rank 0"}, band_descriptions=["r", "g", "b"],
+                colorinterp=["red", "green", "blue"])
+    _write(tmp_path / "one.tif", data, blocksize=64, **meta)
+    align = stripe_alignment(700, 1000, 64)
+    assert align == 64  # factors 2 .. 16 for 64 px blocks
+    stripes = _stripes(tmp_path / "s", [0, 384, 384, 640, 1000])  # an empty stripe too
+    grid = _grid(700, 1000)
+    for s in stripes:  # each as its own rank would, with tags of its own
+        with CogWriter(tmp_path / "two.tif", grid=grid, count=3, dtype="uint8", blocksize=64, nodata=0,
+                       tags={"created": f"rank {s.index}"}, stripe=s) as out:
+            for y in range(s.row0, s.row1, 100):
+                h = min(100, s.row1 - y)
+                out.write(data[:, y : y + h], Window(0, y, 700, h))
+    assert not (tmp_path / "two.tif").exists()  # stripes publish nothing
+    with CogWriter(tmp_path / "two.tif", grid=grid, count=3, dtype="uint8", blocksize=64, stripes=stripes, **meta):
+        pass
+    _assert_cog(tmp_path / "two.tif")
+    one, two = _levels(tmp_path / "one.tif"), _levels(tmp_path / "two.tif")
+    assert len(two) == len(one) == 5
+    assert np.array_equal(one[0][0], two[0][0]) and one[0][1:] == two[0][1:]
+    assert all(np.array_equal(a[0], b[0]) and a[1] == b[1] for a, b in zip(one[1:], two[1:]))
+    assert list((tmp_path / "s").iterdir()) == []  # the publish removes the stripes' files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(RUN_PREFIX)]
+
+
+def test_stripe_writers_refuse_what_would_break_the_mosaic(tmp_path):
+    from engine.geo.stripes import Stripe
+
+    grid = _grid(300, 600)
+    kw = dict(grid=grid, count=1, dtype="uint8", blocksize=16)
+    (tmp_path / "s").mkdir()
+    with pytest.raises(ValueError, match="multiple of 64 rows"):  # 600 rows in 16 px blocks: overviews to 64
+        CogWriter(tmp_path / "o.tif", stripe=Stripe(tmp_path / "s", 1, 100, 600), **kw)
+    with pytest.raises(ValueError, match="do not cover"):
+        CogWriter(tmp_path / "o.tif", stripes=_stripes(tmp_path / "s", [0, 128, 500]), **kw)
+    with pytest.raises(ValueError, match="outside the stripe"):
+        with CogWriter(tmp_path / "o.tif", stripe=Stripe(tmp_path / "s", 0, 0, 128), **kw) as out:
+            out.write(np.zeros((1, 64, 300), np.uint8), Window(0, 100, 300, 64))
+    assert list((tmp_path / "s").iterdir()) == []  # a failed stripe leaves none of its files
+    with pytest.raises(TypeError, match="no write"):
+        with CogWriter(tmp_path / "o.tif", stripes=_stripes(tmp_path / "s", [0, 600]), **kw) as out:
+            out.write(np.zeros((1, 16, 300), np.uint8), Window(0, 0, 300, 16))
+    assert not (tmp_path / "o.tif").exists()

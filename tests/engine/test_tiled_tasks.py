@@ -275,10 +275,12 @@ def test_cli_errors(tmp_path, capsys, argv, message):
 
 
 def test_split_over_two_processes_equals_one(tmp_path, models):
-    """The same command under two ranks (as accelerate launch runs it) writes the same COG."""
-    dn = s2_dn((13, 40, 40), seed=9)
+    """The same command under two ranks (as accelerate launch runs it) writes the same COG: each rank
+    writes its own stripe of rows (600 rows: 0-256 and 256-600), rank 0 publishes, and every
+    overview level and tag but the creation time is the single run's."""
+    dn = s2_dn((13, 150, 30), seed=9)
     src = write(tmp_path / "s2.tif", dn)
-    request = {**FAST, "task": "superres", "input": src, "factor": 2, "date": "2021-06-15", "overlap": 4}
+    request = {**FAST, "task": "superres", "input": src, "factor": 4, "date": "2021-06-15", "overlap": 4}
     single = run_task(parse_request(request), tmp_path / "single.tif", models=models)
     assert single is not None
     split_out = tmp_path / "split.tif"
@@ -300,8 +302,13 @@ def test_split_over_two_processes_equals_one(tmp_path, models):
         reports.append(out.strip().splitlines()[-1])
     assert reports == ["REPORTS True", "REPORTS False"]  # only rank 0 reports the result
     with rasterio.open(tmp_path / "single.tif") as a, rasterio.open(split_out) as b:
-        assert a.transform == b.transform and a.crs == b.crs
-        assert np.array_equal(a.read(), b.read())
+        assert a.transform == b.transform and a.crs == b.crs and a.shape == (600, 120)
+        assert np.array_equal(a.read(), b.read()) and a.overviews(1) == b.overviews(1) == [2, 4]
+        assert {**a.tags(), "created": ""} == {**b.tags(), "created": ""} and a.descriptions == b.descriptions
+    for level in (0, 1):
+        with rasterio.open(tmp_path / "single.tif", overview_level=level) as a, \
+                rasterio.open(split_out, overview_level=level) as b:
+            assert np.array_equal(a.read(), b.read())
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # scratch cleaned up
 
 

@@ -20,6 +20,7 @@ from rasterio.windows import Window
 from engine.errors import Cancelled, InvalidRequest, RasterError
 from engine.geo.accumulate import raster_reader, run_tiled
 from engine.geo.cog import CogWriter
+from engine.geo.stripes import Stripe
 from engine.geo.grid import Grid
 from engine.geo.tiles import blend_weights, plan_tiles
 from engine.parallel import (
@@ -74,7 +75,10 @@ def zeros_reader(tile):
     return np.zeros((1, *tile.shape), dtype=np.float32)
 
 
-def writer(dest, width, height, *, count=3, dtype="uint8", nodata=None, transform=TRANSFORM):
+def writer(dest, width, height, *, count=3, dtype="uint8", nodata=None, transform=TRANSFORM, part=None,
+           blocksize=128, overviews=False):
+    """A CogWriter of the test's grid; ``part``: a split run's stripe to write, or all of them to publish."""
+    layout = {} if part is None else {"stripe": part} if isinstance(part, Stripe) else {"stripes": part}
     return CogWriter(
         dest,
         width=width,
@@ -84,8 +88,9 @@ def writer(dest, width, height, *, count=3, dtype="uint8", nodata=None, transfor
         crs=CRS,
         transform=transform,
         nodata=nodata,
-        blocksize=128,
-        overviews=False,
+        blocksize=blocksize,
+        overviews=overviews,
+        **layout,
     )
 
 
@@ -412,6 +417,40 @@ def test_writer_size_must_match_the_tiles(tmp_path):
 
 # ---- split over processes -------------------------------------------------------------------
 
+
+def run_ranks(tiles, world, folder, run_id, dest, *, denoiser=None, width=None, height=None, progress_0=None,
+              blocksize=128, overviews=False, open_writer_hook=None, **kw):
+    """Every rank of a split run side by side (threads: each its own writers and files, as processes
+    have); returns (each rank's outcome: its stats or the exception it raised, the writers' parts)."""
+    import threading
+
+    from engine.geo.stripes import stripe_alignment
+    from engine.geo.tiles import output_size
+
+    w, h = output_size(tiles) if width is None else (width, height)
+    outcomes, parts = [None] * world, [[] for _ in range(world)]
+
+    def rank_main(rank):
+        def open_writer(part):
+            parts[rank].append(part)
+            out = writer(dest, w, h, dtype="float32", part=part, blocksize=blocksize, overviews=overviews)
+            return open_writer_hook(rank, part, out) if open_writer_hook else out
+
+        try:
+            outcomes[rank] = run_tiled_distributed(
+                zeros_reader, denoiser or global_denoiser, tiles, bands=3, folder=folder, rank=rank, world_size=world,
+                run_id=run_id, open_writer=open_writer, timeout_s=30, align=stripe_alignment(w, h, blocksize),
+                progress=progress_0 if rank == 0 else None, **kw)
+        except BaseException as err:  # noqa: BLE001 - the test looks at it
+            outcomes[rank] = err
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in range(world)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return outcomes, parts
+
 SPLIT = dict(width=300, height=200, tile=64, overlap=16)
 
 
@@ -426,7 +465,7 @@ def _rank_main(rank: int, world_size: int, folder: str, run_id: str, dest: str) 
         rank=rank,
         world_size=world_size,
         run_id=run_id,
-        open_writer=lambda: writer(dest, SPLIT["width"], SPLIT["height"], dtype="float32"),
+        open_writer=lambda part: writer(dest, SPLIT["width"], SPLIT["height"], dtype="float32", part=part),
         timeout_s=60,
     )
 
@@ -498,20 +537,117 @@ def test_rank_0_reports_the_wait_and_the_merge_without_going_back(tmp_path):
     """A split run's rank 0 said nothing while it waited for the other ranks and merged (the bar sat
     at its last tile, then the run ended); now it reports both, at the fraction its tiles reached."""
     tiles = plan_tiles(100, 100, 64, 16)
-    accumulate_partial(zeros_reader, global_denoiser, tiles, bands=3, folder=tmp_path / "s", rank=1,
-                       world_size=2, run_id="r4")
     seen = []
-    run_tiled_distributed(
-        zeros_reader, global_denoiser, tiles, bands=3, folder=tmp_path / "s", rank=0, world_size=2,
-        run_id="r4", open_writer=lambda: writer(tmp_path / "o.tif", 100, 100, dtype="float32"),
-        timeout_s=30, progress=lambda p: seen.append((p.message, p.fraction)),
-    )
+    run_ranks(tiles, 2, tmp_path / "s", "r4", tmp_path / "o.tif", progress_0=lambda p: seen.append((p.message, p.fraction)))
     messages = [m for m, _ in seen]
-    assert "waiting for the other ranks' tiles" in messages and "merging the ranks' tiles" in messages
-    assert messages.index("waiting for the other ranks' tiles") < messages.index("merging the ranks' tiles")
+    order = ["waiting for the other ranks' tiles", "merging the ranks' tiles", "waiting for the other ranks' stripes",
+             "publishing the COG"]
+    assert [messages.index(m) for m in order] == sorted(messages.index(m) for m in order), messages
     fractions = [f for _, f in seen]
     assert all(b >= a for a, b in zip(fractions, fractions[1:])), seen
 
+
+
+def read_levels(path) -> list:
+    """The full resolution and every overview level of the COG at ``path``."""
+    with rasterio.open(path) as ds:
+        levels, n = [ds.read()], len(ds.overviews(1))
+    for i in range(n):
+        with rasterio.open(path, overview_level=i) as ov:
+            levels.append(ov.read())
+    return levels
+
+
+def test_each_rank_merges_and_writes_its_own_stripe_and_rank_0_publishes_them(tmp_path):
+    """The serial tail of a split run: rank 0 merged every rank's partial and averaged the overviews
+    alone after the last tile (minutes for a whole Sentinel-2 tile). Now every rank writes its stripe
+    of rows, overviews included; rank 0 only publishes, and the COG is the single run's, every level."""
+    tiles = plan_tiles(300, 600, 64, 16)
+    single = tmp_path / "single.tif"
+    with writer(single, 300, 600, dtype="float32", blocksize=16, overviews=True) as out:
+        run_tiled(zeros_reader, shifted_denoiser, out, tiles)
+    folder, dest = tmp_path / "shared", tmp_path / "split.tif"
+    outcomes, parts = run_ranks(tiles, 3, folder, "s1", dest, denoiser=shifted_denoiser, blocksize=16,
+                                overviews=True)
+    assert outcomes[0].tiles == len(tiles) and outcomes[1:] == [None, None], outcomes
+    stripes = parts[0][1]
+    assert [p[0] for p in parts] == stripes and parts[1] == [stripes[1]] and parts[2] == [stripes[2]]
+    assert [(s.row0, s.row1) for s in stripes] == [(0, 192), (192, 384), (384, 600)]  # 64-row multiples
+    expected, got = read_levels(single), read_levels(dest)
+    assert len(got) == len(expected) == 7  # 300 x 600 px in 16 px blocks: overviews 2 .. 64
+    assert all(np.array_equal(a, b) for a, b in zip(expected, got))
+    assert list(folder.iterdir()) == []
+
+
+def test_a_rank_failing_in_its_stripe_fails_the_run_and_writes_nothing(tmp_path):
+    tiles = plan_tiles(300, 200, 64, 16)
+    folder, dest = tmp_path / "shared", tmp_path / "split.tif"
+
+    class Broken:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def __enter__(self):
+            raise OSError(5, "stripe storage went away")
+
+        def __exit__(self, *exc):
+            return False
+
+    outcomes, _ = run_ranks(tiles, 2, folder, "s2", dest, width=300, height=200,
+                            open_writer_hook=lambda rank, part, w: Broken(w) if rank == 1 else w)
+    assert isinstance(outcomes[1], OSError)
+    assert isinstance(outcomes[0], RasterError) and "rank 1 failed" in str(outcomes[0])
+    assert "stripe storage went away" in str(outcomes[0])
+    assert not dest.exists()
+    # at most rank 0's own failure marker stays (had it failed first, another rank might wait to see it)
+    assert {p.name for p in folder.iterdir()} <= {"tiling-s2-rank0.failed"}
+
+
+def test_a_rerun_takes_none_of_a_failed_runs_markers(tmp_path):
+    """A run that failed leaves markers under its id (a rerun of the same command has the same id):
+    the rerun's ranks remove their own first, so the rerun neither fails on an old failure marker
+    nor merges an old partial."""
+    tiles = plan_tiles(300, 200, 64, 16)
+    folder, dest = tmp_path / "shared", tmp_path / "split.tif"
+    rank1 = {t.index for t in tiles_for_rank(tiles, 1, 2)}
+
+    def fails_on_rank_1(tile, array):
+        if tile.index in rank1:
+            raise RuntimeError("out of GPU memory")
+        return global_denoiser(tile, array)
+
+    outcomes, _ = run_ranks(tiles, 2, folder, "s3", dest, denoiser=fails_on_rank_1)
+    assert isinstance(outcomes[0], RasterError) and not dest.exists()
+    assert (folder / "tiling-s3-rank0.failed").exists()
+    outcomes, _ = run_ranks(tiles, 2, folder, "s3", dest, denoiser=shifted_denoiser)
+    assert outcomes[0].tiles == len(tiles), outcomes
+    single = tmp_path / "single.tif"
+    with writer(single, 300, 200, dtype="float32") as out:
+        run_tiled(zeros_reader, shifted_denoiser, out, tiles)
+    assert np.array_equal(read(single), read(dest)) and list(folder.iterdir()) == []
+
+
+def test_a_rank_stops_waiting_when_rank_0_abandoned_the_run(tmp_path):
+    """Rank 0 removes the run's folder when it fails; a rank waiting in it stops at once, not after
+    the hour-long timeout."""
+    with pytest.raises(RasterError, match="abandoned"):
+        with writer(tmp_path / "o.tif", 100, 100) as out:
+            merge_partials(tmp_path / "gone", 2, out, run_id="s4", timeout_s=3600)
+    assert not (tmp_path / "o.tif").exists()
+
+
+@pytest.mark.parametrize("height, world", [(200, 2), (600, 3), (5000, 7), (100, 4), (3000, 1)])
+def test_the_stripes_cover_the_output_on_aligned_rows_near_each_ranks_tiles(tmp_path, height, world):
+    from engine.parallel import plan_stripes
+
+    tiles = plan_tiles(400, height, 64, 16)
+    stripes = plan_stripes(tiles, world, tmp_path, align=128)
+    assert [s.index for s in stripes] == list(range(world)) and stripes[0].row0 == 0
+    assert all(a.row1 == b.row0 for a, b in zip(stripes, stripes[1:])) and stripes[-1].row1 == height
+    assert all(s.row0 % 128 == 0 and s.row0 <= s.row1 for s in stripes)
+    for s in stripes[1:]:
+        first = min((t.out_valid.row_off for t in tiles_for_rank(tiles, s.index, world)), default=height)
+        assert abs(s.row0 - min(first, height)) <= 64 or s.row0 == height
 
 # ---- batches --------------------------------------------------------------------------------
 

@@ -30,7 +30,8 @@ import numpy as np
 import torch
 
 from ...geo.accumulate import batched, run_tiled
-from ...geo.cog import CogWriter, run_folder
+from ...geo.cog import CogWriter
+from ...geo.run_folders import run_folder
 from ...geo.tiles import blend_weights, plan_tiles
 from ...metadata import parse_crs
 from ...pipelines.text2img import DiffusionSatPipeline

@@ -22,7 +22,8 @@ from rasterio.windows import Window
 
 from ...atomic import disk_full, is_disk_full
 from ...geo.accumulate import Accumulator, encode, encoding
-from ...geo.cog import CogWriter, run_folder
+from ...geo.cog import CogWriter
+from ...geo.run_folders import run_folder
 from ...progress import Progress, ProgressCallback
 from ..common import spread_path, spread_tags, welford_step
 
