@@ -66,7 +66,6 @@ from ..requests import (
     ground_size,
     gsd_for_extent,
     gsd_size,
-    guess_band_name,
     layer_date,
     output_size,
     parse_band_names,

@@ -7,29 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import rasterio
-from rasterio.transform import from_origin
 
 from engine.geo import cog
 from engine.models.cache import ModelCache
 from engine.tasks import parse_request, run_task, spread_path
 from engine.tasks.checks import plan
 
-UTM = "EPSG:32633"
-#: 64 px tiles (the smallest the model takes), 2 steps: seconds per run
-FAST = {"model": "tiny", "steps": 2, "seed": 5, "resolution": 64}
+from .test_batched_tiles import FAST, UTM, write
 
 
 @pytest.fixture(scope="module")
 def models():
     return ModelCache()
-
-
-def write(path, array, res=10.0):
-    array = np.asarray(array)
-    with rasterio.open(path, "w", driver="GTiff", width=array.shape[2], height=array.shape[1], count=array.shape[0],
-                       dtype=str(array.dtype), crs=UTM, transform=from_origin(300000.0, 4650000.0, res, res)) as ds:
-        ds.write(array)
-    return str(path)
 
 
 def read(path):
