@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .atomic import disk_full, is_disk_full, write_text_atomic
-from .errors import Cancelled, InvalidRequest, RasterError
+from .errors import Cancelled, DiffusionSatError, InvalidRequest, RasterError
 from .geo.accumulate import (
     ACCUMULATOR_DTYPE,
     Accumulator,
@@ -50,6 +50,8 @@ from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: How often (seconds) a rank at work checks whether the run failed elsewhere (a few stat() calls).
+WATCH_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,8 +197,9 @@ def accumulate_partial(
             def consume(tile: Tile, contribution: Any, token: Any) -> None:
                 add_contribution(acc, tile, contribution)
 
+            watch = _RunWatch(cancel, folder, run_id, rank, world_size)
             skipped = tile_loop(read_fn, process_fn, mine, consume, bands=bands, fill_nodata=fill_nodata,
-                                batch_size=batch_size, cancel=cancel, progress=progress,
+                                batch_size=batch_size, cancel=watch, progress=progress,
                                 label=f"rank {rank}: ", overlap=overlap)
             done = len(mine) - skipped
             acc.sync()  # the data must be on disk before the marker says so (shared file systems)
@@ -216,9 +219,12 @@ def accumulate_partial(
             tiles=done,
             skipped_tiles=skipped,
         )
+        watch.check()
         write_text_atomic(_part(folder, run_id, rank, "done"), json.dumps(header))
     except BaseException as err:
         _mark_failed(folder, run_id, rank, err)
+        if not isinstance(err, (DiffusionSatError, KeyboardInterrupt)) and not folder.is_dir():
+            raise _abandoned(folder, run_id) from None  # e.g. the marker had no folder left to go into
         if isinstance(err, OSError):
             if is_disk_full(err):
                 _part(folder, run_id, rank, "acc").unlink(missing_ok=True)
@@ -226,6 +232,86 @@ def accumulate_partial(
                                 f"rank {rank}'s partial result") from None
         raise
     return TilingStats(done, skipped, 0, time.perf_counter() - start)
+
+
+def _abandoned(folder: Path, run_id: str) -> RasterError:
+    return RasterError(f"the split run {run_id} was abandoned (its folder {str(folder)!r} is gone: "
+                       "rank 0 failed or was cancelled; see its log); nothing was written")
+
+
+def _failure(message: str, rank: int) -> BaseException:
+    """The error a waiting rank raises on reading rank ``rank``'s failure marker (``message``)."""
+    name = message.split(":", 1)[0]
+    if name == "Cancelled":
+        return Cancelled(f"rank {rank} was cancelled; nothing was written")
+    if name in ("KeyboardInterrupt", "_Terminated"):
+        return Cancelled(f"rank {rank} was interrupted (Ctrl-C or SIGTERM); nothing was written")
+    return RasterError(f"rank {rank} failed ({message}); nothing was written")
+
+
+def _marker_stamp(path: Path) -> Optional[tuple[int, int]]:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
+def _check_run(folder: Path, run_id: str, world_size: int, skip: Optional[int] = None,
+               ignore: Mapping[int, Any] = {}) -> None:
+    """Raise if the run is over for everyone: its folder is gone, or a rank (but ``skip``) failed;
+    ``ignore`` maps a rank to the :func:`_marker_stamp` of a failure marker not to take (yet)."""
+    if not folder.is_dir():  # rank 0 removes it when the run fails anywhere
+        raise _abandoned(folder, run_id)
+    for r in range(world_size):
+        failed = _part(folder, run_id, r, "failed")
+        if r != skip and failed.exists() and (r not in ignore or _marker_stamp(failed) != ignore[r]):
+            try:
+                message = failed.read_text()
+            except OSError:  # removed meanwhile (rank 0 cleaning up): the run is over all the same
+                message = "unknown"
+            raise _failure(message, r)
+
+
+class _RunWatch(CancelToken):
+    """The tile loop's cancel token in a split run: the caller's, and (checked at most every
+    ``interval`` seconds) whether another rank failed or rank 0 abandoned the run, so that a
+    rank stops within a tile of that instead of finishing its whole share first.
+
+    A failure marker that was already there when the watch began may be an earlier run's (its rank
+    removes it when it starts, maybe later than this one): the watch leaves those to the wait after
+    the tiles (:func:`_wait_for_ranks`), and takes only markers written since."""
+
+    def __init__(self, cancel: Optional[CancelToken], folder: Path, run_id: str, rank: int, world_size: int,
+                 interval: Optional[float] = None) -> None:
+        super().__init__()
+        self.inner, self.folder, self.run_id = cancel, folder, run_id
+        self.rank, self.world_size = rank, world_size
+        self.interval = WATCH_INTERVAL_S if interval is None else interval
+        self._next = time.monotonic() + self.interval
+        self._old = {r: _marker_stamp(_part(folder, run_id, r, "failed")) for r in range(world_size)}
+
+    def cancel(self) -> None:
+        if self.inner is not None:
+            self.inner.cancel()
+        super().cancel()
+
+    @property
+    def cancelled(self) -> bool:
+        return super().cancelled or (self.inner is not None and self.inner.cancelled)
+
+    def raise_if_cancelled(self) -> None:
+        if self.inner is not None:
+            self.inner.raise_if_cancelled()
+        super().raise_if_cancelled()
+        now = time.monotonic()
+        if now >= self._next:  # a few stat() calls a second at most, whatever the tile rate
+            self._next = now + self.interval
+            self.check()
+
+    def check(self) -> None:
+        """Raise now if the run is over elsewhere (see the class)."""
+        _check_run(self.folder, self.run_id, self.world_size, skip=self.rank, ignore=self._old)
 
 
 def _wait_for_ranks(
@@ -239,16 +325,7 @@ def _wait_for_ranks(
     while True:
         if cancel is not None:
             cancel.raise_if_cancelled()
-        if not folder.is_dir():  # rank 0 removes it when the run fails anywhere
-            raise RasterError(f"the split run {run_id} was abandoned (its folder {str(folder)!r} is gone: "
-                              "rank 0 failed or was cancelled; see its log); nothing was written")
-        for r in range(world_size):
-            failed = _part(folder, run_id, r, "failed")
-            if failed.exists():
-                message = failed.read_text()
-                if message.startswith("Cancelled"):
-                    raise Cancelled(f"rank {r} was cancelled; nothing was written")
-                raise RasterError(f"rank {r} failed ({message}); nothing was written")
+        _check_run(folder, run_id, world_size)
         missing = [r for r in range(world_size) if not _part(folder, run_id, r, marker).exists()]
         if not missing:
             return [json.loads(_part(folder, run_id, r, marker).read_text()) for r in range(world_size)]
@@ -385,6 +462,7 @@ def run_tiled_distributed(
     )
     stripes = plan_stripes(tiles, world_size, folder / f"tiling-{run_id}-stripes", align)
     stripe = stripes[rank]
+    cancel = _RunWatch(cancel, folder, run_id, rank, world_size)  # stop when the run is over elsewhere
     try:
         try:
             stripe.folder.mkdir(exist_ok=True)
@@ -398,6 +476,8 @@ def run_tiled_distributed(
             report(progress, Progress(0, 1, 1, 1, f"wrote rows {stripe.row0}-{stripe.row1}"))
         except BaseException as err:
             _mark_failed(folder, run_id, rank, err)
+            if not isinstance(err, (DiffusionSatError, KeyboardInterrupt)) and not folder.is_dir():
+                raise _abandoned(folder, run_id) from None  # e.g. the stripe's marker had no folder left
             raise
         if rank != 0:
             return None

@@ -1,0 +1,113 @@
+"""Split runs as their users meet them: a rank killed or failing mid-run, rank 0 abandoning the run,
+a rerun after that, the progress each rank shows (engine/parallel.py, the CLI's split-run lines).
+
+Real tiles, real partial files and markers in tmp_path; the stand-in model is a plain function."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+import engine.parallel as parallel
+from engine.errors import Cancelled, RasterError
+from engine.geo.tiles import plan_tiles
+from engine.parallel import accumulate_partial, tiles_for_rank
+
+
+def zeros_reader(tile):
+    return np.zeros((1, *tile.shape), dtype=np.float32)
+
+
+def ones(tile, array):
+    """A stand-in model: ones over the tile's output window."""
+    return np.ones((3, int(tile.out_window.height), int(tile.out_window.width)), dtype=np.float32)
+
+
+@pytest.fixture
+def watch_every_call(monkeypatch):
+    """The ranks check the run's state at every tile (1 s apart in a real run)."""
+    monkeypatch.setattr(parallel, "WATCH_INTERVAL_S", 0.0, raising=False)
+
+
+def test_a_rank_stops_mid_tiles_when_another_rank_fails(tmp_path, watch_every_call):
+    """Rank 0 went on with its whole share of tiles (hours on a big run) after rank 1 had failed or
+    been killed with Ctrl-C, and only noticed in the wait after its last tile; now it stops at the
+    next tile, naming rank 1 and why."""
+    tiles = plan_tiles(600, 600, 64, 16)
+    mine = tiles_for_rank(tiles, 0, 2)
+    assert len(mine) > 20
+    seen = []
+
+    def interrupted(tile, array):
+        raise KeyboardInterrupt
+
+    def model(tile, array):
+        seen.append(tile.index)
+        if len(seen) == 2:  # meanwhile rank 1 is interrupted (its process writes its failure marker)
+            with pytest.raises(KeyboardInterrupt):
+                accumulate_partial(zeros_reader, interrupted, tiles, bands=3, folder=tmp_path, rank=1,
+                                   world_size=2, run_id="k1")
+        return ones(tile, array)
+
+    with pytest.raises(Cancelled, match=r"rank 1 was interrupted \(Ctrl-C or SIGTERM\)"):
+        accumulate_partial(zeros_reader, model, tiles, bands=3, folder=tmp_path, rank=0, world_size=2,
+                           run_id="k1", overlap=False)
+    assert len(seen) <= 3, f"rank 0 ran {len(seen)} of its {len(mine)} tiles after rank 1 failed"
+    assert (tmp_path / "tiling-k1-rank0.failed").exists()  # in turn, for the ranks still at work
+
+
+def test_a_rank_stops_mid_tiles_when_rank_0_abandoned_the_run(tmp_path, watch_every_call):
+    """Rank 0 killed (SIGTERM) mid-tiles removes the run's folder; rank 1 went on with all its tiles
+    and then died on an internal FileNotFoundError (its marker had no folder). Now it stops at the
+    next tile with the one-line "abandoned" error."""
+    tiles = plan_tiles(600, 600, 64, 16)
+    folder = tmp_path / ".diffusionsat-split-x"
+    seen = []
+
+    def model(tile, array):
+        seen.append(tile.index)
+        if len(seen) == 2:
+            shutil.rmtree(folder)  # what rank 0 does when it fails or is terminated
+        return ones(tile, array)
+
+    for overlap in (False, True):
+        seen.clear()
+        with pytest.raises(RasterError, match="abandoned"):
+            accumulate_partial(zeros_reader, model, tiles, bands=3, folder=folder, rank=1, world_size=2,
+                               run_id="k2", overlap=overlap)
+        assert len(seen) <= 2 + 2 * overlap, seen  # (the overlapped loop may have a tile or two in flight)
+
+
+def test_the_last_tile_then_rank_0_gone_is_abandoned_not_an_internal_error(tmp_path):
+    """The folder gone between the last tile and the marker (no watch in between) is "abandoned"."""
+    tiles = plan_tiles(100, 100, 64, 16)
+    folder = tmp_path / "s"
+    last = tiles_for_rank(tiles, 1, 2)[-1].index
+
+    def model(tile, array):
+        if tile.index == last:
+            shutil.rmtree(folder)
+        return ones(tile, array)
+
+    with pytest.raises(RasterError, match="abandoned"):
+        accumulate_partial(zeros_reader, model, tiles, bands=3, folder=folder, rank=1, world_size=2,
+                           run_id="k3", overlap=False)
+
+
+def test_an_earlier_runs_failure_marker_does_not_stop_a_rerun_mid_tiles(tmp_path, watch_every_call):
+    """A failed run leaves rank 1's marker; rank 1 of the rerun removes it when it starts, possibly
+    after rank 0 has begun its tiles: rank 0 must not take the old marker for a new failure."""
+    tiles = plan_tiles(300, 300, 64, 16)
+
+    def broken(tile, array):
+        raise RuntimeError("out of GPU memory")
+
+    with pytest.raises(RuntimeError):
+        accumulate_partial(zeros_reader, broken, tiles, bands=3, folder=tmp_path, rank=1, world_size=2,
+                           run_id="k4")
+    assert (tmp_path / "tiling-k4-rank1.failed").exists()
+    stats = accumulate_partial(zeros_reader, ones, tiles, bands=3, folder=tmp_path, rank=0, world_size=2,
+                               run_id="k4", overlap=False)
+    assert stats.tiles == len(tiles_for_rank(tiles, 0, 2))
