@@ -145,7 +145,8 @@ _MARKERS = ("done", "stripe", "failed")
 
 def _mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> None:
     """Say that ``rank`` failed, so that no rank waits for it any longer."""
-    with contextlib.suppress(OSError):  # on a full disk even the marker may not fit
+    # on a full disk even the marker may not fit (DiskFull): the error to report is the first one
+    with contextlib.suppress(OSError, DiffusionSatError):
         write_text_atomic(_part(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
 
 

@@ -111,3 +111,30 @@ def test_an_earlier_runs_failure_marker_does_not_stop_a_rerun_mid_tiles(tmp_path
     stats = accumulate_partial(zeros_reader, ones, tiles, bands=3, folder=tmp_path, rank=0, world_size=2,
                                run_id="k4", overlap=False)
     assert stats.tiles == len(tiles_for_rank(tiles, 0, 2))
+
+
+def test_a_full_disk_names_the_partial_not_the_failure_marker(tmp_path, monkeypatch):
+    """On a full tmpfs both ranks said "no space left ... to write '...rank1.failed'": the failure
+    marker, which did not fit either, hid what had filled the disk (the rank's partial result)."""
+    import errno
+
+    from engine.errors import DiskFull
+
+    real = parallel.write_text_atomic
+
+    def full_disk(dest, text, **kw):  # the edge: a disk with no room left for a marker
+        if str(dest).endswith(".failed"):
+            raise DiskFull(f"no space left to write {dest}")
+        return real(dest, text, **kw)
+
+    monkeypatch.setattr(parallel, "write_text_atomic", full_disk)
+
+    def no_space(tile, array):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    tiles = plan_tiles(100, 100, 64, 16)
+    with pytest.raises(DiskFull, match="rank 1's partial result") as err:
+        accumulate_partial(zeros_reader, no_space, tiles, bands=3, folder=tmp_path, rank=1, world_size=2,
+                           run_id="d1", overlap=False)
+    assert ".failed" not in str(err.value)
+    assert list(tmp_path.iterdir()) == []  # the partial is removed
