@@ -49,6 +49,11 @@ from .geo.stripes import Stripe, stripe_alignment
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; two launches of one command are not told apart
+    fcntl = None
+
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 #: How often (seconds) a rank at work checks whether the run failed elsewhere (a few stat() calls).
 WATCH_INTERVAL_S = 1.0
@@ -141,6 +146,30 @@ def _part(folder: Path, run_id: str, rank: int, suffix: str) -> Path:
 
 #: A rank's markers: its tiles are accumulated, its stripe is written, it failed (the message).
 _MARKERS = ("done", "stripe", "failed")
+
+
+class SplitRunBusy(RasterError):
+    """Another launch of the same split run (same output, same request) is at work in its folder."""
+
+
+def _lock_rank(folder: Path, run_id: str, rank: int) -> Optional[int]:
+    """Hold rank ``rank``'s lock of the run for this process (an open descriptor; the lock goes when
+    it is closed or the process ends, however it ends), or raise :class:`SplitRunBusy`.
+
+    The same command launched twice at once has the same run id, so the same folder and files: its
+    second launch would truncate the first one's partials and take or remove its markers."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        return None
+    fd = os.open(_part(folder, run_id, rank, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SplitRunBusy(
+            f"another launch of this same split run is at work on {str(folder.parent)!r} (its rank {rank} holds "
+            f"{str(folder.name)!r}); wait for it to end, or stop it, or give another --out") from None
+    return fd
 
 
 def _mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> None:
@@ -418,7 +447,7 @@ def remove_partials(folder: Union[str, os.PathLike], run_id: str, world_size: in
                     keep: Optional[Path] = None) -> None:
     """Remove a split run's partials and markers (what is there of them), but ``keep``."""
     for r in range(world_size):
-        for suffix in ("acc", *_MARKERS):
+        for suffix in ("acc", "lock", *_MARKERS):
             path = _part(Path(folder), run_id, r, suffix)
             if path != keep:
                 path.unlink(missing_ok=True)
@@ -456,6 +485,20 @@ def run_tiled_distributed(
     run's stats on rank 0, None elsewhere.
     """
     folder = Path(folder)
+    lock = _lock_rank(folder, run_id, rank)  # before this rank touches any file of the run
+    try:
+        return _run_rank(read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
+                         run_id=run_id, open_writer=open_writer, scale=scale, offset=offset, fill_nodata=fill_nodata,
+                         timeout_s=timeout_s, progress=progress, cancel=cancel, batch_size=batch_size,
+                         overlap=overlap, align=align)
+    finally:
+        if lock is not None:
+            os.close(lock)
+
+
+def _run_rank(read_fn, process_fn, tiles, *, bands, folder, rank, world_size, run_id, open_writer, scale, offset,
+              fill_nodata, timeout_s, progress, cancel, batch_size, overlap, align) -> Optional[TilingStats]:
+    """:func:`run_tiled_distributed` once this rank holds its lock."""
     mine = accumulate_partial(
         read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
         run_id=run_id, fill_nodata=fill_nodata, progress=progress, cancel=cancel, batch_size=batch_size,
@@ -500,6 +543,7 @@ def run_tiled_distributed(
 
 __all__ = [
     "RunContext",
+    "SplitRunBusy",
     "accumulate_partial",
     "merge_partials",
     "plan_stripes",

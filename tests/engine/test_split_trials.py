@@ -138,3 +138,65 @@ def test_a_full_disk_names_the_partial_not_the_failure_marker(tmp_path, monkeypa
                            run_id="d1", overlap=False)
     assert ".failed" not in str(err.value)
     assert list(tmp_path.iterdir()) == []  # the partial is removed
+
+
+def run_rank(tiles, rank, world, folder, run_id, dest, model, outcomes):
+    """One rank of a split run (its own writers and files, as a process has); its outcome into
+    ``outcomes[rank]``: its stats, or the exception it raised."""
+    from engine.geo.cog import CogWriter
+    from engine.geo.stripes import Stripe, stripe_alignment
+    from engine.geo.tiles import output_size
+    from rasterio.transform import from_origin
+
+    w, h = output_size(tiles)
+
+    def open_writer(part):
+        layout = {"stripe": part} if isinstance(part, Stripe) else {"stripes": part}
+        return CogWriter(dest, width=w, height=h, count=3, dtype="float32", crs="EPSG:32633",
+                         transform=from_origin(500000.0, 4600000.0, 10.0, 10.0), blocksize=128,
+                         overviews=False, **layout)
+
+    try:
+        outcomes[rank] = parallel.run_tiled_distributed(
+            zeros_reader, model, tiles, bands=3, folder=folder, rank=rank, world_size=world, run_id=run_id,
+            open_writer=open_writer, timeout_s=30, align=stripe_alignment(w, h, 128))
+    except BaseException as err:  # noqa: BLE001 - the test looks at it
+        outcomes[rank] = err
+
+
+def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(tmp_path):
+    """Both launches of one command have the same run id, so the same folder and files: the second
+    truncated the first's partials and removed its markers (both failed on broken stripes, or the
+    first wrote a wrong COG). Now the second launch's ranks refuse at once, touching nothing."""
+    import threading
+
+    tiles = plan_tiles(300, 200, 64, 16)
+    folder, dest = tmp_path / ".diffusionsat-split-x", tmp_path / "o.tif"
+    first, second = [None, None], [None, None]
+    at_work, go_on = threading.Event(), threading.Event()
+
+    def slow(tile, array):
+        at_work.set()
+        go_on.wait(30)
+        return ones(tile, array)
+
+    threads = [threading.Thread(target=run_rank, args=(tiles, r, 2, folder, "twice", dest, slow, first))
+               for r in range(2)]
+    for t in threads:
+        t.start()
+    assert at_work.wait(30)
+    before = {p.name: p.stat().st_size for p in folder.iterdir()}
+    for r in (1, 0):
+        run_rank(tiles, r, 2, folder, "twice", dest, ones, second)
+    assert {p.name: p.stat().st_size for p in folder.iterdir()} == before  # nothing added, cut or removed
+    go_on.set()
+    for t in threads:
+        t.join(60)
+    assert all(isinstance(e, parallel.SplitRunBusy) for e in second), second
+    assert "another launch of this same split run" in str(second[0])
+    assert list(folder.iterdir()) == []  # the first launch cleaned up after itself
+    assert first[0].tiles == len(tiles) and first[1] is None, first
+    from rasterio import open as rio_open
+
+    with rio_open(dest) as ds:
+        assert np.array_equal(ds.read(), np.ones((3, 200, 300), dtype=np.float32))
