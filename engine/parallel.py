@@ -21,6 +21,7 @@ caller rather than read deep inside a task. Accumulation itself is :mod:`engine.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -94,6 +95,55 @@ class RunContext:
             if torch.cuda.is_available():
                 device = f"cuda:{int(env.get('LOCAL_RANK', '0')) % torch.cuda.device_count()}"
         return cls(rank, world, device)
+
+
+#: The messages of a split run's steps after the tiles (the progress reports them at fraction 1).
+PHASES = ("waiting for the other ranks' tiles", "merging the ranks' tiles", "merged", "wrote rows",
+          "waiting for the other ranks' stripes", "publishing the COG")
+
+
+def phase_of(progress: Progress) -> Optional[str]:
+    """The split-run step that ``progress`` reports (one of :data:`PHASES`, rows included), or None."""
+    message = progress.message or ""
+    return message if message.startswith(PHASES) else None
+
+
+#: In a split run's tile loop (this thread): the model's job-wide progress reports in this rank's share.
+_SHARE: contextvars.ContextVar[Optional[Callable[[Progress], Progress]]] = contextvars.ContextVar(
+    "diffusionsat_rank_share", default=None)
+
+
+def _share_of(tiles: Sequence[Tile], mine: Sequence[Tile], label: str) -> Callable[[Progress], Progress]:
+    """The model's per-step reports count the whole plan's tiles (``tile i/len(tiles)``, times the
+    samples of ``--spread``), the tile loop's this rank's: a report of the whole plan becomes one of
+    this rank's share (``tile - first`` of ``len(mine)``)."""
+    first, n_all, n = min((t.index for t in mine), default=0), len(tiles), len(mine)
+
+    def share(p: Progress) -> Progress:
+        if n and n != n_all and p.total_tiles and p.total_tiles % n_all == 0 and not (p.message or "").startswith(label):
+            s = p.total_tiles // n_all  # samples per tile (--spread)
+            return Progress(p.step, p.total_steps, max(0, p.tile - first * s), n * s, p.message, p.windows)
+        return p
+
+    return share
+
+
+def split_progress(progress: ProgressCallback, say: Optional[Callable[[str], None]] = None) -> ProgressCallback:
+    """A split run's rank's view of ``progress`` (the CLI's bar or lines): the model's reports in its
+    share of the tiles (they counted the whole plan's, so that rank 1 of 2 jumped from 50 % to
+    11 %), and each step after the tiles (:data:`PHASES`: the waits, "wrote rows a-b", the publish)
+    told once to ``say`` (a line), where a bar or lines at 100 % showed nothing of them."""
+    told: list[str] = []
+
+    def inner(p: Progress) -> None:
+        share = _SHARE.get()
+        phase = phase_of(p)
+        if phase is not None and say is not None and (not told or told[-1] != phase):
+            told.append(phase)
+            say(phase)
+        progress(share(p) if share is not None else p)
+
+    return inner
 
 
 def tiles_for_rank(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Tile]:
@@ -228,9 +278,14 @@ def accumulate_partial(
                 add_contribution(acc, tile, contribution)
 
             watch = _RunWatch(cancel, folder, run_id, rank, world_size)
-            skipped = tile_loop(read_fn, process_fn, mine, consume, bands=bands, fill_nodata=fill_nodata,
-                                batch_size=batch_size, cancel=watch, progress=progress,
-                                label=f"rank {rank}: ", overlap=overlap)
+            label = f"rank {rank}: "
+            token = _SHARE.set(_share_of(tiles, mine, label))  # the model reports from this thread
+            try:
+                skipped = tile_loop(read_fn, process_fn, mine, consume, bands=bands, fill_nodata=fill_nodata,
+                                    batch_size=batch_size, cancel=watch, progress=progress, label=label,
+                                    overlap=overlap)
+            finally:
+                _SHARE.reset(token)
             done = len(mine) - skipped
             acc.sync()  # the data must be on disk before the marker says so (shared file systems)
         finally:
@@ -542,13 +597,16 @@ def _run_rank(read_fn, process_fn, tiles, *, bands, folder, rank, world_size, ru
 
 
 __all__ = [
+    "PHASES",
     "RunContext",
     "SplitRunBusy",
     "accumulate_partial",
     "merge_partials",
+    "phase_of",
     "plan_stripes",
     "remove_partials",
     "run_tiled_distributed",
+    "split_progress",
     "split_run_id",
     "tiles_for_rank",
 ]

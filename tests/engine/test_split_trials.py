@@ -140,7 +140,7 @@ def test_a_full_disk_names_the_partial_not_the_failure_marker(tmp_path, monkeypa
     assert list(tmp_path.iterdir()) == []  # the partial is removed
 
 
-def run_rank(tiles, rank, world, folder, run_id, dest, model, outcomes):
+def run_rank(tiles, rank, world, folder, run_id, dest, model, outcomes, progress=None):
     """One rank of a split run (its own writers and files, as a process has); its outcome into
     ``outcomes[rank]``: its stats, or the exception it raised."""
     from engine.geo.cog import CogWriter
@@ -159,7 +159,7 @@ def run_rank(tiles, rank, world, folder, run_id, dest, model, outcomes):
     try:
         outcomes[rank] = parallel.run_tiled_distributed(
             zeros_reader, model, tiles, bands=3, folder=folder, rank=rank, world_size=world, run_id=run_id,
-            open_writer=open_writer, timeout_s=30, align=stripe_alignment(w, h, 128))
+            open_writer=open_writer, timeout_s=30, align=stripe_alignment(w, h, 128), progress=progress)
     except BaseException as err:  # noqa: BLE001 - the test looks at it
         outcomes[rank] = err
 
@@ -200,3 +200,45 @@ def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(t
 
     with rio_open(dest) as ds:
         assert np.array_equal(ds.read(), np.ones((3, 200, 300), dtype=np.float32))
+
+
+def test_each_rank_shows_its_own_share_and_its_steps_after_the_tiles(tmp_path):
+    """Rank 1's progress jumped between the model's reports (tile 10/18: 50 % at its first tile)
+    and the tile loop's (tile 1/9: 11 %), and the steps after the tiles (the waits, "wrote rows
+    a-b", the publish) never showed in the CLI's lines. Now rank r's fractions grow from 0 in its
+    own share and each step is told once, in order."""
+    import threading
+
+    from engine.geo.tiles import tile_progress
+    from engine.progress import Progress
+
+    tiles = plan_tiles(300, 600, 64, 16)
+    seen = {0: [], 1: []}
+    said = {0: [], 1: []}
+    updates = {r: parallel.split_progress(seen[r].append, said[r].append) for r in (0, 1)}
+
+    def model(tile, array):  # reports its steps as the sampler does: in the whole plan's tiles
+        report = tile_progress(updates[threading.current_thread().rank], tile, len(tiles))
+        for step in (1, 2):
+            report(Progress(step, 2, 0, 1, "denoising"))
+        return ones(tile, array)
+
+    outcomes = [None, None]
+
+    def rank_main(r):
+        threading.current_thread().rank = r
+        run_rank(tiles, r, 2, tmp_path / "s", "p1", tmp_path / "o.tif", model, outcomes, progress=updates[r])
+
+    threads = [threading.Thread(target=rank_main, args=(r,)) for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert outcomes[0].tiles == len(tiles), outcomes
+    for r in (0, 1):
+        fractions = [p.fraction for p in seen[r]]
+        assert fractions[0] < 0.2 and fractions[-1] == 1.0, (r, fractions[:3])
+        assert all(b >= a for a, b in zip(fractions, fractions[1:])), (r, fractions)
+    rows = [s for s in said[1] if s.startswith("wrote rows")]
+    assert said[1] == ["waiting for the other ranks' tiles", "merging the ranks' tiles", "merged", *rows] and rows
+    assert said[0][-2:] == ["waiting for the other ranks' stripes", "publishing the COG"]
