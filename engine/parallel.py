@@ -56,6 +56,8 @@ except ImportError:  # Windows: no advisory locks; two launches of one command a
     fcntl = None
 
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: The environment variable that sets how long (seconds) a rank waits for the others (default 3600).
+TIMEOUT_ENV = "DIFFUSIONSAT_SPLIT_TIMEOUT"
 #: How often (seconds) a rank at work checks whether the run failed elsewhere (a few stat() calls).
 WATCH_INTERVAL_S = 1.0
 
@@ -144,6 +146,22 @@ def split_progress(progress: ProgressCallback, say: Optional[Callable[[str], Non
         progress(share(p) if share is not None else p)
 
     return inner
+
+
+def split_timeout(env: Optional[Mapping[str, str]] = None, default: float = 3600.0) -> float:
+    """How long a rank of a split run waits for the others' tiles or stripes: ``$DIFFUSIONSAT_SPLIT_TIMEOUT``
+    seconds, or ``default`` (an hour: the ranks' shares may take that much longer than one another)."""
+    text = (os.environ if env is None else env).get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise InvalidRequest(f"{TIMEOUT_ENV}={text!r} is no number of seconds > 0; set it e.g. to 7200, or unset it "
+                             f"(default {default:g})")
+    return value
 
 
 def tiles_for_rank(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Tile]:
@@ -417,8 +435,8 @@ def _wait_for_ranks(
         if time.monotonic() >= deadline:
             raise RasterError(
                 f"rank(s) {', '.join(map(str, missing))} of {world_size} did not finish their {what} "
-                f"within {timeout_s:g} s (no marker in {str(folder)!r}, run {run_id}); check those "
-                "processes' logs, or give merge_partials a longer timeout_s"
+                f"within {timeout_s:g} s (no marker in {str(folder)!r}, run {run_id}): were they started, "
+                f"and are they alive? Check their logs; {TIMEOUT_ENV}=<seconds> sets this wait"
             )
         time.sleep(poll_s)
 
@@ -554,15 +572,16 @@ def run_tiled_distributed(
 def _run_rank(read_fn, process_fn, tiles, *, bands, folder, rank, world_size, run_id, open_writer, scale, offset,
               fill_nodata, timeout_s, progress, cancel, batch_size, overlap, align) -> Optional[TilingStats]:
     """:func:`run_tiled_distributed` once this rank holds its lock."""
-    mine = accumulate_partial(
-        read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
-        run_id=run_id, fill_nodata=fill_nodata, progress=progress, cancel=cancel, batch_size=batch_size,
-        overlap=overlap,
-    )
     stripes = plan_stripes(tiles, world_size, folder / f"tiling-{run_id}-stripes", align)
     stripe = stripes[rank]
-    cancel = _RunWatch(cancel, folder, run_id, rank, world_size)  # stop when the run is over elsewhere
     try:
+        # (inside the clean-up: rank 0 may stop in its tiles because another rank failed)
+        mine = accumulate_partial(
+            read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
+            run_id=run_id, fill_nodata=fill_nodata, progress=progress, cancel=cancel, batch_size=batch_size,
+            overlap=overlap,
+        )
+        cancel = _RunWatch(cancel, folder, run_id, rank, world_size)  # stop when the run is over elsewhere
         try:
             stripe.folder.mkdir(exist_ok=True)
             with open_writer(stripe) as writer:
@@ -608,5 +627,6 @@ __all__ = [
     "run_tiled_distributed",
     "split_progress",
     "split_run_id",
+    "split_timeout",
     "tiles_for_rank",
 ]

@@ -6,6 +6,7 @@ Real tiles, real partial files and markers in tmp_path; the stand-in model is a 
 from __future__ import annotations
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -242,3 +243,60 @@ def test_each_rank_shows_its_own_share_and_its_steps_after_the_tiles(tmp_path):
     rows = [s for s in said[1] if s.startswith("wrote rows")]
     assert said[1] == ["waiting for the other ranks' tiles", "merging the ranks' tiles", "merged", *rows] and rows
     assert said[0][-2:] == ["waiting for the other ranks' stripes", "publishing the COG"]
+
+
+def test_the_wait_for_the_other_ranks_is_set_from_the_environment():
+    """WORLD_SIZE=2 with only rank 0 started waited an hour, and the error then said to "give
+    merge_partials a longer timeout_s", which no CLI user can do. The wait is now
+    $DIFFUSIONSAT_SPLIT_TIMEOUT seconds (an hour unset); a bad value is one line naming the variable."""
+    from engine.errors import InvalidRequest
+
+    assert parallel.split_timeout({}) == 3600.0
+    assert parallel.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": " 90 "}) == 90.0
+    for bad in ("abc", "0", "-5", "inf", "nan"):
+        with pytest.raises(InvalidRequest, match="DIFFUSIONSAT_SPLIT_TIMEOUT"):
+            parallel.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": bad})
+
+
+def test_a_rank_that_never_started_is_named_with_what_to_do(tmp_path):
+    from engine.geo.cog import CogWriter
+    from rasterio.transform import from_origin
+
+    tiles = plan_tiles(100, 100, 64, 16)
+    accumulate_partial(zeros_reader, ones, tiles, bands=3, folder=tmp_path, rank=0, world_size=2, run_id="t1")
+    with pytest.raises(RasterError, match=r"rank\(s\) 1 of 2 did not finish .* within 0.2 s.*"
+                                          r"were they started.*DIFFUSIONSAT_SPLIT_TIMEOUT"):
+        with CogWriter(tmp_path / "o.tif", width=100, height=100, count=3, dtype="float32", crs="EPSG:32633",
+                       transform=from_origin(500000.0, 4600000.0, 10.0, 10.0)) as out:
+            parallel.merge_partials(tmp_path, 2, out, run_id="t1", timeout_s=0.2, poll_s=0.05)
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_rank_0_stopped_in_its_tiles_by_another_rank_cleans_up(tmp_path, watch_every_call):
+    """Rank 0 stopped mid-tiles because rank 1 failed (in its tiles, or opening its stripe while
+    rank 0 still worked) left every partial, lock and marker behind: its clean-up only covered what
+    came after its tiles."""
+    import threading
+
+    tiles = plan_tiles(300, 400, 64, 16)
+    folder, dest = tmp_path / "s", tmp_path / "o.tif"
+    rank1 = {t.index for t in tiles_for_rank(tiles, 1, 2)}
+    def model(tile, array):
+        if tile.index in rank1:
+            raise RuntimeError("out of GPU memory")
+        for _ in range(200):  # rank 0 is still at its tiles when rank 1's failure marker appears
+            if (folder / "tiling-c1-rank1.failed").exists():
+                break
+            time.sleep(0.05)
+        return ones(tile, array)
+
+    outcomes = [None, None]
+    threads = [threading.Thread(target=run_rank, args=(tiles, r, 2, folder, "c1", dest, model, outcomes))
+               for r in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert isinstance(outcomes[1], RuntimeError)
+    assert isinstance(outcomes[0], RasterError) and "rank 1 failed" in str(outcomes[0]), outcomes
+    assert {p.name for p in folder.iterdir()} <= {"tiling-c1-rank0.failed"} and not dest.exists()
