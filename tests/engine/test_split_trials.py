@@ -174,10 +174,11 @@ def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(t
     tiles = plan_tiles(300, 200, 64, 16)
     folder, dest = tmp_path / ".diffusionsat-split-x", tmp_path / "o.tif"
     first, second = [None, None], [None, None]
-    at_work, go_on = threading.Event(), threading.Event()
+    rank1 = {t.index for t in tiles_for_rank(tiles, 1, 2)}
+    at_work, go_on = [threading.Event(), threading.Event()], threading.Event()
 
-    def slow(tile, array):
-        at_work.set()
+    def slow(tile, array):  # both ranks of the first launch at their tiles, until go_on
+        at_work[tile.index in rank1].set()
         go_on.wait(30)
         return ones(tile, array)
 
@@ -185,7 +186,7 @@ def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(t
                for r in range(2)]
     for t in threads:
         t.start()
-    assert at_work.wait(30)
+    assert at_work[0].wait(30) and at_work[1].wait(30)
     before = {p.name: p.stat().st_size for p in folder.iterdir()}
     for r in (1, 0):
         run_rank(tiles, r, 2, folder, "twice", dest, ones, second)
