@@ -60,6 +60,8 @@ _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 TIMEOUT_ENV = "DIFFUSIONSAT_SPLIT_TIMEOUT"
 #: How often (seconds) a rank at work checks whether the run failed elsewhere (a few stat() calls).
 WATCH_INTERVAL_S = 1.0
+#: How long (seconds) a rank tries for its lock before it takes the run for another launch's.
+LOCK_PATIENCE_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -227,17 +229,49 @@ def _lock_rank(folder: Path, run_id: str, rank: int) -> Optional[int]:
     The same command launched twice at once has the same run id, so the same folder and files: its
     second launch would truncate the first one's partials and take or remove its markers."""
     folder.mkdir(parents=True, exist_ok=True)
+    fd = _try_lock(folder, run_id, rank, patience_s=LOCK_PATIENCE_S)  # rank 0 may hold it a moment (_clear_stale)
+    if fd is False:
+        raise SplitRunBusy(
+            f"another launch of this same split run is at work on {str(folder.parent)!r} (its rank {rank} holds "
+            f"{str(folder.name)!r}); wait for it to end, or stop it, or give another --out")
+    return fd
+
+
+def _try_lock(folder: Path, run_id: str, rank: int, patience_s: float = 0.0) -> Union[int, None, bool]:
+    """Rank ``rank``'s lock of the run: its descriptor, False if another process holds it (for
+    ``patience_s`` seconds), None where there are no locks (Windows)."""
     if fcntl is None:
         return None
     fd = os.open(_part(folder, run_id, rank, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        os.close(fd)
-        raise SplitRunBusy(
-            f"another launch of this same split run is at work on {str(folder.parent)!r} (its rank {rank} holds "
-            f"{str(folder.name)!r}); wait for it to end, or stop it, or give another --out") from None
-    return fd
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except OSError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                return False
+            time.sleep(0.05)
+
+
+def _clear_stale(folder: Path, run_id: str, world_size: int) -> None:
+    """Rank 0 at its start: remove the partials and markers of every other rank not at work now.
+
+    A rank of this run holds its lock from its start until its stripe is written, which needs rank
+    0's tiles: so a rank whose lock is free now has not started yet, and what it has in the folder is
+    an earlier run's (killed, e.g. SIGKILL). It would remove it itself when it starts, but maybe
+    only after rank 0 took it (a ``.failed`` failing the rerun, or a ``.done`` merged with an old
+    partial). The rank's lock is held while its files go, so it cannot start meanwhile."""
+    for r in range(1, world_size):
+        fd = _try_lock(folder, run_id, r)
+        if fd is False or fd is None:
+            continue  # at work (or no locks here: left to the rank itself)
+        try:
+            for suffix in ("acc", *_MARKERS):
+                _part(folder, run_id, r, suffix).unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
 
 def _mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> None:
@@ -560,6 +594,8 @@ def run_tiled_distributed(
     folder = Path(folder)
     lock = _lock_rank(folder, run_id, rank)  # before this rank touches any file of the run
     try:
+        if rank == 0:
+            _clear_stale(folder, run_id, world_size)
         return _run_rank(read_fn, process_fn, tiles, bands=bands, folder=folder, rank=rank, world_size=world_size,
                          run_id=run_id, open_writer=open_writer, scale=scale, offset=offset, fill_nodata=fill_nodata,
                          timeout_s=timeout_s, progress=progress, cancel=cancel, batch_size=batch_size,

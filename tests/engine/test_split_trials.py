@@ -165,12 +165,13 @@ def run_rank(tiles, rank, world, folder, run_id, dest, model, outcomes, progress
         outcomes[rank] = err
 
 
-def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(tmp_path):
+def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(tmp_path, monkeypatch):
     """Both launches of one command have the same run id, so the same folder and files: the second
     truncated the first's partials and removed its markers (both failed on broken stripes, or the
     first wrote a wrong COG). Now the second launch's ranks refuse at once, touching nothing."""
     import threading
 
+    monkeypatch.setattr(parallel, "LOCK_PATIENCE_S", 0.1, raising=False)  # (2 s in a real run)
     tiles = plan_tiles(300, 200, 64, 16)
     folder, dest = tmp_path / ".diffusionsat-split-x", tmp_path / "o.tif"
     first, second = [None, None], [None, None]
@@ -301,3 +302,40 @@ def test_rank_0_stopped_in_its_tiles_by_another_rank_cleans_up(tmp_path, watch_e
     assert isinstance(outcomes[1], RuntimeError)
     assert isinstance(outcomes[0], RasterError) and "rank 1 failed" in str(outcomes[0]), outcomes
     assert {p.name for p in folder.iterdir()} <= {"tiling-c1-rank0.failed"} and not dest.exists()
+
+
+def test_a_rerun_whose_rank_1_starts_late_takes_none_of_a_killed_runs_files(tmp_path):
+    """A run killed with SIGKILL leaves rank 1's partial and markers (of another result here: the
+    input changed since). In the rerun, rank 1 (slow to load its model) starts after rank 0 has
+    finished its tiles: rank 0 took the old ``.done`` and merged the old partial into its rows.
+    Now rank 0 removes, at its start, the files of every rank not at work (its lock free)."""
+    import threading
+
+    from engine.progress import Progress
+
+    tiles = plan_tiles(300, 400, 64, 16)
+    folder, dest = tmp_path / "s", tmp_path / "o.tif"
+
+    def old_model(tile, array):
+        return 3 * ones(tile, array)
+
+    accumulate_partial(zeros_reader, old_model, tiles, bands=3, folder=folder, rank=1, world_size=2, run_id="st")
+    assert (folder / "tiling-st-rank1.done").exists()
+    waiting = threading.Event()
+
+    def rank0_progress(p: Progress) -> None:
+        if p.message == "waiting for the other ranks' tiles":
+            waiting.set()
+
+    outcomes = [None, None]
+    rank0 = threading.Thread(target=run_rank, args=(tiles, 0, 2, folder, "st", dest, ones, outcomes, rank0_progress))
+    rank0.start()
+    waiting.wait(20)
+    time.sleep(0.5)  # rank 0 would have taken the old marker by now
+    run_rank(tiles, 1, 2, folder, "st", dest, ones, outcomes)
+    rank0.join(60)
+    assert outcomes[0].tiles == len(tiles) and outcomes[1] is None, outcomes
+    from rasterio import open as rio_open
+
+    with rio_open(dest) as ds:
+        assert np.array_equal(ds.read(), np.ones((3, 400, 300), dtype=np.float32))
