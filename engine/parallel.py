@@ -230,6 +230,10 @@ def _lock_rank(folder: Path, run_id: str, rank: int) -> Optional[int]:
     second launch would truncate the first one's partials and take or remove its markers."""
     folder.mkdir(parents=True, exist_ok=True)
     fd = _try_lock(folder, run_id, rank, patience_s=LOCK_PATIENCE_S)  # rank 0 may hold it a moment (_clear_stale)
+    if fd not in (False, None):
+        with contextlib.suppress(OSError):  # which launch this rank is of (see _clear_stale)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, _launch_id().encode(), 0)
     if fd is False:
         raise SplitRunBusy(
             f"another launch of this same split run is at work on {str(folder.parent)!r} (its rank {rank} holds "
@@ -255,6 +259,17 @@ def _try_lock(folder: Path, run_id: str, rank: int, patience_s: float = 0.0) -> 
             time.sleep(0.05)
 
 
+def _launch_id(env: Optional[Mapping[str, str]] = None) -> str:
+    """What tells this launch from an earlier one, where the launcher says (torchrun and accelerate:
+    ``TORCHELASTIC_RUN_ID``; SLURM: the job and step), else ""."""
+    env = os.environ if env is None else env
+    if env.get("TORCHELASTIC_RUN_ID", "none") not in ("", "none"):
+        return "torchelastic:" + env["TORCHELASTIC_RUN_ID"]
+    if env.get("SLURM_JOB_ID"):
+        return f"slurm:{env['SLURM_JOB_ID']}.{env.get('SLURM_STEP_ID', '')}"
+    return ""
+
+
 def _clear_stale(folder: Path, run_id: str, world_size: int) -> None:
     """Rank 0 at its start: remove the partials and markers of every other rank not at work now.
 
@@ -262,12 +277,17 @@ def _clear_stale(folder: Path, run_id: str, world_size: int) -> None:
     0's tiles: so a rank whose lock is free now has not started yet, and what it has in the folder is
     an earlier run's (killed, e.g. SIGKILL). It would remove it itself when it starts, but maybe
     only after rank 0 took it (a ``.failed`` failing the rerun, or a ``.done`` merged with an old
-    partial). The rank's lock is held while its files go, so it cannot start meanwhile."""
+    partial). The rank's lock is held while its files go, so it cannot start meanwhile. Where the
+    launcher tells launches apart (:func:`_launch_id`), the files of a rank of this very launch that
+    has already ended (it failed before rank 0 started) stay, so that rank 0 stops at once."""
+    launch = _launch_id()
     for r in range(1, world_size):
         fd = _try_lock(folder, run_id, r)
         if fd is False or fd is None:
             continue  # at work (or no locks here: left to the rank itself)
         try:
+            if launch and os.pread(fd, 512, 0).decode(errors="replace") == launch:
+                continue  # this launch's rank r, ended already
             for suffix in ("acc", *_MARKERS):
                 _part(folder, run_id, r, suffix).unlink(missing_ok=True)
         finally:

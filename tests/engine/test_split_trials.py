@@ -339,3 +339,23 @@ def test_a_rerun_whose_rank_1_starts_late_takes_none_of_a_killed_runs_files(tmp_
 
     with rio_open(dest) as ds:
         assert np.array_equal(ds.read(), np.ones((3, 400, 300), dtype=np.float32))
+
+
+def test_a_rank_of_this_launch_that_failed_before_rank_0_started_still_stops_rank_0(tmp_path, monkeypatch):
+    """Rank 0 clears the files of ranks not at work when it starts; under a launcher that tells
+    launches apart (torchrun: TORCHELASTIC_RUN_ID) it keeps those of a rank of its own launch that
+    has already failed (out of memory at its first tile, while rank 0 still loaded its model), and
+    fails after its tiles instead of waiting an hour for that rank."""
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    tiles = plan_tiles(300, 400, 64, 16)
+    folder, dest = tmp_path / "s", tmp_path / "o.tif"
+
+    def broken(tile, array):
+        raise RuntimeError("out of GPU memory")
+
+    outcomes = [None, None]
+    run_rank(tiles, 1, 2, folder, "early", dest, broken, outcomes)
+    assert isinstance(outcomes[1], RuntimeError)
+    run_rank(tiles, 0, 2, folder, "early", dest, ones, outcomes)
+    assert isinstance(outcomes[0], RasterError) and "rank 1 failed" in str(outcomes[0]) and "GPU memory" in str(outcomes[0])
+    assert not dest.exists()
