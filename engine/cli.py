@@ -385,12 +385,20 @@ def _progress(args: argparse.Namespace) -> tuple[Optional[Callable], Callable[[]
     """A progress bar on a terminal; plain lines at a bounded rate when stderr is a log or a pipe."""
     if args.quiet:
         return None, lambda: None
-    if sys.stderr.isatty():
-        return _progress_bar()
-    from .progress import ProgressLines
+    from .parallel import RunContext, split_progress
 
-    lines = ProgressLines(sys.stderr, label=f"diffusionsat {args.command}")
-    return lines, lines.close
+    split = RunContext.from_env("cpu")  # a split run's rank: its share of the tiles, its steps after them
+    label = f"diffusionsat {args.command}" + (f" [rank {split.rank}/{split.world_size}]" if split.distributed else "")
+    if sys.stderr.isatty():
+        update, close = _progress_bar()
+    else:
+        from .progress import ProgressLines
+
+        update = ProgressLines(sys.stderr, label=label)
+        close = update.close
+    if split.distributed:
+        update = split_progress(update, lambda phase: print(f"{label}: {phase}", file=sys.stderr, flush=True))
+    return update, close
 
 
 def _progress_bar() -> tuple[Optional[Callable], Callable[[], None]]:

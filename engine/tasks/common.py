@@ -36,7 +36,7 @@ from ..geo.guard import display_text
 from ..geo.raster_metadata import date_from_name, date_from_raster
 from ..geo.sources import footprint_overlap
 from ..metadata import derive_from_bbox
-from ..parallel import RunContext, run_tiled_distributed, split_run_id
+from ..parallel import RunContext, SplitRunBusy, run_tiled_distributed, split_run_id, split_timeout
 from ..progress import CancelToken, ProgressCallback
 from ..schedulers import resolve_scheduler_name, scheduler_label
 
@@ -430,15 +430,20 @@ def run_job(job: TiledJob, context: RunContext, progress: Optional[ProgressCallb
             return run_tiled(job.read, job.process, target, job.tiles, scale=scale, offset=offset,
                              fill_nodata=job.fill_nodata, scratch_dir=job.out.parent, progress=progress,
                              cancel=cancel, batch_size=job.batch_size)
+    timeout_s = split_timeout()  # before any file: a bad value is a one-line error, not a failed run
     run_id = split_run_id(job.out, job.run_key)
     folder = job.out.parent / f".diffusionsat-split-{run_id}"
     folder.mkdir(exist_ok=True)
+    owner = True
     try:
         return run_tiled_distributed(
             job.read, job.process, job.tiles, bands=bands, folder=folder, rank=rank, world_size=world,
             run_id=run_id, open_writer=open_target, scale=scale, offset=offset, fill_nodata=job.fill_nodata,
-            progress=progress, cancel=cancel, batch_size=job.batch_size,
+            progress=progress, cancel=cancel, batch_size=job.batch_size, timeout_s=timeout_s,
         )
+    except SplitRunBusy:
+        owner = False  # the folder is another launch's, at work: leave it alone
+        raise
     finally:
-        if rank == 0:  # the run's shared folder, whatever the outcome (its stripes included)
+        if rank == 0 and owner:  # the run's shared folder, whatever the outcome (its stripes included)
             shutil.rmtree(folder, ignore_errors=True)
