@@ -36,8 +36,9 @@ from ..geo.guard import display_text
 from ..geo.raster_metadata import date_from_name, date_from_raster
 from ..geo.sources import footprint_overlap
 from ..metadata import derive_from_bbox
-from ..parallel import RunContext, SplitRunBusy, run_tiled_distributed, split_run_id, split_timeout
+from ..parallel import RunContext, run_tiled_distributed, split_run_id
 from ..progress import CancelToken, ProgressCallback
+from ..split_sync import SplitRunBusy, split_timeout
 from ..schedulers import resolve_scheduler_name, scheduler_label
 
 # --------------------------------------------------------------------------------------------

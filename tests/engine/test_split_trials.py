@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import engine.parallel as parallel
+import engine.split_sync as split_sync
 from engine.errors import Cancelled, RasterError
 from engine.geo.tiles import plan_tiles
 from engine.parallel import accumulate_partial, tiles_for_rank
@@ -29,7 +30,7 @@ def ones(tile, array):
 @pytest.fixture
 def watch_every_call(monkeypatch):
     """The ranks check the run's state at every tile (1 s apart in a real run)."""
-    monkeypatch.setattr(parallel, "WATCH_INTERVAL_S", 0.0, raising=False)
+    monkeypatch.setattr(split_sync, "WATCH_INTERVAL_S", 0.0)
 
 
 def test_a_rank_stops_mid_tiles_when_another_rank_fails(tmp_path, watch_every_call):
@@ -121,14 +122,14 @@ def test_a_full_disk_names_the_partial_not_the_failure_marker(tmp_path, monkeypa
 
     from engine.errors import DiskFull
 
-    real = parallel.write_text_atomic
+    real = split_sync.write_text_atomic
 
     def full_disk(dest, text, **kw):  # the edge: a disk with no room left for a marker
         if str(dest).endswith(".failed"):
             raise DiskFull(f"no space left to write {dest}")
         return real(dest, text, **kw)
 
-    monkeypatch.setattr(parallel, "write_text_atomic", full_disk)
+    monkeypatch.setattr(split_sync, "write_text_atomic", full_disk)
 
     def no_space(tile, array):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -171,7 +172,7 @@ def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(t
     first wrote a wrong COG). Now the second launch's ranks refuse at once, touching nothing."""
     import threading
 
-    monkeypatch.setattr(parallel, "LOCK_PATIENCE_S", 0.1, raising=False)  # (2 s in a real run)
+    monkeypatch.setattr(split_sync, "LOCK_PATIENCE_S", 0.1)  # (2 s in a real run)
     tiles = plan_tiles(300, 200, 64, 16)
     folder, dest = tmp_path / ".diffusionsat-split-x", tmp_path / "o.tif"
     first, second = [None, None], [None, None]
@@ -195,7 +196,7 @@ def test_the_same_command_launched_twice_at_once_leaves_the_first_launch_alone(t
     go_on.set()
     for t in threads:
         t.join(60)
-    assert all(isinstance(e, parallel.SplitRunBusy) for e in second), second
+    assert all(isinstance(e, split_sync.SplitRunBusy) for e in second), second
     assert "another launch of this same split run" in str(second[0])
     assert list(folder.iterdir()) == []  # the first launch cleaned up after itself
     assert first[0].tiles == len(tiles) and first[1] is None, first
@@ -253,11 +254,11 @@ def test_the_wait_for_the_other_ranks_is_set_from_the_environment():
     $DIFFUSIONSAT_SPLIT_TIMEOUT seconds (an hour unset); a bad value is one line naming the variable."""
     from engine.errors import InvalidRequest
 
-    assert parallel.split_timeout({}) == 3600.0
-    assert parallel.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": " 90 "}) == 90.0
+    assert split_sync.split_timeout({}) == 3600.0
+    assert split_sync.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": " 90 "}) == 90.0
     for bad in ("abc", "0", "-5", "inf", "nan"):
         with pytest.raises(InvalidRequest, match="DIFFUSIONSAT_SPLIT_TIMEOUT"):
-            parallel.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": bad})
+            split_sync.split_timeout({"DIFFUSIONSAT_SPLIT_TIMEOUT": bad})
 
 
 def test_a_rank_that_never_started_is_named_with_what_to_do(tmp_path):
