@@ -377,7 +377,7 @@ class CogWriter:
                         p["transform"] * p["transform"].scale(f) if p["transform"] else None)
         if level_vrts:
             vrt.write_text(with_overviews(vrt.read_text(), level_vrts))
-        rio_copy(vrt, self._final_tmp, **cog_options(self.blocksize, self.overviews))
+        interruptible(rio_copy, vrt, self._final_tmp, **cog_options(self.blocksize, self.overviews))
 
     def _describe(self, path: Path) -> None:
         """Give the raster at ``path`` (a VRT) this writer's tags, band descriptions and colours."""
@@ -391,6 +391,31 @@ class CogWriter:
                 ds.set_band_description(i, desc)
             if self.colorinterp:
                 ds.colorinterp = [ColorInterp[name] for name in self.colorinterp]
+
+
+def interruptible(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)`` in a worker thread, this thread waiting in short slices: a signal
+    (Ctrl-C, SIGTERM) interrupts the wait at once, where it would wait for the end of one long
+    GDAL call (the COG copy of a large output takes minutes) before Python saw it. An interrupted
+    call runs on to its end in the background, writing into the run folder that the interrupt's
+    clean-up removes: nothing reaches the destination. ``fn``'s own error is raised here."""
+    import threading
+
+    outcome: dict = {}
+
+    def call() -> None:
+        try:
+            outcome["value"] = fn(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting thread
+            outcome["error"] = err
+
+    worker = threading.Thread(target=call, name="diffusionsat-cog-publish", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome.get("value")
 
 
 def _grid_of(grid: Optional[Grid], width: Optional[int], height: Optional[int], crs: Any, transform: Any) -> Grid:

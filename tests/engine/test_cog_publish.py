@@ -228,3 +228,38 @@ def test_stripe_writers_refuse_what_would_break_the_mosaic(tmp_path):
         with CogWriter(tmp_path / "o.tif", stripes=_stripes(tmp_path / "s", [0, 600]), **kw) as out:
             out.write(np.zeros((1, 16, 300), np.uint8), Window(0, 0, 300, 16))
     assert not (tmp_path / "o.tif").exists()
+
+
+def test_ctrl_c_during_the_cog_copy_stops_the_write_at_once_and_leaves_nothing(tmp_path, monkeypatch):
+    """GDAL's COG copy is one long C call (minutes for a whole tile's output): a Ctrl-C or SIGTERM
+    waited for its end before Python raised it. The copy now runs in a worker thread that the
+    writer waits for in slices, so the interrupt stops the write while the copy still runs."""
+    import _thread
+    import threading
+
+    copy_started, copy_may_end, interrupted = threading.Event(), threading.Event(), threading.Event()
+    real = rasterio.shutil.copy
+
+    def blocking_copy(src, dst, **options):  # the COG copy blocks (as in C: the interrupt flag unseen)
+        if options.get("driver") != "COG":
+            return real(src, dst, **options)  # the VRTs the publish makes first
+        copy_started.set()
+        copy_may_end.wait(60)
+        return real(src, dst, **options)
+
+    def interrupter():
+        copy_started.wait(60)
+        _thread.interrupt_main()  # what a Ctrl-C's handler does
+        interrupted.wait(10)  # the writer should raise within its next slice; else end the copy
+        copy_may_end.set()
+
+    monkeypatch.setattr(rasterio.shutil, "copy", blocking_copy)
+    threading.Thread(target=interrupter, daemon=True).start()
+    (tmp_path / "out.tif").write_bytes(b"previous result")
+    with pytest.raises(KeyboardInterrupt):
+        _write(tmp_path / "out.tif", np.zeros((1, 600, 600), np.uint8))
+    still_copying = not copy_may_end.is_set()
+    interrupted.set()
+    assert still_copying  # the interrupt came through while the copy still ran
+    assert (tmp_path / "out.tif").read_bytes() == b"previous result"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(RUN_PREFIX)]
