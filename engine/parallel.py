@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 from .atomic import disk_full, is_disk_full, write_text_atomic
-from .errors import DiffusionSatError, InvalidRequest, RasterError
+from .errors import InvalidRequest, RasterError
 from .geo.accumulate import (
     ACCUMULATOR_DTYPE,
     Accumulator,
@@ -47,17 +47,16 @@ from .geo.accumulate import (
 from .geo.stripes import Stripe, stripe_alignment
 from .geo.tiles import Tile, output_size, row_major
 from .progress import CancelToken, Progress, ProgressCallback, report
-
 from .split_sync import (
     MARKERS,
     RunWatch,
-    abandoned,
     check_run_id,
     clear_stale,
     lock_rank,
     mark_failed,
     part_path,
     remove_partials,
+    remove_rank_files,
     wait_for_ranks,
 )
 
@@ -148,8 +147,6 @@ def split_progress(progress: ProgressCallback, say: Optional[Callable[[str], Non
     return inner
 
 
-
-
 def tiles_for_rank(tiles: Sequence[Tile], rank: int, world_size: int) -> list[Tile]:
     """Rank ``rank``'s share of ``tiles``: a contiguous row-major block, sizes differing by <= 1.
 
@@ -188,24 +185,6 @@ def split_run_id(out: Union[str, os.PathLike], key: str = "") -> str:
     return hashlib.sha256(f"{Path(out).resolve()}|{key}".encode()).hexdigest()[:32]
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def accumulate_partial(
     read_fn: ReadFn,
     process_fn: ProcessFn,
@@ -238,8 +217,7 @@ def accumulate_partial(
     folder.mkdir(parents=True, exist_ok=True)
     if not tiles:
         raise InvalidRequest("no tiles to run")
-    for suffix in MARKERS:  # this rank's markers of an earlier run of this id (one that failed)
-        part_path(folder, run_id, rank, suffix).unlink(missing_ok=True)
+    remove_rank_files(folder, run_id, rank, MARKERS)  # its markers of an earlier run of this id (one that failed)
     width, height = output_size(tiles)
     mine = tiles_for_rank(tiles, rank, world_size)
     row0 = min((int(t.out_valid.row_off) for t in mine), default=0)
@@ -284,9 +262,9 @@ def accumulate_partial(
         watch.check()
         write_text_atomic(part_path(folder, run_id, rank, "done"), json.dumps(header))
     except BaseException as err:
-        mark_failed(folder, run_id, rank, err)
-        if not isinstance(err, (DiffusionSatError, KeyboardInterrupt)) and not folder.is_dir():
-            raise abandoned(folder, run_id) from None  # e.g. the marker had no folder left to go into
+        instead = mark_failed(folder, run_id, rank, err)
+        if instead is not None:
+            raise instead from None
         if isinstance(err, OSError):
             if is_disk_full(err):
                 part_path(folder, run_id, rank, "acc").unlink(missing_ok=True)
@@ -294,18 +272,6 @@ def accumulate_partial(
                                 f"rank {rank}'s partial result") from None
         raise
     return TilingStats(done, skipped, 0, time.perf_counter() - start)
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 def merge_partials(
@@ -383,8 +349,6 @@ def merge_partials(
             remove_partials(folder, run_id, world_size)
 
 
-
-
 def run_tiled_distributed(
     read_fn: ReadFn,
     process_fn: ProcessFn,
@@ -454,9 +418,9 @@ def _run_rank(read_fn, process_fn, tiles, *, bands, folder, rank, world_size, ru
                 dict(rank=rank, row0=stripe.row0, row1=stripe.row1, nodata_pixels=merged.nodata_pixels)))
             report(progress, Progress(0, 1, 1, 1, f"wrote rows {stripe.row0}-{stripe.row1}"))
         except BaseException as err:
-            mark_failed(folder, run_id, rank, err)
-            if not isinstance(err, (DiffusionSatError, KeyboardInterrupt)) and not folder.is_dir():
-                raise abandoned(folder, run_id) from None  # e.g. the stripe's marker had no folder left
+            instead = mark_failed(folder, run_id, rank, err)
+            if instead is not None:
+                raise instead from None
             raise
         if rank != 0:
             return None

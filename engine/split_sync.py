@@ -20,7 +20,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from .atomic import write_text_atomic
 from .errors import Cancelled, DiffusionSatError, InvalidRequest, RasterError
@@ -31,18 +31,11 @@ try:
 except ImportError:  # Windows: no advisory locks; two launches of one command are not told apart
     fcntl = None
 
-
 _RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-
-
 #: The environment variable that sets how long (seconds) a rank waits for the others (default 3600).
 TIMEOUT_ENV = "DIFFUSIONSAT_SPLIT_TIMEOUT"
-
-
 #: How often (seconds) a rank at work checks whether the run failed elsewhere (a few stat() calls).
 WATCH_INTERVAL_S = 1.0
-
-
 #: How long (seconds) a rank tries for its lock before it takes the run for another launch's.
 LOCK_PATIENCE_S = 2.0
 
@@ -147,17 +140,21 @@ def clear_stale(folder: Path, run_id: str, world_size: int) -> None:
         try:
             if launch and os.pread(fd, 512, 0).decode(errors="replace") == launch:
                 continue  # this launch's rank r, ended already
-            for suffix in ("acc", *MARKERS):
-                part_path(folder, run_id, r, suffix).unlink(missing_ok=True)
+            remove_rank_files(folder, run_id, r)
         finally:
             os.close(fd)
 
 
-def mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> None:
-    """Say that ``rank`` failed, so that no rank waits for it any longer."""
+def mark_failed(folder: Path, run_id: str, rank: int, err: BaseException) -> Optional[RasterError]:
+    """Say that ``rank`` failed with ``err``, so that no rank waits for it any longer; returns the
+    error to raise instead of ``err`` when that was an internal one because the run's folder is gone
+    (rank 0 abandoned the run, e.g. a marker had no folder left to go into), else None."""
     # on a full disk even the marker may not fit (DiskFull): the error to report is the first one
     with contextlib.suppress(OSError, DiffusionSatError):
         write_text_atomic(part_path(folder, run_id, rank, "failed"), f"{type(err).__name__}: {err}")
+    if not isinstance(err, (DiffusionSatError, KeyboardInterrupt)) and not folder.is_dir():
+        return abandoned(folder, run_id)
+    return None
 
 
 def abandoned(folder: Path, run_id: str) -> RasterError:
@@ -264,14 +261,20 @@ def wait_for_ranks(
         time.sleep(poll_s)
 
 
+def remove_rank_files(folder: Union[str, os.PathLike], run_id: str, rank: int,
+                      suffixes: Sequence[str] = ("acc", *MARKERS), keep: Optional[Path] = None) -> None:
+    """Remove rank ``rank``'s files of the run with these ``suffixes`` (what is there of them), but ``keep``."""
+    for suffix in suffixes:
+        path = part_path(Path(folder), run_id, rank, suffix)
+        if path != keep:
+            path.unlink(missing_ok=True)
+
+
 def remove_partials(folder: Union[str, os.PathLike], run_id: str, world_size: int,
                     keep: Optional[Path] = None) -> None:
-    """Remove a split run's partials and markers (what is there of them), but ``keep``."""
+    """Remove a split run's partials, markers and locks (what is there of them), but ``keep``."""
     for r in range(world_size):
-        for suffix in ("acc", "lock", *MARKERS):
-            path = part_path(Path(folder), run_id, r, suffix)
-            if path != keep:
-                path.unlink(missing_ok=True)
+        remove_rank_files(folder, run_id, r, ("acc", "lock", *MARKERS), keep)
 
 
 __all__ = [
@@ -285,6 +288,7 @@ __all__ = [
     "mark_failed",
     "part_path",
     "remove_partials",
+    "remove_rank_files",
     "split_timeout",
     "wait_for_ranks",
 ]

@@ -50,7 +50,6 @@ from .run_folders import atomic_path
 from .stripes import Stripe, mosaic_vrt, stripe_alignment
 
 
-
 def _write_error_types() -> tuple[type[BaseException], ...]:
     from rasterio._err import (
         CPLE_BaseError,  # GDAL errors raised as such are no RasterioError
@@ -260,7 +259,7 @@ class CogWriter:
             with contextlib.suppress(FileNotFoundError):
                 self._scratch.unlink()
             if self.stripe is not None:  # a failed stripe leaves none of its files
-                for f in overview_factors(self.profile["width"], self.profile["height"], self.blocksize):
+                for f in self._factors():
                     self.stripe.file(self.dest, f).unlink(missing_ok=True)
 
     _failed = True  #: a stripe's files stay only once its writer finished without an error
@@ -367,14 +366,15 @@ class CogWriter:
         (so GDAL's COG driver copies and compresses them instead of computing its own)."""
         from rasterio.shutil import copy as rio_copy
 
-        p = self.profile
-        mosaic_vrt(vrt, parts, p["width"], p["height"], p["transform"])
+        def mosaic(path: Path, level_parts: Sequence[tuple[Path, int]], factor: int = 1) -> Path:
+            level = self._scratch_profile(factor)  # the whole output's (this writer has no stripe=)
+            mosaic_vrt(path, level_parts, level["width"], level["height"], level["transform"])
+            return path
+
+        mosaic(vrt, parts)
         self._describe(vrt)
-        level_vrts = []
-        for f, level_parts in levels.items():
-            level_vrts.append(vrt.with_name(f"{vrt.stem}.ovr{f}.vrt"))
-            mosaic_vrt(level_vrts[-1], level_parts, math.ceil(p["width"] / f), math.ceil(p["height"] / f),
-                        p["transform"] * p["transform"].scale(f) if p["transform"] else None)
+        level_vrts = [mosaic(vrt.with_name(f"{vrt.stem}.ovr{f}.vrt"), level_parts, f)
+                      for f, level_parts in levels.items()]
         if level_vrts:
             vrt.write_text(with_overviews(vrt.read_text(), level_vrts))
         interruptible(rio_copy, vrt, self._final_tmp, **cog_options(self.blocksize, self.overviews))
@@ -467,4 +467,3 @@ def write_cog(
     ) as out:
         out.write(array)
     return Path(dest)
-

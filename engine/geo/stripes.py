@@ -44,7 +44,6 @@ def stripe_alignment(width: int, height: int, blocksize: int = 256) -> int:
     return max([blocksize, *overview_factors(width, height, blocksize)])
 
 
-
 def mosaic_vrt(vrt: Path, parts: Sequence[tuple[Path, int]], width: int, height: int, transform: Any) -> None:
     """Write ``vrt``: a ``width`` x ``height`` raster on ``transform`` made of ``parts`` (a GeoTIFF
     of the full width, the row it starts on), stacked; the files are named relative to the VRT."""
@@ -89,5 +88,3 @@ def mosaic_vrt(vrt: Path, parts: Sequence[tuple[Path, int]], width: int, height:
                 el.set("ySize", str(h))
             band.append(src)
     vrt.write_text(ET.tostring(root, encoding="unicode"))
-
-

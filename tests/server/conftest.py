@@ -135,6 +135,19 @@ def wait_for(server: Server, job_id: str, *, until=lambda job: job["finished"] i
         time.sleep(0.05)
 
 
+def download_spread(server: Server, job: dict, folder: Path) -> tuple[Path, Path]:
+    """A finished --spread job's spread map and result, downloaded into ``folder`` (spread, result);
+    the spread map is served at ``/v1/jobs/{id}/result/spread`` as a GeoTIFF."""
+    url = job["result"]["spread_url"]
+    assert url == f"/v1/jobs/{job['id']}/result/spread"
+    reply = call(server, "GET", url)
+    assert reply.status == 200 and reply.headers["Content-Type"] == "image/tiff"
+    spread, result = folder / "s.tif", folder / "r.tif"
+    spread.write_bytes(reply.body)
+    result.write_bytes(call(server, "GET", job["result"]["result_url"]).body)
+    return spread, result
+
+
 def load_engine_client():
     """qgis_plugin/engine_client.py loaded by path: the plugin package's __init__ may need QGIS."""
     name = "diffusionsat_engine_client_under_test"

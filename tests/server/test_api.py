@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from .conftest import MAX_PIXELS, call, generate_request, wait_for
+from .conftest import MAX_PIXELS, call, download_spread, generate_request, wait_for
 
 PROTECTED = [
     ("GET", "/v1/models"),
@@ -133,13 +133,8 @@ def test_spread_map_is_downloadable_beside_the_result(server, tmp_path):
 
     job = wait_for(server, call(server, "POST", "/v1/jobs", json_body=generate_request(spread=2)).json["id"])
     assert job["state"] == "done", job
-    url = job["result"]["spread_url"]
-    assert url == f"/v1/jobs/{job['id']}/result/spread"
-    reply = call(server, "GET", url)
-    assert reply.status == 200 and reply.headers["Content-Type"] == "image/tiff"
-    (tmp_path / "s.tif").write_bytes(reply.body)
-    (tmp_path / "r.tif").write_bytes(call(server, "GET", job["result"]["result_url"]).body)
-    with rasterio.open(tmp_path / "s.tif") as spread, rasterio.open(tmp_path / "r.tif") as image:
+    spread_path, result_path = download_spread(server, job, tmp_path)
+    with rasterio.open(spread_path) as spread, rasterio.open(result_path) as image:
         assert spread.dtypes == ("float32",) and (spread.transform, spread.crs) == (image.transform, image.crs)
         values = spread.read(1)
         assert np.isfinite(values).all() and values.max() > 0  # two seeds differ somewhere

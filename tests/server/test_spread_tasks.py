@@ -7,7 +7,7 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_bounds
 
-from .conftest import call, wait_for
+from .conftest import call, download_spread, wait_for
 
 
 def test_superres_job_with_spread_serves_its_spread_map(server, tmp_path):
@@ -25,13 +25,8 @@ def test_superres_job_with_spread_serves_its_spread_map(server, tmp_path):
     assert reply.status == 202, reply.body
     job = wait_for(server, reply.json["id"], timeout=120)
     assert job["state"] == "done", job
-    url = job["result"]["spread_url"]
-    assert url == f"/v1/jobs/{job['id']}/result/spread"
-    reply = call(server, "GET", url)
-    assert reply.status == 200 and reply.headers["Content-Type"] == "image/tiff"
-    (tmp_path / "s.tif").write_bytes(reply.body)
-    (tmp_path / "r.tif").write_bytes(call(server, "GET", job["result"]["result_url"]).body)
-    with rasterio.open(tmp_path / "s.tif") as spread, rasterio.open(tmp_path / "r.tif") as image:
+    spread_path, result_path = download_spread(server, job, tmp_path)
+    with rasterio.open(spread_path) as spread, rasterio.open(result_path) as image:
         assert (spread.width, spread.height) == (image.width, image.height) == (64, 64)
         assert spread.dtypes == ("float32",) and (spread.transform, spread.crs) == (image.transform, image.crs)
         values = spread.read(1)
